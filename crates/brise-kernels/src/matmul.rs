@@ -1,0 +1,165 @@
+//! Matrix products of weights in any block format with f32 activations.
+
+use crate::ggml_type::GgmlType;
+use crate::pool::{ThreadPool, split_range};
+use crate::quant::{Kernels, act_row_bytes, quantize_act_row};
+
+/// A weight matrix of `n` rows of `k` elements in format `ty` (row-major, as GGUF and
+/// safetensors store `[out, in]` weights).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightRef<'a> {
+    pub ty: GgmlType,
+    pub n: usize,
+    pub k: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> WeightRef<'a> {
+    pub fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.k).expect("validated at load")
+    }
+
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+}
+
+/// A raw pointer that may cross threads; each thread writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only to write disjoint output elements from the pool's threads while the
+// owning `&mut [f32]` is borrowed by the dispatching call.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Reusable buffers of the matmul, so the hot loop allocates nothing.
+#[derive(Default)]
+pub struct MatmulScratch {
+    act: Vec<u8>,
+}
+
+/// Weight rows per cache block: small enough to stay in L2 across activation rows.
+const ROW_BLOCK: usize = 16;
+
+/// `out[i·n + r] = Σ_j x[i·k + j] · W[r, j]` for `m` activation rows.
+pub fn matmul(
+    pool: &ThreadPool,
+    kern: Kernels,
+    w: &WeightRef,
+    x: &[f32],
+    m: usize,
+    scratch: &mut MatmulScratch,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.n, w.k);
+    assert_eq!(x.len(), m * k, "activation shape");
+    assert_eq!(out.len(), m * n, "output shape");
+    assert!(w.data.len() >= n * w.row_bytes(), "weight data too short");
+    let vt = w.ty.vec_dot_type();
+    let arb = act_row_bytes(vt, k);
+    scratch.act.resize(m * arb, 0);
+    if m == 1 {
+        quantize_act_row(vt, x, &mut scratch.act);
+    } else {
+        let acts = SyncBytes(scratch.act.as_mut_ptr());
+        let nt = pool.n_threads();
+        pool.run(|t| {
+            for i in split_range(m, nt, t, 1) {
+                // SAFETY: rows are disjoint between threads; the buffer has m·arb bytes.
+                let dst = unsafe { std::slice::from_raw_parts_mut(acts.get().add(i * arb), arb) };
+                quantize_act_row(vt, &x[i * k..(i + 1) * k], dst);
+            }
+        });
+    }
+    let act = &scratch.act[..];
+    let rb = w.row_bytes();
+    let outp = SyncPtr(out.as_mut_ptr());
+    let nt = pool.n_threads();
+    pool.run(|t| {
+        let rows = split_range(n, nt, t, ROW_BLOCK);
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r1 = (r0 + ROW_BLOCK).min(rows.end);
+            for i in 0..m {
+                let a = &act[i * arb..(i + 1) * arb];
+                for r in r0..r1 {
+                    let v = kern.dot(w.ty, k, &w.data[r * rb..(r + 1) * rb], a);
+                    // SAFETY: (i, r) pairs are disjoint between threads (rows split), and
+                    // i·n + r < m·n = out.len().
+                    unsafe { *outp.get().add(i * n + r) = v };
+                }
+            }
+            r0 = r1;
+        }
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SyncBytes(*mut u8);
+// SAFETY: as `SyncPtr`, for the activation rows quantized in parallel.
+unsafe impl Send for SyncBytes {}
+unsafe impl Sync for SyncBytes {}
+impl SyncBytes {
+    fn get(self) -> *mut u8 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::dequantize_row;
+
+    #[test]
+    fn matmul_matches_row_dots() {
+        let (n, k, m) = (40, 256, 3);
+        let ty = GgmlType::Q8_0;
+        let mut data = vec![0u8; n * ty.row_bytes(k).unwrap()];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8;
+        }
+        for blk in data.chunks_exact_mut(34) {
+            blk[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        }
+        let w = WeightRef {
+            ty,
+            n,
+            k,
+            data: &data,
+        };
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+            .collect();
+        for threads in 1..=3 {
+            let pool = ThreadPool::new(threads);
+            let mut out = vec![0f32; m * n];
+            matmul(
+                &pool,
+                Kernels::best(),
+                &w,
+                &x,
+                m,
+                &mut MatmulScratch::default(),
+                &mut out,
+            );
+            for i in 0..m {
+                for r in 0..n {
+                    let mut wf = vec![0f32; k];
+                    dequantize_row(ty, w.row(r), &mut wf);
+                    let want: f32 = wf
+                        .iter()
+                        .zip(&x[i * k..(i + 1) * k])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    assert!((out[i * n + r] - want).abs() < 0.05 * want.abs().max(1.0));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Element-wise and row operations of the forward pass. Their float arithmetic follows
+//! ggml's CPU backend (f64 sums in RMSNorm and softmax, the same polynomial `exp`), so
+//! brise's activations track llama.cpp's closely.
+
+/// ggml's vectorised `expf` (`ggml_v_expf`, AVX-512 flavour), evaluated lane by lane.
+/// Using it everywhere keeps SiLU and softmax bit-identical between brise's scalar and
+/// SIMD paths and close to llama.cpp's. Maximum error is about 1.5 ulp.
+#[inline(always)]
+pub fn expf(x: f32) -> f32 {
+    let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(
+        f32::from_bits(0x35bf_be8e),                  // 0x1.7f7d1cp-20
+        (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
+    );
+    let u = b * b;
+    let j = f32::from_bits(0x3c07_2010)
+        .mul_add(b, f32::from_bits(0x3d2b_9f17))
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)),
+        )
+        .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0));
+    // vscalefps: j·2^n rounded once; 2^n built from its f64 bits (|n| ≤ 192 here).
+    let nc = n.clamp(-192.0, 192.0) as i64;
+    let res = (j as f64 * f64::from_bits(((nc + 1023) as u64) << 52)) as f32;
+    let alt = if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    if n.abs() > 192.0 {
+        alt
+    } else if n.is_nan() {
+        n
+    } else {
+        res
+    }
+}
+
+/// SiLU as ggml computes it: x / (1 + e^(−x)).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + expf(-x))
+}
+
+/// out[i] = silu(gate[i]) · up[i]  (SwiGLU).
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(*g) * *u;
+    }
+}
+
+/// RMSNorm with weight: out = x · (1/√(mean(x²) + eps)) · w, sum of squares in f64.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum: f64 = x.iter().map(|v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, v), wi) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * wi;
+    }
+}
+
+/// In-place x += y.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += *b;
+    }
+}
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): ggml's NORMAL mode, used by GGUF `llama` (whose
+    /// converter permutes Q/K rows to match).
+    Normal,
+    /// Halves (i, i + d/2): NEOX mode, used by Qwen2 and by Hugging Face checkpoints.
+    Neox,
+}
+
+/// Precomputed cos/sin for one position, ggml-style: θ_i = p·base^(−2i/d) with the powers
+/// accumulated by repeated multiplication in f32, exactly as `ggml_rope_cache_init` does.
+pub fn rope_cache(pos: usize, n_rot: usize, freq_base: f32, freq_scale: f32, cache: &mut [f32]) {
+    let theta_scale = freq_base.powf(-2.0 / n_rot as f32);
+    let mut theta = pos as f32;
+    for i in (0..n_rot).step_by(2) {
+        let t = freq_scale * theta;
+        cache[i] = t.cos();
+        cache[i + 1] = t.sin();
+        theta *= theta_scale;
+    }
+}
+
+/// Rotates one head vector in place with a cache from [`rope_cache`].
+pub fn rope_apply(style: RopeStyle, x: &mut [f32], n_rot: usize, cache: &[f32]) {
+    let (stride, offset) = match style {
+        RopeStyle::Normal => (2, 1),
+        RopeStyle::Neox => (1, n_rot / 2),
+    };
+    for i in (0..n_rot).step_by(2) {
+        let (c, s) = (cache[i], cache[i + 1]);
+        let ic = i / 2 * stride;
+        let x0 = x[ic];
+        let x1 = x[ic + offset];
+        x[ic] = x0 * c - x1 * s;
+        x[ic + offset] = x0 * s + x1 * c;
+    }
+}
+
+/// Softmax in place, ggml-style: e^(x−max) with [`expf`], sum in f64, scaled by 1/sum.
+/// Entries of −∞ (masked) become 0.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        *v = expf(*v - max);
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_tracks_libm() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (expf(x), x.exp());
+            assert!(((a - b) / b).abs() < 4e-7, "x={x}: {a} vs {b}");
+            x += 0.0137;
+        }
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(expf(-200.0), 0.0);
+        assert_eq!(expf(0.0), 1.0);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_masks() {
+        let mut v = vec![1.0, 2.0, f32::NEG_INFINITY, 0.5];
+        softmax(&mut v);
+        assert_eq!(v[2], 0.0);
+        assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(v[1] > v[0] && v[0] > v[3]);
+    }
+
+    #[test]
+    fn rope_styles_agree_up_to_layout() {
+        let n = 8;
+        let mut cache = vec![0f32; n];
+        rope_cache(7, n, 10000.0, 1.0, &mut cache);
+        let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.3 - 1.0).collect();
+        // NEOX on [a0..a3, b0..b3] equals NORMAL on [a0, b0, a1, b1, ...].
+        let mut neox = x.clone();
+        rope_apply(RopeStyle::Neox, &mut neox, n, &cache);
+        let mut inter: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 2 == 0 {
+                    x[i / 2]
+                } else {
+                    x[n / 2 + i / 2]
+                }
+            })
+            .collect();
+        rope_apply(RopeStyle::Normal, &mut inter, n, &cache);
+        for i in 0..n / 2 {
+            assert_eq!(neox[i], inter[2 * i]);
+            assert_eq!(neox[n / 2 + i], inter[2 * i + 1]);
+        }
+        // Position 0 is the identity.
+        rope_cache(0, n, 10000.0, 1.0, &mut cache);
+        let mut y = x.clone();
+        rope_apply(RopeStyle::Normal, &mut y, n, &cache);
+        assert_eq!(y, x);
+    }
+
+    #[test]
+    fn rms_norm_unit_rms() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) * 0.1).collect();
+        let w = vec![1.0f32; 64];
+        let mut o = vec![0f32; 64];
+        rms_norm(&x, &w, 1e-6, &mut o);
+        let ms: f32 = o.iter().map(|v| v * v).sum::<f32>() / 64.0;
+        assert!((ms - 1.0).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,217 @@
+//! Scalar dequantization of every weight format. These mirror the `gguf` Python package's
+//! numpy formulas operation by operation (same products, same order, no fused
+//! multiply-add), so the results are bit-identical to `gguf.quants.dequantize`.
+
+use crate::ggml_type::{GgmlType, QK_K};
+use half::{bf16, f16};
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], o: usize) -> f32 {
+    f16::from_le_bytes([b[o], b[o + 1]]).to_f32()
+}
+
+/// Unpacks the 6-bit scales and mins of Q4_K/Q5_K (8 sub-blocks each).
+#[inline]
+pub(crate) fn k4_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    for j in 0..4 {
+        sc[j] = s[j] & 0x3f;
+        mn[j] = s[j + 4] & 0x3f;
+        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 2) & 0x30);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
+    }
+    (sc, mn)
+}
+
+/// Unpacks the 16 signed 6-bit scales of Q3_K.
+#[inline]
+pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let lo = if i < 8 { s[i] & 0x0f } else { s[i - 8] >> 4 };
+        let hi = (s[8 + (i % 4)] >> (2 * (i / 4))) & 0x03;
+        *o = ((lo | (hi << 4)) as i8).wrapping_sub(32);
+    }
+    out
+}
+
+/// Dequantizes `out.len()` elements stored as `ty` in `src` (whole blocks).
+///
+/// Panics if the lengths disagree; callers validate shapes when a file is opened.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let bs = ty.block_size();
+    assert!(
+        n.is_multiple_of(bs),
+        "{n} elements is not a whole number of {ty} blocks"
+    );
+    let ts = ty.type_size();
+    assert_eq!(
+        src.len(),
+        n / bs * ts,
+        "{ty}: byte length does not match {n} elements"
+    );
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (b, o) in src.chunks_exact(ts).zip(out.chunks_exact_mut(bs)) {
+                dequantize_block(ty, b, o);
+            }
+        }
+    }
+}
+
+fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
+    match ty {
+        GgmlType::Q4_0 => {
+            let d = f16_at(b, 0);
+            let qs = &b[2..18];
+            for j in 0..16 {
+                y[j] = d * ((qs[j] & 0x0f) as i32 - 8) as f32;
+                y[j + 16] = d * ((qs[j] >> 4) as i32 - 8) as f32;
+            }
+        }
+        GgmlType::Q4_1 => {
+            let d = f16_at(b, 0);
+            let m = f16_at(b, 2);
+            let qs = &b[4..20];
+            for j in 0..16 {
+                y[j] = d * (qs[j] & 0x0f) as f32 + m;
+                y[j + 16] = d * (qs[j] >> 4) as f32 + m;
+            }
+        }
+        GgmlType::Q5_0 => {
+            let d = f16_at(b, 0);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let qs = &b[6..22];
+            for j in 0..16 {
+                let x0 = (qs[j] & 0x0f) as i32 | ((((qh >> j) & 1) << 4) as i32);
+                let x1 = (qs[j] >> 4) as i32 | ((((qh >> (j + 16)) & 1) << 4) as i32);
+                y[j] = d * (x0 - 16) as f32;
+                y[j + 16] = d * (x1 - 16) as f32;
+            }
+        }
+        GgmlType::Q5_1 => {
+            let d = f16_at(b, 0);
+            let m = f16_at(b, 2);
+            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            let qs = &b[8..24];
+            for j in 0..16 {
+                let x0 = (qs[j] & 0x0f) as u32 | (((qh >> j) & 1) << 4);
+                let x1 = (qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
+                y[j] = d * x0 as f32 + m;
+                y[j + 16] = d * x1 as f32 + m;
+            }
+        }
+        GgmlType::Q8_0 => {
+            let d = f16_at(b, 0);
+            for j in 0..32 {
+                y[j] = (b[2 + j] as i8) as f32 * d;
+            }
+        }
+        GgmlType::Q8_1 => {
+            let d = f16_at(b, 0);
+            for j in 0..32 {
+                y[j] = (b[4 + j] as i8) as f32 * d;
+            }
+        }
+        GgmlType::Q2K => {
+            let scales = &b[0..16];
+            let qs = &b[16..80];
+            let d = f16_at(b, 80);
+            let dmin = f16_at(b, 82);
+            for (e, v) in y.iter_mut().enumerate().take(QK_K) {
+                let g = e / 16;
+                let dl = d * (scales[g] & 0x0f) as f32;
+                let ml = dmin * (scales[g] >> 4) as f32;
+                let (h, s, l) = (e / 128, (e % 128) / 32, e % 32);
+                let q = (qs[h * 32 + l] >> (2 * s)) & 3;
+                *v = dl * q as f32 - ml;
+            }
+        }
+        GgmlType::Q3K => {
+            let hmask = &b[0..32];
+            let qs = &b[32..96];
+            let sc = q3k_scales(&b[96..108]);
+            let d = f16_at(b, 108);
+            for (e, v) in y.iter_mut().enumerate().take(QK_K) {
+                let dl = d * sc[e / 16] as f32;
+                let (h, s, l) = (e / 128, (e % 128) / 32, e % 32);
+                let ql = ((qs[h * 32 + l] >> (2 * s)) & 3) as i32;
+                let hb = ((hmask[l] >> (e / 32)) & 1) ^ 1;
+                let q = ql - ((hb as i32) << 2);
+                *v = dl * q as f32;
+            }
+        }
+        GgmlType::Q4K => {
+            let d = f16_at(b, 0);
+            let dmin = f16_at(b, 2);
+            let (sc, mn) = k4_scales_mins(&b[4..16]);
+            let qs = &b[16..144];
+            for j in 0..8 {
+                let dj = d * sc[j] as f32;
+                let mj = dmin * mn[j] as f32;
+                let (c, shift) = (j / 2, 4 * (j % 2));
+                for l in 0..32 {
+                    let q = (qs[c * 32 + l] >> shift) & 0x0f;
+                    y[j * 32 + l] = dj * q as f32 - mj;
+                }
+            }
+        }
+        GgmlType::Q5K => {
+            let d = f16_at(b, 0);
+            let dmin = f16_at(b, 2);
+            let (sc, mn) = k4_scales_mins(&b[4..16]);
+            let qh = &b[16..48];
+            let qs = &b[48..176];
+            for j in 0..8 {
+                let dj = d * sc[j] as f32;
+                let mj = dmin * mn[j] as f32;
+                let (c, shift) = (j / 2, 4 * (j % 2));
+                for l in 0..32 {
+                    let q = ((qs[c * 32 + l] >> shift) & 0x0f) | (((qh[l] >> j) & 1) << 4);
+                    y[j * 32 + l] = dj * q as f32 - mj;
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            let ql = &b[0..128];
+            let qh = &b[128..192];
+            let scales = &b[192..208];
+            let d = f16_at(b, 208);
+            for (e, v) in y.iter_mut().enumerate().take(QK_K) {
+                let h = e / 128;
+                let r = e % 128;
+                let (s2, l64) = (r / 64, r % 64);
+                let lo = (ql[h * 64 + l64] >> (4 * s2)) & 0x0f;
+                let (s4, l32) = (r / 32, r % 32);
+                let hi = (qh[h * 32 + l32] >> (2 * s4)) & 0x03;
+                let q = ((lo | (hi << 4)) as i8).wrapping_sub(32);
+                let dl = d * (scales[e / 16] as i8) as f32;
+                *v = dl * q as f32;
+            }
+        }
+        GgmlType::Q8K => {
+            let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            for j in 0..QK_K {
+                y[j] = d * (b[4 + j] as i8) as f32;
+            }
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("handled per element"),
+    }
+}

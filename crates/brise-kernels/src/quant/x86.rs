@@ -1,0 +1,398 @@
+//! x86-64 SIMD dot products (AVX2 and AVX-512 VNNI), one weight row against one
+//! activation row. The integer part of each block is exact (same sums as the scalar
+//! reference); only the float accumulation order differs.
+//!
+//! Every function here is `unsafe` for the same two reasons: it must only run on a CPU
+//! with the ISA its wrapper's `#[target_feature]` names (guaranteed by `cpu::Isa`
+//! detection before the kernel table is built), and its raw pointers must cover `k`
+//! elements of the weight row and of the activation row (checked by the safe wrapper
+//! `crate::quant::dot`).
+
+#![allow(clippy::missing_safety_doc)]
+
+use super::dequant::{k4_scales_mins, q3k_scales};
+use crate::ggml_type::GgmlType;
+use core::arch::x86_64::*;
+use half::f16;
+
+/// The 8-bit dot-product instruction a kernel is built on.
+pub(crate) trait I8Dot {
+    /// acc[i] += Σ_{j<4} u[4i+j]·s[4i+j], with u unsigned and s signed bytes. With AVX2,
+    /// adjacent products must not exceed i16 range in sum (|u| ≤ 128 or so).
+    unsafe fn dot_us(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+}
+
+pub(crate) struct Avx2;
+pub(crate) struct Vnni;
+
+impl I8Dot for Avx2 {
+    #[inline(always)]
+    unsafe fn dot_us(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        unsafe {
+            let p16 = _mm256_maddubs_epi16(u, s);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+        }
+    }
+}
+
+impl I8Dot for Vnni {
+    #[inline(always)]
+    unsafe fn dot_us(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_epi32(acc, u, s) }
+    }
+}
+
+/// Signed × signed bytes through the sign trick: Σ q·y = Σ |q|·(sign(q)·y).
+#[inline(always)]
+unsafe fn dot_ss<D: I8Dot>(acc: __m256i, q: __m256i, y: __m256i) -> __m256i {
+    unsafe { D::dot_us(acc, _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)) }
+}
+
+#[inline(always)]
+unsafe fn hsum_ps(v: __m256) -> f32 {
+    unsafe {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    unsafe { f16::from_bits((p as *const u16).read_unaligned()).to_f32() }
+}
+
+#[inline(always)]
+unsafe fn loadu(p: *const u8) -> __m256i {
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+/// 16 packed bytes of nibbles → 32 bytes: low nibbles first, then high nibbles.
+#[inline(always)]
+unsafe fn nibbles_32(p: *const u8) -> __m256i {
+    unsafe {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(v, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        _mm256_set_m128i(hi, lo)
+    }
+}
+
+/// 0xFF in byte i where bit i of `x` is set.
+#[inline(always)]
+unsafe fn bits_to_bytes(x: u32) -> __m256i {
+    unsafe {
+        let v = _mm256_set1_epi32(x as i32);
+        let shuf = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let bytes = _mm256_shuffle_epi8(v, shuf);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit)
+    }
+}
+
+/// Signed 32 values of a legacy block, and whether it carries a min (`m`) term.
+#[inline(always)]
+unsafe fn legacy_q(ty: GgmlType, x: *const u8) -> __m256i {
+    unsafe {
+        match ty {
+            GgmlType::Q4_0 => _mm256_sub_epi8(nibbles_32(x.add(2)), _mm256_set1_epi8(8)),
+            GgmlType::Q4_1 => nibbles_32(x.add(4)),
+            GgmlType::Q5_0 => {
+                let qh = (x.add(2) as *const u32).read_unaligned();
+                let hb = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+                let q = _mm256_or_si256(nibbles_32(x.add(6)), hb);
+                _mm256_sub_epi8(q, _mm256_set1_epi8(16))
+            }
+            GgmlType::Q5_1 => {
+                let qh = (x.add(4) as *const u32).read_unaligned();
+                let hb = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nibbles_32(x.add(8)), hb)
+            }
+            GgmlType::Q8_0 => loadu(x.add(2)),
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_legacy<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe {
+        let ts = ty.type_size();
+        let with_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        for i in 0..k / 32 {
+            let x = w.add(i * ts);
+            let y = a.add(i * 36);
+            let q = legacy_q(ty, x);
+            let yv = loadu(y.add(4));
+            let p = if with_min {
+                D::dot_us(_mm256_setzero_si256(), q, yv)
+            } else {
+                dot_ss::<D>(_mm256_setzero_si256(), q, yv)
+            };
+            let dd = _mm256_set1_ps(f16_at(x) * f16_at(y));
+            acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p), acc);
+            if with_min {
+                summs += f16_at(x.add(2)) * f16_at(y.add(2));
+            }
+        }
+        hsum_ps(acc) + summs
+    }
+}
+
+/// The j-th chunk of 32 quant values of a K-quant block, as signed bytes.
+#[inline(always)]
+unsafe fn kquant_chunk(ty: GgmlType, x: *const u8, j: usize) -> __m256i {
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let m2 = _mm256_set1_epi8(0x03);
+        match ty {
+            GgmlType::Q2K => {
+                let (h, s) = (j / 4, j % 4);
+                let v = loadu(x.add(16 + h * 32));
+                _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * s as i32)), m2)
+            }
+            GgmlType::Q3K => {
+                let (h, s) = (j / 4, j % 4);
+                let v = loadu(x.add(32 + h * 32));
+                let ql = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * s as i32)), m2);
+                let hm = loadu(x);
+                let hb = _mm256_and_si256(
+                    _mm256_srl_epi16(hm, _mm_cvtsi32_si128(j as i32)),
+                    _mm256_set1_epi8(1),
+                );
+                let q = _mm256_or_si256(ql, _mm256_slli_epi16(hb, 2));
+                _mm256_sub_epi8(q, _mm256_set1_epi8(4))
+            }
+            GgmlType::Q4K => {
+                let v = loadu(x.add(16 + (j / 2) * 32));
+                if j.is_multiple_of(2) {
+                    _mm256_and_si256(v, m4)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)
+                }
+            }
+            GgmlType::Q5K => {
+                let v = loadu(x.add(48 + (j / 2) * 32));
+                let lo = if j.is_multiple_of(2) {
+                    _mm256_and_si256(v, m4)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)
+                };
+                let qh = loadu(x.add(16));
+                let hb = _mm256_and_si256(
+                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32)),
+                    _mm256_set1_epi8(1),
+                );
+                _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4))
+            }
+            GgmlType::Q6K => {
+                let (h, c) = (j / 4, j % 4);
+                let ql = loadu(x.add(h * 64 + (c % 2) * 32));
+                let lo = if c < 2 {
+                    _mm256_and_si256(ql, m4)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4)
+                };
+                let qh = loadu(x.add(128 + h * 32));
+                let hi =
+                    _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32)), m2);
+                let q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+                _mm256_sub_epi8(q, _mm256_set1_epi8(32))
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_kquant<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe {
+        let ts = ty.type_size();
+        let signed = matches!(ty, GgmlType::Q3K | GgmlType::Q6K);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for i in 0..k / 256 {
+            let x = w.add(i * ts);
+            let y = a.add(i * 292);
+            let dy = (y as *const f32).read_unaligned();
+            let mut sc = [0i32; 16];
+            let mut mn = [0i32; 16];
+            let (d, dmin) = match ty {
+                GgmlType::Q2K => {
+                    for g in 0..16 {
+                        let b = *x.add(g);
+                        sc[g] = (b & 0x0f) as i32;
+                        mn[g] = (b >> 4) as i32;
+                    }
+                    (f16_at(x.add(80)), f16_at(x.add(82)))
+                }
+                GgmlType::Q3K => {
+                    let s = q3k_scales(core::slice::from_raw_parts(x.add(96), 12));
+                    for g in 0..16 {
+                        sc[g] = s[g] as i32;
+                    }
+                    (f16_at(x.add(108)), 0.0)
+                }
+                GgmlType::Q4K | GgmlType::Q5K => {
+                    let (s, m) = k4_scales_mins(core::slice::from_raw_parts(x.add(4), 12));
+                    for g in 0..16 {
+                        sc[g] = s[g / 2] as i32;
+                        mn[g] = m[g / 2] as i32;
+                    }
+                    (f16_at(x), f16_at(x.add(2)))
+                }
+                GgmlType::Q6K => {
+                    for g in 0..16 {
+                        sc[g] = *x.add(192 + g) as i8 as i32;
+                    }
+                    (f16_at(x.add(208)), 0.0)
+                }
+                _ => unreachable!(),
+            };
+            let mut isum = _mm256_setzero_si256();
+            for j in 0..8 {
+                let q = kquant_chunk(ty, x, j);
+                let yv = loadu(y.add(4 + 32 * j));
+                let p = if signed {
+                    dot_ss::<D>(_mm256_setzero_si256(), q, yv)
+                } else {
+                    D::dot_us(_mm256_setzero_si256(), q, yv)
+                };
+                let (s0, s1) = (sc[2 * j], sc[2 * j + 1]);
+                let scale = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
+                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(p, scale));
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dy * d), _mm256_cvtepi32_ps(isum), acc);
+            if dmin != 0.0 {
+                let bs = y.add(260) as *const i16;
+                let mut msum = 0i32;
+                for (g, m) in mn.iter().enumerate() {
+                    msum += m * bs.add(g).read_unaligned() as i32;
+                }
+                mins += (dy * dmin) * msum as f32;
+            }
+        }
+        hsum_ps(acc) - mins
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_f16_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe {
+        let (w, a) = (w as *const u16, a as *const u16);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= k {
+            let x0 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(i) as *const __m128i));
+            let y0 = _mm256_cvtph_ps(_mm_loadu_si128(a.add(i) as *const __m128i));
+            let x1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(i + 8) as *const __m128i));
+            let y1 = _mm256_cvtph_ps(_mm_loadu_si128(a.add(i + 8) as *const __m128i));
+            acc0 = _mm256_fmadd_ps(x0, y0, acc0);
+            acc1 = _mm256_fmadd_ps(x1, y1, acc1);
+            i += 16;
+        }
+        let mut s = hsum_ps(_mm256_add_ps(acc0, acc1));
+        while i < k {
+            s += f16::from_bits(w.add(i).read_unaligned()).to_f32()
+                * f16::from_bits(a.add(i).read_unaligned()).to_f32();
+            i += 1;
+        }
+        s
+    }
+}
+
+#[inline(always)]
+unsafe fn bf16x8(p: *const u16) -> __m256 {
+    unsafe {
+        let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_bf16_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe {
+        let (w, a) = (w as *const u16, a as *const u16);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= k {
+            acc0 = _mm256_fmadd_ps(bf16x8(w.add(i)), bf16x8(a.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(bf16x8(w.add(i + 8)), bf16x8(a.add(i + 8)), acc1);
+            i += 16;
+        }
+        let mut s = hsum_ps(_mm256_add_ps(acc0, acc1));
+        while i < k {
+            let x = f32::from_bits((w.add(i).read_unaligned() as u32) << 16);
+            let y = f32::from_bits((a.add(i).read_unaligned() as u32) << 16);
+            s += x * y;
+            i += 1;
+        }
+        s
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_f32_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe {
+        let (w, a) = (w as *const f32, a as *const f32);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= k {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(i)), _mm256_loadu_ps(a.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(w.add(i + 8)),
+                _mm256_loadu_ps(a.add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+        let mut s = hsum_ps(_mm256_add_ps(acc0, acc1));
+        while i < k {
+            s += w.add(i).read_unaligned() * a.add(i).read_unaligned();
+            i += 1;
+        }
+        s
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_any<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe {
+        match ty {
+            GgmlType::F32 => dot_f32_avx2(k, w, a),
+            GgmlType::F16 => dot_f16_avx2(k, w, a),
+            GgmlType::BF16 => dot_bf16_avx2(k, w, a),
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                dot_legacy::<D>(ty, k, w, a)
+            }
+            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+                dot_kquant::<D>(ty, k, w, a)
+            }
+            GgmlType::Q8_1 | GgmlType::Q8K => unreachable!("not a weight type"),
+        }
+    }
+}
+
+/// AVX2 + FMA + F16C kernels.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_avx2(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe { dot_any::<Avx2>(ty, k, w, a) }
+}
+
+/// AVX-512 VNNI kernels (256-bit `vpdpbusd`; the GEMV is bound by memory, not width).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn dot_avx512vnni(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe { dot_any::<Vnni>(ty, k, w, a) }
+}
