@@ -185,3 +185,17 @@ mod tests {
         assert!((ms - 1.0).abs() < 1e-4);
     }
 }
+
+/// Rounds f32 values to f16 (round to nearest even) into little-endian bytes.
+pub fn f32_to_f16_bytes(x: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(2).zip(x) {
+        o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+    }
+}
+
+/// out += a · v, with `v` f16 little-endian bytes.
+pub fn axpy_f16(out: &mut [f32], a: f32, v: &[u8]) {
+    for (o, c) in out.iter_mut().zip(v.chunks_exact(2)) {
+        *o += a * half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+    }
+}

@@ -1,14 +1,16 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! brise's model layer: GGUF and safetensors readers, tokenizers, chat templates,
+//! architectures, the KV cache and the forward pass. Knows nothing of HTTP or databases.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod error;
+pub mod gguf;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use error::{ModelError, Result};
+pub mod chat;
+pub mod config;
+pub mod forward;
+pub mod kv;
+pub mod model;
+pub mod spm;
+pub mod tokenizer;
+pub mod weights;
+pub use model::{Model, ModelFormat};

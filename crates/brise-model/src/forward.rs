@@ -1,0 +1,363 @@
+//! The forward pass of the Llama family for a batch of tokens from one or more sequences.
+
+use crate::config::ModelConfig;
+use crate::kv::KvCache;
+use crate::weights::{ModelWeights, Weight};
+use brise_kernels::GgmlType;
+use brise_kernels::matmul::{MatmulScratch, matmul};
+use brise_kernels::ops;
+use brise_kernels::pool::{ThreadPool, split_range};
+use brise_kernels::quant::Kernels;
+
+/// One sequence's part of a batch: its cache, the new tokens (appended at the cache's
+/// current length), and whether to return logits for every new token or only the last.
+pub struct SeqBatch<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    Last,
+    All,
+}
+
+/// Reusable activations of the forward pass; grows to the largest batch seen.
+#[derive(Default)]
+pub struct ForwardState {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    tmp: Vec<f32>,
+    scores: Vec<f32>,
+    qh16: Vec<u8>,
+    rope: Vec<f32>,
+    sel: Vec<f32>,
+    mm: MatmulScratch,
+    /// Logits of the rows that asked for them, in batch order, `n_vocab` each.
+    pub logits: Vec<f32>,
+    /// Debugging: called with (name, layer, rows × width values) at named points of
+    /// the graph, named as llama.cpp names its tensors.
+    pub trace: Option<Box<dyn FnMut(&str, usize, &[f32]) + Send>>,
+}
+
+fn trace(
+    st: &mut ForwardState,
+    name: &str,
+    layer: usize,
+    which: fn(&ForwardState) -> &[f32],
+    n: usize,
+) {
+    if let Some(mut t) = st.trace.take() {
+        t(name, layer, &which(st)[..n]);
+        st.trace = Some(t);
+    }
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// Per-row facts of the batch.
+struct Row {
+    seq: usize,
+    pos: usize,
+}
+
+#[derive(Clone, Copy)]
+struct SyncMut<T>(*mut T);
+// SAFETY: shared between the pool's threads, each writing disjoint elements while the
+// owning borrow is held by the dispatching call.
+unsafe impl<T> Send for SyncMut<T> {}
+unsafe impl<T> Sync for SyncMut<T> {}
+impl<T> SyncMut<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+pub struct Forward<'m> {
+    pub cfg: &'m ModelConfig,
+    pub w: &'m ModelWeights,
+    pub kern: Kernels,
+}
+
+impl Forward<'_> {
+    fn mm(
+        &self,
+        pool: &ThreadPool,
+        st_mm: &mut MatmulScratch,
+        w: &Weight,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        matmul(
+            pool,
+            self.kern,
+            &w.as_ref(),
+            &x[..rows * w.k],
+            rows,
+            st_mm,
+            &mut out[..rows * w.n],
+        );
+    }
+
+    /// Runs the batch, appends its keys and values to the caches, and leaves logits in
+    /// `st.logits` for the rows that asked for them. Callers check room in each cache.
+    pub fn run(&self, pool: &ThreadPool, st: &mut ForwardState, batch: &mut [SeqBatch]) {
+        let cfg = self.cfg;
+        let (e, hd) = (cfg.n_embd, cfg.head_dim);
+        let (nh, nkv) = (cfg.n_head, cfg.n_head_kv);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let mut rows = Vec::new();
+        let mut want = Vec::new();
+        let mut tokens = Vec::new();
+        for (s, sb) in batch.iter().enumerate() {
+            assert!(
+                sb.cache.len() + sb.tokens.len() <= sb.cache.n_ctx(),
+                "caller checks room"
+            );
+            for (i, &t) in sb.tokens.iter().enumerate() {
+                rows.push(Row {
+                    seq: s,
+                    pos: sb.cache.len() + i,
+                });
+                tokens.push(t);
+                want.push(match sb.logits {
+                    LogitsWanted::All => true,
+                    LogitsWanted::Last => i + 1 == sb.tokens.len(),
+                    LogitsWanted::None => false,
+                });
+            }
+        }
+        let r = rows.len();
+        if r == 0 {
+            st.logits.clear();
+            return;
+        }
+        grow(&mut st.x, r * e);
+        grow(&mut st.xn, r * e);
+        grow(&mut st.q, r * qd);
+        grow(&mut st.k, r * kvd);
+        grow(&mut st.v, r * kvd);
+        grow(&mut st.attn, r * qd);
+        grow(&mut st.gate, r * cfg.n_ff);
+        grow(&mut st.up, r * cfg.n_ff);
+        grow(&mut st.tmp, r * e.max(cfg.n_ff));
+        grow(&mut st.rope, r * cfg.n_rot);
+
+        for (i, &t) in tokens.iter().enumerate() {
+            self.w
+                .tok_embd
+                .dequantize_row_into(t as usize, &mut st.x[i * e..(i + 1) * e]);
+        }
+        for (i, row) in rows.iter().enumerate() {
+            ops::rope_cache(
+                row.pos,
+                cfg.n_rot,
+                cfg.rope_base,
+                cfg.rope_freq_scale,
+                &mut st.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot],
+            );
+            if let Some(ff) = &self.w.rope_freqs {
+                // Llama 3.1 divides each θ_i by a frequency factor.
+                let c = &mut st.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
+                let theta_scale = cfg.rope_base.powf(-2.0 / cfg.n_rot as f32);
+                let mut theta = row.pos as f32;
+                for j in 0..cfg.n_rot / 2 {
+                    let t = cfg.rope_freq_scale * (theta / ff[j]);
+                    c[2 * j] = t.cos();
+                    c[2 * j + 1] = t.sin();
+                    theta *= theta_scale;
+                }
+            }
+        }
+
+        let scale = 1.0 / (hd as f32).sqrt();
+        let max_ctx = batch.iter().map(|b| b.cache.n_ctx()).max().unwrap_or(0);
+        let nt = pool.n_threads();
+        grow(&mut st.scores, nt * max_ctx);
+        if st.qh16.len() < nt * hd * 2 {
+            st.qh16.resize(nt * hd * 2, 0);
+        }
+
+        for (li, lw) in self.w.layers.iter().enumerate() {
+            for i in 0..r {
+                ops::rms_norm(
+                    &st.x[i * e..(i + 1) * e],
+                    &lw.attn_norm,
+                    cfg.rms_eps,
+                    &mut st.xn[i * e..(i + 1) * e],
+                );
+            }
+            trace(st, "attn_norm", li, |s| &s.xn, r * e);
+            self.mm(pool, &mut st.mm, &lw.wq, &st.xn, r, &mut st.q);
+            self.mm(pool, &mut st.mm, &lw.wk, &st.xn, r, &mut st.k);
+            self.mm(pool, &mut st.mm, &lw.wv, &st.xn, r, &mut st.v);
+            for i in 0..r {
+                if let Some(b) = &lw.bq {
+                    ops::add_assign(&mut st.q[i * qd..(i + 1) * qd], b);
+                }
+                if let Some(b) = &lw.bk {
+                    ops::add_assign(&mut st.k[i * kvd..(i + 1) * kvd], b);
+                }
+                if let Some(b) = &lw.bv {
+                    ops::add_assign(&mut st.v[i * kvd..(i + 1) * kvd], b);
+                }
+                let rc = &st.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
+                for h in 0..nh {
+                    ops::rope_apply(
+                        cfg.rope_style,
+                        &mut st.q[i * qd + h * hd..i * qd + (h + 1) * hd],
+                        cfg.n_rot,
+                        rc,
+                    );
+                }
+                for h in 0..nkv {
+                    ops::rope_apply(
+                        cfg.rope_style,
+                        &mut st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd],
+                        cfg.n_rot,
+                        rc,
+                    );
+                }
+            }
+            for (i, row) in rows.iter().enumerate() {
+                let cache = &mut *batch[row.seq].cache;
+                for h in 0..nkv {
+                    let src = &st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd];
+                    ops::f32_to_f16_bytes(src, cache.k_row_mut(li, h, row.pos));
+                    let src = &st.v[i * kvd + h * hd..i * kvd + (h + 1) * hd];
+                    ops::f32_to_f16_bytes(src, cache.v_row_mut(li, h, row.pos));
+                }
+            }
+            trace(st, "Qcur", li, |s| &s.q, r * qd);
+            trace(st, "Kcur", li, |s| &s.k, r * kvd);
+            self.attention(pool, st, batch, &rows, li, scale, max_ctx);
+            trace(st, "kqv_out", li, |s| &s.attn, r * qd);
+            self.mm(pool, &mut st.mm, &lw.wo, &st.attn, r, &mut st.tmp);
+            ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
+            trace(st, "ffn_inp", li, |s| &s.x, r * e);
+
+            for i in 0..r {
+                ops::rms_norm(
+                    &st.x[i * e..(i + 1) * e],
+                    &lw.ffn_norm,
+                    cfg.rms_eps,
+                    &mut st.xn[i * e..(i + 1) * e],
+                );
+            }
+            self.mm(pool, &mut st.mm, &lw.w_gate, &st.xn, r, &mut st.gate);
+            self.mm(pool, &mut st.mm, &lw.w_up, &st.xn, r, &mut st.up);
+            let nf = cfg.n_ff;
+            ops::swiglu(&st.gate[..r * nf], &st.up[..r * nf], &mut st.tmp[..r * nf]);
+            std::mem::swap(&mut st.tmp, &mut st.gate);
+            trace(st, "ffn_swiglu", li, |s| &s.gate, r * nf);
+            self.mm(pool, &mut st.mm, &lw.w_down, &st.gate, r, &mut st.tmp);
+            trace(st, "ffn_out", li, |s| &s.tmp, r * e);
+            ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
+            trace(st, "l_out", li, |s| &s.x, r * e);
+        }
+        for sb in batch.iter_mut() {
+            sb.cache.advance(sb.tokens.len());
+        }
+
+        let n_out = want.iter().filter(|w| **w).count();
+        grow(&mut st.sel, n_out * e);
+        let mut j = 0;
+        for (i, w) in want.iter().enumerate() {
+            if *w {
+                ops::rms_norm(
+                    &st.x[i * e..(i + 1) * e],
+                    &self.w.output_norm,
+                    cfg.rms_eps,
+                    &mut st.sel[j * e..(j + 1) * e],
+                );
+                j += 1;
+            }
+        }
+        st.logits.resize(n_out * cfg.n_vocab, 0.0);
+        if n_out > 0 {
+            let out = &self.w.output;
+            matmul(
+                pool,
+                self.kern,
+                &out.as_ref(),
+                &st.sel[..n_out * e],
+                n_out,
+                &mut st.mm,
+                &mut st.logits,
+            );
+        }
+    }
+
+    /// Causal (and sliding-window) attention of every row and head over its sequence's
+    /// cache, with llama.cpp's precision: Q rounded to f16 for the K dot products, scores
+    /// scaled then soft-maxed in f32, probabilities rounded to f16 for the V sum.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        pool: &ThreadPool,
+        st: &mut ForwardState,
+        batch: &[SeqBatch],
+        rows: &[Row],
+        li: usize,
+        scale: f32,
+        max_ctx: usize,
+    ) {
+        let cfg = self.cfg;
+        let hd = cfg.head_dim;
+        let (nh, nkv) = (cfg.n_head, cfg.n_head_kv);
+        let qd = nh * hd;
+        let group = nh / nkv;
+        let work = rows.len() * nh;
+        let q = &st.q;
+        let attn = SyncMut(st.attn.as_mut_ptr());
+        let scores = SyncMut(st.scores.as_mut_ptr());
+        let qh16 = SyncMut(st.qh16.as_mut_ptr());
+        let kern = self.kern;
+        let nt = pool.n_threads();
+        pool.run(|t| {
+            // SAFETY: each thread uses its own slice of the scores and q16 buffers (sized
+            // nt·max_ctx and nt·hd·2 by the caller) and writes disjoint (row, head) outputs.
+            let sc =
+                unsafe { std::slice::from_raw_parts_mut(scores.get().add(t * max_ctx), max_ctx) };
+            let q16 = unsafe { std::slice::from_raw_parts_mut(qh16.get().add(t * hd * 2), hd * 2) };
+            for wi in split_range(work, nt, t, 1) {
+                let (i, h) = (wi / nh, wi % nh);
+                let row = &rows[i];
+                let cache = &*batch[row.seq].cache;
+                let kvh = h / group;
+                let lo = match cfg.sliding_window {
+                    Some(w) => (row.pos + 1).saturating_sub(w),
+                    None => 0,
+                };
+                let n = row.pos + 1 - lo;
+                ops::f32_to_f16_bytes(&q[i * qd + h * hd..i * qd + (h + 1) * hd], q16);
+                let keys = cache.k_rows(li, kvh, lo..row.pos + 1);
+                for (j, kr) in keys.chunks_exact(hd * 2).enumerate() {
+                    sc[j] = kern.dot(GgmlType::F16, hd, kr, q16) * scale;
+                }
+                ops::softmax(&mut sc[..n]);
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(attn.get().add(i * qd + h * hd), hd) };
+                out.fill(0.0);
+                let vals = cache.v_rows(li, kvh, lo..row.pos + 1);
+                for (j, vr) in vals.chunks_exact(hd * 2).enumerate() {
+                    let p = half::f16::from_f32(sc[j]).to_f32();
+                    ops::axpy_f16(out, p, vr);
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,189 @@
+//! A loaded model: configuration, weights, tokenizer and chat template, from a GGUF file
+//! or a Hugging Face safetensors directory.
+
+use crate::chat::ChatTemplate;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::forward::Forward;
+use crate::gguf::GgufFile;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{ModelWeights, SafetensorsDir};
+use brise_kernels::quant::Kernels;
+use std::path::{Path, PathBuf};
+
+pub struct Model {
+    pub name: String,
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    pub cfg: ModelConfig,
+    pub weights: ModelWeights,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub kern: Kernels,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    Gguf,
+    Safetensors,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let b = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&b).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        msg: format!("invalid JSON: {e}"),
+    })
+}
+
+/// `"<s>"` or `{"content": "<s>", ...}` in tokenizer_config.json.
+fn token_str(v: &serde_json::Value) -> Option<String> {
+    v.as_str().map(str::to_string).or_else(|| {
+        v.get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string)
+    })
+}
+
+impl Model {
+    /// Loads a `.gguf` file or a directory with config.json and safetensors weights.
+    pub fn load(path: &Path, kern: Kernels) -> Result<Model> {
+        if path.is_dir() {
+            Self::load_dir(path, kern)
+        } else {
+            Self::load_gguf(path, kern)
+        }
+    }
+
+    fn load_gguf(path: &Path, kern: Kernels) -> Result<Model> {
+        let f = GgufFile::open(path)?;
+        let cfg = ModelConfig::from_gguf(&f)?;
+        let tokenizer = Tokenizer::from_gguf(&f)?;
+        if tokenizer.n_vocab() != cfg.n_vocab {
+            return Err(f.err(format!(
+                "{} tokens but the model has {} embeddings",
+                tokenizer.n_vocab(),
+                cfg.n_vocab
+            )));
+        }
+        let weights = ModelWeights::load(&f, &cfg)?;
+        let piece = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.token_text(i))
+                .unwrap_or("")
+                .to_string()
+        };
+        let chat_template = match f.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+            Some(src) => Some(ChatTemplate::new(
+                src,
+                &piece(tokenizer.bos),
+                &piece(tokenizer.eos),
+            )?),
+            None => None,
+        };
+        let name = f
+            .get("general.name")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+        Ok(Model {
+            name,
+            path: path.to_path_buf(),
+            format: ModelFormat::Gguf,
+            cfg,
+            weights,
+            tokenizer,
+            chat_template,
+            kern,
+        })
+    }
+
+    fn load_dir(dir: &Path, kern: Kernels) -> Result<Model> {
+        let cfg_path = dir.join("config.json");
+        let cfg = ModelConfig::from_hf(&cfg_path, &read_json(&cfg_path)?)?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc = if tc_path.exists() {
+            read_json(&tc_path)?
+        } else {
+            serde_json::Value::Null
+        };
+        let bos = token_str(&tc["bos_token"]);
+        let eos = token_str(&tc["eos_token"]);
+        let add_eos = tc["add_eos_token"].as_bool().unwrap_or(false);
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            let add_bos = tc["add_bos_token"].as_bool().unwrap_or(false);
+            Tokenizer::from_hf_file(
+                &dir.join("tokenizer.json"),
+                bos.as_deref(),
+                eos.as_deref(),
+                add_bos,
+                add_eos,
+            )?
+        } else if dir.join("tokenizer.model").exists() {
+            let add_bos = tc["add_bos_token"].as_bool().unwrap_or(true);
+            Tokenizer::from_spm_file(&dir.join("tokenizer.model"), add_bos, add_eos)?
+        } else {
+            return Err(ModelError::Config {
+                path: dir.to_path_buf(),
+                msg: "no tokenizer.json or tokenizer.model".into(),
+            });
+        };
+        if tokenizer.n_vocab() > cfg.n_vocab {
+            return Err(ModelError::Config {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "tokenizer has {} tokens, more than vocab_size {}",
+                    tokenizer.n_vocab(),
+                    cfg.n_vocab
+                ),
+            });
+        }
+        let st = SafetensorsDir::open(dir)?;
+        let weights = ModelWeights::load(&st, &cfg)?;
+        let template_src = match &tc["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let chat_template = match template_src {
+            Some(src) => Some(ChatTemplate::new(
+                &src,
+                bos.as_deref().unwrap_or(""),
+                eos.as_deref().unwrap_or(""),
+            )?),
+            None => None,
+        };
+        let name = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Model {
+            name,
+            path: dir.to_path_buf(),
+            format: ModelFormat::Safetensors,
+            cfg,
+            weights,
+            tokenizer,
+            chat_template,
+            kern,
+        })
+    }
+
+    pub fn forward(&self) -> Forward<'_> {
+        Forward {
+            cfg: &self.cfg,
+            w: &self.weights,
+            kern: self.kern,
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Greedy generation and first-step logits against llama.cpp (fixtures from
+//! scripts/ref/gen_greedy.py).
+
+mod common;
+use brise_kernels::pool::ThreadPool;
+use brise_kernels::quant::Kernels;
+use brise_model::Model;
+use brise_model::forward::{ForwardState, LogitsWanted, SeqBatch};
+use brise_model::kv::KvCache;
+use common::*;
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn check(key: &str, file: &str) {
+    let fx = read_json(&format!("greedy/{key}.json"));
+    let model = Model::load(&model(file), Kernels::best()).unwrap();
+    let pool = ThreadPool::new(2);
+    let fwd = model.forward();
+    let mut st = ForwardState::default();
+    let mut report = Vec::new();
+    let mut exact = 0;
+    let results = fx["results"].as_array().unwrap();
+    for (pi, r) in results.iter().enumerate() {
+        let prompt = r["prompt"].as_str().unwrap();
+        let want_prompt: Vec<u32> = r["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ids = model.tokenizer.encode(prompt, true, false).unwrap();
+        assert_eq!(ids, want_prompt, "{key} prompt {pi} tokenization");
+        let want: Vec<u32> = r["generated"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let margins: Vec<f64> = r["margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let mut cache = KvCache::new(&model.cfg, 1024);
+        fwd.run(
+            &pool,
+            &mut st,
+            &mut [SeqBatch {
+                cache: &mut cache,
+                tokens: &ids,
+                logits: LogitsWanted::Last,
+            }],
+        );
+        if let Some(f) = fx["logits_files"].get(pi.to_string()) {
+            let ref_logits = read_f32(&format!("greedy/{}", f.as_str().unwrap()));
+            let max_diff = st
+                .logits
+                .iter()
+                .zip(&ref_logits)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = ref_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+            report.push(format!(
+                "prompt {pi}: max |logit diff| {max_diff:.5} (max |logit| {scale:.2})"
+            ));
+            assert!(
+                max_diff < 1.0 * scale.max(1.0),
+                "{key} prompt {pi}: logits differ by {max_diff}"
+            );
+        }
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let t = argmax(&st.logits);
+            got.push(t);
+            fwd.run(
+                &pool,
+                &mut st,
+                &mut [SeqBatch {
+                    cache: &mut cache,
+                    tokens: &[t],
+                    logits: LogitsWanted::Last,
+                }],
+            );
+        }
+        match got.iter().zip(&want).position(|(a, b)| a != b) {
+            None => exact += 1,
+            Some(d) => report.push(format!(
+                "prompt {pi}: diverges at step {d} (brise {} vs llama.cpp {}, llama.cpp top-2 margin {:.4})",
+                got[d], want[d], margins[d]
+            )),
+        }
+    }
+    eprintln!(
+        "{key}: {exact}/{} prompts identical for {} tokens\n{}",
+        results.len(),
+        64,
+        report.join("\n")
+    );
+    assert_eq!(
+        exact,
+        results.len(),
+        "{key}: greedy outputs differ:\n{}",
+        report.join("\n")
+    );
+}
+
+#[test]
+fn smollm2_greedy_matches_llama_cpp() {
+    check("smollm2", SMOLLM2);
+}
+
+#[test]
+fn qwen_greedy_matches_llama_cpp() {
+    check("qwen2.5-coder", QWEN);
+}
