@@ -2,7 +2,27 @@
 
 use crate::ggml_type::GgmlType;
 use crate::pool::{ThreadPool, split_range};
+use crate::quant::ggml_exact::ggml_path_shaped;
 use crate::quant::{Kernels, act_row_bytes, quantize_act_row};
+
+/// Where an activation row sits in its sequence's step: row `idx` of `n` rows. llama.cpp
+/// picks kernels by the number of rows of a matrix product (and, for repacked weights,
+/// by the row's index), so brise picks the same kernel per row from its own sequence's
+/// step, which also keeps a sequence's result independent of what else is batched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowStep {
+    pub n: usize,
+    pub idx: usize,
+}
+
+impl RowStep {
+    pub const SINGLE: RowStep = RowStep { n: 1, idx: 0 };
+
+    /// The steps of `m` rows that all belong to one step.
+    pub fn all(m: usize) -> impl Iterator<Item = RowStep> {
+        (0..m).map(move |idx| RowStep { n: m, idx })
+    }
+}
 
 /// A weight matrix of `n` rows of `k` elements in format `ty` (row-major, as GGUF and
 /// safetensors store `[out, in]` weights).
@@ -42,32 +62,47 @@ impl SyncPtr {
 #[derive(Default)]
 pub struct MatmulScratch {
     act: Vec<u8>,
+    paths: Vec<crate::quant::ggml_exact::Path>,
 }
 
 /// Weight rows per cache block: small enough to stay in L2 across activation rows.
 const ROW_BLOCK: usize = 16;
 
 /// `out[i·n + r] = Σ_j x[i·k + j] · W[r, j]` for `m` activation rows.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     pool: &ThreadPool,
     kern: Kernels,
     w: &WeightRef,
     x: &[f32],
     m: usize,
+    steps: &[RowStep],
     scratch: &mut MatmulScratch,
     out: &mut [f32],
 ) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "activation shape");
+    assert_eq!(steps.len(), m, "one step per activation row");
+    let MatmulScratch {
+        act: act_buf,
+        paths,
+    } = scratch;
+    paths.clear();
+    paths.extend(
+        steps
+            .iter()
+            .map(|s| ggml_path_shaped(w.ty, n, k, s.n, s.idx)),
+    );
+    let paths = &paths[..];
     assert_eq!(out.len(), m * n, "output shape");
     assert!(w.data.len() >= n * w.row_bytes(), "weight data too short");
     let vt = w.ty.vec_dot_type();
     let arb = act_row_bytes(vt, k);
-    scratch.act.resize(m * arb, 0);
+    act_buf.resize(m * arb, 0);
     if m == 1 {
-        quantize_act_row(vt, x, &mut scratch.act);
+        quantize_act_row(vt, x, act_buf);
     } else {
-        let acts = SyncBytes(scratch.act.as_mut_ptr());
+        let acts = SyncBytes(act_buf.as_mut_ptr());
         let nt = pool.n_threads();
         pool.run(|t| {
             for i in split_range(m, nt, t, 1) {
@@ -77,7 +112,7 @@ pub fn matmul(
             }
         });
     }
-    let act = &scratch.act[..];
+    let act = &act_buf[..];
     let rb = w.row_bytes();
     let outp = SyncPtr(out.as_mut_ptr());
     let nt = pool.n_threads();
@@ -88,8 +123,9 @@ pub fn matmul(
             let r1 = (r0 + ROW_BLOCK).min(rows.end);
             for i in 0..m {
                 let a = &act[i * arb..(i + 1) * arb];
+                let path = paths[i];
                 for r in r0..r1 {
-                    let v = kern.dot(w.ty, k, &w.data[r * rb..(r + 1) * rb], a);
+                    let v = kern.dot_path(path, w.ty, k, &w.data[r * rb..(r + 1) * rb], a);
                     // SAFETY: (i, r) pairs are disjoint between threads (rows split), and
                     // i·n + r < m·n = out.len().
                     unsafe { *outp.get().add(i * n + r) = v };
@@ -139,12 +175,14 @@ mod tests {
         for threads in 1..=3 {
             let pool = ThreadPool::new(threads);
             let mut out = vec![0f32; m * n];
+            let steps: Vec<RowStep> = RowStep::all(m).collect();
             matmul(
                 &pool,
                 Kernels::best(),
                 &w,
                 &x,
                 m,
+                &steps,
                 &mut MatmulScratch::default(),
                 &mut out,
             );

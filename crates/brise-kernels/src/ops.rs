@@ -99,8 +99,9 @@ pub fn rope_apply(style: RopeStyle, x: &mut [f32], n_rot: usize, cache: &[f32]) 
         let ic = i / 2 * stride;
         let x0 = x[ic];
         let x1 = x[ic + offset];
-        x[ic] = x0 * c - x1 * s;
-        x[ic + offset] = x0 * s + x1 * c;
+        // GCC contracts ggml's `x0*cos - x1*sin` into fma(x0, cos, -(x1*sin)); so do we.
+        x[ic] = x0.mul_add(c, -(x1 * s));
+        x[ic + offset] = x0.mul_add(s, x1 * c);
     }
 }
 
@@ -116,6 +117,20 @@ pub fn softmax(x: &mut [f32]) {
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// Rounds f32 values to f16 (round to nearest even) into little-endian bytes.
+pub fn f32_to_f16_bytes(x: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(2).zip(x) {
+        o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+    }
+}
+
+/// out += a · v, with `v` f16 little-endian bytes.
+pub fn axpy_f16(out: &mut [f32], a: f32, v: &[u8]) {
+    for (o, c) in out.iter_mut().zip(v.chunks_exact(2)) {
+        *o += a * half::f16::from_le_bytes([c[0], c[1]]).to_f32();
     }
 }
 
@@ -183,19 +198,5 @@ mod tests {
         rms_norm(&x, &w, 1e-6, &mut o);
         let ms: f32 = o.iter().map(|v| v * v).sum::<f32>() / 64.0;
         assert!((ms - 1.0).abs() < 1e-4);
-    }
-}
-
-/// Rounds f32 values to f16 (round to nearest even) into little-endian bytes.
-pub fn f32_to_f16_bytes(x: &[f32], out: &mut [u8]) {
-    for (o, v) in out.chunks_exact_mut(2).zip(x) {
-        o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-    }
-}
-
-/// out += a · v, with `v` f16 little-endian bytes.
-pub fn axpy_f16(out: &mut [f32], a: f32, v: &[u8]) {
-    for (o, c) in out.iter_mut().zip(v.chunks_exact(2)) {
-        *o += a * half::f16::from_le_bytes([c[0], c[1]]).to_f32();
     }
 }

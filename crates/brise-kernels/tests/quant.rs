@@ -240,3 +240,44 @@ fn zero_block_quantizes_to_zero() {
         assert!(a.iter().all(|b| *b == 0), "{vt}");
     }
 }
+
+#[test]
+fn simd_paths_are_bit_identical_to_the_ggml_models() {
+    use brise_kernels::quant::ggml_exact::{Path, ggml_dot, is_modeled};
+    let paths = [
+        Path::VecDot,
+        Path::TinyBlasQ0,
+        Path::TinyBlasF16,
+        Path::Tiled,
+        Path::RepackGemv,
+        Path::RepackGemm,
+    ];
+    let mut rng = Rng(4242);
+    let mut checked = 0;
+    for isa in Isa::supported() {
+        let kern = Kernels::new(isa).unwrap();
+        for ty in WEIGHT_TYPES {
+            for path in paths {
+                if !is_modeled(path, ty) {
+                    continue;
+                }
+                for &k in &[256usize, 1024] {
+                    for _ in 0..6 {
+                        let w = random_row(&mut rng, ty, k);
+                        let x: Vec<f32> = (0..k).map(|_| rng.normal()).collect();
+                        let a = quantized_acts(ty, &x);
+                        let want = ggml_dot(path, ty, k, &w, &a);
+                        let got = kern.dot_path(path, ty, k, &w, &a);
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{isa} {ty} {path:?} k={k}: {got} vs {want}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 100);
+}

@@ -55,7 +55,7 @@ impl ModelConfig {
                 msg,
             })
         };
-        if self.n_head == 0 || self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+        if self.n_head == 0 || self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!(
                 "{} heads cannot share {} KV heads",
                 self.n_head, self.n_head_kv
@@ -65,9 +65,9 @@ impl ModelConfig {
             return bad("a model dimension is zero".into());
         }
         if self.head_dim == 0
-            || self.head_dim % 2 != 0
+            || !self.head_dim.is_multiple_of(2)
             || self.n_rot > self.head_dim
-            || self.n_rot % 2 != 0
+            || !self.n_rot.is_multiple_of(2)
         {
             return bad(format!(
                 "head size {} / rotary dims {} are invalid",

@@ -3,8 +3,8 @@
 use crate::config::ModelConfig;
 use crate::kv::KvCache;
 use crate::weights::{ModelWeights, Weight};
-use brise_kernels::GgmlType;
-use brise_kernels::matmul::{MatmulScratch, matmul};
+use brise_kernels::attn::{self, DotOrder};
+use brise_kernels::matmul::{MatmulScratch, RowStep, matmul};
 use brise_kernels::ops;
 use brise_kernels::pool::{ThreadPool, split_range};
 use brise_kernels::quant::Kernels;
@@ -24,6 +24,9 @@ pub enum LogitsWanted {
     All,
 }
 
+/// A debugging hook: (tensor name, layer, values).
+pub type TraceFn = Box<dyn FnMut(&str, usize, &[f32]) + Send>;
+
 /// Reusable activations of the forward pass; grows to the largest batch seen.
 #[derive(Default)]
 pub struct ForwardState {
@@ -37,6 +40,7 @@ pub struct ForwardState {
     up: Vec<f32>,
     tmp: Vec<f32>,
     scores: Vec<f32>,
+    probs: Vec<f32>,
     qh16: Vec<u8>,
     rope: Vec<f32>,
     sel: Vec<f32>,
@@ -45,7 +49,7 @@ pub struct ForwardState {
     pub logits: Vec<f32>,
     /// Debugging: called with (name, layer, rows × width values) at named points of
     /// the graph, named as llama.cpp names its tensors.
-    pub trace: Option<Box<dyn FnMut(&str, usize, &[f32]) + Send>>,
+    pub trace: Option<TraceFn>,
 }
 
 fn trace(
@@ -71,6 +75,13 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 struct Row {
     seq: usize,
     pos: usize,
+    /// Tokens its sequence contributes to this batch: llama.cpp's kernels differ
+    /// between single-token and multi-token steps, and brise mirrors them per sequence.
+    step: usize,
+    /// KV cells llama.cpp would attend over in this step.
+    n_kv: usize,
+    /// Position of its sequence's first token in this step.
+    first: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -92,6 +103,7 @@ pub struct Forward<'m> {
 }
 
 impl Forward<'_> {
+    #[allow(clippy::too_many_arguments)]
     fn mm(
         &self,
         pool: &ThreadPool,
@@ -99,6 +111,7 @@ impl Forward<'_> {
         w: &Weight,
         x: &[f32],
         rows: usize,
+        steps: &[RowStep],
         out: &mut [f32],
     ) {
         matmul(
@@ -107,6 +120,7 @@ impl Forward<'_> {
             &w.as_ref(),
             &x[..rows * w.k],
             rows,
+            steps,
             st_mm,
             &mut out[..rows * w.n],
         );
@@ -128,9 +142,13 @@ impl Forward<'_> {
                 "caller checks room"
             );
             for (i, &t) in sb.tokens.iter().enumerate() {
+                let n_kv = attn::llama_n_kv(sb.cache.len() + sb.tokens.len(), sb.cache.n_ctx());
                 rows.push(Row {
                     seq: s,
                     pos: sb.cache.len() + i,
+                    step: sb.tokens.len(),
+                    n_kv,
+                    first: sb.cache.len(),
                 });
                 tokens.push(t);
                 want.push(match sb.logits {
@@ -141,6 +159,13 @@ impl Forward<'_> {
             }
         }
         let r = rows.len();
+        let steps: Vec<RowStep> = rows
+            .iter()
+            .map(|row| RowStep {
+                n: row.step,
+                idx: row.pos - row.first,
+            })
+            .collect();
         if r == 0 {
             st.logits.clear();
             return;
@@ -187,8 +212,9 @@ impl Forward<'_> {
         let max_ctx = batch.iter().map(|b| b.cache.n_ctx()).max().unwrap_or(0);
         let nt = pool.n_threads();
         grow(&mut st.scores, nt * max_ctx);
-        if st.qh16.len() < nt * hd * 2 {
-            st.qh16.resize(nt * hd * 2, 0);
+        grow(&mut st.probs, nt * max_ctx);
+        if st.qh16.len() < nt * (hd + max_ctx) * 2 {
+            st.qh16.resize(nt * (hd + max_ctx) * 2, 0);
         }
 
         for (li, lw) in self.w.layers.iter().enumerate() {
@@ -201,9 +227,9 @@ impl Forward<'_> {
                 );
             }
             trace(st, "attn_norm", li, |s| &s.xn, r * e);
-            self.mm(pool, &mut st.mm, &lw.wq, &st.xn, r, &mut st.q);
-            self.mm(pool, &mut st.mm, &lw.wk, &st.xn, r, &mut st.k);
-            self.mm(pool, &mut st.mm, &lw.wv, &st.xn, r, &mut st.v);
+            self.mm(pool, &mut st.mm, &lw.wq, &st.xn, r, &steps, &mut st.q);
+            self.mm(pool, &mut st.mm, &lw.wk, &st.xn, r, &steps, &mut st.k);
+            self.mm(pool, &mut st.mm, &lw.wv, &st.xn, r, &steps, &mut st.v);
             for i in 0..r {
                 if let Some(b) = &lw.bq {
                     ops::add_assign(&mut st.q[i * qd..(i + 1) * qd], b);
@@ -237,15 +263,19 @@ impl Forward<'_> {
                 for h in 0..nkv {
                     let src = &st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd];
                     ops::f32_to_f16_bytes(src, cache.k_row_mut(li, h, row.pos));
-                    let src = &st.v[i * kvd + h * hd..i * kvd + (h + 1) * hd];
-                    ops::f32_to_f16_bytes(src, cache.v_row_mut(li, h, row.pos));
+                    cache.set_v(
+                        li,
+                        h,
+                        row.pos,
+                        &st.v[i * kvd + h * hd..i * kvd + (h + 1) * hd],
+                    );
                 }
             }
             trace(st, "Qcur", li, |s| &s.q, r * qd);
             trace(st, "Kcur", li, |s| &s.k, r * kvd);
             self.attention(pool, st, batch, &rows, li, scale, max_ctx);
             trace(st, "kqv_out", li, |s| &s.attn, r * qd);
-            self.mm(pool, &mut st.mm, &lw.wo, &st.attn, r, &mut st.tmp);
+            self.mm(pool, &mut st.mm, &lw.wo, &st.attn, r, &steps, &mut st.tmp);
             ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
             trace(st, "ffn_inp", li, |s| &s.x, r * e);
 
@@ -257,13 +287,29 @@ impl Forward<'_> {
                     &mut st.xn[i * e..(i + 1) * e],
                 );
             }
-            self.mm(pool, &mut st.mm, &lw.w_gate, &st.xn, r, &mut st.gate);
-            self.mm(pool, &mut st.mm, &lw.w_up, &st.xn, r, &mut st.up);
+            self.mm(
+                pool,
+                &mut st.mm,
+                &lw.w_gate,
+                &st.xn,
+                r,
+                &steps,
+                &mut st.gate,
+            );
+            self.mm(pool, &mut st.mm, &lw.w_up, &st.xn, r, &steps, &mut st.up);
             let nf = cfg.n_ff;
             ops::swiglu(&st.gate[..r * nf], &st.up[..r * nf], &mut st.tmp[..r * nf]);
             std::mem::swap(&mut st.tmp, &mut st.gate);
             trace(st, "ffn_swiglu", li, |s| &s.gate, r * nf);
-            self.mm(pool, &mut st.mm, &lw.w_down, &st.gate, r, &mut st.tmp);
+            self.mm(
+                pool,
+                &mut st.mm,
+                &lw.w_down,
+                &st.gate,
+                r,
+                &steps,
+                &mut st.tmp,
+            );
             trace(st, "ffn_out", li, |s| &s.tmp, r * e);
             ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
             trace(st, "l_out", li, |s| &s.x, r * e);
@@ -273,6 +319,18 @@ impl Forward<'_> {
         }
 
         let n_out = want.iter().filter(|w| **w).count();
+        // llama.cpp multiplies only the rows that want logits: each sequence's outputs form
+        // the step for the output matrix.
+        let mut out_steps = Vec::with_capacity(n_out);
+        for (s, sb) in batch.iter().enumerate() {
+            let k = rows
+                .iter()
+                .zip(&want)
+                .filter(|(row, w)| row.seq == s && **w)
+                .count();
+            out_steps.extend(RowStep::all(k));
+            let _ = sb;
+        }
         grow(&mut st.sel, n_out * e);
         let mut j = 0;
         for (i, w) in want.iter().enumerate() {
@@ -295,6 +353,7 @@ impl Forward<'_> {
                 &out.as_ref(),
                 &st.sel[..n_out * e],
                 n_out,
+                &out_steps,
                 &mut st.mm,
                 &mut st.logits,
             );
@@ -302,8 +361,7 @@ impl Forward<'_> {
     }
 
     /// Causal (and sliding-window) attention of every row and head over its sequence's
-    /// cache, with llama.cpp's precision: Q rounded to f16 for the K dot products, scores
-    /// scaled then soft-maxed in f32, probabilities rounded to f16 for the V sum.
+    /// cache, in llama.cpp's arithmetic (see `brise_kernels::attn`).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -324,15 +382,23 @@ impl Forward<'_> {
         let q = &st.q;
         let attn = SyncMut(st.attn.as_mut_ptr());
         let scores = SyncMut(st.scores.as_mut_ptr());
+        let probs = SyncMut(st.probs.as_mut_ptr());
         let qh16 = SyncMut(st.qh16.as_mut_ptr());
-        let kern = self.kern;
         let nt = pool.n_threads();
         pool.run(|t| {
-            // SAFETY: each thread uses its own slice of the scores and q16 buffers (sized
-            // nt·max_ctx and nt·hd·2 by the caller) and writes disjoint (row, head) outputs.
+            // SAFETY: each thread uses its own slice of the score, probability and q16
+            // buffers (sized by the caller) and writes disjoint (row, head) outputs.
             let sc =
                 unsafe { std::slice::from_raw_parts_mut(scores.get().add(t * max_ctx), max_ctx) };
-            let q16 = unsafe { std::slice::from_raw_parts_mut(qh16.get().add(t * hd * 2), hd * 2) };
+            let pr =
+                unsafe { std::slice::from_raw_parts_mut(probs.get().add(t * max_ctx), max_ctx) };
+            let q16 = unsafe {
+                std::slice::from_raw_parts_mut(
+                    qh16.get().add(t * (hd + max_ctx) * 2),
+                    (hd + max_ctx) * 2,
+                )
+            };
+            let (q16, p16) = q16.split_at_mut(hd * 2);
             for wi in split_range(work, nt, t, 1) {
                 let (i, h) = (wi / nh, wi % nh);
                 let row = &rows[i];
@@ -342,20 +408,31 @@ impl Forward<'_> {
                     Some(w) => (row.pos + 1).saturating_sub(w),
                     None => 0,
                 };
-                let n = row.pos + 1 - lo;
+                let hi = row.pos + 1;
+                let kq_order =
+                    if row.step >= 2 && hd.is_multiple_of(16) && row.n_kv.is_multiple_of(4) {
+                        DotOrder::Tiny
+                    } else {
+                        DotOrder::Vec
+                    };
+                let kqv_order =
+                    if row.step >= 2 && row.n_kv.is_multiple_of(16) && hd.is_multiple_of(4) {
+                        DotOrder::Tiny
+                    } else {
+                        DotOrder::Vec
+                    };
                 ops::f32_to_f16_bytes(&q[i * qd + h * hd..i * qd + (h + 1) * hd], q16);
-                let keys = cache.k_rows(li, kvh, lo..row.pos + 1);
+                let keys = cache.k_rows(li, kvh, lo..hi);
                 for (j, kr) in keys.chunks_exact(hd * 2).enumerate() {
-                    sc[j] = kern.dot(GgmlType::F16, hd, kr, q16) * scale;
+                    sc[lo + j] = attn::dot_f16(kq_order, kr, q16, 0, hd, hd) * scale;
                 }
-                ops::softmax(&mut sc[..n]);
+                attn::softmax_masked(sc, lo, hi, row.n_kv, pr);
+                ops::f32_to_f16_bytes(&pr[lo..hi], &mut p16[lo * 2..hi * 2]);
+                // SAFETY: this (row, head) output belongs to this thread alone.
                 let out =
                     unsafe { std::slice::from_raw_parts_mut(attn.get().add(i * qd + h * hd), hd) };
-                out.fill(0.0);
-                let vals = cache.v_rows(li, kvh, lo..row.pos + 1);
-                for (j, vr) in vals.chunks_exact(hd * 2).enumerate() {
-                    let p = half::f16::from_f32(sc[j]).to_f32();
-                    ops::axpy_f16(out, p, vr);
+                for (d, o) in out.iter_mut().enumerate() {
+                    *o = attn::dot_f16(kqv_order, cache.v_dim(li, kvh, d), p16, lo, hi, row.n_kv);
                 }
             }
         });

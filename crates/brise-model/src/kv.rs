@@ -1,6 +1,8 @@
 //! The KV cache of one sequence: keys and values of every layer, stored as f16 like
-//! llama.cpp's default cache, laid out [kv_head][position][head_dim] so each head's keys
-//! are contiguous.
+//! llama.cpp's default cache. Keys are laid out [kv_head][position][head_dim] (a key is
+//! contiguous for its dot with the query); values are transposed, [kv_head][head_dim]
+//! [position], as llama.cpp stores them without flash attention, so the weighted sum
+//! runs over contiguous positions in the same order llama.cpp sums them.
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -73,9 +75,14 @@ impl KvCache {
         &mut self.k[layer][o..o + self.head_dim * 2]
     }
 
-    pub(crate) fn v_row_mut(&mut self, layer: usize, head: usize, pos: usize) -> &mut [u8] {
-        let o = self.off(head, pos);
-        &mut self.v[layer][o..o + self.head_dim * 2]
+    /// Stores the value vector of `head` at `pos` (scattered into the transposed layout).
+    pub(crate) fn set_v(&mut self, layer: usize, head: usize, pos: usize, v: &[f32]) {
+        let base = head * self.head_dim * self.n_ctx;
+        let buf = &mut self.v[layer];
+        for (d, x) in v.iter().enumerate() {
+            let o = (base + d * self.n_ctx + pos) * 2;
+            buf[o..o + 2].copy_from_slice(&half::f16::from_f32(*x).to_le_bytes());
+        }
     }
 
     /// Keys of `head` for positions `range`, contiguous.
@@ -83,8 +90,10 @@ impl KvCache {
         &self.k[layer][self.off(head, range.start)..self.off(head, range.end)]
     }
 
-    pub(crate) fn v_rows(&self, layer: usize, head: usize, range: std::ops::Range<usize>) -> &[u8] {
-        &self.v[layer][self.off(head, range.start)..self.off(head, range.end)]
+    /// Values of dimension `dim` of `head` for every position (n_ctx of them).
+    pub(crate) fn v_dim(&self, layer: usize, head: usize, dim: usize) -> &[u8] {
+        let o = (head * self.head_dim + dim) * self.n_ctx * 2;
+        &self.v[layer][o..o + self.n_ctx * 2]
     }
 
     pub fn n_head_kv(&self) -> usize {

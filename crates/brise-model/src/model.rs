@@ -1,7 +1,7 @@
 //! A loaded model: configuration, weights, tokenizer and chat template, from a GGUF file
 //! or a Hugging Face safetensors directory.
 
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatTemplate, Message};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::forward::Forward;
@@ -179,6 +179,28 @@ impl Model {
         })
     }
 
+    /// The conversation rendered by the model's chat template.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            ModelError::Template(format!(
+                "{} has no chat template; use raw completion",
+                self.name
+            ))
+        })?;
+        t.render(messages, add_generation_prompt, None)
+    }
+
+    /// Renders and tokenizes a conversation. Control tokens come only from the template:
+    /// text inside messages stays text even when it looks like `[INST]` or `<|im_end|>`.
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let rendered = self.render_chat(messages, add_generation_prompt)?;
+        encode_rendered(&self.tokenizer, &rendered, messages)
+    }
+
     pub fn forward(&self) -> Forward<'_> {
         Forward {
             cfg: &self.cfg,
@@ -186,4 +208,41 @@ impl Model {
             kern: self.kern,
         }
     }
+}
+
+/// Tokenizes a rendered chat, keeping control tokens out of message content.
+pub fn encode_rendered(tk: &Tokenizer, rendered: &str, messages: &[Message]) -> Result<Vec<u32>> {
+    let mut spans = Vec::new();
+    let mut cursor = 0;
+    for m in messages {
+        if !tk.has_control_text(&m.content) {
+            continue;
+        }
+        // Templates insert content verbatim or trimmed; find it after the previous one.
+        let found = [m.content.as_str(), m.content.trim()]
+            .into_iter()
+            .find_map(|c| rendered[cursor..].find(c).map(|p| (cursor + p, c.len())));
+        match found {
+            Some((p, n)) => {
+                spans.push(p..p + n);
+                cursor = p + n;
+            }
+            None => {
+                return Err(ModelError::Template(
+                    "a message contains special-token text that the chat template changed, \
+                     so it cannot be kept as plain text"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let mut ids = tk.encode_spans(rendered, false, true, &spans)?;
+    // Templates normally write BOS themselves; add it when one that should does not.
+    if tk.add_bos
+        && let Some(bos) = tk.bos
+        && ids.first() != Some(&bos)
+    {
+        ids.insert(0, bos);
+    }
+    Ok(ids)
 }

@@ -62,7 +62,7 @@ enum Engine {
     /// A full `tokenizer.json` pipeline, with its special tokens kept as text.
     Hf(Box<tokenizers::Tokenizer>),
     Spm {
-        enc: SpmEncoder,
+        enc: Box<SpmEncoder>,
         add_space_prefix: bool,
         remove_extra_ws: bool,
     },
@@ -92,6 +92,15 @@ pub struct Tokenizer {
     token_map: HashMap<String, u32>,
 }
 
+/// The special token ids and flags a vocabulary source provides.
+struct SpecialIds {
+    bos: Option<u32>,
+    eos: Option<u32>,
+    extra_eog: Vec<u32>,
+    add_bos: bool,
+    add_eos: bool,
+}
+
 /// Token texts that end a turn in the chat formats brise knows (llama.cpp's list).
 const EOG_TEXTS: &[&str] = &[
     "<|eot_id|>",
@@ -110,12 +119,15 @@ impl Tokenizer {
         types: Vec<TokenType>,
         engine: Engine,
         decoding: Decoding,
-        bos: Option<u32>,
-        eos: Option<u32>,
-        extra_eog: &[u32],
-        add_bos: bool,
-        add_eos: bool,
+        sp: SpecialIds,
     ) -> Tokenizer {
+        let SpecialIds {
+            bos,
+            eos,
+            extra_eog,
+            add_bos,
+            add_eos,
+        } = sp;
         let mut specials: Vec<u32> = (0..tokens.len() as u32)
             .filter(|&i| {
                 matches!(
@@ -126,7 +138,7 @@ impl Tokenizer {
             .filter(|&i| !tokens[i as usize].is_empty())
             .collect();
         specials.sort_by_key(|&i| std::cmp::Reverse(tokens[i as usize].len()));
-        let mut eog: HashSet<u32> = eos.into_iter().chain(extra_eog.iter().copied()).collect();
+        let mut eog: HashSet<u32> = eos.into_iter().chain(extra_eog).collect();
         for (i, t) in tokens.iter().enumerate() {
             if matches!(types[i], TokenType::Control | TokenType::UserDefined)
                 && EOG_TEXTS.contains(&t.as_str())
@@ -249,11 +261,13 @@ impl Tokenizer {
                     types,
                     Engine::Bpe(Box::new(tk)),
                     Decoding::ByteLevel,
-                    id("tokenizer.ggml.bos_token_id")?,
-                    id("tokenizer.ggml.eos_token_id")?,
-                    &extra_eog,
-                    flag("tokenizer.ggml.add_bos_token", false),
-                    flag("tokenizer.ggml.add_eos_token", false),
+                    SpecialIds {
+                        bos: id("tokenizer.ggml.bos_token_id")?,
+                        eos: id("tokenizer.ggml.eos_token_id")?,
+                        extra_eog,
+                        add_bos: flag("tokenizer.ggml.add_bos_token", false),
+                        add_eos: flag("tokenizer.ggml.add_eos_token", false),
+                    },
                 ))
             }
             "llama" => {
@@ -272,16 +286,18 @@ impl Tokenizer {
                     tokens,
                     types,
                     Engine::Spm {
-                        enc,
+                        enc: Box::new(enc),
                         add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true),
                         remove_extra_ws: false,
                     },
                     Decoding::Metaspace,
-                    id("tokenizer.ggml.bos_token_id")?,
-                    id("tokenizer.ggml.eos_token_id")?,
-                    &extra_eog,
-                    flag("tokenizer.ggml.add_bos_token", true),
-                    flag("tokenizer.ggml.add_eos_token", false),
+                    SpecialIds {
+                        bos: id("tokenizer.ggml.bos_token_id")?,
+                        eos: id("tokenizer.ggml.eos_token_id")?,
+                        extra_eog,
+                        add_bos: flag("tokenizer.ggml.add_bos_token", true),
+                        add_eos: flag("tokenizer.ggml.add_eos_token", false),
+                    },
                 ))
             }
             other => Err(ModelError::Unsupported(format!(
@@ -312,16 +328,18 @@ impl Tokenizer {
             tokens,
             types,
             Engine::Spm {
-                enc,
+                enc: Box::new(enc),
                 add_space_prefix: m.add_dummy_prefix,
                 remove_extra_ws: m.remove_extra_whitespaces,
             },
             Decoding::Metaspace,
-            m.bos_id,
-            m.eos_id,
-            &[],
-            add_bos,
-            add_eos,
+            SpecialIds {
+                bos: m.bos_id,
+                eos: m.eos_id,
+                extra_eog: vec![],
+                add_bos,
+                add_eos,
+            },
         ))
     }
 
@@ -372,12 +390,25 @@ impl Tokenizer {
             types,
             Engine::Hf(Box::new(tk)),
             decoding,
-            bos,
-            eos,
-            &[],
-            add_bos,
-            add_eos,
+            SpecialIds {
+                bos,
+                eos,
+                extra_eog: vec![],
+                add_bos,
+                add_eos,
+            },
         ))
+    }
+
+    /// Whether `text` contains the text of a control token (so it must be kept from being
+    /// parsed as one when it is user content).
+    pub fn has_control_text(&self, text: &str) -> bool {
+        self.specials.iter().any(|&i| {
+            matches!(
+                self.types[i as usize],
+                TokenType::Control | TokenType::Unknown
+            ) && text.contains(self.tokens[i as usize].as_str())
+        })
     }
 
     pub fn n_vocab(&self) -> usize {
@@ -409,34 +440,61 @@ impl Tokenizer {
     /// `parse_special` lets control tokens in the text become control tokens (only for
     /// trusted text such as a rendered chat template).
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        self.encode_spans(text, add_special, parse_special, &[])
+    }
+
+    /// Like [`Self::encode`] with `parse_special`, except that control tokens are not
+    /// recognised inside the `untrusted` byte ranges (the user's content in a rendered
+    /// chat template), so user text can never produce control tokens.
+    pub fn encode_spans(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        untrusted: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
         let mut out = Vec::new();
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
-        enum Frag<'a> {
-            Text(&'a str),
+        enum Frag {
+            /// A byte range of `text` still to be tokenized.
+            Text(usize, usize),
             Tok(u32),
         }
-        let mut frags = vec![Frag::Text(text)];
+        let mut frags = vec![Frag::Text(0, text.len())];
         for &sid in &self.specials {
-            let ty = self.types[sid as usize];
-            if !parse_special && matches!(ty, TokenType::Control | TokenType::Unknown) {
+            let control = matches!(
+                self.types[sid as usize],
+                TokenType::Control | TokenType::Unknown
+            );
+            if !parse_special && control {
                 continue;
             }
             let st = self.tokens[sid as usize].as_str();
             let mut next = Vec::with_capacity(frags.len());
             for f in frags {
                 match f {
-                    Frag::Text(mut t) => {
-                        while let Some(p) = t.find(st) {
-                            if p > 0 {
-                                next.push(Frag::Text(&t[..p]));
+                    Frag::Text(mut start, end) => {
+                        let mut from = start;
+                        while let Some(p) = text[from..end].find(st).map(|p| p + from) {
+                            let q = p + st.len();
+                            if control && untrusted.iter().any(|r| p < r.end && q > r.start) {
+                                from = p + 1;
+                                while !text.is_char_boundary(from) {
+                                    from += 1;
+                                }
+                                continue;
+                            }
+                            if p > start {
+                                next.push(Frag::Text(start, p));
                             }
                             next.push(Frag::Tok(sid));
-                            t = &t[p + st.len()..];
+                            start = q;
+                            from = q;
                         }
-                        if !t.is_empty() {
-                            next.push(Frag::Text(t));
+                        if end > start {
+                            next.push(Frag::Text(start, end));
                         }
                     }
                     tok => next.push(tok),
@@ -444,17 +502,14 @@ impl Tokenizer {
             }
             frags = next;
         }
-        let mut prev_special = true;
         for f in frags {
             match f {
-                Frag::Tok(id) => {
-                    out.push(id);
-                    prev_special = true;
-                }
-                Frag::Text(t) => {
-                    self.encode_fragment(t, prev_special, &mut out)?;
-                    prev_special = false;
-                }
+                Frag::Tok(id) => out.push(id),
+                // SentencePiece's dummy prefix goes on the start of the input only, as
+                // sentencepiece and mistral-common add it (llama.cpp also adds one after
+                // every special token, which breaks chat prompts rendered with spaces).
+                Frag::Text(a, b) if b > a => self.encode_fragment(&text[a..b], a == 0, &mut out)?,
+                Frag::Text(..) => {}
             }
         }
         if add_special && self.add_eos {
@@ -463,7 +518,7 @@ impl Tokenizer {
         Ok(out)
     }
 
-    fn encode_fragment(&self, t: &str, prev_special: bool, out: &mut Vec<u32>) -> Result<()> {
+    fn encode_fragment(&self, t: &str, at_start: bool, out: &mut Vec<u32>) -> Result<()> {
         match &self.engine {
             Engine::Bpe(tk) | Engine::Hf(tk) => {
                 let enc = tk.encode_fast(t, false).map_err(tok_err)?;
@@ -484,9 +539,7 @@ impl Tokenizer {
                 } else {
                     t.into()
                 };
-                // llama.cpp prefixes a space to text that follows a special token (or
-                // starts the input), as SentencePiece's dummy prefix does.
-                if *add_space_prefix && prev_special {
+                if *add_space_prefix && at_start {
                     s.push('\u{2581}');
                 }
                 for c in body.chars() {

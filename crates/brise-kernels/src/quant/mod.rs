@@ -3,6 +3,7 @@
 mod act;
 mod dequant;
 mod dot_ref;
+pub mod ggml_exact;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -32,6 +33,64 @@ impl Kernels {
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// One output element exactly as llama.cpp computes it on `path` (see
+    /// [`ggml_exact`]): SIMD where brise has a bit-identical kernel, the scalar model
+    /// otherwise. Types and paths ggml_exact does not model fall back to [`Self::dot`].
+    #[inline]
+    pub fn dot_path(
+        &self,
+        path: ggml_exact::Path,
+        wty: GgmlType,
+        k: usize,
+        w: &[u8],
+        a: &[u8],
+    ) -> f32 {
+        use GgmlType::*;
+        use ggml_exact::Path as P;
+        match (path, wty) {
+            // brise's SIMD kernels use ggml's lanes and float order.
+            (P::VecDot | P::TinyBlasQ0, Q4_0 | Q5_0 | Q8_0)
+            | (P::VecDot, Q4_1 | Q5_1 | Q2K | Q3K | Q4K | Q5K | Q6K)
+                if self.isa != Isa::Scalar =>
+            {
+                self.dot(wty, k, w, a)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (P::Tiled | P::RepackGemv | P::RepackGemm, _)
+                if self.isa != Isa::Scalar && ggml_exact::is_modeled(path, wty) =>
+            {
+                let xp = match (path, wty) {
+                    (P::Tiled, _) => x86::ExactPath::Tiled,
+                    (_, Q4_0) => x86::ExactPath::RepackQ4_0,
+                    (P::RepackGemv, _) => x86::ExactPath::RepackKquant { group: 256 },
+                    (_, Q4K) => x86::ExactPath::RepackKquant { group: 64 },
+                    _ => x86::ExactPath::RepackKquant { group: 128 },
+                };
+                let wb = wty.row_bytes(k).expect("whole blocks");
+                assert!(
+                    w.len() >= wb && a.len() >= act_row_bytes(wty.vec_dot_type(), k),
+                    "row too short"
+                );
+                // SAFETY: a `Kernels` above Scalar exists only on CPUs with its ISA; the
+                // rows hold k elements (checked above).
+                unsafe {
+                    match self.isa {
+                        Isa::Avx512Vnni => {
+                            x86::dot_exact_avx512vnni(xp, wty, k, w.as_ptr(), a.as_ptr())
+                        }
+                        _ => x86::dot_exact_avx2(xp, wty, k, w.as_ptr(), a.as_ptr()),
+                    }
+                }
+            }
+            (P::VecDot, F16) => crate::attn::dot_f16(crate::attn::DotOrder::Vec, w, a, 0, k, k),
+            (P::TinyBlasF16, F16) => {
+                crate::attn::dot_f16(crate::attn::DotOrder::Tiny, w, a, 0, k, k)
+            }
+            _ if ggml_exact::is_modeled(path, wty) => ggml_exact::ggml_dot(path, wty, k, w, a),
+            _ => self.dot(wty, k, w, a),
+        }
     }
 
     /// Dot product of one `wty` weight row (`k` elements) with one activation row

@@ -205,83 +205,255 @@ unsafe fn kquant_chunk(ty: GgmlType, x: *const u8, j: usize) -> __m256i {
                 let qh = loadu(x.add(128 + h * 32));
                 let hi =
                     _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32)), m2);
-                let q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-                _mm256_sub_epi8(q, _mm256_set1_epi8(32))
+                // Unsigned 0..63: the −32 offset is applied through the block sums, as
+                // ggml does (the grouping of that correction decides the float result).
+                _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4))
             }
             _ => unreachable!(),
         }
     }
 }
 
+/// Per-16 scales and mins of a K-quant block, and its (d, dmin).
+#[inline(always)]
+unsafe fn kquant_scales(ty: GgmlType, x: *const u8) -> ([i32; 16], [i32; 16], f32, f32) {
+    unsafe {
+        let mut sc = [0i32; 16];
+        let mut mn = [0i32; 16];
+        let (d, dmin) = match ty {
+            GgmlType::Q2K => {
+                for g in 0..16 {
+                    let b = *x.add(g);
+                    sc[g] = (b & 0x0f) as i32;
+                    mn[g] = (b >> 4) as i32;
+                }
+                (f16_at(x.add(80)), f16_at(x.add(82)))
+            }
+            GgmlType::Q3K => {
+                let s = q3k_scales(core::slice::from_raw_parts(x.add(96), 12));
+                for g in 0..16 {
+                    sc[g] = s[g] as i32;
+                }
+                (f16_at(x.add(108)), 0.0)
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (s, m) = k4_scales_mins(core::slice::from_raw_parts(x.add(4), 12));
+                for g in 0..16 {
+                    sc[g] = s[g / 2] as i32;
+                    mn[g] = m[g / 2] as i32;
+                }
+                (f16_at(x), f16_at(x.add(2)))
+            }
+            GgmlType::Q6K => {
+                for g in 0..16 {
+                    sc[g] = *x.add(192 + g) as i8 as i32;
+                }
+                (f16_at(x.add(208)), 0.0)
+            }
+            _ => unreachable!(),
+        };
+        (sc, mn, d, dmin)
+    }
+}
+
+/// The scaled lanes of chunk `j` (elements 32j..32j+32) of a K-quant block: lane L holds
+/// Σ sc[e/16]·code[e]·aq[e] over e = 32j+4L..32j+4L+4, codes as `kquant_chunk` gives them.
+#[inline(always)]
+unsafe fn kquant_chunk_lanes<D: I8Dot>(
+    ty: GgmlType,
+    x: *const u8,
+    y: *const u8,
+    j: usize,
+    sc: &[i32; 16],
+) -> __m256i {
+    unsafe {
+        let q = kquant_chunk(ty, x, j);
+        let yv = loadu(y.add(4 + 32 * j));
+        let p = if ty == GgmlType::Q3K {
+            dot_ss::<D>(_mm256_setzero_si256(), q, yv)
+        } else {
+            D::dot_us(_mm256_setzero_si256(), q, yv)
+        };
+        let (s0, s1) = (sc[2 * j], sc[2 * j + 1]);
+        _mm256_mullo_epi32(p, _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1))
+    }
+}
+
+/// lane L = Σ_j chunk-lanes: Σ over e with (e % 32) / 4 == L of sc·code·aq.
+#[inline(always)]
+unsafe fn kquant_block_lanes<D: I8Dot>(
+    ty: GgmlType,
+    x: *const u8,
+    y: *const u8,
+    sc: &[i32; 16],
+) -> __m256i {
+    unsafe {
+        let mut isum = _mm256_setzero_si256();
+        for j in 0..8 {
+            isum = _mm256_add_epi32(isum, kquant_chunk_lanes::<D>(ty, x, y, j, sc));
+        }
+        isum
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    unsafe {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+#[inline(always)]
+unsafe fn bsum(y: *const u8, g: usize) -> i32 {
+    unsafe { (y.add(260 + 2 * g) as *const i16).read_unaligned() as i32 }
+}
+
+/// ggml's `vec_dot_<k>_q8_K` (AVX2 branch), float order included; see
+/// `ggml_exact::vec_dot_q*_k` for the formulas this reproduces.
 #[inline(always)]
 unsafe fn dot_kquant<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe {
         let ts = ty.type_size();
-        let signed = matches!(ty, GgmlType::Q3K | GgmlType::Q6K);
         let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
+        let mut accm = [0f32; 4];
+        let mut summs = 0f32;
         for i in 0..k / 256 {
             let x = w.add(i * ts);
             let y = a.add(i * 292);
             let dy = (y as *const f32).read_unaligned();
-            let mut sc = [0i32; 16];
-            let mut mn = [0i32; 16];
-            let (d, dmin) = match ty {
-                GgmlType::Q2K => {
-                    for g in 0..16 {
-                        let b = *x.add(g);
-                        sc[g] = (b & 0x0f) as i32;
-                        mn[g] = (b >> 4) as i32;
-                    }
-                    (f16_at(x.add(80)), f16_at(x.add(82)))
-                }
-                GgmlType::Q3K => {
-                    let s = q3k_scales(core::slice::from_raw_parts(x.add(96), 12));
-                    for g in 0..16 {
-                        sc[g] = s[g] as i32;
-                    }
-                    (f16_at(x.add(108)), 0.0)
-                }
-                GgmlType::Q4K | GgmlType::Q5K => {
-                    let (s, m) = k4_scales_mins(core::slice::from_raw_parts(x.add(4), 12));
-                    for g in 0..16 {
-                        sc[g] = s[g / 2] as i32;
-                        mn[g] = m[g / 2] as i32;
-                    }
-                    (f16_at(x), f16_at(x.add(2)))
-                }
+            let (sc, mn, dx, dminx) = kquant_scales(ty, x);
+            let d = dy * dx;
+            let dmin = -dy * dminx;
+            let mut lanes = kquant_block_lanes::<D>(ty, x, y, &sc);
+            match ty {
                 GgmlType::Q6K => {
-                    for g in 0..16 {
-                        sc[g] = *x.add(192 + g) as i8 as i32;
+                    let corr: [i32; 8] = core::array::from_fn(|l| {
+                        32 * (bsum(y, 2 * l) * sc[2 * l] + bsum(y, 2 * l + 1) * sc[2 * l + 1])
+                    });
+                    lanes = _mm256_sub_epi32(
+                        lanes,
+                        _mm256_loadu_si256(corr.as_ptr() as *const __m256i),
+                    );
+                }
+                GgmlType::Q2K => {
+                    let m: [i32; 8] = core::array::from_fn(|l| {
+                        mn[2 * l] * bsum(y, 2 * l) + mn[2 * l + 1] * bsum(y, 2 * l + 1)
+                    });
+                    let mv = _mm256_cvtepi32_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(dmin), mv, acc);
+                }
+                GgmlType::Q4K => {
+                    for l in 0..4 {
+                        let s0 = bsum(y, 4 * l) + bsum(y, 4 * l + 1);
+                        let s1 = bsum(y, 4 * l + 2) + bsum(y, 4 * l + 3);
+                        let prod = mn[4 * l] * s0 + mn[4 * l + 2] * s1;
+                        accm[l] = dmin.mul_add(prod as f32, accm[l]);
                     }
-                    (f16_at(x.add(208)), 0.0)
                 }
-                _ => unreachable!(),
-            };
-            let mut isum = _mm256_setzero_si256();
-            for j in 0..8 {
-                let q = kquant_chunk(ty, x, j);
-                let yv = loadu(y.add(4 + 32 * j));
-                let p = if signed {
-                    dot_ss::<D>(_mm256_setzero_si256(), q, yv)
-                } else {
-                    D::dot_us(_mm256_setzero_si256(), q, yv)
-                };
-                let (s0, s1) = (sc[2 * j], sc[2 * j + 1]);
-                let scale = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
-                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(p, scale));
+                GgmlType::Q5K => {
+                    let msum: i32 = (0..8)
+                        .map(|s| mn[2 * s] * (bsum(y, 2 * s) + bsum(y, 2 * s + 1)))
+                        .sum();
+                    summs = dmin.mul_add(msum as f32, summs);
+                }
+                _ => {}
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dy * d), _mm256_cvtepi32_ps(isum), acc);
-            if dmin != 0.0 {
-                let bs = y.add(260) as *const i16;
-                let mut msum = 0i32;
-                for (g, m) in mn.iter().enumerate() {
-                    msum += m * bs.add(g).read_unaligned() as i32;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc);
+        }
+        let r = hsum_ps(acc);
+        match ty {
+            GgmlType::Q4K => r + ((accm[0] + accm[2]) + (accm[1] + accm[3])),
+            GgmlType::Q5K => r + summs,
+            _ => r,
+        }
+    }
+}
+
+/// The tiled K-quant matmul's element (`ggml_exact::tiled_kquant`).
+#[inline(always)]
+unsafe fn dot_tiled<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe {
+        let ts = ty.type_size();
+        let has_min = matches!(ty, GgmlType::Q2K | GgmlType::Q4K | GgmlType::Q5K);
+        let mut buf = 0f32;
+        for i in 0..k / 256 {
+            let x = w.add(i * ts);
+            let y = a.add(i * 292);
+            let dy = (y as *const f32).read_unaligned();
+            let (sc, mn, d0, dmin0) = kquant_scales(ty, x);
+            let mut s1 = hsum_epi32(kquant_block_lanes::<D>(ty, x, y, &sc));
+            if ty == GgmlType::Q6K {
+                s1 -= 32 * (0..16).map(|g| sc[g] * bsum(y, g)).sum::<i32>();
+            }
+            let mut r = s1 as f32 * d0;
+            if has_min {
+                let s2: i32 = (0..16).map(|g| mn[g] * bsum(y, g)).sum();
+                r = (-dmin0).mul_add(s2 as f32, r);
+            }
+            buf = r.mul_add(dy, buf);
+        }
+        buf
+    }
+}
+
+/// Repacked Q4_K / Q2_K GEMV and GEMM elements (`ggml_exact::repack_kquant`): one FMA
+/// per group of `group` elements.
+#[inline(always)]
+unsafe fn dot_repack_kquant<D: I8Dot>(
+    ty: GgmlType,
+    group: usize,
+    k: usize,
+    w: *const u8,
+    a: *const u8,
+) -> f32 {
+    unsafe {
+        let ts = ty.type_size();
+        let mut acc = 0f32;
+        let mut accm = 0f32;
+        for i in 0..k / 256 {
+            let x = w.add(i * ts);
+            let y = a.add(i * 292);
+            let dy = (y as *const f32).read_unaligned();
+            let (sc, mn, dx, dminx) = kquant_scales(ty, x);
+            let ds = dx * dy;
+            let dm = dminx * dy;
+            let chunks = group / 32;
+            for g in 0..256 / group {
+                let mut v = _mm256_setzero_si256();
+                for j in g * chunks..(g + 1) * chunks {
+                    v = _mm256_add_epi32(v, kquant_chunk_lanes::<D>(ty, x, y, j, &sc));
                 }
-                mins += (dy * dmin) * msum as f32;
+                let isum = hsum_epi32(v);
+                let im: i32 = (g * group / 16..(g + 1) * group / 16)
+                    .map(|s| mn[s] * bsum(y, s))
+                    .sum();
+                acc = (isum as f32).mul_add(ds, acc);
+                accm = (im as f32).mul_add(dm, accm);
             }
         }
-        hsum_ps(acc) - mins
+        acc - accm
+    }
+}
+
+/// Repacked Q4_0 (`ggml_exact::repack_q4_0`): one FMA per block of the block's sum.
+#[inline(always)]
+unsafe fn dot_repack_q4_0<D: I8Dot>(k: usize, w: *const u8, a: *const u8) -> f32 {
+    unsafe {
+        let mut acc = 0f32;
+        for i in 0..k / 32 {
+            let x = w.add(i * 18);
+            let y = a.add(i * 36);
+            let p = dot_ss::<D>(
+                _mm256_setzero_si256(),
+                legacy_q(GgmlType::Q4_0, x),
+                loadu(y.add(4)),
+            );
+            acc = (hsum_epi32(p) as f32).mul_add(f16_at(x) * f16_at(y), acc);
+        }
+        acc
     }
 }
 
@@ -383,6 +555,53 @@ unsafe fn dot_any<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) 
             GgmlType::Q8_1 | GgmlType::Q8K => unreachable!("not a weight type"),
         }
     }
+}
+
+/// The kernels of llama.cpp's batched and repacked paths.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ExactPath {
+    Tiled,
+    RepackKquant { group: usize },
+    RepackQ4_0,
+}
+
+#[inline(always)]
+unsafe fn dot_exact<D: I8Dot>(
+    p: ExactPath,
+    ty: GgmlType,
+    k: usize,
+    w: *const u8,
+    a: *const u8,
+) -> f32 {
+    unsafe {
+        match p {
+            ExactPath::Tiled => dot_tiled::<D>(ty, k, w, a),
+            ExactPath::RepackKquant { group } => dot_repack_kquant::<D>(ty, group, k, w, a),
+            ExactPath::RepackQ4_0 => dot_repack_q4_0::<D>(k, w, a),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_exact_avx2(
+    p: ExactPath,
+    ty: GgmlType,
+    k: usize,
+    w: *const u8,
+    a: *const u8,
+) -> f32 {
+    unsafe { dot_exact::<Avx2>(p, ty, k, w, a) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn dot_exact_avx512vnni(
+    p: ExactPath,
+    ty: GgmlType,
+    k: usize,
+    w: *const u8,
+    a: *const u8,
+) -> f32 {
+    unsafe { dot_exact::<Vnni>(p, ty, k, w, a) }
 }
 
 /// AVX2 + FMA + F16C kernels.

@@ -1,0 +1,289 @@
+//! Attention arithmetic in llama.cpp's exact order (its CPU backend without flash
+//! attention, f16 KV cache): Q rounded to f16 and dotted with each key; scores scaled and
+//! soft-maxed over 16-wide chunks with ggml's `expf`; probabilities rounded to f16 and
+//! dotted with each row of the transposed value cache.
+//!
+//! llama.cpp takes two paths for those f16 dot products: `ggml_vec_dot_f16` (four 16-lane
+//! accumulators over 64-element steps) when a step has one token, and llamafile's
+//! `tinyBLAS` (one 16-lane accumulator) when it has more. [`DotOrder`] names them; each
+//! kernel reproduces the lane assignment, the FMA order and the horizontal-sum tree, so
+//! the results are bit-identical.
+
+use crate::ops::expf;
+use half::f16;
+
+/// Which of llama.cpp's f16 dot products a step uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DotOrder {
+    /// `ggml_vec_dot_f16`: a single-token step.
+    Vec,
+    /// llamafile `tinyBLAS<16, __m512>`: a multi-token step (length a multiple of 16).
+    Tiny,
+}
+
+#[inline(always)]
+fn h(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+}
+
+/// GCC's `_mm512_reduce_add_ps`: halves, quarters, then pairs.
+#[inline(always)]
+pub fn reduce16(a: &[f32; 16]) -> f32 {
+    let mut t3 = [0f32; 8];
+    for i in 0..8 {
+        t3[i] = a[8 + i] + a[i];
+    }
+    let mut t6 = [0f32; 4];
+    for i in 0..4 {
+        t6[i] = t3[4 + i] + t3[i];
+    }
+    let t80 = t6[0] + t6[2];
+    let t81 = t6[1] + t6[3];
+    t80 + t81
+}
+
+/// Scalar `ggml_vec_dot_f16` over elements `[start, end)` of f16 rows `x` and `y`
+/// (element index = absolute position, which fixes its lane), where the full row
+/// length `n` decides which tail elements fall outside the 64-wide steps. Elements
+/// outside `[start, end)` count as zero products.
+pub fn dot_f16_vec_ref(x: &[u8], y: &[u8], start: usize, end: usize, n: usize) -> f32 {
+    let np = n & !63;
+    let mut acc = [[0f32; 16]; 4];
+    let simd_end = end.min(np);
+    for i in start..simd_end.max(start) {
+        let (j, l) = ((i % 64) / 16, i % 16);
+        acc[j][l] = h(x, i).mul_add(h(y, i), acc[j][l]);
+    }
+    for l in 0..16 {
+        acc[0][l] += acc[2][l];
+        acc[1][l] += acc[3][l];
+    }
+    for l in 0..16 {
+        acc[0][l] += acc[1][l];
+    }
+    let mut sum = reduce16(&acc[0]) as f64;
+    for i in np.max(start)..end {
+        sum += (h(x, i) * h(y, i)) as f64;
+    }
+    sum as f32
+}
+
+/// Scalar llamafile tinyBLAS f16 dot (16 lanes, element i in lane i % 16) over
+/// `[start, end)`; the row length must be a multiple of 16.
+pub fn dot_f16_tiny_ref(x: &[u8], y: &[u8], start: usize, end: usize) -> f32 {
+    let mut acc = [0f32; 16];
+    for i in start..end {
+        acc[i % 16] = h(x, i).mul_add(h(y, i), acc[i % 16]);
+    }
+    reduce16(&acc)
+}
+
+/// The f16 dot product of `x` and `y` over `[start, end)` in `order`, SIMD when the
+/// CPU has AVX-512 (bit-identical to the scalar references).
+pub fn dot_f16(order: DotOrder, x: &[u8], y: &[u8], start: usize, end: usize, n: usize) -> f32 {
+    assert!(end <= n && x.len() >= 2 * end && y.len() >= 2 * end);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present (checked) and both rows hold `end` elements.
+        return unsafe {
+            match order {
+                DotOrder::Vec => x86::dot_f16_vec(x.as_ptr(), y.as_ptr(), start, end, n),
+                DotOrder::Tiny => x86::dot_f16_tiny(x.as_ptr(), y.as_ptr(), start, end),
+            }
+        };
+    }
+    match order {
+        DotOrder::Vec => dot_f16_vec_ref(x, y, start, end, n),
+        DotOrder::Tiny => dot_f16_tiny_ref(x, y, start, end),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// ggml's soft_max over a row of `n_kv` scores of which only `[lo, hi)` are unmasked:
+/// 16-wide chunks of `expf(s − max)` summed by the reduce tree into an f64, a scalar
+/// tail with libm `expf` when `n_kv` is not a multiple of 16, then scaled by
+/// `(f32)(1/sum)`. Writes probabilities for `[lo, hi)` into `p[lo..hi]`.
+pub fn softmax_masked(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
+    let max = s[lo..hi].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let tail = n_kv - n_kv % 16;
+    let mut sum = 0f64;
+    let mut c = lo / 16 * 16;
+    while c < hi.min(tail) {
+        let mut lanes = [0f32; 16];
+        for (l, v) in lanes.iter_mut().enumerate() {
+            let i = c + l;
+            if i >= lo && i < hi {
+                *v = expf(s[i] - max);
+                p[i] = *v;
+            }
+        }
+        sum += reduce16(&lanes) as f64;
+        c += 16;
+    }
+    for i in tail.max(lo)..hi {
+        let v = (s[i] - max).exp();
+        p[i] = v;
+        sum += v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in &mut p[lo..hi] {
+        *v *= inv;
+    }
+}
+
+/// The number of KV cells llama.cpp attends over for a cache of `n_ctx` cells holding
+/// `len` positions: padded to 256.
+pub fn llama_n_kv(len: usize, n_ctx: usize) -> usize {
+    n_ctx.min(256.max(len.div_ceil(256) * 256))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn reduce(v: __m512) -> f32 {
+        // Same tree as GCC's _mm512_reduce_add_ps.
+        unsafe {
+            let hi = _mm512_extractf32x8_ps::<1>(v);
+            let lo = _mm512_castps512_ps256(v);
+            let t3 = _mm256_add_ps(hi, lo);
+            let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
+            let t7 = _mm_shuffle_ps::<0b01_00_11_10>(t6, t6);
+            let t8 = _mm_add_ps(t6, t7);
+            _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_movehdup_ps(t8))
+        }
+    }
+
+    /// 16 f16 lanes from `p`, zero outside `[start, end)` relative to element `base`.
+    #[inline(always)]
+    unsafe fn load16(p: *const u8, base: usize, start: usize, end: usize) -> __m512 {
+        unsafe {
+            if base >= start && base + 16 <= end {
+                return _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * base) as *const __m256i));
+            }
+            let mut m: u16 = 0;
+            for l in 0..16 {
+                if base + l >= start && base + l < end {
+                    m |= 1 << l;
+                }
+            }
+            let v = _mm256_maskz_loadu_epi16(m, p.add(2 * base) as *const i16);
+            _mm512_cvtph_ps(v)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn dot_f16_vec(
+        x: *const u8,
+        y: *const u8,
+        start: usize,
+        end: usize,
+        n: usize,
+    ) -> f32 {
+        unsafe {
+            let np = n & !63;
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let simd_end = end.min(np);
+            let mut i = start / 64 * 64;
+            while i < simd_end {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let b = i + 16 * j;
+                    let xv = load16(x, b, start, simd_end);
+                    let yv = load16(y, b, start, simd_end);
+                    *a = _mm512_fmadd_ps(xv, yv, *a);
+                }
+                i += 64;
+            }
+            acc[0] = _mm512_add_ps(acc[0], acc[2]);
+            acc[1] = _mm512_add_ps(acc[1], acc[3]);
+            acc[0] = _mm512_add_ps(acc[0], acc[1]);
+            let mut sum = reduce(acc[0]) as f64;
+            let (xh, yh) = (x as *const u16, y as *const u16);
+            for i in np.max(start)..end {
+                let a = half::f16::from_bits(xh.add(i).read_unaligned()).to_f32();
+                let b = half::f16::from_bits(yh.add(i).read_unaligned()).to_f32();
+                sum += (a * b) as f64;
+            }
+            sum as f32
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn dot_f16_tiny(x: *const u8, y: *const u8, start: usize, end: usize) -> f32 {
+        unsafe {
+            let mut acc = _mm512_setzero_ps();
+            let mut i = start / 16 * 16;
+            while i < end {
+                acc = _mm512_fmadd_ps(load16(x, i, start, end), load16(y, i, start, end), acc);
+                i += 16;
+            }
+            reduce(acc)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seed: u32, n: usize) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .flat_map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                f16::from_f32(((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 4.0).to_le_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_orders_equal_scalar_bitwise() {
+        for n in [16usize, 64, 80, 256, 300, 512] {
+            let (x, y) = (row(1, n), row(2, n));
+            for (start, end) in [(0, n), (3, n), (17, n - 5), (n / 2, n / 2 + 1), (0, 1)] {
+                let a = dot_f16_vec_ref(&x, &y, start, end, n);
+                let b = dot_f16(DotOrder::Vec, &x, &y, start, end, n);
+                assert_eq!(a.to_bits(), b.to_bits(), "vec n={n} [{start},{end})");
+                if n % 16 == 0 {
+                    let a = dot_f16_tiny_ref(&x, &y, start, end);
+                    let b = dot_f16(DotOrder::Tiny, &x, &y, start, end, n);
+                    assert_eq!(a.to_bits(), b.to_bits(), "tiny n={n} [{start},{end})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn orders_agree_with_plain_sum() {
+        let n = 256;
+        let (x, y) = (row(5, n), row(6, n));
+        let exact: f64 = (0..n).map(|i| h(&x, i) as f64 * h(&y, i) as f64).sum();
+        for o in [DotOrder::Vec, DotOrder::Tiny] {
+            let v = dot_f16(o, &x, &y, 0, n, n) as f64;
+            assert!((v - exact).abs() < 1e-3, "{o:?}: {v} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn softmax_masked_normalizes() {
+        let s: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let mut p = vec![0f32; 300];
+        softmax_masked(&s, 20, 290, 300, &mut p);
+        let total: f32 = p[20..290].iter().sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(p[..20].iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn n_kv_padding() {
+        assert_eq!(llama_n_kv(5, 1024), 256);
+        assert_eq!(llama_n_kv(256, 1024), 256);
+        assert_eq!(llama_n_kv(257, 1024), 512);
+        assert_eq!(llama_n_kv(5, 100), 100);
+    }
+}
