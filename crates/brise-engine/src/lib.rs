@@ -1,14 +1,8 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! brise's engine: sampling and the generation loop (sequences, and later the scheduler
+//! that batches them). Knows nothing of HTTP or databases.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod generate;
+pub mod sampler;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use generate::{EngineError, FinishReason, GenerateOptions, Generation, Generator, Session};
+pub use sampler::{Sampler, SamplingParams};

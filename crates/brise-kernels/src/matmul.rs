@@ -118,18 +118,19 @@ pub fn matmul(
     let nt = pool.n_threads();
     pool.run(|t| {
         let rows = split_range(n, nt, t, ROW_BLOCK);
+        // Decode: one pass over this thread's rows. Batches: blocks of rows that stay in
+        // cache while every activation row passes over them.
+        let block = if m == 1 { rows.len().max(1) } else { ROW_BLOCK };
         let mut r0 = rows.start;
         while r0 < rows.end {
-            let r1 = (r0 + ROW_BLOCK).min(rows.end);
+            let r1 = (r0 + block).min(rows.end);
             for i in 0..m {
                 let a = &act[i * arb..(i + 1) * arb];
-                let path = paths[i];
-                for r in r0..r1 {
-                    let v = kern.dot_path(path, w.ty, k, &w.data[r * rb..(r + 1) * rb], a);
-                    // SAFETY: (i, r) pairs are disjoint between threads (rows split), and
-                    // i·n + r < m·n = out.len().
-                    unsafe { *outp.get().add(i * n + r) = v };
-                }
+                // SAFETY: (i, r) pairs are disjoint between threads (rows are split), and
+                // i·n + r1 ≤ m·n = out.len().
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(outp.get().add(i * n + r0), r1 - r0) };
+                kern.dot_rows(paths[i], w.ty, k, &w.data[r0 * rb..r1 * rb], a, o);
             }
             r0 = r1;
         }

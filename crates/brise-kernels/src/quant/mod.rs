@@ -93,6 +93,88 @@ impl Kernels {
         }
     }
 
+    /// `out[r]` = [`Self::dot_path`] of weight row `r` of `w` (consecutive rows of `k`
+    /// elements) with activation row `a`, for `out.len()` rows: the hot loop of every
+    /// matrix product, with the type and path dispatched once per call.
+    pub fn dot_rows(
+        &self,
+        path: ggml_exact::Path,
+        wty: GgmlType,
+        k: usize,
+        w: &[u8],
+        a: &[u8],
+        out: &mut [f32],
+    ) {
+        use GgmlType::*;
+        use ggml_exact::Path as P;
+        let rb = wty.row_bytes(k).expect("whole blocks");
+        let n = out.len();
+        assert!(w.len() >= n * rb, "weight rows too short");
+        assert!(
+            a.len() >= act_row_bytes(wty.vec_dot_type(), k),
+            "activation row too short"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.isa != Isa::Scalar {
+            let kind = match (path, wty) {
+                (P::VecDot | P::TinyBlasQ0, Q4_0 | Q5_0 | Q8_0)
+                | (P::VecDot, Q4_1 | Q5_1 | Q2K | Q3K | Q4K | Q5K | Q6K) => {
+                    Some(x86::RowKind::Plain)
+                }
+                (P::Tiled, Q2K | Q3K | Q4K | Q5K | Q6K) => {
+                    Some(x86::RowKind::Exact(x86::ExactPath::Tiled))
+                }
+                (P::RepackGemv | P::RepackGemm, Q4_0) => {
+                    Some(x86::RowKind::Exact(x86::ExactPath::RepackQ4_0))
+                }
+                (P::RepackGemv, Q4K | Q2K) => {
+                    Some(x86::RowKind::Exact(x86::ExactPath::RepackKquant {
+                        group: 256,
+                    }))
+                }
+                (P::RepackGemm, Q4K) => Some(x86::RowKind::Exact(x86::ExactPath::RepackKquant {
+                    group: 64,
+                })),
+                (P::RepackGemm, Q2K) => Some(x86::RowKind::Exact(x86::ExactPath::RepackKquant {
+                    group: 128,
+                })),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                // SAFETY: the ISA is supported (a `Kernels` exists only then) and the
+                // slices hold n weight rows and one activation row (checked above).
+                unsafe {
+                    match self.isa {
+                        Isa::Avx512Vnni => x86::rows_avx512vnni(
+                            kind,
+                            wty,
+                            k,
+                            w.as_ptr(),
+                            rb,
+                            n,
+                            a.as_ptr(),
+                            out.as_mut_ptr(),
+                        ),
+                        _ => x86::rows_avx2(
+                            kind,
+                            wty,
+                            k,
+                            w.as_ptr(),
+                            rb,
+                            n,
+                            a.as_ptr(),
+                            out.as_mut_ptr(),
+                        ),
+                    }
+                }
+                return;
+            }
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = self.dot_path(path, wty, k, &w[r * rb..(r + 1) * rb], a);
+        }
+    }
+
     /// Dot product of one `wty` weight row (`k` elements) with one activation row
     /// already in `wty.vec_dot_type()`'s format.
     ///

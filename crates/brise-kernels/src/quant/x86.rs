@@ -60,9 +60,15 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
     }
 }
 
+/// An f16 scale through F16C (the `half` crate's portable conversion costs more than a
+/// whole block's SIMD work). Every caller runs with F16C enabled.
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
-    unsafe { f16::from_bits((p as *const u16).read_unaligned()).to_f32() }
+    unsafe {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (p as *const u16).read_unaligned() as i32,
+        )))
+    }
 }
 
 #[inline(always)]
@@ -614,4 +620,189 @@ pub(crate) unsafe fn dot_avx2(ty: GgmlType, k: usize, w: *const u8, a: *const u8
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn dot_avx512vnni(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe { dot_any::<Vnni>(ty, k, w, a) }
+}
+
+/// Activation scales of a legacy-format activation row as f32: (d, s) per block, s = 0
+/// for Q8_0. Computed once per row of the activation instead of once per weight row.
+#[inline(always)]
+unsafe fn act_scales(a: *const u8, nb: usize, with_min: bool, out: &mut [[f32; 2]]) {
+    unsafe {
+        for (b, o) in out.iter_mut().enumerate().take(nb) {
+            let y = a.add(b * 36);
+            o[0] = f16_at(y);
+            o[1] = if with_min { f16_at(y.add(2)) } else { 0.0 };
+        }
+    }
+}
+
+/// Two weight rows against one activation row in ggml's vec_dot order (per row: lanes,
+/// FMAs and the final sum exactly as [`dot_legacy`]), sharing the activation loads.
+#[inline(always)]
+unsafe fn dot_legacy_x2<D: I8Dot>(
+    ty: GgmlType,
+    k: usize,
+    w0: *const u8,
+    w1: *const u8,
+    a: *const u8,
+    sc: &[[f32; 2]],
+) -> (f32, f32) {
+    unsafe {
+        let ts = ty.type_size();
+        let with_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let (mut m0, mut m1) = (0f32, 0f32);
+        for i in 0..k / 32 {
+            let (x0, x1) = (w0.add(i * ts), w1.add(i * ts));
+            let yv = loadu(a.add(i * 36 + 4));
+            let (q0, q1) = (legacy_q(ty, x0), legacy_q(ty, x1));
+            let (p0, p1) = if with_min {
+                (
+                    D::dot_us(_mm256_setzero_si256(), q0, yv),
+                    D::dot_us(_mm256_setzero_si256(), q1, yv),
+                )
+            } else {
+                (
+                    dot_ss::<D>(_mm256_setzero_si256(), q0, yv),
+                    dot_ss::<D>(_mm256_setzero_si256(), q1, yv),
+                )
+            };
+            let [dy, sy] = sc[i];
+            acc0 = _mm256_fmadd_ps(
+                _mm256_set1_ps(f16_at(x0) * dy),
+                _mm256_cvtepi32_ps(p0),
+                acc0,
+            );
+            acc1 = _mm256_fmadd_ps(
+                _mm256_set1_ps(f16_at(x1) * dy),
+                _mm256_cvtepi32_ps(p1),
+                acc1,
+            );
+            if with_min {
+                m0 += f16_at(x0.add(2)) * sy;
+                m1 += f16_at(x1.add(2)) * sy;
+            }
+        }
+        (hsum_ps(acc0) + m0, hsum_ps(acc1) + m1)
+    }
+}
+
+/// What a run of rows computes: the plain dot product of the type (ggml's vec_dot
+/// order), or one of the exact batched/repacked orders.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RowKind {
+    Plain,
+    Exact(ExactPath),
+}
+
+/// `out[r] = dot(w row r, a)` for `n` rows `stride` bytes apart. The type and path are
+/// matched once, so each loop is monomorphized with its kernel inlined.
+#[inline(always)]
+unsafe fn rows<D: I8Dot>(
+    kind: RowKind,
+    ty: GgmlType,
+    k: usize,
+    w: *const u8,
+    stride: usize,
+    n: usize,
+    a: *const u8,
+    out: *mut f32,
+) {
+    macro_rules! each {
+        ($t:expr, $f:expr) => {{
+            let t = $t;
+            for r in 0..n {
+                *out.add(r) = $f(t, w.add(r * stride));
+            }
+        }};
+    }
+    // Legacy formats: activation scales converted once, rows two at a time.
+    macro_rules! legacy {
+        ($t:expr) => {{
+            let t = $t;
+            let nb = k / 32;
+            let mut sc = [[0f32; 2]; 512];
+            if nb > sc.len() {
+                each!(t, |t, x| dot_legacy::<D>(t, k, x, a))
+            } else {
+                act_scales(a, nb, matches!(t, Q4_1 | Q5_1), &mut sc);
+                let mut r = 0;
+                while r + 2 <= n {
+                    let (v0, v1) = dot_legacy_x2::<D>(
+                        t,
+                        k,
+                        w.add(r * stride),
+                        w.add((r + 1) * stride),
+                        a,
+                        &sc,
+                    );
+                    *out.add(r) = v0;
+                    *out.add(r + 1) = v1;
+                    r += 2;
+                }
+                if r < n {
+                    *out.add(r) = dot_legacy::<D>(t, k, w.add(r * stride), a);
+                }
+            }
+        }};
+    }
+    unsafe {
+        use GgmlType::*;
+        match kind {
+            RowKind::Plain => match ty {
+                Q4_0 => legacy!(Q4_0),
+                Q4_1 => legacy!(Q4_1),
+                Q5_0 => legacy!(Q5_0),
+                Q5_1 => legacy!(Q5_1),
+                Q8_0 => legacy!(Q8_0),
+                Q2K => each!(Q2K, |t, x| dot_kquant::<D>(t, k, x, a)),
+                Q3K => each!(Q3K, |t, x| dot_kquant::<D>(t, k, x, a)),
+                Q4K => each!(Q4K, |t, x| dot_kquant::<D>(t, k, x, a)),
+                Q5K => each!(Q5K, |t, x| dot_kquant::<D>(t, k, x, a)),
+                Q6K => each!(Q6K, |t, x| dot_kquant::<D>(t, k, x, a)),
+                other => each!(other, |t, x| dot_any::<D>(t, k, x, a)),
+            },
+            RowKind::Exact(ExactPath::Tiled) => match ty {
+                Q6K => each!(Q6K, |t, x| dot_tiled::<D>(t, k, x, a)),
+                Q4K => each!(Q4K, |t, x| dot_tiled::<D>(t, k, x, a)),
+                other => each!(other, |t, x| dot_tiled::<D>(t, k, x, a)),
+            },
+            RowKind::Exact(ExactPath::RepackKquant { group }) => match (ty, group) {
+                (Q4K, 256) => each!(Q4K, |t, x| dot_repack_kquant::<D>(t, 256, k, x, a)),
+                (Q4K, 64) => each!(Q4K, |t, x| dot_repack_kquant::<D>(t, 64, k, x, a)),
+                (other, g) => each!(other, |t, x| dot_repack_kquant::<D>(t, g, k, x, a)),
+            },
+            RowKind::Exact(ExactPath::RepackQ4_0) => {
+                each!(Q4_0, |_t, x| dot_repack_q4_0::<D>(k, x, a))
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_avx2(
+    kind: RowKind,
+    ty: GgmlType,
+    k: usize,
+    w: *const u8,
+    stride: usize,
+    n: usize,
+    a: *const u8,
+    out: *mut f32,
+) {
+    unsafe { rows::<Avx2>(kind, ty, k, w, stride, n, a, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn rows_avx512vnni(
+    kind: RowKind,
+    ty: GgmlType,
+    k: usize,
+    w: *const u8,
+    stride: usize,
+    n: usize,
+    a: *const u8,
+    out: *mut f32,
+) {
+    unsafe { rows::<Vnni>(kind, ty, k, w, stride, n, a, out) }
 }

