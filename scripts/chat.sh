@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null 2>&1 || { echo "error: cargo is required (install Rust with rustup)" >&2; exit 1; }
-cargo build --release --quiet -p brise-cli
+cargo build --release -p brise-cli
 exec ./target/release/brise run "$@"

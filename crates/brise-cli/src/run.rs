@@ -30,21 +30,23 @@ pub struct RunArgs {
     /// Maximum tokens to generate (-1: until the model stops or the context is full)
     #[arg(short = 'n', long = "max-tokens", default_value_t = -1, allow_negative_numbers = true)]
     pub max_tokens: i64,
-    /// Sampling temperature (0: greedy)
-    #[arg(long = "temp", default_value_t = 0.8)]
-    pub temp: f32,
-    /// Keep the K most likely tokens (0: off)
-    #[arg(long, default_value_t = 40)]
-    pub top_k: usize,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass (1: off)
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
+    /// Sampling temperature, 0 for greedy [default: the model's recommendation, else 0.8]
+    #[arg(long = "temp")]
+    pub temp: Option<f32>,
+    /// Keep the K most likely tokens, 0 for off [default: the model's recommendation, else 40]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the most likely tokens up to this probability mass, 1 for off [default: the
+    /// model's recommendation, else 0.95]
+    #[arg(long)]
+    pub top_p: Option<f32>,
     /// Drop tokens less likely than this fraction of the most likely one (0: off)
     #[arg(long, default_value_t = 0.05)]
     pub min_p: f32,
-    /// Penalize repeats of the last --repeat-last-n tokens (1: off)
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
+    /// Penalize repeats of the last --repeat-last-n tokens, 1 for off [default: the model's
+    /// recommendation, else 1]
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
     #[arg(long, default_value_t = 0.0)]
@@ -92,6 +94,9 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 
 pub fn run(a: RunArgs) -> Result<()> {
     let path = registry::ensure_local(registry::resolve(&a.model)?)?;
+    let rec = registry::known_by_path(&path)
+        .map(|m| m.recommended)
+        .unwrap_or_default();
     let t0 = std::time::Instant::now();
     let model = Model::load(&path, kernels(a.cpu)?)
         .with_context(|| format!("loading {}", path.display()))?;
@@ -114,11 +119,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(default_threads).max(1);
     let opts = GenerateOptions {
         sampling: SamplingParams {
-            temperature: a.temp,
-            top_k: a.top_k,
-            top_p: a.top_p,
+            temperature: a.temp.or(rec.temperature).unwrap_or(0.8),
+            top_k: a.top_k.or(rec.top_k).unwrap_or(40),
+            top_p: a.top_p.or(rec.top_p).unwrap_or(0.95),
             min_p: a.min_p,
-            repeat_penalty: a.repeat_penalty,
+            repeat_penalty: a.repeat_penalty.or(rec.repeat_penalty).unwrap_or(1.0),
             presence_penalty: a.presence_penalty,
             frequency_penalty: a.frequency_penalty,
             penalty_last_n: a.repeat_last_n,
