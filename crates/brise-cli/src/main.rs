@@ -1,5 +1,6 @@
 //! The `brise` command: thin wrappers over the model, engine and server crates.
 
+mod bench;
 mod registry;
 mod run;
 
@@ -33,6 +34,8 @@ enum Cmd {
     },
     /// List local models (and the ones `brise pull` can fetch)
     List,
+    /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench
+    Bench(bench::BenchArgs),
     /// Print the token ids of TEXT
     Tokenize {
         model: String,
@@ -53,6 +56,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run::run(a),
+        Cmd::Bench(a) => bench::bench(a),
         Cmd::Pull { name } => pull(&name),
         Cmd::List => list(),
         Cmd::Tokenize {

@@ -201,6 +201,25 @@ impl Model {
         encode_rendered(&self.tokenizer, &rendered, messages)
     }
 
+    /// Number of parameters (elements of every weight, embeddings counted once).
+    pub fn n_params(&self) -> u64 {
+        let w = &self.weights;
+        let mut n = (w.tok_embd.n * w.tok_embd.k) as u64 + w.output_norm.len() as u64;
+        if !w.tied_embeddings {
+            n += (w.output.n * w.output.k) as u64;
+        }
+        for l in &w.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                n += (m.n * m.k) as u64;
+            }
+            n += (l.attn_norm.len() + l.ffn_norm.len()) as u64;
+            for b in [&l.bq, &l.bk, &l.bv].into_iter().flatten() {
+                n += b.len() as u64;
+            }
+        }
+        n
+    }
+
     pub fn forward(&self) -> Forward<'_> {
         Forward {
             cfg: &self.cfg,
