@@ -26,6 +26,20 @@ fn main() {
     let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
     let mut out = vec![0f32; n];
     let mut sc = MatmulScratch::default();
+    let packed: Vec<_> = (0..copies)
+        .map(|c| {
+            (brise_kernels::packed::packable(ty) && std::env::var_os("NOPACK").is_none()).then(
+                || {
+                    brise_kernels::packed::Packed::pack(
+                        ty,
+                        n,
+                        k,
+                        &data[c * n * rb..(c + 1) * n * rb],
+                    )
+                },
+            )
+        })
+        .collect();
     let iters = 2000 / copies.max(1);
     let t = Instant::now();
     for it in 0..iters {
@@ -35,6 +49,7 @@ fn main() {
             n,
             k,
             data: &data[c * n * rb..(c + 1) * n * rb],
+            packed: packed[c].as_ref(),
         };
         matmul(
             &pool,

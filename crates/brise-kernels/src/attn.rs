@@ -108,6 +108,22 @@ fn has_avx512() -> bool {
 /// tail with libm `expf` when `n_kv` is not a multiple of 16, then scaled by
 /// `(f32)(1/sum)`. Writes probabilities for `[lo, hi)` into `p[lo..hi]`.
 pub fn softmax_masked(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: FMA and AVX2 are present (checked); the body only indexes slices.
+        return unsafe { softmax_masked_fma(s, lo, hi, n_kv, p) };
+    }
+    softmax_masked_body(s, lo, hi, n_kv, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+unsafe fn softmax_masked_fma(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
+    softmax_masked_body(s, lo, hi, n_kv, p)
+}
+
+#[inline(always)]
+fn softmax_masked_body(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
     let max = s[lo..hi].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     let tail = n_kv - n_kv % 16;
     let mut sum = 0f64;

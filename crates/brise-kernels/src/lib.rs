@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod ggml_type;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 pub mod pool;
 pub mod quant;
 

@@ -1,6 +1,7 @@
 //! Matrix products of weights in any block format with f32 activations.
 
 use crate::ggml_type::GgmlType;
+use crate::packed::{ActPrep, GROUP, Packed};
 use crate::pool::{ThreadPool, split_range};
 use crate::quant::ggml_exact::ggml_path_shaped;
 use crate::quant::{Kernels, act_row_bytes, quantize_act_row};
@@ -26,12 +27,14 @@ impl RowStep {
 
 /// A weight matrix of `n` rows of `k` elements in format `ty` (row-major, as GGUF and
 /// safetensors store `[out, in]` weights).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct WeightRef<'a> {
     pub ty: GgmlType,
     pub n: usize,
     pub k: usize,
     pub data: &'a [u8],
+    /// The same matrix in lanes16 layout, when it was repacked at load for AVX-512.
+    pub packed: Option<&'a Packed>,
 }
 
 impl<'a> WeightRef<'a> {
@@ -63,6 +66,7 @@ impl SyncPtr {
 pub struct MatmulScratch {
     act: Vec<u8>,
     paths: Vec<crate::quant::ggml_exact::Path>,
+    preps: Vec<ActPrep>,
 }
 
 /// Weight rows per cache block: small enough to stay in L2 across activation rows.
@@ -83,9 +87,16 @@ pub fn matmul(
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "activation shape");
     assert_eq!(steps.len(), m, "one step per activation row");
+    assert_eq!(out.len(), m * n, "output shape");
+    if let Some(p) = w.packed
+        && kern.isa() == crate::Isa::Avx512Vnni
+    {
+        return matmul_packed(pool, p, x, m, scratch, out);
+    }
     let MatmulScratch {
         act: act_buf,
         paths,
+        ..
     } = scratch;
     paths.clear();
     paths.extend(
@@ -137,6 +148,87 @@ pub fn matmul(
     });
 }
 
+/// The AVX-512 path over lanes16 weights. Every row's arithmetic is ggml's vec_dot order
+/// (or, for Q4_0 with a multiple of 8 rows, the repacked order llama.cpp uses), whatever
+/// the batch, so no per-row path is needed.
+fn matmul_packed(
+    pool: &ThreadPool,
+    w: &Packed,
+    x: &[f32],
+    m: usize,
+    scratch: &mut MatmulScratch,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.n, w.k);
+    let vt = w.ty.vec_dot_type();
+    let arb = act_row_bytes(vt, k);
+    let nb = k / 32;
+    let MatmulScratch { act, preps, .. } = scratch;
+    act.resize(m * arb, 0);
+    if preps.len() < m {
+        preps.resize_with(m, ActPrep::default);
+    }
+    for i in 0..m {
+        quantize_act_row(vt, &x[i * k..(i + 1) * k], &mut act[i * arb..(i + 1) * arb]);
+        preps[i].build(w.ty, &act[i * arb..(i + 1) * arb], nb);
+    }
+    let block_sum = w.ty == GgmlType::Q4_0 && n.is_multiple_of(8);
+    let groups = w.groups();
+    let full = n / GROUP;
+    let outp = SyncPtr(out.as_mut_ptr());
+    let (act, preps) = (&act[..], &preps[..m]);
+    let nt = pool.n_threads();
+    pool.run(|t| {
+        let mut tmp = [0f32; 2 * GROUP];
+        let gr = split_range(full, nt, t, 1);
+        // SAFETY: AVX-512 VNNI is present (the caller checked the kernels' ISA); the
+        // packed matrix holds `groups` groups of `nb` tiles; activations and preps cover
+        // m rows; threads write disjoint groups of 16 outputs per row, inside out.
+        unsafe {
+            crate::packed::x86::matmul_groups(
+                w.ty,
+                block_sum,
+                w.data.as_ptr(),
+                nb,
+                gr,
+                0,
+                act.as_ptr(),
+                arb,
+                preps,
+                outp.get(),
+                n,
+                &mut tmp,
+            );
+        }
+    });
+    // A last, partial group: compute into a buffer and keep its real rows.
+    if groups > full {
+        let mut buf = vec![0f32; m * GROUP];
+        // SAFETY: as above, one group, written into `buf` (m rows of 16).
+        unsafe {
+            crate::packed::x86::matmul_groups(
+                w.ty,
+                block_sum,
+                w.data.as_ptr(),
+                nb,
+                full..groups,
+                full,
+                act.as_ptr(),
+                arb,
+                preps,
+                buf.as_mut_ptr(),
+                GROUP,
+                &mut [0f32; 2 * GROUP],
+            );
+        }
+        for i in 0..m {
+            for r in full * GROUP..n {
+                out[i * n + r] = buf[i * GROUP + (r - full * GROUP)];
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SyncBytes(*mut u8);
 // SAFETY: as `SyncPtr`, for the activation rows quantized in parallel.
@@ -169,6 +261,7 @@ mod tests {
             n,
             k,
             data: &data,
+            packed: None,
         };
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)

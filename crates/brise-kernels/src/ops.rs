@@ -41,11 +41,27 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(-x))
 }
 
-/// out[i] = silu(gate[i]) · up[i]  (SwiGLU).
-pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+#[inline(always)]
+fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
         *o = silu(*g) * *u;
     }
+}
+
+/// out[i] = silu(gate[i]) · up[i]  (SwiGLU).
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: FMA and AVX2 are present (checked).
+        return unsafe { swiglu_fma(gate, up, out) };
+    }
+    swiglu_body(gate, up, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+unsafe fn swiglu_fma(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    swiglu_body(gate, up, out)
 }
 
 /// RMSNorm with weight: out = x · (1/√(mean(x²) + eps)) · w, sum of squares in f64.
@@ -90,6 +106,22 @@ pub fn rope_cache(pos: usize, n_rot: usize, freq_base: f32, freq_scale: f32, cac
 
 /// Rotates one head vector in place with a cache from [`rope_cache`].
 pub fn rope_apply(style: RopeStyle, x: &mut [f32], n_rot: usize, cache: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: FMA and AVX2 are present (checked).
+        return unsafe { rope_apply_fma(style, x, n_rot, cache) };
+    }
+    rope_apply_body(style, x, n_rot, cache)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+unsafe fn rope_apply_fma(style: RopeStyle, x: &mut [f32], n_rot: usize, cache: &[f32]) {
+    rope_apply_body(style, x, n_rot, cache)
+}
+
+#[inline(always)]
+fn rope_apply_body(style: RopeStyle, x: &mut [f32], n_rot: usize, cache: &[f32]) {
     let (stride, offset) = match style {
         RopeStyle::Normal => (2, 1),
         RopeStyle::Neox => (1, n_rot / 2),

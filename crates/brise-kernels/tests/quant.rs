@@ -281,3 +281,70 @@ fn simd_paths_are_bit_identical_to_the_ggml_models() {
     }
     assert!(checked > 100);
 }
+
+#[test]
+fn packed_matmul_is_bit_identical_to_the_ggml_models() {
+    use brise_kernels::matmul::{MatmulScratch, RowStep, WeightRef, matmul};
+    use brise_kernels::packed::Packed;
+    use brise_kernels::pool::ThreadPool;
+    use brise_kernels::quant::ggml_exact::{ggml_dot, ggml_path_shaped};
+    let Some(kern) = Kernels::new(Isa::Avx512Vnni) else {
+        return;
+    };
+    let mut rng = Rng(99);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        for &(n, k, m) in &[
+            (48usize, 256usize, 1usize),
+            (40, 512, 3),
+            (16, 96, 5),
+            (72, 1024, 2),
+            (35, 64, 4),
+        ] {
+            let w: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, ty, k)).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal() * 2.0).collect();
+            let packed = Packed::pack(ty, n, k, &w);
+            for threads in [1, 2] {
+                let pool = ThreadPool::new(threads);
+                let steps: Vec<RowStep> = RowStep::all(m).collect();
+                let wr = WeightRef {
+                    ty,
+                    n,
+                    k,
+                    data: &w,
+                    packed: Some(&packed),
+                };
+                let mut out = vec![0f32; m * n];
+                matmul(
+                    &pool,
+                    kern,
+                    &wr,
+                    &x,
+                    m,
+                    &steps,
+                    &mut MatmulScratch::default(),
+                    &mut out,
+                );
+                let rb = ty.row_bytes(k).unwrap();
+                for i in 0..m {
+                    let a = quantized_acts(ty, &x[i * k..(i + 1) * k]);
+                    for r in 0..n {
+                        let path = ggml_path_shaped(ty, n, k, m, i);
+                        let want = ggml_dot(path, ty, k, &w[r * rb..(r + 1) * rb], &a);
+                        assert_eq!(
+                            out[i * n + r].to_bits(),
+                            want.to_bits(),
+                            "{ty} n={n} k={k} m={m} row {r} act {i}: {} vs {want}",
+                            out[i * n + r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -69,7 +69,10 @@ impl Model {
                 cfg.n_vocab
             )));
         }
-        let weights = ModelWeights::load(&f, &cfg)?;
+        let mut weights = ModelWeights::load(&f, &cfg)?;
+        if kern.isa() == brise_kernels::Isa::Avx512Vnni {
+            weights.repack();
+        }
         let piece = |id: Option<u32>| {
             id.and_then(|i| tokenizer.token_text(i))
                 .unwrap_or("")
@@ -145,7 +148,10 @@ impl Model {
             });
         }
         let st = SafetensorsDir::open(dir)?;
-        let weights = ModelWeights::load(&st, &cfg)?;
+        let mut weights = ModelWeights::load(&st, &cfg)?;
+        if kern.isa() == brise_kernels::Isa::Avx512Vnni {
+            weights.repack();
+        }
         let template_src = match &tc["chat_template"] {
             serde_json::Value::String(s) => Some(s.clone()),
             serde_json::Value::Array(list) => list

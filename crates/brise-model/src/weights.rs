@@ -6,6 +6,7 @@ use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use brise_kernels::GgmlType;
 use brise_kernels::matmul::WeightRef;
+use brise_kernels::packed::{Packed, packable};
 use brise_kernels::quant::dequantize_row;
 use memmap2::Mmap;
 use std::collections::HashMap;
@@ -21,6 +22,25 @@ pub enum Bytes {
 }
 
 impl Bytes {
+    /// Tells the OS the mapped pages are no longer needed (they are re-read from the
+    /// file if touched again), so a repacked copy does not double the resident memory.
+    fn release(&self) {
+        if let Bytes::Mapped(m, r) = self {
+            let page = 4096;
+            let base = m.as_ptr() as usize;
+            let start = (base + r.start).div_ceil(page) * page;
+            let end = (base + r.end) / page * page;
+            if end > start {
+                // SAFETY: the range lies inside a private read-only file mapping that stays
+                // mapped; MADV_DONTNEED only drops its resident pages, which the kernel
+                // re-reads from the file on a later access, so no data is lost.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                }
+            }
+        }
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Mapped(m, r) => &m[r.clone()],
@@ -46,6 +66,9 @@ pub struct Weight {
     pub n: usize,
     pub k: usize,
     pub bytes: Bytes,
+    /// The matrix repacked for the AVX-512 kernels; when set, `bytes` may no longer be
+    /// resident (its pages were returned to the OS) and is not read.
+    pub packed: Option<Arc<Packed>>,
 }
 
 impl Weight {
@@ -55,13 +78,36 @@ impl Weight {
             n: self.n,
             k: self.k,
             data: self.bytes.as_slice(),
+            packed: self.packed.as_deref(),
         }
     }
 
     /// Row `r` dequantized into `out` (embedding lookup).
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
         let rb = self.ty.row_bytes(self.k).expect("validated at load");
-        dequantize_row(self.ty, &self.bytes.as_slice()[r * rb..(r + 1) * rb], out);
+        match &self.packed {
+            Some(p) => {
+                let mut row = vec![0u8; rb];
+                p.unpack_row(r, &mut row);
+                dequantize_row(self.ty, &row, out);
+            }
+            None => dequantize_row(self.ty, &self.bytes.as_slice()[r * rb..(r + 1) * rb], out),
+        }
+    }
+
+    /// Repacks the matrix for the AVX-512 kernels (if its format has a packed layout)
+    /// and gives the original pages back to the OS, so memory stays one copy.
+    fn repack(&mut self) {
+        if self.packed.is_some() || !packable(self.ty) {
+            return;
+        }
+        self.packed = Some(Arc::new(Packed::pack(
+            self.ty,
+            self.n,
+            self.k,
+            self.bytes.as_slice(),
+        )));
+        self.bytes.release();
     }
 }
 
@@ -271,6 +317,7 @@ fn matrix_from(src: &dyn TensorSource, t: RawTensor, k: usize, n: usize) -> Resu
         n,
         k,
         bytes: t.bytes,
+        packed: None,
     })
 }
 
@@ -295,6 +342,28 @@ fn opt_vector(src: &dyn TensorSource, name: &str, len: usize) -> Result<Option<V
 }
 
 impl ModelWeights {
+    /// Repacks every matrix the matmuls read for the AVX-512 kernels. The token
+    /// embedding is packed only when it doubles as the output matrix.
+    pub fn repack(&mut self) {
+        for l in &mut self.layers {
+            for w in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ] {
+                w.repack();
+            }
+        }
+        self.output.repack();
+        if self.tied_embeddings {
+            self.tok_embd.packed = self.output.packed.clone();
+        }
+    }
+
     pub fn load(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
         let (e, hd) = (cfg.n_embd, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.n_head_kv * hd);

@@ -64,8 +64,9 @@ fn quantize_q8_block(q8_1: bool, x: &[f32], out: &mut [u8]) {
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
     for (j, v) in x.iter().enumerate() {
-        // x86 ggml rounds with _MM_ROUND_NEAREST (ties to even); values are within ±127.
-        let q = (v * id).round_ties_even() as i32;
+        // x86 ggml rounds with _MM_ROUND_NEAREST (ties to even); values are within ±127,
+        // where the 1.5·2^23 trick is exact (and, unlike rintf, vectorizes).
+        let q = nearest_int(v * id);
         let q = q.clamp(-128, 127);
         sum += q;
         out[4 + j] = q as i8 as u8;

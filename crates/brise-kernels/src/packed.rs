@@ -1,0 +1,477 @@
+//! Weights repacked at load for the AVX-512 kernels: the "lanes16" layout of the 32-wide
+//! block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+//!
+//! ggml's dot products split every 32-element block into eight 4-element "lanes" and keep
+//! one f32 accumulator per lane (see `quant::ggml_exact`). brise keeps exactly those
+//! accumulators, but transposed: one AVX-512 register holds lane L of 16 weight rows, so
+//! a single `vpdpbusd` produces lane L's integer sums for 16 rows, and the f32 work
+//! (convert, scale, FMA) is done for 16 rows at once. The per-row arithmetic is
+//! unchanged, so results stay bit-identical to llama.cpp's.
+//!
+//! A tile holds one block of 16 rows and is exactly as large as those 16 blocks were:
+//! - `d[16]` f16 scales, then `m[16]` f16 mins (Q4_1, Q5_1);
+//! - `qh[8]` u64 (Q5_0, Q5_1): bit 4r+j of mask L is the high bit of row r's element 4L+j;
+//! - codes: for 4-bit formats four 64-byte vectors, vector L holding bytes 4L..4L+4 of
+//!   each row's `qs` (low nibbles are lane L, high nibbles lane L+4); for Q8_0 eight
+//!   64-byte vectors of `q + 128` (so they are unsigned for `vpdpbusd`).
+//!
+//! Tiles are stored group by group (16 rows), block after block, so a row group streams
+//! from memory in order.
+
+use crate::ggml_type::GgmlType;
+
+pub const GROUP: usize = 16;
+
+/// Whether brise has a lanes16 layout for `ty`.
+pub fn packable(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+    )
+}
+
+/// Byte offsets inside a tile: (d, m, qh, qs).
+pub(crate) fn offsets(ty: GgmlType) -> (usize, Option<usize>, Option<usize>, usize) {
+    match ty {
+        GgmlType::Q4_0 => (0, None, None, 32),
+        GgmlType::Q4_1 => (0, Some(32), None, 64),
+        GgmlType::Q5_0 => (0, None, Some(32), 96),
+        GgmlType::Q5_1 => (0, Some(32), Some(64), 128),
+        GgmlType::Q8_0 => (0, None, None, 32),
+        _ => unreachable!("not packable"),
+    }
+}
+
+/// A weight matrix in lanes16 layout.
+pub struct Packed {
+    pub ty: GgmlType,
+    /// Real rows (the last group may be padded with zero rows).
+    pub n: usize,
+    pub k: usize,
+    pub data: Vec<u8>,
+}
+
+impl Packed {
+    pub fn groups(&self) -> usize {
+        self.n.div_ceil(GROUP)
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.k / 32
+    }
+
+    pub fn tile_size(&self) -> usize {
+        GROUP * self.ty.type_size()
+    }
+
+    pub fn tile(&self, g: usize, b: usize) -> &[u8] {
+        let ts = self.tile_size();
+        let o = (g * self.blocks() + b) * ts;
+        &self.data[o..o + ts]
+    }
+
+    /// Repacks `n` rows of `k` elements given in GGUF layout.
+    pub fn pack(ty: GgmlType, n: usize, k: usize, src: &[u8]) -> Packed {
+        assert!(packable(ty) && k.is_multiple_of(32));
+        let bs = ty.type_size();
+        let rb = k / 32 * bs;
+        assert!(src.len() >= n * rb);
+        let nb = k / 32;
+        let groups = n.div_ceil(GROUP);
+        let ts = GROUP * bs;
+        let mut data = vec![0u8; groups * nb * ts];
+        let (od, om, oh, oq) = offsets(ty);
+        for g in 0..groups {
+            for b in 0..nb {
+                let tile = &mut data[(g * nb + b) * ts..(g * nb + b + 1) * ts];
+                for r in 0..GROUP {
+                    let row = g * GROUP + r;
+                    if row >= n {
+                        continue;
+                    }
+                    let blk = &src[row * rb + b * bs..row * rb + (b + 1) * bs];
+                    tile[od + 2 * r..od + 2 * r + 2].copy_from_slice(&blk[0..2]);
+                    if let Some(om) = om {
+                        tile[om + 2 * r..om + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                    }
+                    match ty {
+                        GgmlType::Q8_0 => {
+                            for l in 0..8 {
+                                for j in 0..4 {
+                                    tile[oq + l * 64 + r * 4 + j] = blk[2 + 4 * l + j] ^ 0x80;
+                                }
+                            }
+                        }
+                        _ => {
+                            let qs_at = bs - 16;
+                            for l in 0..4 {
+                                tile[oq + l * 64 + r * 4..oq + l * 64 + r * 4 + 4]
+                                    .copy_from_slice(&blk[qs_at + 4 * l..qs_at + 4 * l + 4]);
+                            }
+                            if let Some(oh) = oh {
+                                let h0 = if om.is_some() { 4 } else { 2 };
+                                let qh = u32::from_le_bytes([
+                                    blk[h0],
+                                    blk[h0 + 1],
+                                    blk[h0 + 2],
+                                    blk[h0 + 3],
+                                ]);
+                                for l in 0..8 {
+                                    let nib = ((qh >> (4 * l)) & 0xf) as u64;
+                                    let o = oh + 8 * l;
+                                    let mut m =
+                                        u64::from_le_bytes(tile[o..o + 8].try_into().unwrap());
+                                    m |= nib << (4 * r);
+                                    tile[o..o + 8].copy_from_slice(&m.to_le_bytes());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Packed { ty, n, k, data }
+    }
+
+    /// Row `r` in GGUF layout (for embedding lookups and tests).
+    pub fn unpack_row(&self, r: usize, out: &mut [u8]) {
+        let bs = self.ty.type_size();
+        let (g, rr) = (r / GROUP, r % GROUP);
+        let (od, om, oh, oq) = offsets(self.ty);
+        for b in 0..self.blocks() {
+            let t = self.tile(g, b);
+            let blk = &mut out[b * bs..(b + 1) * bs];
+            blk[0..2].copy_from_slice(&t[od + 2 * rr..od + 2 * rr + 2]);
+            if let Some(om) = om {
+                blk[2..4].copy_from_slice(&t[om + 2 * rr..om + 2 * rr + 2]);
+            }
+            match self.ty {
+                GgmlType::Q8_0 => {
+                    for l in 0..8 {
+                        for j in 0..4 {
+                            blk[2 + 4 * l + j] = t[oq + l * 64 + rr * 4 + j] ^ 0x80;
+                        }
+                    }
+                }
+                _ => {
+                    let qs_at = bs - 16;
+                    for l in 0..4 {
+                        blk[qs_at + 4 * l..qs_at + 4 * l + 4]
+                            .copy_from_slice(&t[oq + l * 64 + rr * 4..oq + l * 64 + rr * 4 + 4]);
+                    }
+                    if let Some(oh) = oh {
+                        let h0 = if om.is_some() { 4 } else { 2 };
+                        let mut qh = 0u32;
+                        for l in 0..8 {
+                            let m = u64::from_le_bytes(
+                                t[oh + 8 * l..oh + 8 * l + 8].try_into().unwrap(),
+                            );
+                            qh |= (((m >> (4 * rr)) & 0xf) as u32) << (4 * l);
+                        }
+                        blk[h0..h0 + 4].copy_from_slice(&qh.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per-block values of one activation row that every weight row shares: the scale (and
+/// Q8_1's `s`) as f32, and each lane's correction for formats whose codes are stored
+/// with an offset (`−offset · Σ lane activations`).
+#[derive(Default, Clone)]
+pub struct ActPrep {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub init: Vec<[i32; 8]>,
+}
+
+/// The offset a format's stored codes carry in the lanes16 layout.
+pub(crate) fn code_offset(ty: GgmlType) -> i32 {
+    match ty {
+        GgmlType::Q4_0 => 8,
+        GgmlType::Q5_0 => 16,
+        GgmlType::Q8_0 => 128,
+        _ => 0,
+    }
+}
+
+impl ActPrep {
+    /// From one activation row in brise's Q8_0/Q8_1 layout (36-byte blocks).
+    pub fn build(&mut self, wty: GgmlType, act: &[u8], nb: usize) {
+        let off = code_offset(wty);
+        self.d.clear();
+        self.s.clear();
+        self.init.clear();
+        for b in 0..nb {
+            let y = &act[b * 36..(b + 1) * 36];
+            self.d.push(half::f16::from_le_bytes([y[0], y[1]]).to_f32());
+            self.s.push(if wty.vec_dot_type() == GgmlType::Q8_1 {
+                half::f16::from_le_bytes([y[2], y[3]]).to_f32()
+            } else {
+                0.0
+            });
+            let mut init = [0i32; 8];
+            if off != 0 {
+                for (l, v) in init.iter_mut().enumerate() {
+                    let s: i32 = (0..4).map(|j| y[4 + 4 * l + j] as i8 as i32).sum();
+                    *v = -off * s;
+                }
+            }
+            self.init.push(init);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_unpack_round_trip() {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ] {
+            let (n, k) = (37, 96);
+            let rb = ty.row_bytes(k).unwrap();
+            let src: Vec<u8> = (0..n * rb).map(|i| (i * 131 % 251) as u8).collect();
+            let p = Packed::pack(ty, n, k, &src);
+            assert_eq!(p.data.len(), 3 * 3 * p.tile_size());
+            let mut row = vec![0u8; rb];
+            for r in 0..n {
+                p.unpack_row(r, &mut row);
+                assert_eq!(row, &src[r * rb..(r + 1) * rb], "{ty} row {r}");
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    //! AVX-512 VNNI kernels over lanes16 tiles. SAFETY (all functions): callers check
+    //! the CPU supports AVX-512 F/BW/VL/DQ/VNNI, F16C and FMA, that `tiles` holds `nb`
+    //! tiles of the group, that each activation pointer covers `nb` 36-byte blocks and
+    //! its `ActPrep` `nb` entries, and that each output pointer covers 16 floats.
+    use super::{ActPrep, GROUP, offsets};
+    use crate::ggml_type::GgmlType;
+    use core::arch::x86_64::*;
+
+    /// Prefetch distance in bytes for the streaming (one activation row) kernel.
+    const PREFETCH: usize = 4096;
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m512i {
+        unsafe { _mm512_loadu_si512(p as *const __m512i) }
+    }
+
+    #[inline(always)]
+    unsafe fn dword(p: *const u8) -> i32 {
+        unsafe { (p as *const i32).read_unaligned() }
+    }
+
+    /// The lane vectors (codes as unsigned bytes, 16 rows × 4 bytes) of one tile.
+    #[inline(always)]
+    unsafe fn decode(ty: GgmlType, t: *const u8) -> [__m512i; 8] {
+        unsafe {
+            let (_, _, oh, oq) = offsets(ty);
+            let mut w = [_mm512_setzero_si512(); 8];
+            if ty == GgmlType::Q8_0 {
+                for (l, v) in w.iter_mut().enumerate() {
+                    *v = load(t.add(oq + 64 * l));
+                }
+                return w;
+            }
+            let m4 = _mm512_set1_epi8(0x0f);
+            for l in 0..4 {
+                let v = load(t.add(oq + 64 * l));
+                w[l] = _mm512_and_si512(v, m4);
+                w[l + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+            if let Some(oh) = oh {
+                let b4 = _mm512_set1_epi8(0x10);
+                for (l, v) in w.iter_mut().enumerate() {
+                    let m = (t.add(oh + 8 * l) as *const u64).read_unaligned();
+                    *v = _mm512_or_si512(*v, _mm512_maskz_mov_epi8(m, b4));
+                }
+            }
+            w
+        }
+    }
+
+    /// ggml's `hsum_float_8` over the eight lane registers, for 16 rows at once.
+    #[inline(always)]
+    unsafe fn hsum8(a: &[__m512; 8]) -> __m512 {
+        unsafe {
+            let l = _mm512_add_ps(_mm512_add_ps(a[4], a[0]), _mm512_add_ps(a[6], a[2]));
+            let r = _mm512_add_ps(_mm512_add_ps(a[5], a[1]), _mm512_add_ps(a[7], a[3]));
+            _mm512_add_ps(l, r)
+        }
+    }
+
+    /// 16 rows × NA activation rows over all `nb` blocks of a row group.
+    /// `block_sum` selects the repacked-Q4_0 order (one FMA per block of the block's
+    /// integer sum) instead of ggml's per-lane vec_dot order.
+    #[inline(always)]
+    unsafe fn group<const NA: usize>(
+        ty: GgmlType,
+        block_sum: bool,
+        tiles: *const u8,
+        ts: usize,
+        nb: usize,
+        act: [*const u8; NA],
+        prep: [&ActPrep; NA],
+        out: [*mut f32; NA],
+    ) {
+        unsafe {
+            let (od, om, _, _) = offsets(ty);
+            let offset = super::code_offset(ty) != 0;
+            let mut acc = [[_mm512_setzero_ps(); 8]; NA];
+            let mut summs = [_mm512_setzero_ps(); NA];
+            for b in 0..nb {
+                let t = tiles.add(b * ts);
+                // Weights stream from memory once: request lines well ahead so several
+                // misses are in flight (one demand stream alone is latency-bound).
+                if NA == 1 {
+                    let pf = t.add(PREFETCH);
+                    let mut o = 0;
+                    while o < ts {
+                        _mm_prefetch::<_MM_HINT_T0>(pf.add(o) as *const i8);
+                        o += 64;
+                    }
+                }
+                let w = decode(ty, t);
+                let dv = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(od) as *const __m256i));
+                let mv =
+                    om.map(|om| _mm512_cvtph_ps(_mm256_loadu_si256(t.add(om) as *const __m256i)));
+                for c in 0..NA {
+                    let y = act[c].add(b * 36 + 4);
+                    let dd = _mm512_mul_ps(dv, _mm512_set1_ps(*prep[c].d.get_unchecked(b)));
+                    let init = prep[c].init.get_unchecked(b);
+                    let mut s = [_mm512_setzero_si512(); 8];
+                    for l in 0..8 {
+                        let z = if offset {
+                            _mm512_set1_epi32(init[l])
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                        s[l] = _mm512_dpbusd_epi32(z, w[l], _mm512_set1_epi32(dword(y.add(4 * l))));
+                    }
+                    if block_sum {
+                        let mut tot = s[0];
+                        for v in &s[1..] {
+                            tot = _mm512_add_epi32(tot, *v);
+                        }
+                        acc[c][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot), dd, acc[c][0]);
+                    } else {
+                        for l in 0..8 {
+                            acc[c][l] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s[l]), acc[c][l]);
+                        }
+                    }
+                    if let Some(mv) = mv {
+                        summs[c] = _mm512_add_ps(
+                            summs[c],
+                            _mm512_mul_ps(mv, _mm512_set1_ps(*prep[c].s.get_unchecked(b))),
+                        );
+                    }
+                }
+            }
+            for c in 0..NA {
+                let r = if block_sum { acc[c][0] } else { hsum8(&acc[c]) };
+                let r = if om.is_some() {
+                    _mm512_add_ps(r, summs[c])
+                } else {
+                    r
+                };
+                _mm512_storeu_ps(out[c], r);
+            }
+        }
+    }
+
+    /// Computes `out[c·ldo + (g − g0)·16 + r]` for the 16 rows of each group `g` in
+    /// `groups`, for every activation row `c` in `0..na`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    pub unsafe fn matmul_groups(
+        ty: GgmlType,
+        block_sum: bool,
+        data: *const u8,
+        nb: usize,
+        groups: std::ops::Range<usize>,
+        g0: usize,
+        acts: *const u8,
+        act_stride: usize,
+        preps: &[ActPrep],
+        out: *mut f32,
+        ldo: usize,
+        tmp: &mut [f32; 2 * GROUP],
+    ) {
+        macro_rules! run {
+            ($t:expr) => {{
+                let t = $t;
+                let ts = GROUP * t.type_size();
+                let na = preps.len();
+                // Activations in chunks that stay in cache while the groups pass over them.
+                let chunk = 64;
+                let mut c0 = 0;
+                while c0 < na {
+                    let c1 = (c0 + chunk).min(na);
+                    for g in groups.clone() {
+                        let tiles = data.add(g * nb * ts);
+                        let mut c = c0;
+                        while c + 2 <= c1 {
+                            group::<2>(
+                                t,
+                                block_sum,
+                                tiles,
+                                ts,
+                                nb,
+                                [acts.add(c * act_stride), acts.add((c + 1) * act_stride)],
+                                [&preps[c], &preps[c + 1]],
+                                [tmp.as_mut_ptr(), tmp.as_mut_ptr().add(GROUP)],
+                            );
+                            for j in 0..2 {
+                                std::ptr::copy_nonoverlapping(
+                                    tmp.as_ptr().add(j * GROUP),
+                                    out.add((c + j) * ldo + (g - g0) * GROUP),
+                                    GROUP,
+                                );
+                            }
+                            c += 2;
+                        }
+                        if c < c1 {
+                            group::<1>(
+                                t,
+                                block_sum,
+                                tiles,
+                                ts,
+                                nb,
+                                [acts.add(c * act_stride)],
+                                [&preps[c]],
+                                [tmp.as_mut_ptr()],
+                            );
+                            std::ptr::copy_nonoverlapping(
+                                tmp.as_ptr(),
+                                out.add(c * ldo + (g - g0) * GROUP),
+                                GROUP,
+                            );
+                        }
+                    }
+                    c0 = c1;
+                }
+            }};
+        }
+        unsafe {
+            match ty {
+                GgmlType::Q4_0 => run!(GgmlType::Q4_0),
+                GgmlType::Q4_1 => run!(GgmlType::Q4_1),
+                GgmlType::Q5_0 => run!(GgmlType::Q5_0),
+                GgmlType::Q5_1 => run!(GgmlType::Q5_1),
+                GgmlType::Q8_0 => run!(GgmlType::Q8_0),
+                _ => unreachable!(),
+            }
+        }
+    }
+}
