@@ -50,6 +50,7 @@ fn main() {
             k,
             data: &data[c * n * rb..(c + 1) * n * rb],
             packed: packed[c].as_ref(),
+            kpacked: None,
         };
         matmul(
             &pool,

@@ -4,6 +4,7 @@
 pub mod attn;
 pub mod cpu;
 pub mod ggml_type;
+pub mod kpacked;
 pub mod matmul;
 pub mod ops;
 pub mod packed;

@@ -1,6 +1,7 @@
 //! Matrix products of weights in any block format with f32 activations.
 
 use crate::ggml_type::GgmlType;
+use crate::kpacked::{KMode, KPacked};
 use crate::packed::{ActPrep, GROUP, Packed};
 use crate::pool::{ThreadPool, split_range};
 use crate::quant::ggml_exact::ggml_path_shaped;
@@ -35,6 +36,8 @@ pub struct WeightRef<'a> {
     pub data: &'a [u8],
     /// The same matrix in lanes16 layout, when it was repacked at load for AVX-512.
     pub packed: Option<&'a Packed>,
+    /// The same matrix in kq16 layout (Q4_K, Q6_K), when repacked at load.
+    pub kpacked: Option<&'a KPacked>,
 }
 
 impl<'a> WeightRef<'a> {
@@ -92,6 +95,11 @@ pub fn matmul(
         && kern.isa() == crate::Isa::Avx512Vnni
     {
         return matmul_packed(pool, p, x, m, scratch, out);
+    }
+    if let Some(p) = w.kpacked
+        && kern.isa() == crate::Isa::Avx512Vnni
+    {
+        return matmul_kpacked(pool, p, x, m, steps, scratch, out);
     }
     let MatmulScratch {
         act: act_buf,
@@ -229,6 +237,90 @@ fn matmul_packed(
     }
 }
 
+/// The AVX-512 path over kq16 weights, each activation row on llama.cpp's kernel for it.
+fn matmul_kpacked(
+    pool: &ThreadPool,
+    w: &KPacked,
+    x: &[f32],
+    m: usize,
+    steps: &[RowStep],
+    scratch: &mut MatmulScratch,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.n, w.k);
+    let arb = act_row_bytes(GgmlType::Q8K, k);
+    let nb = w.blocks();
+    let MatmulScratch { act, .. } = scratch;
+    act.resize(m * arb, 0);
+    for i in 0..m {
+        quantize_act_row(
+            GgmlType::Q8K,
+            &x[i * k..(i + 1) * k],
+            &mut act[i * arb..(i + 1) * arb],
+        );
+    }
+    use crate::quant::ggml_exact::Path as P;
+    let modes: Vec<KMode> = steps
+        .iter()
+        .map(|s| match ggml_path_shaped(w.ty, n, k, s.n, s.idx) {
+            P::VecDot => KMode::VecDot,
+            P::Tiled => KMode::Tiled,
+            P::RepackGemv => KMode::Repack { group: 256 },
+            P::RepackGemm => KMode::Repack { group: 64 },
+            p => unreachable!("{p:?} for {}", w.ty),
+        })
+        .collect();
+    let groups = w.groups();
+    let full = n / crate::kpacked::GROUP;
+    let outp = SyncPtr(out.as_mut_ptr());
+    let act = &act[..];
+    let nt = pool.n_threads();
+    pool.run(|t| {
+        let gr = split_range(full, nt, t, 1);
+        // SAFETY: AVX-512 VNNI is present (checked by the caller via the kernels' ISA);
+        // the packed matrix and activations cover every group and row; threads write
+        // disjoint groups.
+        unsafe {
+            crate::kpacked::x86::matmul_groups(
+                w.ty,
+                &modes,
+                w.data.as_ptr(),
+                nb,
+                gr,
+                0,
+                act.as_ptr(),
+                arb,
+                outp.get(),
+                n,
+            )
+        };
+    });
+    if groups > full {
+        let g = crate::kpacked::GROUP;
+        let mut buf = vec![0f32; m * g];
+        // SAFETY: as above, for the last partial group into `buf`.
+        unsafe {
+            crate::kpacked::x86::matmul_groups(
+                w.ty,
+                &modes,
+                w.data.as_ptr(),
+                nb,
+                full..groups,
+                full,
+                act.as_ptr(),
+                arb,
+                buf.as_mut_ptr(),
+                g,
+            )
+        };
+        for i in 0..m {
+            for r in full * g..n {
+                out[i * n + r] = buf[i * g + (r - full * g)];
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SyncBytes(*mut u8);
 // SAFETY: as `SyncPtr`, for the activation rows quantized in parallel.
@@ -262,6 +354,7 @@ mod tests {
             k,
             data: &data,
             packed: None,
+            kpacked: None,
         };
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)

@@ -318,6 +318,7 @@ fn packed_matmul_is_bit_identical_to_the_ggml_models() {
                     k,
                     data: &w,
                     packed: Some(&packed),
+                    kpacked: None,
                 };
                 let mut out = vec![0f32; m * n];
                 matmul(
@@ -341,6 +342,68 @@ fn packed_matmul_is_bit_identical_to_the_ggml_models() {
                             want.to_bits(),
                             "{ty} n={n} k={k} m={m} row {r} act {i}: {} vs {want}",
                             out[i * n + r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kpacked_matmul_is_bit_identical_to_the_ggml_models() {
+    use brise_kernels::kpacked::KPacked;
+    use brise_kernels::matmul::{MatmulScratch, RowStep, WeightRef, matmul};
+    use brise_kernels::pool::ThreadPool;
+    use brise_kernels::quant::ggml_exact::{ggml_dot, ggml_path_shaped};
+    let Some(kern) = Kernels::new(Isa::Avx512Vnni) else {
+        return;
+    };
+    let mut rng = Rng(7);
+    for ty in [GgmlType::Q6K, GgmlType::Q4K] {
+        // Step sizes that take every path: 1 (vec_dot / GEMV), 5 (vec_dot; GEMM + GEMV
+        // leftovers), 9 (tiled; GEMM + a GEMV leftover).
+        for &(n, k, m) in &[
+            (32usize, 512usize, 1usize),
+            (40, 256, 5),
+            (16, 768, 9),
+            (24, 256, 2),
+        ] {
+            let w: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, ty, k)).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal() * 2.0).collect();
+            let kp = KPacked::pack(ty, n, k, &w);
+            for threads in [1, 2] {
+                let pool = ThreadPool::new(threads);
+                let steps: Vec<RowStep> = RowStep::all(m).collect();
+                let wr = WeightRef {
+                    ty,
+                    n,
+                    k,
+                    data: &w,
+                    packed: None,
+                    kpacked: Some(&kp),
+                };
+                let mut out = vec![0f32; m * n];
+                matmul(
+                    &pool,
+                    kern,
+                    &wr,
+                    &x,
+                    m,
+                    &steps,
+                    &mut MatmulScratch::default(),
+                    &mut out,
+                );
+                let rb = ty.row_bytes(k).unwrap();
+                for i in 0..m {
+                    let a = quantized_acts(ty, &x[i * k..(i + 1) * k]);
+                    for r in 0..n {
+                        let path = ggml_path_shaped(ty, n, k, m, i);
+                        let want = ggml_dot(path, ty, k, &w[r * rb..(r + 1) * rb], &a);
+                        assert_eq!(
+                            out[i * n + r].to_bits(),
+                            want.to_bits(),
+                            "{ty} {path:?} n={n} k={k} m={m} row {r} act {i}"
                         );
                     }
                 }

@@ -5,6 +5,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use brise_kernels::GgmlType;
+use brise_kernels::kpacked::{KPacked, packable as kpackable};
 use brise_kernels::matmul::WeightRef;
 use brise_kernels::packed::{Packed, packable};
 use brise_kernels::quant::dequantize_row;
@@ -69,6 +70,8 @@ pub struct Weight {
     /// The matrix repacked for the AVX-512 kernels; when set, `bytes` may no longer be
     /// resident (its pages were returned to the OS) and is not read.
     pub packed: Option<Arc<Packed>>,
+    /// The matrix repacked for the AVX-512 K-quant kernels (Q4_K, Q6_K), likewise.
+    pub kpacked: Option<Arc<KPacked>>,
 }
 
 impl Weight {
@@ -79,34 +82,39 @@ impl Weight {
             k: self.k,
             data: self.bytes.as_slice(),
             packed: self.packed.as_deref(),
+            kpacked: self.kpacked.as_deref(),
         }
     }
 
     /// Row `r` dequantized into `out` (embedding lookup).
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
         let rb = self.ty.row_bytes(self.k).expect("validated at load");
-        match &self.packed {
-            Some(p) => {
+        match (&self.packed, &self.kpacked) {
+            (Some(p), _) => {
                 let mut row = vec![0u8; rb];
                 p.unpack_row(r, &mut row);
                 dequantize_row(self.ty, &row, out);
             }
-            None => dequantize_row(self.ty, &self.bytes.as_slice()[r * rb..(r + 1) * rb], out),
+            (_, Some(p)) => p.dequantize_row(r, out),
+            _ => dequantize_row(self.ty, &self.bytes.as_slice()[r * rb..(r + 1) * rb], out),
         }
     }
 
     /// Repacks the matrix for the AVX-512 kernels (if its format has a packed layout)
     /// and gives the original pages back to the OS, so memory stays one copy.
     fn repack(&mut self) {
-        if self.packed.is_some() || !packable(self.ty) {
+        if self.packed.is_some() || self.kpacked.is_some() {
             return;
         }
-        self.packed = Some(Arc::new(Packed::pack(
-            self.ty,
-            self.n,
-            self.k,
-            self.bytes.as_slice(),
-        )));
+        let src = self.bytes.as_slice();
+        if packable(self.ty) {
+            self.packed = Some(Arc::new(Packed::pack(self.ty, self.n, self.k, src)));
+        } else if kpackable(self.ty) && (self.ty != GgmlType::Q4K || self.n.is_multiple_of(8)) {
+            // Q4_K takes llama.cpp's repacked kernels only with a multiple of 8 rows.
+            self.kpacked = Some(Arc::new(KPacked::pack(self.ty, self.n, self.k, src)));
+        } else {
+            return;
+        }
         self.bytes.release();
     }
 }
@@ -318,6 +326,7 @@ fn matrix_from(src: &dyn TensorSource, t: RawTensor, k: usize, n: usize) -> Resu
         k,
         bytes: t.bytes,
         packed: None,
+        kpacked: None,
     })
 }
 
@@ -361,6 +370,7 @@ impl ModelWeights {
         self.output.repack();
         if self.tied_embeddings {
             self.tok_embd.packed = self.output.packed.clone();
+            self.tok_embd.kpacked = self.output.kpacked.clone();
         }
     }
 

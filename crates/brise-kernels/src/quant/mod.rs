@@ -1,7 +1,7 @@
 //! Quantized block formats: dequantization, activation quantization and dot products.
 
 mod act;
-mod dequant;
+pub(crate) mod dequant;
 mod dot_ref;
 pub mod ggml_exact;
 #[cfg(target_arch = "x86_64")]
