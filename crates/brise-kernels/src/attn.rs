@@ -108,6 +108,13 @@ fn has_avx512() -> bool {
 /// tail with libm `expf` when `n_kv` is not a multiple of 16, then scaled by
 /// `(f32)(1/sum)`. Writes probabilities for `[lo, hi)` into `p[lo..hi]`.
 pub fn softmax_masked(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
+    assert!(hi <= s.len() && hi <= p.len() && lo < hi && hi <= n_kv);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F/FMA present (checked); indices checked above and masked loads
+        // and stores touch only [lo, hi).
+        return unsafe { x86b::softmax_masked(s, lo, hi, n_kv, p) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: FMA and AVX2 are present (checked); the body only indexes slices.
@@ -296,10 +303,444 @@ mod tests {
     }
 
     #[test]
+    fn simd_softmax_equals_scalar_bitwise() {
+        let s: Vec<f32> = (0..600)
+            .map(|i| (i as f32 * 0.731).sin() * 9.0 - (i % 7) as f32)
+            .collect();
+        for (lo, hi, n_kv) in [
+            (0, 600, 768),
+            (13, 587, 600),
+            (0, 1, 256),
+            (100, 101, 512),
+            (5, 300, 300),
+        ] {
+            let mut a = vec![0f32; 600];
+            let mut b = vec![0f32; 600];
+            softmax_masked(&s, lo, hi, n_kv, &mut a);
+            softmax_masked_body(&s, lo, hi, n_kv, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "[{lo},{hi}) {n_kv}"
+            );
+        }
+    }
+
+    #[test]
     fn n_kv_padding() {
         assert_eq!(llama_n_kv(5, 1024), 256);
         assert_eq!(llama_n_kv(256, 1024), 256);
         assert_eq!(llama_n_kv(257, 1024), 512);
         assert_eq!(llama_n_kv(5, 100), 100);
+    }
+}
+
+/// Attention kernels over 16 keys (or 16 value dimensions) at once: the same per-element
+/// arithmetic as [`dot_f16`] (lanes, FMA chains and reduction tree are applied
+/// element-wise across registers), vectorised across keys or dimensions instead of
+/// within one dot product.
+pub mod block16 {
+    use super::DotOrder;
+
+    /// Scores of 16 keys: `kt` is a transposed key block (`hd` rows of 16 f16 keys),
+    /// `q` the query already rounded to f16 (given as f32 values, so the kernel does not
+    /// convert it again for every block). Supports head sizes that are multiples of 64
+    /// (`DotOrder::Vec`) or of 16 (`DotOrder::Tiny`); see [`supported`].
+    pub fn kq(order: DotOrder, kt: &[u8], q: &[f32], hd: usize, out: &mut [f32; 16]) {
+        assert!(supported(order, hd) && kt.len() >= hd * 32 && q.len() >= hd);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked); sizes checked above.
+            return unsafe { super::x86b::kq(order, kt.as_ptr(), q.as_ptr(), hd, out) };
+        }
+        kq_ref(order, kt, q, hd, out)
+    }
+
+    pub fn supported(order: DotOrder, hd: usize) -> bool {
+        match order {
+            DotOrder::Vec => hd.is_multiple_of(64) && hd > 0,
+            DotOrder::Tiny => hd.is_multiple_of(16) && hd > 0,
+        }
+    }
+
+    fn h(b: &[u8], i: usize) -> f32 {
+        half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+    }
+
+    pub fn kq_ref(order: DotOrder, kt: &[u8], q: &[f32], hd: usize, out: &mut [f32; 16]) {
+        let q: Vec<u8> = q[..hd]
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let q = &q[..];
+        for (key, o) in out.iter_mut().enumerate() {
+            let k: Vec<u8> = (0..hd)
+                .flat_map(|d| [kt[(d * 16 + key) * 2], kt[(d * 16 + key) * 2 + 1]])
+                .collect();
+            *o = match order {
+                DotOrder::Vec => super::dot_f16_vec_ref(&k, q, 0, hd, hd),
+                DotOrder::Tiny => super::dot_f16_tiny_ref(&k, q, 0, hd),
+            };
+            let _ = h;
+        }
+    }
+
+    /// 16 output dimensions `d0..d0+16` of the probability-weighted sum of values:
+    /// `v` holds positions as rows of `hd` f16 values, `p` the probabilities by position
+    /// already rounded to f16 (as f32 values); positions outside `[lo, hi)` count as
+    /// zero; `n_kv` is llama.cpp's padded length (it decides which positions
+    /// `DotOrder::Vec` adds in f64).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kqv(
+        order: DotOrder,
+        v: &[u8],
+        hd: usize,
+        d0: usize,
+        p: &[f32],
+        lo: usize,
+        hi: usize,
+        n_kv: usize,
+        out: &mut [f32; 16],
+    ) {
+        assert!(d0 + 16 <= hd && v.len() >= hi * hd * 2 && p.len() >= hi && hi <= n_kv);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked); sizes checked above.
+            return unsafe {
+                super::x86b::kqv(order, v.as_ptr(), hd, d0, p.as_ptr(), lo, hi, n_kv, out)
+            };
+        }
+        kqv_ref(order, v, hd, d0, p, lo, hi, n_kv, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn kqv_ref(
+        order: DotOrder,
+        v: &[u8],
+        hd: usize,
+        d0: usize,
+        p: &[f32],
+        lo: usize,
+        hi: usize,
+        n_kv: usize,
+        out: &mut [f32; 16],
+    ) {
+        let p: Vec<u8> = p[..hi]
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let p = &p[..];
+        for (i, o) in out.iter_mut().enumerate() {
+            let col: Vec<u8> = (0..hi)
+                .flat_map(|j| [v[(j * hd + d0 + i) * 2], v[(j * hd + d0 + i) * 2 + 1]])
+                .collect();
+            *o = match order {
+                DotOrder::Vec => super::dot_f16_vec_ref(&col, p, lo, hi, n_kv),
+                DotOrder::Tiny => super::dot_f16_tiny_ref(&col, p, lo, hi),
+            };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86b {
+    use super::DotOrder;
+    use core::arch::x86_64::*;
+
+    /// ggml's AVX-512 `ggml_v_expf`, the same operations as `ops::expf`.
+    #[inline(always)]
+    unsafe fn expf(x: __m512) -> __m512 {
+        unsafe {
+            let r = _mm512_set1_ps(f32::from_bits(0x4b40_0000));
+            let z = _mm512_fmadd_ps(x, _mm512_set1_ps(f32::from_bits(0x3fb8_aa3b)), r);
+            let n = _mm512_sub_ps(z, r);
+            let b = _mm512_fnmadd_ps(
+                n,
+                _mm512_set1_ps(f32::from_bits(0x35bf_be8e)),
+                _mm512_fnmadd_ps(n, _mm512_set1_ps(f32::from_bits(0x3f31_7200)), x),
+            );
+            let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+            let u = _mm512_mul_ps(b, b);
+            let j = _mm512_fmadd_ps(
+                _mm512_fmadd_ps(
+                    _mm512_fmadd_ps(
+                        _mm512_set1_ps(f32::from_bits(0x3c07_2010)),
+                        b,
+                        _mm512_set1_ps(f32::from_bits(0x3d2b_9f17)),
+                    ),
+                    u,
+                    _mm512_fmadd_ps(
+                        _mm512_set1_ps(f32::from_bits(0x3e2a_af33)),
+                        b,
+                        _mm512_set1_ps(f32::from_bits(0x3eff_fedb)),
+                    ),
+                ),
+                u,
+                _mm512_fmadd_ps(
+                    _mm512_set1_ps(f32::from_bits(0x3f7f_fff6)),
+                    b,
+                    _mm512_set1_ps(1.0),
+                ),
+            );
+            let res = _mm512_scalef_ps(j, n);
+            if d == 0 {
+                return res;
+            }
+            let alt = _mm512_mask_blend_ps(
+                _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps()),
+                _mm512_set1_ps(f32::INFINITY),
+                _mm512_setzero_ps(),
+            );
+            _mm512_mask_blend_ps(d, res, alt)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn softmax_masked(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
+        unsafe {
+            let max = s[lo..hi].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+            let mv = _mm512_set1_ps(max);
+            let tail = n_kv - n_kv % 16;
+            let mut sum = 0f64;
+            let mut c = lo / 16 * 16;
+            let end = hi.min(tail);
+            while c < end {
+                let mut m: u16 = 0;
+                for l in 0..16 {
+                    if c + l >= lo && c + l < hi {
+                        m |= 1 << l;
+                    }
+                }
+                let x = _mm512_maskz_loadu_ps(m, s.as_ptr().add(c));
+                let e = _mm512_maskz_mov_ps(m, expf(_mm512_sub_ps(x, mv)));
+                _mm512_mask_storeu_ps(p.as_mut_ptr().add(c), m, e);
+                let mut a = [0f32; 16];
+                _mm512_storeu_ps(a.as_mut_ptr(), e);
+                sum += super::reduce16(&a) as f64;
+                c += 16;
+            }
+            for i in tail.max(lo)..hi {
+                let v = (s[i] - max).exp();
+                p[i] = v;
+                sum += v as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            for v in &mut p[lo..hi] {
+                *v *= inv;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tree(a: &[__m512; 16]) -> __m512 {
+        // GCC's _mm512_reduce_add_ps tree, element-wise.
+        unsafe {
+            let mut t3 = [_mm512_setzero_ps(); 8];
+            for i in 0..8 {
+                t3[i] = _mm512_add_ps(a[8 + i], a[i]);
+            }
+            let mut t6 = [_mm512_setzero_ps(); 4];
+            for i in 0..4 {
+                t6[i] = _mm512_add_ps(t3[4 + i], t3[i]);
+            }
+            _mm512_add_ps(_mm512_add_ps(t6[0], t6[2]), _mm512_add_ps(t6[1], t6[3]))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn h16(p: *const u8) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+
+    #[inline(always)]
+    unsafe fn hq(q: *const f32, d: usize) -> __m512 {
+        unsafe { _mm512_set1_ps(*q.add(d)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn kq(
+        order: DotOrder,
+        kt: *const u8,
+        q: *const f32,
+        hd: usize,
+        out: &mut [f32; 16],
+    ) {
+        unsafe {
+            let key = |d: usize| h16(kt.add(d * 32));
+            let r = match order {
+                DotOrder::Tiny => {
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for d in 0..hd {
+                        acc[d % 16] = _mm512_fmadd_ps(key(d), hq(q, d), acc[d % 16]);
+                    }
+                    tree(&acc)
+                }
+                DotOrder::Vec => {
+                    // sum[j][l] chains over 64-element steps; then (s0+s2)+(s1+s3) per lane.
+                    let mut t = [_mm512_setzero_ps(); 16];
+                    for (l, tl) in t.iter_mut().enumerate() {
+                        let mut s = [_mm512_setzero_ps(); 4];
+                        for i in (0..hd).step_by(64) {
+                            for (j, sj) in s.iter_mut().enumerate() {
+                                let d = i + 16 * j + l;
+                                *sj = _mm512_fmadd_ps(key(d), hq(q, d), *sj);
+                            }
+                        }
+                        *tl = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+                    }
+                    tree(&t)
+                }
+            };
+            _mm512_storeu_ps(out.as_mut_ptr(), r);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn kqv(
+        order: DotOrder,
+        v: *const u8,
+        hd: usize,
+        d0: usize,
+        p: *const f32,
+        lo: usize,
+        hi: usize,
+        n_kv: usize,
+        out: &mut [f32; 16],
+    ) {
+        unsafe {
+            let val = |j: usize| h16(v.add((j * hd + d0) * 2));
+            let pr = |j: usize| _mm512_set1_ps(*p.add(j));
+            match order {
+                DotOrder::Tiny => {
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for j in lo..hi {
+                        acc[j % 16] = _mm512_fmadd_ps(val(j), pr(j), acc[j % 16]);
+                    }
+                    _mm512_storeu_ps(out.as_mut_ptr(), tree(&acc));
+                }
+                DotOrder::Vec => {
+                    let np = n_kv & !63;
+                    let end = hi.min(np);
+                    let mut t = [_mm512_setzero_ps(); 16];
+                    for (l, tl) in t.iter_mut().enumerate() {
+                        let mut s = [_mm512_setzero_ps(); 4];
+                        for (jj, sj) in s.iter_mut().enumerate() {
+                            let slot = 16 * jj + l;
+                            // Positions ≡ slot (mod 64) in [lo, end), in increasing order.
+                            let mut j = if lo <= slot {
+                                slot
+                            } else {
+                                slot + (lo - slot).div_ceil(64) * 64
+                            };
+                            while j < end {
+                                *sj = _mm512_fmadd_ps(val(j), pr(j), *sj);
+                                j += 64;
+                            }
+                        }
+                        *tl = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+                    }
+                    let r = tree(&t);
+                    let mut sum = [0f64; 16];
+                    let mut rv = [0f32; 16];
+                    _mm512_storeu_ps(rv.as_mut_ptr(), r);
+                    for (s, x) in sum.iter_mut().zip(rv) {
+                        *s = x as f64;
+                    }
+                    // The tail beyond the 64-wide steps is summed in f64, position by position.
+                    if hi > np {
+                        let mut vals = [0f32; 16];
+                        for j in np.max(lo)..hi {
+                            let pj = *p.add(j);
+                            _mm512_storeu_ps(vals.as_mut_ptr(), val(j));
+                            for (s, x) in sum.iter_mut().zip(vals) {
+                                *s += (x * pj) as f64;
+                            }
+                        }
+                    }
+                    for (o, s) in out.iter_mut().zip(sum) {
+                        *o = s as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod block16_tests {
+    use super::*;
+
+    fn rnd(seed: u32, n: usize) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .flat_map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                f16::from_f32(((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 3.0).to_le_bytes()
+            })
+            .collect()
+    }
+
+    fn as_f32(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    }
+
+    #[test]
+    fn kq_blocks_equal_per_key_dots_bitwise() {
+        for (order, hd) in [
+            (DotOrder::Tiny, 64),
+            (DotOrder::Tiny, 32),
+            (DotOrder::Vec, 64),
+            (DotOrder::Vec, 128),
+        ] {
+            let kt = rnd(3, hd * 16);
+            let q = as_f32(&rnd(4, hd));
+            let mut a = [0f32; 16];
+            let mut b = [0f32; 16];
+            block16::kq(order, &kt, &q, hd, &mut a);
+            block16::kq_ref(order, &kt, &q, hd, &mut b);
+            assert_eq!(
+                a.map(f32::to_bits),
+                b.map(f32::to_bits),
+                "{order:?} hd={hd}"
+            );
+        }
+    }
+
+    #[test]
+    fn kqv_blocks_equal_per_dim_dots_bitwise() {
+        let hd = 64;
+        for order in [DotOrder::Tiny, DotOrder::Vec] {
+            for (lo, hi, n_kv) in [
+                (0, 5, 256),
+                (0, 300, 512),
+                (17, 200, 256),
+                (100, 290, 300),
+                (0, 1, 256),
+            ] {
+                let v = rnd(5, n_kv * hd);
+                let mut p = as_f32(&rnd(6, n_kv));
+                for (j, x) in p.iter_mut().enumerate() {
+                    if j < lo || j >= hi {
+                        *x = f32::NAN; // garbage outside the window must not matter
+                    }
+                }
+                if order == DotOrder::Tiny && n_kv % 16 != 0 {
+                    continue;
+                }
+                for d0 in [0, 16, 48] {
+                    let mut a = [0f32; 16];
+                    let mut b = [0f32; 16];
+                    block16::kqv(order, &v, hd, d0, &p, lo, hi, n_kv, &mut a);
+                    block16::kqv_ref(order, &v, hd, d0, &p, lo, hi, n_kv, &mut b);
+                    assert_eq!(
+                        a.map(f32::to_bits),
+                        b.map(f32::to_bits),
+                        "{order:?} [{lo},{hi}) n_kv={n_kv} d0={d0}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -156,6 +156,57 @@ pub fn matmul(
     });
 }
 
+/// Quantizes the activation rows for lanes16 weights of type `ty` (in parallel when
+/// there are many) and builds their per-block prep.
+fn prepare_packed_acts(
+    pool: &ThreadPool,
+    ty: GgmlType,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    scratch: &mut MatmulScratch,
+) -> usize {
+    let vt = ty.vec_dot_type();
+    let arb = act_row_bytes(vt, k);
+    let nb = k / 32;
+    let MatmulScratch { act, preps, .. } = scratch;
+    act.resize(m * arb, 0);
+    if preps.len() < m {
+        preps.resize_with(m, ActPrep::default);
+    }
+    if m < 8 {
+        for i in 0..m {
+            quantize_act_row(vt, &x[i * k..(i + 1) * k], &mut act[i * arb..(i + 1) * arb]);
+            preps[i].build(ty, &act[i * arb..(i + 1) * arb], nb);
+        }
+    } else {
+        let ap = SyncBytes(act.as_mut_ptr());
+        let pp = SyncPreps(preps.as_mut_ptr());
+        let nt = pool.n_threads();
+        pool.run(|t| {
+            for i in split_range(m, nt, t, 1) {
+                // SAFETY: each thread owns activation rows (and their preps) i of its range;
+                // the buffers hold m rows.
+                let a = unsafe { std::slice::from_raw_parts_mut(ap.get().add(i * arb), arb) };
+                quantize_act_row(vt, &x[i * k..(i + 1) * k], a);
+                unsafe { &mut *pp.get().add(i) }.build(ty, a, nb);
+            }
+        });
+    }
+    arb
+}
+
+#[derive(Clone, Copy)]
+struct SyncPreps(*mut ActPrep);
+// SAFETY: as `SyncPtr`: each thread touches its own elements.
+unsafe impl Send for SyncPreps {}
+unsafe impl Sync for SyncPreps {}
+impl SyncPreps {
+    fn get(self) -> *mut ActPrep {
+        self.0
+    }
+}
+
 /// The AVX-512 path over lanes16 weights. Every row's arithmetic is ggml's vec_dot order
 /// (or, for Q4_0 with a multiple of 8 rows, the repacked order llama.cpp uses), whatever
 /// the batch, so no per-row path is needed.
@@ -167,73 +218,122 @@ fn matmul_packed(
     scratch: &mut MatmulScratch,
     out: &mut [f32],
 ) {
-    let (n, k) = (w.n, w.k);
-    let vt = w.ty.vec_dot_type();
-    let arb = act_row_bytes(vt, k);
+    let mut outs = [out];
+    matmul_packed_many(pool, &[w], x, m, scratch, &mut outs);
+}
+
+/// Several lanes16 matrices of one type and row length over the same activations (Q, K
+/// and V; gate and up): the activations are quantized once and one parallel section
+/// covers all the matrices' row groups.
+fn matmul_packed_many(
+    pool: &ThreadPool,
+    ws: &[&Packed],
+    x: &[f32],
+    m: usize,
+    scratch: &mut MatmulScratch,
+    outs: &mut [&mut [f32]],
+) {
+    let (ty, k) = (ws[0].ty, ws[0].k);
+    assert!(ws.iter().all(|w| w.ty == ty && w.k == k));
+    let arb = prepare_packed_acts(pool, ty, k, x, m, scratch);
     let nb = k / 32;
-    let MatmulScratch { act, preps, .. } = scratch;
-    act.resize(m * arb, 0);
-    if preps.len() < m {
-        preps.resize_with(m, ActPrep::default);
-    }
-    for i in 0..m {
-        quantize_act_row(vt, &x[i * k..(i + 1) * k], &mut act[i * arb..(i + 1) * arb]);
-        preps[i].build(w.ty, &act[i * arb..(i + 1) * arb], nb);
-    }
-    let block_sum = w.ty == GgmlType::Q4_0 && n.is_multiple_of(8);
-    let groups = w.groups();
-    let full = n / GROUP;
-    let outp = SyncPtr(out.as_mut_ptr());
-    let (act, preps) = (&act[..], &preps[..m]);
+    let (act, preps) = (&scratch.act[..], &scratch.preps[..m]);
+    // The full groups of every matrix, numbered consecutively.
+    let fulls: Vec<usize> = ws.iter().map(|w| w.n / GROUP).collect();
+    let total: usize = fulls.iter().sum();
+    let outps: Vec<SyncPtr> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
     let nt = pool.n_threads();
     pool.run(|t| {
         let mut tmp = [0f32; 2 * GROUP];
-        let gr = split_range(full, nt, t, 1);
-        // SAFETY: AVX-512 VNNI is present (the caller checked the kernels' ISA); the
-        // packed matrix holds `groups` groups of `nb` tiles; activations and preps cover
-        // m rows; threads write disjoint groups of 16 outputs per row, inside out.
-        unsafe {
-            crate::packed::x86::matmul_groups(
-                w.ty,
-                block_sum,
-                w.data.as_ptr(),
-                nb,
-                gr,
-                0,
-                act.as_ptr(),
-                arb,
-                preps,
-                outp.get(),
-                n,
-                &mut tmp,
-            );
+        let mine = split_range(total, nt, t, 1);
+        let mut base = 0;
+        for (wi, w) in ws.iter().enumerate() {
+            let (lo, hi) = (mine.start.max(base), mine.end.min(base + fulls[wi]));
+            if lo < hi {
+                let block_sum = w.ty == GgmlType::Q4_0 && w.n.is_multiple_of(8);
+                // SAFETY: AVX-512 VNNI is present (callers check the kernels' ISA); each
+                // packed matrix holds its groups of `nb` tiles; activations and preps cover
+                // m rows; threads write disjoint groups of 16 outputs per row.
+                unsafe {
+                    crate::packed::x86::matmul_groups(
+                        w.ty,
+                        block_sum,
+                        w.data.as_ptr(),
+                        nb,
+                        lo - base..hi - base,
+                        0,
+                        act.as_ptr(),
+                        arb,
+                        preps,
+                        outps[wi].get(),
+                        w.n,
+                        &mut tmp,
+                    );
+                }
+            }
+            base += fulls[wi];
         }
     });
-    // A last, partial group: compute into a buffer and keep its real rows.
-    if groups > full {
-        let mut buf = vec![0f32; m * GROUP];
-        // SAFETY: as above, one group, written into `buf` (m rows of 16).
-        unsafe {
-            crate::packed::x86::matmul_groups(
-                w.ty,
-                block_sum,
-                w.data.as_ptr(),
-                nb,
-                full..groups,
-                full,
-                act.as_ptr(),
-                arb,
-                preps,
-                buf.as_mut_ptr(),
-                GROUP,
-                &mut [0f32; 2 * GROUP],
-            );
-        }
-        for i in 0..m {
-            for r in full * GROUP..n {
-                out[i * n + r] = buf[i * GROUP + (r - full * GROUP)];
+    // Last, partial groups: into a buffer, keeping the real rows.
+    for (wi, w) in ws.iter().enumerate() {
+        let (groups, full) = (w.groups(), fulls[wi]);
+        if groups > full {
+            let n = w.n;
+            let block_sum = w.ty == GgmlType::Q4_0 && n.is_multiple_of(8);
+            let mut buf = vec![0f32; m * GROUP];
+            // SAFETY: as above, one group, written into `buf` (m rows of 16).
+            unsafe {
+                crate::packed::x86::matmul_groups(
+                    w.ty,
+                    block_sum,
+                    w.data.as_ptr(),
+                    nb,
+                    full..groups,
+                    full,
+                    act.as_ptr(),
+                    arb,
+                    preps,
+                    buf.as_mut_ptr(),
+                    GROUP,
+                    &mut [0f32; 2 * GROUP],
+                );
+            }
+            for i in 0..m {
+                for r in full * GROUP..n {
+                    outs[wi][i * n + r] = buf[i * GROUP + (r - full * GROUP)];
+                }
             }
         }
+    }
+}
+
+/// `outs[j] = x · ws[j]ᵀ` for matrices sharing their input. Uses one quantization and
+/// one parallel section when all are lanes16 matrices of one type (AVX-512), otherwise
+/// one [`matmul`] each.
+pub fn matmul_many(
+    pool: &ThreadPool,
+    kern: Kernels,
+    ws: &[WeightRef],
+    x: &[f32],
+    m: usize,
+    steps: &[RowStep],
+    scratch: &mut MatmulScratch,
+    outs: &mut [&mut [f32]],
+) {
+    assert_eq!(ws.len(), outs.len());
+    let packed: Option<Vec<&Packed>> = ws.iter().map(|w| w.packed).collect();
+    if let Some(ps) = packed
+        && kern.isa() == crate::Isa::Avx512Vnni
+        && ps.iter().all(|p| p.ty == ps[0].ty && p.k == ps[0].k)
+    {
+        for (w, o) in ws.iter().zip(outs.iter()) {
+            assert_eq!(x.len(), m * w.k);
+            assert_eq!(o.len(), m * w.n);
+        }
+        return matmul_packed_many(pool, &ps, x, m, scratch, outs);
+    }
+    for (w, o) in ws.iter().zip(outs.iter_mut()) {
+        matmul(pool, kern, w, x, m, steps, scratch, o);
     }
 }
 

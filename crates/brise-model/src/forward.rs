@@ -3,10 +3,10 @@
 use crate::config::ModelConfig;
 use crate::kv::KvCache;
 use crate::weights::{ModelWeights, Weight};
-use brise_kernels::attn::{self, DotOrder};
-use brise_kernels::matmul::{MatmulScratch, RowStep, matmul};
+use brise_kernels::attn::{self, DotOrder, block16};
+use brise_kernels::matmul::{MatmulScratch, RowStep, matmul, matmul_many};
 use brise_kernels::ops;
-use brise_kernels::pool::{ThreadPool, split_range};
+use brise_kernels::pool::ThreadPool;
 use brise_kernels::quant::Kernels;
 
 /// One sequence's part of a batch: its cache, the new tokens (appended at the cache's
@@ -227,9 +227,21 @@ impl Forward<'_> {
                 );
             }
             trace(st, "attn_norm", li, |s| &s.xn, r * e);
-            self.mm(pool, &mut st.mm, &lw.wq, &st.xn, r, &steps, &mut st.q);
-            self.mm(pool, &mut st.mm, &lw.wk, &st.xn, r, &steps, &mut st.k);
-            self.mm(pool, &mut st.mm, &lw.wv, &st.xn, r, &steps, &mut st.v);
+            // Q, K and V share their input: one quantization, one parallel section.
+            matmul_many(
+                pool,
+                self.kern,
+                &[lw.wq.as_ref(), lw.wk.as_ref(), lw.wv.as_ref()],
+                &st.xn[..r * e],
+                r,
+                &steps,
+                &mut st.mm,
+                &mut [
+                    &mut st.q[..r * qd],
+                    &mut st.k[..r * kvd],
+                    &mut st.v[..r * kvd],
+                ],
+            );
             for i in 0..r {
                 if let Some(b) = &lw.bq {
                     ops::add_assign(&mut st.q[i * qd..(i + 1) * qd], b);
@@ -261,8 +273,12 @@ impl Forward<'_> {
             for (i, row) in rows.iter().enumerate() {
                 let cache = &mut *batch[row.seq].cache;
                 for h in 0..nkv {
-                    let src = &st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd];
-                    ops::f32_to_f16_bytes(src, cache.k_row_mut(li, h, row.pos));
+                    cache.set_k(
+                        li,
+                        h,
+                        row.pos,
+                        &st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd],
+                    );
                     cache.set_v(
                         li,
                         h,
@@ -287,16 +303,16 @@ impl Forward<'_> {
                     &mut st.xn[i * e..(i + 1) * e],
                 );
             }
-            self.mm(
+            matmul_many(
                 pool,
-                &mut st.mm,
-                &lw.w_gate,
-                &st.xn,
+                self.kern,
+                &[lw.w_gate.as_ref(), lw.w_up.as_ref()],
+                &st.xn[..r * e],
                 r,
                 &steps,
-                &mut st.gate,
+                &mut st.mm,
+                &mut [&mut st.gate[..r * cfg.n_ff], &mut st.up[..r * cfg.n_ff]],
             );
-            self.mm(pool, &mut st.mm, &lw.w_up, &st.xn, r, &steps, &mut st.up);
             let nf = cfg.n_ff;
             ops::swiglu(&st.gate[..r * nf], &st.up[..r * nf], &mut st.tmp[..r * nf]);
             std::mem::swap(&mut st.tmp, &mut st.gate);
@@ -399,7 +415,9 @@ impl Forward<'_> {
                 )
             };
             let (q16, p16) = q16.split_at_mut(hd * 2);
-            for wi in split_range(work, nt, t, 1) {
+            // Interleaved: later rows attend to more positions, so contiguous ranges
+            // would leave one thread with most of the work.
+            for wi in (t..work).step_by(nt) {
                 let (i, h) = (wi / nh, wi % nh);
                 let row = &rows[i];
                 let cache = &*batch[row.seq].cache;
@@ -422,17 +440,54 @@ impl Forward<'_> {
                         DotOrder::Vec
                     };
                 ops::f32_to_f16_bytes(&q[i * qd + h * hd..i * qd + (h + 1) * hd], q16);
-                let keys = cache.k_rows(li, kvh, lo..hi);
-                for (j, kr) in keys.chunks_exact(hd * 2).enumerate() {
-                    sc[lo + j] = attn::dot_f16(kq_order, kr, q16, 0, hd, hd) * scale;
+                if block16::supported(kq_order, hd) {
+                    let qf = &mut pr[..hd];
+                    for (d, v) in qf.iter_mut().enumerate() {
+                        *v = half::f16::from_le_bytes([q16[2 * d], q16[2 * d + 1]]).to_f32();
+                    }
+                    let mut s16 = [0f32; 16];
+                    for kb in lo / 16..hi.div_ceil(16) {
+                        block16::kq(kq_order, cache.k_block(li, kvh, kb), qf, hd, &mut s16);
+                        for (j, v) in s16.iter().enumerate() {
+                            let pos = kb * 16 + j;
+                            if pos >= lo && pos < hi {
+                                sc[pos] = v * scale;
+                            }
+                        }
+                    }
+                } else {
+                    let mut krow = vec![0u8; hd * 2];
+                    for pos in lo..hi {
+                        cache.k_row(li, kvh, pos, &mut krow);
+                        sc[pos] = attn::dot_f16(kq_order, &krow, q16, 0, hd, hd) * scale;
+                    }
                 }
                 attn::softmax_masked(sc, lo, hi, row.n_kv, pr);
                 ops::f32_to_f16_bytes(&pr[lo..hi], &mut p16[lo * 2..hi * 2]);
                 // SAFETY: this (row, head) output belongs to this thread alone.
                 let out =
                     unsafe { std::slice::from_raw_parts_mut(attn.get().add(i * qd + h * hd), hd) };
-                for (d, o) in out.iter_mut().enumerate() {
-                    *o = attn::dot_f16(kqv_order, cache.v_dim(li, kvh, d), p16, lo, hi, row.n_kv);
+                let vr = cache.v_rows(li, kvh);
+                if hd.is_multiple_of(16) {
+                    // The probabilities as f32 values of their f16 rounding.
+                    for (v, c) in pr[lo..hi]
+                        .iter_mut()
+                        .zip(p16[lo * 2..hi * 2].chunks_exact(2))
+                    {
+                        *v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                    }
+                    let mut o16 = [0f32; 16];
+                    for d0 in (0..hd).step_by(16) {
+                        block16::kqv(kqv_order, vr, hd, d0, pr, lo, hi, row.n_kv, &mut o16);
+                        out[d0..d0 + 16].copy_from_slice(&o16);
+                    }
+                } else {
+                    for (d, o) in out.iter_mut().enumerate() {
+                        let col: Vec<u8> = (0..hi)
+                            .flat_map(|j| [vr[(j * hd + d) * 2], vr[(j * hd + d) * 2 + 1]])
+                            .collect();
+                        *o = attn::dot_f16(kqv_order, &col, p16, lo, hi, row.n_kv.max(hi));
+                    }
                 }
             }
         });

@@ -1,8 +1,9 @@
 //! The KV cache of one sequence: keys and values of every layer, stored as f16 like
-//! llama.cpp's default cache. Keys are laid out [kv_head][position][head_dim] (a key is
-//! contiguous for its dot with the query); values are transposed, [kv_head][head_dim]
-//! [position], as llama.cpp stores them without flash attention, so the weighted sum
-//! runs over contiguous positions in the same order llama.cpp sums them.
+//! llama.cpp's default cache. Keys are kept in blocks of 16 positions, transposed
+//! ([kv_head][block][head_dim][16]), so scores of 16 keys come from one SIMD pass; values
+//! are rows by position ([kv_head][position][head_dim]), so 16 output dimensions come
+//! from one pass. (The layout only changes which elements are computed together, never
+//! the arithmetic of any of them.)
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -21,7 +22,8 @@ impl KvCache {
     /// A cache for `n_ctx` positions. Memory is reserved zeroed, so pages are only
     /// touched as positions fill.
     pub fn new(cfg: &ModelConfig, n_ctx: usize) -> KvCache {
-        let per_layer = cfg.n_head_kv * n_ctx * cfg.head_dim * 2;
+        let blocks = n_ctx.div_ceil(16);
+        let per_layer = cfg.n_head_kv * blocks * 16 * cfg.head_dim * 2;
         KvCache {
             n_ctx,
             n_head_kv: cfg.n_head_kv,
@@ -66,34 +68,44 @@ impl KvCache {
         debug_assert!(self.len <= self.n_ctx);
     }
 
-    fn off(&self, head: usize, pos: usize) -> usize {
-        (head * self.n_ctx + pos) * self.head_dim * 2
+    fn head_bytes(&self) -> usize {
+        self.n_ctx.div_ceil(16) * 16 * self.head_dim * 2
     }
 
-    pub(crate) fn k_row_mut(&mut self, layer: usize, head: usize, pos: usize) -> &mut [u8] {
-        let o = self.off(head, pos);
-        &mut self.k[layer][o..o + self.head_dim * 2]
-    }
-
-    /// Stores the value vector of `head` at `pos` (scattered into the transposed layout).
-    pub(crate) fn set_v(&mut self, layer: usize, head: usize, pos: usize, v: &[f32]) {
-        let base = head * self.head_dim * self.n_ctx;
-        let buf = &mut self.v[layer];
-        for (d, x) in v.iter().enumerate() {
-            let o = (base + d * self.n_ctx + pos) * 2;
+    pub(crate) fn set_k(&mut self, layer: usize, head: usize, pos: usize, k: &[f32]) {
+        let base = head * self.head_bytes() + (pos / 16) * 16 * self.head_dim * 2 + (pos % 16) * 2;
+        let buf = &mut self.k[layer];
+        for (d, x) in k.iter().enumerate() {
+            let o = base + d * 32;
             buf[o..o + 2].copy_from_slice(&half::f16::from_f32(*x).to_le_bytes());
         }
     }
 
-    /// Keys of `head` for positions `range`, contiguous.
-    pub(crate) fn k_rows(&self, layer: usize, head: usize, range: std::ops::Range<usize>) -> &[u8] {
-        &self.k[layer][self.off(head, range.start)..self.off(head, range.end)]
+    pub(crate) fn set_v(&mut self, layer: usize, head: usize, pos: usize, v: &[f32]) {
+        let o = head * self.head_bytes() + pos * self.head_dim * 2;
+        brise_kernels::ops::f32_to_f16_bytes(v, &mut self.v[layer][o..o + self.head_dim * 2]);
     }
 
-    /// Values of dimension `dim` of `head` for every position (n_ctx of them).
-    pub(crate) fn v_dim(&self, layer: usize, head: usize, dim: usize) -> &[u8] {
-        let o = (head * self.head_dim + dim) * self.n_ctx * 2;
-        &self.v[layer][o..o + self.n_ctx * 2]
+    /// Key block `b` (positions 16b..16b+16) of `head`, transposed: `head_dim` rows of 16.
+    pub(crate) fn k_block(&self, layer: usize, head: usize, b: usize) -> &[u8] {
+        let o = head * self.head_bytes() + b * 16 * self.head_dim * 2;
+        &self.k[layer][o..o + 16 * self.head_dim * 2]
+    }
+
+    /// The key at `pos` as a contiguous f16 row (for head sizes the block kernels do not
+    /// take).
+    pub(crate) fn k_row(&self, layer: usize, head: usize, pos: usize, out: &mut [u8]) {
+        let blk = self.k_block(layer, head, pos / 16);
+        for d in 0..self.head_dim {
+            let o = (d * 16 + pos % 16) * 2;
+            out[2 * d..2 * d + 2].copy_from_slice(&blk[o..o + 2]);
+        }
+    }
+
+    /// Values of `head` as rows by position (`n_ctx` rows of `head_dim`).
+    pub(crate) fn v_rows(&self, layer: usize, head: usize) -> &[u8] {
+        let o = head * self.head_bytes();
+        &self.v[layer][o..o + self.n_ctx * self.head_dim * 2]
     }
 
     pub fn n_head_kv(&self) -> usize {
