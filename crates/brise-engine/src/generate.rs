@@ -5,6 +5,7 @@ use crate::sampler::{Sampler, SamplingParams};
 use brise_kernels::pool::ThreadPool;
 use brise_model::forward::{ForwardState, LogitsWanted, SeqBatch};
 use brise_model::kv::KvCache;
+use brise_model::tokenizer::Tokenizer;
 use brise_model::{Model, ModelError};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ pub enum EngineError {
     Model(#[from] ModelError),
     #[error("invalid parameter: {0}")]
     InvalidParam(String),
+    #[error("the request took longer than its timeout")]
+    Timeout,
 }
 
 /// One conversation's cache and the tokens it holds.
@@ -190,6 +193,106 @@ impl StopScan<'_> {
     }
 }
 
+/// What one sampling step did.
+#[derive(Debug)]
+pub enum Step {
+    /// `token` was generated (feed it next); `text` is ready to stream.
+    Token { token: u32, text: String },
+    /// Generation ended; `text` is what was still held back and is now final.
+    Finish { reason: FinishReason, text: String },
+}
+
+/// The per-sequence side of generation: sampling, UTF-8 assembly, stop strings and
+/// `max_tokens`. `Generator` and the batching scheduler share it.
+pub struct Decoder {
+    sampler: Sampler,
+    utf8: Utf8Stream,
+    stops: Vec<String>,
+    pending: String,
+    max_tokens: Option<usize>,
+    /// Generated tokens (the end-of-generation token is not one of them).
+    pub tokens: Vec<u32>,
+    /// Text streamed so far.
+    pub text: String,
+    done: bool,
+}
+
+impl Decoder {
+    pub fn new(opts: &GenerateOptions) -> Decoder {
+        Decoder {
+            sampler: Sampler::new(opts.sampling.clone()),
+            utf8: Utf8Stream::default(),
+            stops: opts.stop.clone(),
+            pending: String::new(),
+            max_tokens: opts.max_tokens,
+            tokens: Vec::new(),
+            text: String::new(),
+            done: false,
+        }
+    }
+
+    /// Samples the next token from `logits` (the last position's), given the sequence's
+    /// tokens so far (for penalties).
+    pub fn next(&mut self, tk: &Tokenizer, logits: &[f32], history: &[u32]) -> Step {
+        if self.max_tokens.is_some_and(|m| self.tokens.len() >= m) {
+            let text = self.finish(FinishReason::Length);
+            return Step::Finish {
+                reason: FinishReason::Length,
+                text,
+            };
+        }
+        let tok = self.sampler.sample(logits, history);
+        if tk.is_eog(tok) {
+            let text = self.finish(FinishReason::Stop);
+            return Step::Finish {
+                reason: FinishReason::Stop,
+                text,
+            };
+        }
+        self.tokens.push(tok);
+        let piece = self.utf8.push(&tk.token_to_piece(tok, false));
+        let mut scan = StopScan {
+            stops: &self.stops,
+            pending: std::mem::take(&mut self.pending),
+        };
+        let (emit, hit) = scan.push(&piece);
+        self.pending = scan.pending;
+        self.text.push_str(&emit);
+        if hit {
+            self.done = true;
+            return Step::Finish {
+                reason: FinishReason::Stop,
+                text: emit,
+            };
+        }
+        Step::Token {
+            token: tok,
+            text: emit,
+        }
+    }
+
+    /// Ends the generation for `reason`, returning held-back text that is now final
+    /// (none after a stop string or a cancellation).
+    pub fn finish(&mut self, reason: FinishReason) -> String {
+        if self.done {
+            return String::new();
+        }
+        self.done = true;
+        if reason == FinishReason::Cancelled {
+            return String::new();
+        }
+        let rest = self.utf8.finish();
+        let mut scan = StopScan {
+            stops: &self.stops,
+            pending: std::mem::take(&mut self.pending),
+        };
+        let (emit, _) = scan.push(&rest);
+        let tail = emit + &scan.pending;
+        self.text.push_str(&tail);
+        tail
+    }
+}
+
 /// Runs generations on one model with one thread pool.
 pub struct Generator<'m> {
     pub model: &'m Model,
@@ -277,56 +380,40 @@ impl<'m> Generator<'m> {
         self.feed(s, &prompt[common..], opts.n_batch);
         let prompt_time = start.elapsed();
 
-        let mut sampler = Sampler::new(opts.sampling.clone());
-        let mut utf8 = Utf8Stream::default();
-        let mut scan = StopScan {
-            stops: &opts.stop,
-            pending: String::new(),
-        };
-        let mut text = String::new();
-        let mut out = Vec::new();
+        let mut dec = Decoder::new(opts);
         let mut first_token_time = Duration::ZERO;
         let gen_start = Instant::now();
-        let mut hit_stop = false;
+        let tk = &self.model.tokenizer;
         let finish = loop {
-            if opts.max_tokens.is_some_and(|m| out.len() >= m) {
-                break FinishReason::Length;
-            }
-            let tok = sampler.sample(&self.st.logits, &s.tokens);
-            if out.is_empty() {
+            let step = dec.next(tk, &self.st.logits, &s.tokens);
+            if first_token_time.is_zero() {
                 first_token_time = start.elapsed();
             }
-            if self.model.tokenizer.is_eog(tok) {
-                break FinishReason::Stop;
-            }
-            out.push(tok);
-            let piece = utf8.push(&self.model.tokenizer.token_to_piece(tok, false));
-            let (emit, hit) = scan.push(&piece);
-            if !emit.is_empty() {
-                text.push_str(&emit);
-                if !on_text(&emit) {
-                    break FinishReason::Cancelled;
+            match step {
+                Step::Finish { reason, text } => {
+                    if !text.is_empty() {
+                        on_text(&text);
+                    }
+                    break reason;
+                }
+                Step::Token { token, text } => {
+                    if !text.is_empty() && !on_text(&text) {
+                        dec.finish(FinishReason::Cancelled);
+                        break FinishReason::Cancelled;
+                    }
+                    if s.cache.len() + 1 > n_ctx {
+                        let text = dec.finish(FinishReason::ContextFull);
+                        if !text.is_empty() {
+                            on_text(&text);
+                        }
+                        break FinishReason::ContextFull;
+                    }
+                    self.feed(s, &[token], opts.n_batch);
                 }
             }
-            if hit {
-                hit_stop = true;
-                break FinishReason::Stop;
-            }
-            if s.cache.len() + 1 > n_ctx {
-                break FinishReason::ContextFull;
-            }
-            self.feed(s, &[tok], opts.n_batch);
         };
-        // Text held back for a stop string that never completed is still output.
-        if !hit_stop && finish != FinishReason::Cancelled {
-            let rest = utf8.finish();
-            let (emit, _) = scan.push(&rest);
-            let tail = emit + &std::mem::take(&mut scan.pending);
-            if !tail.is_empty() {
-                text.push_str(&tail);
-                on_text(&tail);
-            }
-        }
+        let text = std::mem::take(&mut dec.text);
+        let out = std::mem::take(&mut dec.tokens);
         Ok(Generation {
             text,
             n_prompt: prompt.len(),

@@ -3,6 +3,9 @@
 
 pub mod generate;
 pub mod sampler;
+pub mod scheduler;
 
-pub use generate::{EngineError, FinishReason, GenerateOptions, Generation, Generator, Session};
+pub use generate::{
+    Decoder, EngineError, FinishReason, GenerateOptions, Generation, Generator, Session, Step,
+};
 pub use sampler::{Sampler, SamplingParams};

@@ -1,0 +1,493 @@
+//! Continuous batching: many sequences share each forward pass.
+//!
+//! One engine thread owns the model's thread pool and a fixed set of KV-cache slots.
+//! Each step it admits queued requests into free slots, then runs one forward pass over
+//! every active sequence: one prompt chunk (at most one sequence in prompt processing per
+//! step, so a long prompt delays the others by one chunk at a time, never by the whole
+//! prompt) plus one token for each sequence that is generating.
+//!
+//! Batch invariance: the forward pass picks each row's kernels from what *its own*
+//! sequence contributes to the step, and prompts are always cut into chunks of `n_batch`
+//! starting at position 0 (as `brise run` and llama.cpp cut them), so a sequence's tokens
+//! do not depend on what else is in the batch. The prefix cache keeps this: a slot's
+//! cached positions are reused only up to the end of the last whole chunk, which is
+//! exactly what a cold run would have computed there.
+
+use crate::generate::{Decoder, EngineError, FinishReason, GenerateOptions, Step};
+use brise_kernels::pool::ThreadPool;
+use brise_model::forward::{ForwardState, LogitsWanted, SeqBatch};
+use brise_model::kv::KvCache;
+use brise_model::{Model, ModelError};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub n_threads: usize,
+    /// KV-cache slots: sequences decoded together.
+    pub n_slots: usize,
+    /// Context of each slot, in tokens.
+    pub n_ctx_slot: usize,
+    /// Prompt chunk size (llama.cpp's physical batch).
+    pub n_batch: usize,
+    /// Requests waiting for a slot before `submit` refuses more.
+    pub queue_capacity: usize,
+}
+
+/// What the engine reports about one request, in order: `Token`s, then one `Done` or
+/// `Error`.
+#[derive(Debug)]
+pub enum Event {
+    /// A generated token and the text it completes (may be empty while UTF-8 bytes or a
+    /// possible stop string are held back).
+    Token {
+        token: u32,
+        text: String,
+    },
+    Done(Outcome),
+    Error(EngineError),
+}
+
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub finish: FinishReason,
+    /// Text still held back at the end (already final), not sent as a `Token`.
+    pub tail: String,
+    pub n_prompt: usize,
+    /// Prompt tokens reused from the prefix cache.
+    pub n_cached: usize,
+    pub n_gen: usize,
+    /// From admission to the end of prompt processing.
+    pub prompt_time: Duration,
+    /// From admission to the end.
+    pub total_time: Duration,
+}
+
+/// Receives the events of one request; returns `false` when nobody listens any more,
+/// which cancels the request.
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub opts: GenerateOptions,
+    /// Set by the caller to stop the request (e.g. its client went away).
+    pub cancel: Arc<AtomicBool>,
+    /// Past this instant the request ends with a timeout error.
+    pub deadline: Option<Instant>,
+    pub sink: Sink,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+/// Live figures for metrics.
+#[derive(Default)]
+pub struct Stats {
+    pub queued: AtomicUsize,
+    pub active: AtomicUsize,
+    /// Tokens in the last forward pass.
+    pub batch_tokens: AtomicUsize,
+    /// Sequences in the last forward pass.
+    pub batch_seqs: AtomicUsize,
+    pub kv_used: AtomicUsize,
+    pub kv_total: AtomicUsize,
+    pub steps: AtomicU64,
+    pub prompt_tokens_cached: AtomicU64,
+}
+
+pub struct Scheduler {
+    tx: Mutex<Option<SyncSender<Request>>>,
+    stats: Arc<Stats>,
+    cfg: SchedulerConfig,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Scheduler {
+    pub fn start(model: Arc<Model>, cfg: SchedulerConfig) -> Scheduler {
+        let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1));
+        let stats = Arc::new(Stats::default());
+        stats
+            .kv_total
+            .store(cfg.n_slots * cfg.n_ctx_slot, Ordering::Relaxed);
+        let st = stats.clone();
+        let c = cfg.clone();
+        let thread = std::thread::Builder::new()
+            .name("brise-engine".into())
+            .spawn(move || Engine::new(model, c, st).run(rx))
+            .expect("spawn the engine thread");
+        Scheduler {
+            tx: Mutex::new(Some(tx)),
+            stats,
+            cfg,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Queues a request; refuses when the queue is full, never blocks.
+    pub fn submit(&self, r: Request) -> Result<(), SubmitError> {
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = guard.as_ref().ok_or(SubmitError::ShuttingDown)?;
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        match tx.try_send(r) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(self.cfg.queue_capacity),
+                    TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
+                })
+            }
+        }
+    }
+
+    /// Stops accepting requests, lets queued and running ones finish, and waits for the
+    /// engine thread.
+    pub fn shutdown(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Slot {
+    cache: KvCache,
+    /// Tokens whose keys and values the cache holds.
+    tokens: Vec<u32>,
+    /// Leading positions computed in whole prompt chunks from position 0: what a cold
+    /// run computes bit for bit, so they can be reused.
+    exact: usize,
+    seq: Option<Seq>,
+}
+
+struct Seq {
+    req: Request,
+    dec: Decoder,
+    /// Tokens still to feed: the rest of the prompt, or the last generated token.
+    pending: Vec<u32>,
+    /// Prompt tokens not yet processed (a prefix of `pending` while > 0).
+    prompt_left: usize,
+    n_prompt: usize,
+    n_cached: usize,
+    admitted: Instant,
+    prompt_time: Duration,
+}
+
+struct Engine {
+    model: Arc<Model>,
+    cfg: SchedulerConfig,
+    stats: Arc<Stats>,
+    pool: ThreadPool,
+    st: ForwardState,
+    slots: Vec<Slot>,
+    /// Slot indices in admission order, for fair prompt processing.
+    order: VecDeque<usize>,
+}
+
+impl Engine {
+    fn new(model: Arc<Model>, cfg: SchedulerConfig, stats: Arc<Stats>) -> Engine {
+        let slots = (0..cfg.n_slots.max(1))
+            .map(|_| Slot {
+                cache: KvCache::new(&model.cfg, cfg.n_ctx_slot),
+                tokens: Vec::new(),
+                exact: 0,
+                seq: None,
+            })
+            .collect();
+        Engine {
+            pool: ThreadPool::new(cfg.n_threads.max(1)),
+            st: ForwardState::default(),
+            model,
+            cfg,
+            stats,
+            slots,
+            order: VecDeque::new(),
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Request>) {
+        let mut open = true;
+        loop {
+            open = self.admit(&rx, open);
+            if self.order.is_empty() {
+                if !open {
+                    return;
+                }
+                continue;
+            }
+            self.step();
+        }
+    }
+
+    /// Moves queued requests into free slots. Blocks while nothing is running.
+    fn admit(&mut self, rx: &Receiver<Request>, mut open: bool) -> bool {
+        while open && self.slots.iter().any(|s| s.seq.is_none()) {
+            let r = if self.order.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(r) => r,
+                    Err(RecvTimeoutError::Timeout) => return open,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            self.start(r);
+        }
+        open
+    }
+
+    fn start(&mut self, mut r: Request) {
+        if r.cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = self.check(&r) {
+            (r.sink)(Event::Error(e));
+            return;
+        }
+        // The free slot whose exactly reusable prefix is longest.
+        let nb = self.cfg.n_batch.max(1);
+        let reusable = |s: &Slot| {
+            let common = s
+                .tokens
+                .iter()
+                .zip(&r.prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(s.exact)
+                .min(r.prompt.len() - 1);
+            common / nb * nb
+        };
+        let (idx, reuse) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.seq.is_none())
+            .map(|(i, s)| (i, reusable(s)))
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+            .expect("admit checks for a free slot");
+        let slot = &mut self.slots[idx];
+        slot.cache.truncate(reuse);
+        slot.tokens.truncate(reuse);
+        slot.exact = slot.exact.min(reuse);
+        self.stats
+            .prompt_tokens_cached
+            .fetch_add(reuse as u64, Ordering::Relaxed);
+        let pending = r.prompt[reuse..].to_vec();
+        slot.seq = Some(Seq {
+            dec: Decoder::new(&r.opts),
+            prompt_left: pending.len(),
+            pending,
+            n_prompt: r.prompt.len(),
+            n_cached: reuse,
+            admitted: Instant::now(),
+            prompt_time: Duration::ZERO,
+            req: r,
+        });
+        self.order.push_back(idx);
+        self.stats.active.store(self.order.len(), Ordering::Relaxed);
+    }
+
+    fn check(&self, r: &Request) -> Result<(), EngineError> {
+        r.opts
+            .sampling
+            .validate()
+            .map_err(EngineError::InvalidParam)?;
+        if r.prompt.is_empty() {
+            return Err(EngineError::InvalidParam("the prompt is empty".into()));
+        }
+        let n_ctx = self.cfg.n_ctx_slot;
+        let need = r.prompt.len() + r.opts.max_tokens.unwrap_or(0);
+        if r.prompt.len() > n_ctx || need > n_ctx {
+            return Err(ModelError::ContextOverflow {
+                n_prompt: need,
+                n_ctx,
+            }
+            .into());
+        }
+        if let Some(&bad) = r
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.cfg.n_vocab)
+        {
+            return Err(EngineError::InvalidParam(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        Ok(())
+    }
+
+    /// One forward pass over every active sequence, then one sampling step for each
+    /// sequence whose logits came out.
+    fn step(&mut self) {
+        let now = Instant::now();
+        // Drop cancelled and timed-out sequences before spending compute on them.
+        for &i in self.order.clone().iter() {
+            let seq = self.slots[i].seq.as_ref().expect("ordered slots are busy");
+            if seq.req.cancel.load(Ordering::Relaxed) {
+                self.finish(i, FinishReason::Cancelled);
+            } else if seq.req.deadline.is_some_and(|d| now >= d) {
+                self.fail(i, EngineError::Timeout);
+            }
+        }
+        if self.order.is_empty() {
+            return;
+        }
+        let nb = self.cfg.n_batch.max(1);
+        // Which slots take part, and how many tokens each feeds.
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        let mut prefilling = false;
+        for &i in &self.order {
+            let seq = self.slots[i].seq.as_ref().expect("busy");
+            if seq.prompt_left > 0 {
+                if prefilling {
+                    continue;
+                }
+                prefilling = true;
+                // Chunks start at multiples of n_batch, as a cold run cuts them.
+                let pos = self.slots[i].cache.len();
+                let n = (nb - pos % nb).min(seq.prompt_left);
+                plan.push((i, n, n == seq.prompt_left));
+            } else {
+                plan.push((i, 1, true));
+            }
+        }
+        let mut batch: Vec<SeqBatch> = Vec::with_capacity(plan.len());
+        let mut n_tokens = 0;
+        // Disjoint mutable borrows of the planned slots.
+        let mut slot_refs: Vec<Option<&mut Slot>> = self.slots.iter_mut().map(Some).collect();
+        for &(i, n, last) in &plan {
+            let slot = slot_refs[i].take().expect("each slot planned once");
+            let seq = slot.seq.as_ref().expect("busy");
+            n_tokens += n;
+            batch.push(SeqBatch {
+                cache: &mut slot.cache,
+                tokens: &seq.pending[..n],
+                logits: if last {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            });
+        }
+        self.model
+            .forward()
+            .run(&self.pool, &mut self.st, &mut batch);
+        drop(batch);
+        self.stats.batch_tokens.store(n_tokens, Ordering::Relaxed);
+        self.stats.batch_seqs.store(plan.len(), Ordering::Relaxed);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+
+        let n_vocab = self.model.cfg.n_vocab;
+        let mut row = 0;
+        for &(i, n, last) in &plan {
+            let slot = &mut self.slots[i];
+            let seq = slot.seq.as_mut().expect("busy");
+            let fed: Vec<u32> = seq.pending.drain(..n).collect();
+            slot.tokens.extend_from_slice(&fed);
+            if seq.prompt_left > 0 {
+                seq.prompt_left -= n;
+                // Whole chunks from a chunk boundary are exact.
+                let len = slot.tokens.len();
+                if slot.exact + n == len && (n == nb || len.is_multiple_of(nb)) {
+                    slot.exact = len;
+                }
+                if seq.prompt_left == 0 {
+                    seq.prompt_time = seq.admitted.elapsed();
+                }
+            }
+            if !last {
+                continue;
+            }
+            let logits = &self.st.logits[row * n_vocab..(row + 1) * n_vocab];
+            row += 1;
+            let step = seq.dec.next(&self.model.tokenizer, logits, &slot.tokens);
+            match step {
+                Step::Finish { reason, text } => self.finish_with(i, reason, Some(text)),
+                Step::Token { token, text } => {
+                    if !(seq.req.sink)(Event::Token { token, text }) {
+                        self.finish(i, FinishReason::Cancelled);
+                    } else if slot.cache.len() + 1 > slot.cache.n_ctx() {
+                        self.finish(i, FinishReason::ContextFull);
+                    } else {
+                        seq.pending.push(token);
+                    }
+                }
+            }
+        }
+        let used: usize = self.slots.iter().map(|s| s.cache.len()).sum();
+        self.stats.kv_used.store(used, Ordering::Relaxed);
+    }
+
+    fn release(&mut self, i: usize) -> Option<Seq> {
+        let seq = self.slots[i].seq.take();
+        self.order.retain(|&j| j != i);
+        self.stats.active.store(self.order.len(), Ordering::Relaxed);
+        seq
+    }
+
+    fn finish(&mut self, i: usize, reason: FinishReason) {
+        self.finish_with(i, reason, None)
+    }
+
+    /// Ends slot `i`'s sequence; `tail` is the final text when the decoder already ended.
+    fn finish_with(&mut self, i: usize, reason: FinishReason, tail: Option<String>) {
+        let Some(mut seq) = self.release(i) else {
+            return;
+        };
+        let tail = tail.unwrap_or_else(|| seq.dec.finish(reason));
+        let prompt_time = if seq.prompt_left == 0 {
+            seq.prompt_time
+        } else {
+            seq.admitted.elapsed()
+        };
+        (seq.req.sink)(Event::Done(Outcome {
+            finish: reason,
+            tail,
+            n_prompt: seq.n_prompt,
+            n_cached: seq.n_cached,
+            n_gen: seq.dec.tokens.len(),
+            prompt_time,
+            total_time: seq.admitted.elapsed(),
+        }));
+    }
+
+    fn fail(&mut self, i: usize, e: EngineError) {
+        if let Some(mut seq) = self.release(i) {
+            (seq.req.sink)(Event::Error(e));
+        }
+    }
+}
