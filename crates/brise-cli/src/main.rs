@@ -3,6 +3,7 @@
 mod bench;
 mod registry;
 mod run;
+mod serve;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -16,7 +17,7 @@ use clap::{Parser, Subcommand};
 ordinary CPU, token for token what llama.cpp computes.\n\nModels live in $BRISE_HOME/models (default ~/.brise/models). \
 MODEL arguments accept a .gguf file, a Hugging Face model directory (config.json + *.safetensors + tokenizer), \
 or a name that `brise list` shows or `brise pull` knows (smollm2:135m, qwen2.5-coder:0.5b).",
-    after_help = "Examples:\n  brise run smollm2 \"Why is the sky blue?\"\n  brise run qwen2.5-coder --raw \"def fib(n):\" -n 64 --temp 0\n  brise pull qwen2.5-coder:0.5b\n  brise tokenize smollm2 \"Hello world\""
+    after_help = "Examples:\n  brise run smollm2 \"Why is the sky blue?\"\n  brise run qwen2.5-coder --raw \"def fib(n):\" -n 64 --temp 0\n  brise pull qwen2.5-coder:0.5b\n  brise tokenize smollm2 \"Hello world\"\n  brise serve smollm2 --port 8080"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,6 +35,8 @@ enum Cmd {
     },
     /// List local models (and the ones `brise pull` can fetch)
     List,
+    /// Serve models over the OpenAI and Mistral HTTP APIs, with continuous batching
+    Serve(serve::ServeArgs),
     /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench
     Bench(bench::BenchArgs),
     /// Print the token ids of TEXT
@@ -57,6 +60,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Serve(a) => serve::serve(a),
         Cmd::Pull { name } => pull(&name),
         Cmd::List => list(),
         Cmd::Tokenize {

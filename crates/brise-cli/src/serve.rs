@@ -1,0 +1,216 @@
+//! `brise serve`: the OpenAI- and Mistral-compatible HTTP server.
+
+use crate::registry;
+use crate::run::{default_threads, kernels};
+use anyhow::{Context, Result, bail};
+use brise_engine::SamplingParams;
+use brise_engine::scheduler::SchedulerConfig;
+use brise_kernels::Isa;
+use brise_model::Model;
+use brise_server::{ApiKey, ServedModel, ServerConfig};
+use clap::Args;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  brise serve smollm2\n  brise serve smollm2 qwen2.5-coder --port 8080 --parallel 8\n  brise serve model.gguf --host 0.0.0.0 --api-key-file keys.txt\n\n\
+Clients: any OpenAI or Mistral SDK with base URL http://HOST:PORT/v1 (Mistral: server_url http://HOST:PORT)."
+)]
+pub struct ServeArgs {
+    /// Models to serve (.gguf files, model directories or names); requests pick one by `model`
+    #[arg(default_value = registry::DEFAULT_MODEL, num_args = 1..)]
+    pub models: Vec<String>,
+    /// Address to listen on (0.0.0.0 for every interface)
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Threads per model (default: the number of CPU cores)
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Total context in tokens, shared by the --parallel slots as llama-server does
+    /// [default: --parallel × min(4096, the model's training context)]
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<usize>,
+    /// Sequences decoded together (KV-cache slots) per model
+    #[arg(short = 'p', long = "parallel", default_value_t = 4)]
+    pub parallel: usize,
+    /// Prompt chunk in tokens (llama.cpp's batch; 512 keeps outputs identical to llama.cpp's)
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    pub batch_size: usize,
+    /// Requests that may wait for a slot before the server answers 503
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// An API key clients must send as `Authorization: Bearer KEY` (repeatable). `TENANT=KEY`
+    /// names the key's tenant; a plain KEY is tenant "default"
+    #[arg(long = "api-key", env = "BRISE_API_KEY")]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`TENANT=KEY` or `KEY`; # comments)
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Per-request time limit in seconds
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// After SIGTERM: seconds to let requests in flight finish
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+    /// Largest request body in bytes
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body: usize,
+    /// Restrict kernels to a CPU level: scalar, avx2, avx512-vnni
+    #[arg(long)]
+    pub cpu: Option<Isa>,
+}
+
+fn parse_key(s: &str) -> Result<ApiKey> {
+    let s = s.trim();
+    if s.is_empty() {
+        bail!("an API key is empty");
+    }
+    if let Some((tenant, key)) = s.split_once('=')
+        && !tenant.is_empty()
+        && !key.is_empty()
+        && !key.starts_with('=')
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        return Ok(ApiKey {
+            key: key.to_string(),
+            tenant: tenant.to_string(),
+        });
+    }
+    Ok(ApiKey {
+        key: s.to_string(),
+        tenant: "default".into(),
+    })
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let mut keys: Vec<ApiKey> = a
+        .api_keys
+        .iter()
+        .map(|k| parse_key(k))
+        .collect::<Result<_>>()?;
+    if let Some(f) = &a.api_key_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the API key file {}", f.display()))?;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            keys.push(parse_key(line)?);
+        }
+        if keys.is_empty() {
+            bail!("{} holds no API key", f.display());
+        }
+    }
+    if a.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    // Resolve (and pull) before binding, so a typo fails at once.
+    let mut paths = Vec::new();
+    for m in &a.models {
+        let r = registry::resolve(m)?;
+        let (id, aliases) = match &r {
+            registry::Resolved::Known(k, _) => (
+                k.name.to_string(),
+                k.aliases.iter().map(|s| s.to_string()).collect(),
+            ),
+            registry::Resolved::Path(p) => (
+                p.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| m.clone()),
+                vec![m.clone()],
+            ),
+        };
+        paths.push((id, aliases, registry::ensure_local(r)?));
+    }
+    let kern = kernels(a.cpu)?;
+    let threads = a.threads.unwrap_or_else(default_threads).max(1);
+    let cfg = ServerConfig {
+        addr: SocketAddr::new(a.host, a.port),
+        api_keys: keys,
+        max_body_bytes: a.max_body,
+        request_timeout: Duration::from_secs(a.timeout.max(1)),
+        shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
+    };
+    let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
+    let load = move || -> Result<Vec<ServedModel>> {
+        let mut out = Vec::new();
+        for (id, aliases, path) in paths {
+            let t0 = std::time::Instant::now();
+            let model =
+                Model::load(&path, kern).with_context(|| format!("loading {}", path.display()))?;
+            let per_slot = match ctx {
+                Some(c) => c / parallel,
+                None => model.cfg.n_ctx_train.min(4096),
+            };
+            if per_slot == 0 {
+                bail!(
+                    "--ctx-size {} is too small for --parallel {parallel}",
+                    ctx.unwrap_or(0)
+                );
+            }
+            let rec = registry::known_by_path(&path)
+                .map(|m| m.recommended)
+                .unwrap_or_default();
+            let base = SamplingParams::default();
+            let defaults = SamplingParams {
+                temperature: rec.temperature.unwrap_or(base.temperature),
+                top_k: rec.top_k.unwrap_or(base.top_k),
+                top_p: rec.top_p.unwrap_or(base.top_p),
+                repeat_penalty: rec.repeat_penalty.unwrap_or(base.repeat_penalty),
+                ..base
+            };
+            eprintln!(
+                "brise: loaded {id} ({}, {} ISA) in {:.0} ms: {parallel} slots of {per_slot} tokens, {threads} threads",
+                model.cfg.arch.name(),
+                model.kern.isa(),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            let sched = SchedulerConfig {
+                n_threads: threads,
+                n_slots: parallel,
+                n_ctx_slot: per_slot,
+                n_batch: nb,
+                queue_capacity: queue,
+            };
+            out.push(ServedModel::new(
+                id,
+                aliases,
+                Arc::new(model),
+                sched,
+                defaults,
+            ));
+        }
+        Ok(out)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(brise_server::serve(cfg, load))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_tenants() {
+        let k = parse_key("acme=sk-123").unwrap();
+        assert_eq!((k.tenant.as_str(), k.key.as_str()), ("acme", "sk-123"));
+        let k = parse_key("sk-abc==").unwrap();
+        assert_eq!((k.tenant.as_str(), k.key.as_str()), ("default", "sk-abc=="));
+        assert!(parse_key("  ").is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! One error type for every route, rendered in OpenAI's shape
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    pub retry_after: Option<u64>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400 naming the parameter.
+    pub fn param(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some(param.to_string()),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn unsupported(param: &str, what: &str) -> ApiError {
+        ApiError {
+            code: Some("unsupported_parameter"),
+            ..ApiError::param(
+                param,
+                format!("{param}: {what} is not supported by brise yet"),
+            )
+        }
+    }
+
+    pub fn unknown_param(param: &str) -> ApiError {
+        ApiError {
+            code: Some("unknown_parameter"),
+            ..ApiError::param(
+                param,
+                format!("Unrecognized request argument supplied: {param}"),
+            )
+        }
+    }
+
+    pub fn model_not_found(model: &str, available: &[String]) -> ApiError {
+        ApiError {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!(
+                    "The model `{model}` does not exist; this server has {}",
+                    available.join(", ")
+                ),
+            )
+        }
+    }
+
+    pub fn unauthorized() -> ApiError {
+        ApiError {
+            code: Some("invalid_api_key"),
+            ..ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "Incorrect or missing API key: send `Authorization: Bearer KEY`",
+            )
+        }
+    }
+
+    pub fn overloaded(msg: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            code: Some("server_overloaded"),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg)
+        }
+    }
+
+    pub fn internal(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg)
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+impl From<brise_engine::EngineError> for ApiError {
+    fn from(e: brise_engine::EngineError) -> ApiError {
+        use brise_engine::EngineError as E;
+        match e {
+            E::InvalidParam(m) => ApiError::bad_request(m),
+            E::Timeout => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "the request took longer than the server's --timeout",
+            ),
+            E::Model(m @ brise_model::ModelError::ContextOverflow { .. }) => {
+                ApiError::param("messages", m.to_string())
+            }
+            E::Model(m) => ApiError::internal(m.to_string()),
+        }
+    }
+}

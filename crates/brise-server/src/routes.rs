@@ -1,0 +1,794 @@
+//! Routes and handlers.
+
+use crate::error::{ApiError, ApiResult};
+use crate::metrics;
+use crate::request::{self, GenParams, PromptInput};
+use crate::{AppState, ServedModel, Tenant};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use brise_engine::scheduler::{Event, Request as EngineRequest, SubmitError};
+use brise_engine::{FinishReason, GenerateOptions, SamplingParams};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+type St = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let generation = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .layer(middleware::map_response(ai_marker));
+    Router::new()
+        .merge(generation)
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/metrics", get(metrics_text))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        .with_state(state)
+}
+
+/// AI Act Art. 50: generated content is marked as such, machine-readably.
+async fn ai_marker(mut r: Response) -> Response {
+    r.headers_mut()
+        .insert("x-brise-ai-generated", HeaderValue::from_static("true"));
+    r
+}
+
+async fn count(State(s): St, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "other".into());
+    let r = next.run(req).await;
+    s.metrics.count_request(&route, r.status().as_u16());
+    r
+}
+
+async fn auth(State(s): St, mut req: Request, next: Next) -> Response {
+    if s.cfg.api_keys.is_empty() {
+        req.extensions_mut().insert(Tenant("default".into()));
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match given.and_then(|g| s.cfg.api_keys.iter().find(|k| k.key == g)) {
+        Some(k) => {
+            req.extensions_mut().insert(Tenant(k.tenant.clone()));
+            next.run(req).await
+        }
+        None => ApiError::unauthorized().into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no route {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn health(State(s): St) -> Response {
+    if s.models.get().is_none() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading"})),
+        )
+            .into_response();
+    }
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+fn body_bytes(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    b.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "the request body is larger than the server's limit (--max-body)",
+            )
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+fn ready(s: &AppState) -> ApiResult<&[ServedModel]> {
+    if s.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::overloaded("the server is shutting down"));
+    }
+    match s.models.get() {
+        Some(m) => Ok(m),
+        None => Err(ApiError::overloaded(
+            "the server is still loading its models",
+        )),
+    }
+}
+
+fn find<'a>(s: &'a AppState, name: &str) -> ApiResult<&'a ServedModel> {
+    let models = ready(s)?;
+    s.find(name).ok_or_else(|| {
+        ApiError::model_not_found(
+            name,
+            &models.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        )
+    })
+}
+
+fn n_vocab_of(s: &AppState) -> impl Fn(&str) -> usize + '_ {
+    |name| {
+        s.find(name)
+            .map(|m| m.model.cfg.n_vocab)
+            .unwrap_or(usize::MAX)
+    }
+}
+
+fn model_card(m: &ServedModel) -> Value {
+    json!({
+        "id": m.id,
+        "object": "model",
+        "created": m.created,
+        "owned_by": "brise",
+        "type": "base",
+        "name": m.model.name,
+        "aliases": m.aliases,
+        "max_context_length": m.n_ctx(),
+        "capabilities": {
+            "completion_chat": m.model.chat_template.is_some(),
+            "completion_fim": false,
+            "function_calling": false,
+            "fine_tuning": false,
+            "vision": false,
+            "classification": false,
+        },
+        "default_model_temperature": m.defaults.temperature,
+    })
+}
+
+async fn list_models(State(s): St) -> ApiResult<Response> {
+    let models = ready(&s)?;
+    let data: Vec<Value> = models.iter().map(model_card).collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn get_model(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(axum::Json(model_card(find(&s, &id)?)).into_response())
+}
+
+/// The sampling and stopping options of one choice.
+fn options(
+    m: &ServedModel,
+    p: &GenParams,
+    n_prompt: usize,
+    choice: usize,
+) -> ApiResult<GenerateOptions> {
+    let d = &m.defaults;
+    let n_ctx = m.n_ctx();
+    let max_tokens = match p.max_tokens {
+        Some(x) => x,
+        None => n_ctx.saturating_sub(n_prompt),
+    };
+    if n_prompt + max_tokens > n_ctx || max_tokens == 0 {
+        return Err(ApiError::param(
+            if p.max_tokens.is_some() {
+                "max_tokens"
+            } else {
+                "messages"
+            },
+            format!(
+                "This model's maximum context length is {n_ctx} tokens. However, you requested \
+                 {} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). Please \
+                 shorten the prompt or lower max_tokens.",
+                n_prompt + max_tokens
+            ),
+        ));
+    }
+    let sampling = SamplingParams {
+        temperature: p.temperature.unwrap_or(d.temperature),
+        top_k: p.top_k.unwrap_or(d.top_k),
+        top_p: p.top_p.unwrap_or(d.top_p),
+        min_p: p.min_p.unwrap_or(d.min_p),
+        repeat_penalty: p.repeat_penalty.unwrap_or(d.repeat_penalty),
+        presence_penalty: p.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: p.frequency_penalty.unwrap_or(d.frequency_penalty),
+        penalty_last_n: d.penalty_last_n,
+        logit_bias: p.logit_bias.clone(),
+        // Each choice of a seeded request draws its own reproducible stream.
+        seed: p.seed.map(|s| s.wrapping_add(choice as u64)),
+    };
+    sampling.validate().map_err(ApiError::bad_request)?;
+    Ok(GenerateOptions {
+        sampling,
+        max_tokens: Some(max_tokens),
+        stop: p.stop.clone(),
+        ..Default::default()
+    })
+}
+
+/// Cancels the engine requests when dropped: the client went away or the response is
+/// complete (then it is a no-op).
+struct CancelOnDrop(Vec<Arc<AtomicBool>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            c.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Running {
+    rx: UnboundedReceiver<(usize, Event)>,
+    _cancel: CancelOnDrop,
+    start: Instant,
+}
+
+/// Submits one engine request per (prompt, choice).
+fn submit(
+    s: &AppState,
+    m: &ServedModel,
+    jobs: Vec<(Vec<u32>, GenerateOptions)>,
+) -> ApiResult<Running> {
+    let (tx, rx) = unbounded_channel();
+    let mut cancels = Vec::new();
+    let deadline = Instant::now() + s.cfg.request_timeout;
+    for (i, (prompt, opts)) in jobs.into_iter().enumerate() {
+        let cancel = Arc::new(AtomicBool::new(false));
+        cancels.push(cancel.clone());
+        let tx = tx.clone();
+        m.metrics
+            .prompt_tokens
+            .fetch_add(prompt.len() as u64, Ordering::Relaxed);
+        let r = EngineRequest {
+            prompt,
+            opts,
+            cancel,
+            deadline: Some(deadline),
+            sink: Box::new(move |ev| tx.send((i, ev)).is_ok()),
+        };
+        if let Err(e) = m.sched.submit(r) {
+            // Choices already queued are cancelled by the guard.
+            drop(CancelOnDrop(cancels));
+            return Err(match e {
+                SubmitError::QueueFull(_) => ApiError::overloaded(format!(
+                    "{e}; retry later (the server runs {} sequences at once)",
+                    m.sched.config().n_slots
+                )),
+                SubmitError::ShuttingDown => ApiError::overloaded("the server is shutting down"),
+            });
+        }
+    }
+    Ok(Running {
+        rx,
+        _cancel: CancelOnDrop(cancels),
+        start: Instant::now(),
+    })
+}
+
+#[derive(Default, Clone)]
+struct ChoiceState {
+    text: String,
+    n_gen: usize,
+    n_prompt: usize,
+    finish: Option<FinishReason>,
+    last_token: Option<Instant>,
+}
+
+/// Updates a choice with an engine event; returns the text to stream and whether the
+/// choice just finished. Records latency metrics.
+fn apply(
+    m: &ServedModel,
+    start: Instant,
+    c: &mut ChoiceState,
+    ev: Event,
+) -> ApiResult<(String, bool)> {
+    match ev {
+        Event::Token { text, .. } => {
+            let now = Instant::now();
+            match c.last_token {
+                None => m.metrics.ttft.observe((now - start).as_secs_f64()),
+                Some(t) => m.metrics.itl.observe((now - t).as_secs_f64()),
+            }
+            c.last_token = Some(now);
+            c.n_gen += 1;
+            c.text.push_str(&text);
+            Ok((text, false))
+        }
+        Event::Done(o) => {
+            c.text.push_str(&o.tail);
+            c.n_gen = o.n_gen;
+            c.n_prompt = o.n_prompt;
+            c.finish = Some(o.finish);
+            m.metrics
+                .generated_tokens
+                .fetch_add(o.n_gen as u64, Ordering::Relaxed);
+            Ok((o.tail, true))
+        }
+        Event::Error(e) => Err(e.into()),
+    }
+}
+
+fn finish_reason(f: Option<FinishReason>) -> &'static str {
+    f.map(|f| f.as_openai()).unwrap_or("stop")
+}
+
+/// Waits for every choice to finish.
+async fn collect(m: &ServedModel, mut run: Running, n: usize) -> ApiResult<Vec<ChoiceState>> {
+    let mut choices = vec![ChoiceState::default(); n];
+    let mut left = n;
+    while left > 0 {
+        let Some((i, ev)) = run.rx.recv().await else {
+            return Err(ApiError::internal(
+                "the engine stopped before the answer was complete",
+            ));
+        };
+        if apply(m, run.start, &mut choices[i], ev)?.1 {
+            left -= 1;
+        }
+    }
+    Ok(choices)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    ready(&s)?;
+    let req = request::parse_chat(&body, n_vocab_of(&s))?;
+    let m = find(&s, &req.params.model)?;
+    if m.model.chat_template.is_none() {
+        return Err(ApiError::param(
+            "model",
+            format!("{} has no chat template; use /v1/completions", m.id),
+        ));
+    }
+    let prompt = m
+        .model
+        .encode_chat(&req.messages, true)
+        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let p = &req.params;
+    let jobs = (0..p.n)
+        .map(|c| Ok((prompt.clone(), options(m, p, prompt.len(), c)?)))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let run = submit(&s, m, jobs)?;
+    let id = new_id("chatcmpl");
+    let created = crate::unix_now();
+    if p.stream {
+        return Ok(stream(
+            s.clone(),
+            m.id.clone(),
+            id,
+            created,
+            run,
+            p.n,
+            p.include_usage,
+            true,
+        )
+        .into_response());
+    }
+    let choices = collect(m, run, p.n).await?;
+    let completion: usize = choices.iter().map(|c| c.n_gen).sum();
+    let out: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": null,
+                "finish_reason": finish_reason(c.finish),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": m.id,
+        "choices": out,
+        "usage": usage(prompt.len(), completion),
+    }))
+    .into_response())
+}
+
+async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    ready(&s)?;
+    let req = request::parse_completion(&body, n_vocab_of(&s))?;
+    let m = find(&s, &req.params.model)?;
+    let p = &req.params;
+    let tk = &m.model.tokenizer;
+    let mut prompts = Vec::new();
+    for pi in &req.prompts {
+        let (ids, text) = match pi {
+            // As `brise run --raw`: BOS if the model wants it, special-token text kept as text.
+            PromptInput::Text(t) => (
+                tk.encode(t, true, false)
+                    .map_err(|e| ApiError::param("prompt", e.to_string()))?,
+                t.clone(),
+            ),
+            PromptInput::Tokens(ids) => (ids.clone(), tk.decode(ids, false)),
+        };
+        if ids.is_empty() {
+            return Err(ApiError::param("prompt", "the prompt has no tokens"));
+        }
+        prompts.push((ids, text));
+    }
+    let mut jobs = Vec::new();
+    for (ids, _) in &prompts {
+        for c in 0..p.n {
+            jobs.push((ids.clone(), options(m, p, ids.len(), c)?));
+        }
+    }
+    let n_jobs = jobs.len();
+    let run = submit(&s, m, jobs)?;
+    let id = new_id("cmpl");
+    let created = crate::unix_now();
+    if p.stream {
+        if req.echo {
+            return Err(ApiError::unsupported("echo", "echo with stream"));
+        }
+        return Ok(stream(
+            s.clone(),
+            m.id.clone(),
+            id,
+            created,
+            run,
+            n_jobs,
+            p.include_usage,
+            false,
+        )
+        .into_response());
+    }
+    let choices = collect(m, run, n_jobs).await?;
+    let prompt_tokens: usize = prompts.iter().map(|(ids, _)| ids.len()).sum();
+    let completion: usize = choices.iter().map(|c| c.n_gen).sum();
+    let out: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let text = if req.echo {
+                format!("{}{}", prompts[i / p.n].1, c.text)
+            } else {
+                c.text.clone()
+            };
+            json!({
+                "index": i,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish_reason(c.finish),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": m.id,
+        "choices": out,
+        "usage": usage(prompt_tokens, completion),
+    }))
+    .into_response())
+}
+
+/// Server-sent events: chunks as the engine produces text, a finish chunk per choice,
+/// the usage chunk if asked, then `[DONE]`. An engine error becomes a final error event.
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    s: Arc<AppState>,
+    model: String,
+    id: String,
+    created: u64,
+    run: Running,
+    n: usize,
+    include_usage: bool,
+    chat: bool,
+) -> impl IntoResponse {
+    struct S {
+        s: Arc<AppState>,
+        model: String,
+        id: String,
+        created: u64,
+        run: Running,
+        choices: Vec<ChoiceState>,
+        left: usize,
+        include_usage: bool,
+        chat: bool,
+        started: bool,
+        done: bool,
+    }
+    impl S {
+        fn chunk(&self, choices: Value, usage: Option<Value>) -> SseEvent {
+            let mut v = json!({
+                "id": self.id,
+                "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+            });
+            if self.include_usage {
+                v["usage"] = usage.unwrap_or(Value::Null);
+            }
+            SseEvent::default().data(v.to_string())
+        }
+        fn choice(&self, i: usize, text: Option<&str>, role: bool, finish: Option<&str>) -> Value {
+            if self.chat {
+                let mut delta = json!({});
+                if role {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = text {
+                    delta["content"] = json!(t);
+                }
+                json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": finish}])
+            } else {
+                json!([{"index": i, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}])
+            }
+        }
+    }
+    let st = S {
+        s,
+        model,
+        id,
+        created,
+        run,
+        choices: vec![ChoiceState::default(); n],
+        left: n,
+        include_usage,
+        chat,
+        started: false,
+        done: false,
+    };
+    let events = futures_util::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let mut out = Vec::new();
+        if !st.started {
+            st.started = true;
+            if st.chat {
+                for i in 0..st.choices.len() {
+                    out.push(st.chunk(st.choice(i, Some(""), true, None), None));
+                }
+                return Some((out, st));
+            }
+        }
+        let m = st.s.find(&st.model)?;
+        match st.run.rx.recv().await {
+            None => {
+                st.done = true;
+                let e = ApiError::internal("the engine stopped before the answer was complete");
+                out.push(SseEvent::default().data(e.body().to_string()));
+            }
+            Some((i, ev)) => match apply(m, st.run.start, &mut st.choices[i], ev) {
+                Err(e) => {
+                    st.done = true;
+                    out.push(SseEvent::default().data(e.body().to_string()));
+                    out.push(SseEvent::default().data("[DONE]"));
+                }
+                Ok((text, finished)) => {
+                    if !text.is_empty() {
+                        out.push(st.chunk(st.choice(i, Some(&text), false, None), None));
+                    }
+                    if finished {
+                        let f = finish_reason(st.choices[i].finish);
+                        out.push(st.chunk(st.choice(i, None, false, Some(f)), None));
+                        st.left -= 1;
+                        if st.left == 0 {
+                            st.done = true;
+                            if st.include_usage {
+                                let prompt = if st.chat {
+                                    st.choices[0].n_prompt
+                                } else {
+                                    st.choices.iter().map(|c| c.n_prompt).sum()
+                                };
+                                let n_gen = st.choices.iter().map(|c| c.n_gen).sum();
+                                out.push(st.chunk(json!([]), Some(usage(prompt, n_gen))));
+                            }
+                            out.push(SseEvent::default().data("[DONE]"));
+                        }
+                    }
+                }
+            },
+        }
+        Some((out, st))
+    })
+    .flat_map(|v| futures_util::stream::iter(v.into_iter().map(Ok::<_, std::convert::Infallible>)));
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+async fn tokenize(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let mut f = request::Fields::parse(&body)?;
+    let m = match f.string("model")? {
+        Some(name) => find(&s, &name)?,
+        None => ready(&s)?
+            .first()
+            .ok_or_else(|| ApiError::internal("no model loaded"))?,
+    };
+    let content = f
+        .string("content")?
+        .ok_or_else(|| ApiError::param("content", "you must provide content"))?;
+    let add_special = f.bool("add_special")?.unwrap_or(false);
+    let parse_special = f.bool("parse_special")?.unwrap_or(false);
+    let with_pieces = f.bool("with_pieces")?.unwrap_or(false);
+    f.finish()?;
+    let tk = &m.model.tokenizer;
+    let ids = tk
+        .encode(&content, add_special, parse_special)
+        .map_err(|e| ApiError::param("content", e.to_string()))?;
+    let tokens: Vec<Value> = if with_pieces {
+        ids.iter()
+            .map(|&id| {
+                json!({"id": id, "piece": String::from_utf8_lossy(&tk.token_to_piece(id, true))})
+            })
+            .collect()
+    } else {
+        ids.iter().map(|&id| json!(id)).collect()
+    };
+    Ok(axum::Json(json!({"tokens": tokens})).into_response())
+}
+
+async fn detokenize(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let mut f = request::Fields::parse(&body)?;
+    let m = match f.string("model")? {
+        Some(name) => find(&s, &name)?,
+        None => ready(&s)?
+            .first()
+            .ok_or_else(|| ApiError::internal("no model loaded"))?,
+    };
+    let nv = m.model.cfg.n_vocab;
+    let ids: Vec<u32> = match f.take("tokens") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_u64()
+                    .filter(|&t| (t as usize) < nv)
+                    .map(|t| t as u32)
+                    .ok_or_else(|| {
+                        ApiError::param("tokens", format!("{t} is not a token id of this model"))
+                    })
+            })
+            .collect::<ApiResult<_>>()?,
+        _ => {
+            return Err(ApiError::param(
+                "tokens",
+                "tokens must be a list of token ids",
+            ));
+        }
+    };
+    f.finish()?;
+    Ok(axum::Json(json!({"content": m.model.tokenizer.decode(&ids, false)})).into_response())
+}
+
+async fn metrics_text(State(s): St) -> Response {
+    let mut out = String::new();
+    s.metrics.render_requests(&mut out);
+    let models = s.models();
+    for (fam, name, kind, help) in [
+        (
+            "prompt",
+            "brise_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of accepted requests.",
+        ),
+        (
+            "gen",
+            "brise_generated_tokens_total",
+            "counter",
+            "Generated tokens.",
+        ),
+        (
+            "ttft",
+            "brise_time_to_first_token_seconds",
+            "histogram",
+            "Time from request to first token.",
+        ),
+        (
+            "itl",
+            "brise_inter_token_latency_seconds",
+            "histogram",
+            "Time between tokens of a stream.",
+        ),
+    ] {
+        metrics::header(&mut out, name, kind, help);
+        for m in models {
+            metrics::render_model(&m.metrics, &m.id, &mut out, fam);
+        }
+    }
+    type Gauge = fn(&ServedModel) -> f64;
+    let gauges: [(&str, &str, Gauge); 4] = [
+        ("brise_queue_depth", "Requests waiting for a slot.", |m| {
+            m.sched.stats().queued.load(Ordering::Relaxed) as f64
+        }),
+        (
+            "brise_active_sequences",
+            "Sequences holding a KV slot.",
+            |m| m.sched.stats().active.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "brise_batch_size",
+            "Sequences in the last forward pass.",
+            |m| m.sched.stats().batch_seqs.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "brise_kv_cache_usage_ratio",
+            "Share of KV-cache cells in use.",
+            |m| {
+                let st = m.sched.stats();
+                st.kv_used.load(Ordering::Relaxed) as f64
+                    / st.kv_total.load(Ordering::Relaxed).max(1) as f64
+            },
+        ),
+    ];
+    for (name, help, f) in gauges {
+        metrics::header(&mut out, name, "gauge", help);
+        for m in models {
+            let _ = writeln!(
+                out,
+                "{name}{{model=\"{}\"}} {}",
+                metrics::escape(&m.id),
+                f(m)
+            );
+        }
+    }
+    metrics::header(
+        &mut out,
+        "brise_batch_tokens",
+        "gauge",
+        "Tokens in the last forward pass.",
+    );
+    for m in models {
+        let _ = writeln!(
+            out,
+            "brise_batch_tokens{{model=\"{}\"}} {}",
+            metrics::escape(&m.id),
+            m.sched.stats().batch_tokens.load(Ordering::Relaxed)
+        );
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
