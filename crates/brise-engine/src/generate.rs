@@ -1,12 +1,14 @@
 //! Text generation for one sequence: prompt processing with prefix reuse, sampling,
 //! streaming UTF-8 text, stop strings, max tokens and the context limit.
 
+use crate::json::{JsonMatcher, Schema};
 use crate::sampler::{Sampler, SamplingParams};
 use brise_kernels::pool::ThreadPool;
 use brise_model::forward::{ForwardState, LogitsWanted, SeqBatch};
 use brise_model::kv::KvCache;
 use brise_model::tokenizer::Tokenizer;
 use brise_model::{Model, ModelError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// llama.cpp's default physical batch: prompts are processed in chunks of this many
@@ -54,6 +56,8 @@ pub struct GenerateOptions {
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
     pub n_batch: usize,
+    /// Constrain the output to JSON matching this schema.
+    pub json: Option<Arc<Schema>>,
 }
 
 impl Default for GenerateOptions {
@@ -63,6 +67,7 @@ impl Default for GenerateOptions {
             max_tokens: None,
             stop: Vec::new(),
             n_batch: DEFAULT_BATCH,
+            json: None,
         }
     }
 }
@@ -215,6 +220,8 @@ pub struct Decoder {
     /// Text streamed so far.
     pub text: String,
     done: bool,
+    json: Option<JsonMatcher>,
+    masked: Vec<f32>,
 }
 
 impl Decoder {
@@ -228,7 +235,46 @@ impl Decoder {
             tokens: Vec::new(),
             text: String::new(),
             done: false,
+            json: opts.json.clone().map(JsonMatcher::new),
+            masked: Vec::new(),
         }
+    }
+
+    /// Whether the constraint (if any) lets `tok` come next.
+    fn allowed(json: &JsonMatcher, tk: &Tokenizer, tok: u32) -> bool {
+        if tk.is_eog(tok) {
+            json.is_complete()
+        } else {
+            json.allows(&tk.token_to_piece(tok, false))
+        }
+    }
+
+    /// Samples, constrained: like llama.cpp's grammar sampling, the unconstrained choice
+    /// is kept when the constraint allows it, otherwise every disallowed token is masked
+    /// and the sampler draws again.
+    fn sample(&mut self, tk: &Tokenizer, logits: &[f32], history: &[u32]) -> Option<u32> {
+        let tok = self.sampler.sample(logits, history);
+        let Some(json) = &self.json else {
+            return Some(tok);
+        };
+        if Self::allowed(json, tk, tok) {
+            return Some(tok);
+        }
+        self.masked.clear();
+        self.masked.extend_from_slice(logits);
+        let mut any = false;
+        for (id, l) in self.masked.iter_mut().enumerate() {
+            if Self::allowed(json, tk, id as u32) {
+                any = true;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if !any {
+            return None;
+        }
+        let t = self.sampler.sample(&self.masked, history);
+        Some(t)
     }
 
     /// Samples the next token from `logits` (the last position's), given the sequence's
@@ -241,7 +287,19 @@ impl Decoder {
                 text,
             };
         }
-        let tok = self.sampler.sample(logits, history);
+        let Some(tok) = self.sample(tk, logits, history) else {
+            // No token fits the constraint (cannot happen with a satisfiable schema).
+            let text = self.finish(FinishReason::Stop);
+            return Step::Finish {
+                reason: FinishReason::Stop,
+                text,
+            };
+        };
+        if let Some(j) = &mut self.json
+            && !tk.is_eog(tok)
+        {
+            j.advance(&tk.token_to_piece(tok, false));
+        }
         if tk.is_eog(tok) {
             let text = self.finish(FinishReason::Stop);
             return Step::Finish {

@@ -2,6 +2,7 @@
 //! that batches them). Knows nothing of HTTP or databases.
 
 pub mod generate;
+pub mod json;
 pub mod sampler;
 pub mod scheduler;
 

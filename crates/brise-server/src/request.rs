@@ -3,8 +3,10 @@
 //! know is a 400, and one it knows but cannot honour yet is a 400 saying so.
 
 use crate::error::{ApiError, ApiResult};
+use brise_engine::json::Schema;
 use brise_model::chat::Message;
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 /// Mistral's guardrail prompt for `safe_prompt: true`.
 pub const MISTRAL_SAFE_PROMPT: &str = "Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.";
@@ -36,6 +38,8 @@ pub struct GenParams {
 pub struct ChatRequest {
     pub params: GenParams,
     pub messages: Vec<Message>,
+    /// `response_format` json_object / json_schema: the output's constraint.
+    pub json: Option<Arc<Schema>>,
 }
 
 pub enum PromptInput {
@@ -500,6 +504,64 @@ fn messages(v: Value) -> ApiResult<Vec<Message>> {
     Ok(out)
 }
 
+/// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+fn response_format(m: Map<String, Value>) -> ApiResult<Option<Arc<Schema>>> {
+    let mut f = Fields { map: m };
+    let ty = f
+        .string("type")
+        .map_err(|_| ApiError::param("response_format.type", "type must be a string"))?
+        .ok_or_else(|| ApiError::param("response_format.type", "response_format needs a type"))?;
+    let out = match ty.as_str() {
+        "text" => None,
+        "json_object" => Some(Arc::new(Schema::any_object())),
+        "json_schema" => {
+            let Some(Value::Object(js)) = f.take("json_schema") else {
+                return Err(ApiError::param(
+                    "response_format.json_schema",
+                    "json_schema must be an object with a `schema`",
+                ));
+            };
+            let mut g = Fields { map: js };
+            let at = "response_format.json_schema";
+            g.string("name")
+                .map_err(|_| ApiError::param(&format!("{at}.name"), "name must be a string"))?;
+            g.string("description").map_err(|_| {
+                ApiError::param(&format!("{at}.description"), "description must be a string")
+            })?;
+            // brise always enforces the schema, so strict or not, the output matches it.
+            g.bool("strict").map_err(|_| {
+                ApiError::param(&format!("{at}.strict"), "strict must be a boolean")
+            })?;
+            let schema = g.take("schema").ok_or_else(|| {
+                ApiError::param(&format!("{at}.schema"), "json_schema needs a schema")
+            })?;
+            if let Some(k) = g.map.keys().find(|k| !g.map[*k].is_null()).cloned() {
+                return Err(ApiError::unknown_param(&format!("{at}.{k}")));
+            }
+            let compiled = Schema::compile(&schema).map_err(|e| ApiError {
+                code: Some("unsupported_schema"),
+                ..ApiError::param(
+                    &format!("{at}.schema"),
+                    format!("brise cannot enforce this schema: {e}"),
+                )
+            })?;
+            Some(Arc::new(compiled))
+        }
+        other => {
+            return Err(ApiError::param(
+                "response_format.type",
+                format!(
+                    "response_format type {other:?} is not one of text, json_object, json_schema"
+                ),
+            ));
+        }
+    };
+    if let Some(k) = f.map.keys().find(|k| !f.map[*k].is_null()).cloned() {
+        return Err(ApiError::unknown_param(&format!("response_format.{k}")));
+    }
+    Ok(out)
+}
+
 pub fn parse_chat(body: &[u8], n_vocab: impl Fn(&str) -> usize) -> ApiResult<ChatRequest> {
     let mut f = Fields::parse(body)?;
     let model = f
@@ -526,23 +588,16 @@ pub fn parse_chat(body: &[u8], n_vocab: impl Fn(&str) -> usize) -> ApiResult<Cha
     }
     // Meaningless without tools; accepted as the SDKs send it by default.
     f.bool("parallel_tool_calls")?;
-    match f.take("response_format") {
-        None => {}
-        Some(Value::Object(m)) if m.get("type").and_then(|t| t.as_str()) == Some("text") => {}
-        Some(Value::Object(m)) => {
-            let ty = m.get("type").and_then(|t| t.as_str()).unwrap_or("?");
-            return Err(ApiError::unsupported(
-                "response_format",
-                &format!("response_format of type {ty:?} (constrained output)"),
-            ));
-        }
+    let json = match f.take("response_format") {
+        None => None,
+        Some(Value::Object(m)) => response_format(m)?,
         Some(_) => {
             return Err(ApiError::param(
                 "response_format",
                 "response_format must be an object",
             ));
         }
-    }
+    };
     if f.bool("safe_prompt")?.unwrap_or(false) {
         match messages.first_mut() {
             Some(m) if m.role == "system" => {
@@ -568,7 +623,11 @@ pub fn parse_chat(body: &[u8], n_vocab: impl Fn(&str) -> usize) -> ApiResult<Cha
     }
     f.finish()?;
     params.model = model;
-    Ok(ChatRequest { params, messages })
+    Ok(ChatRequest {
+        params,
+        messages,
+        json,
+    })
 }
 
 pub fn parse_completion(
@@ -698,8 +757,12 @@ mod tests {
             (r#","frobnicate":1"#, "frobnicate"),
             (r#","tools":[{"type":"function"}]"#, "tools"),
             (
-                r#","response_format":{"type":"json_object"}"#,
-                "response_format",
+                r#","response_format":{"type":"xml"}"#,
+                "response_format.type",
+            ),
+            (
+                r#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"string","pattern":"a"}}}"#,
+                "response_format.json_schema.schema",
             ),
             (r#","seed":1,"random_seed":2"#, "random_seed"),
             (

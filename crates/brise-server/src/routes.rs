@@ -13,6 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use brise_engine::json::Schema;
 use brise_engine::scheduler::{Event, Request as EngineRequest, SubmitError};
 use brise_engine::{FinishReason, GenerateOptions, SamplingParams};
 use futures_util::StreamExt;
@@ -56,7 +57,7 @@ async fn count(State(s): St, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
+        .map(|p| p.as_str().replace("{*id}", "{id}"))
         .unwrap_or_else(|| "other".into());
     let r = next.run(req).await;
     s.metrics.count_request(&route, r.status().as_u16());
@@ -187,6 +188,7 @@ fn options(
     p: &GenParams,
     n_prompt: usize,
     choice: usize,
+    json: Option<Arc<Schema>>,
 ) -> ApiResult<GenerateOptions> {
     let d = &m.defaults;
     let n_ctx = m.n_ctx();
@@ -227,6 +229,7 @@ fn options(
         sampling,
         max_tokens: Some(max_tokens),
         stop: p.stop.clone(),
+        json,
         ..Default::default()
     })
 }
@@ -384,7 +387,12 @@ async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Re
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
     let p = &req.params;
     let jobs = (0..p.n)
-        .map(|c| Ok((prompt.clone(), options(m, p, prompt.len(), c)?)))
+        .map(|c| {
+            Ok((
+                prompt.clone(),
+                options(m, p, prompt.len(), c, req.json.clone())?,
+            ))
+        })
         .collect::<ApiResult<Vec<_>>>()?;
     let run = submit(&s, m, jobs)?;
     let id = new_id("chatcmpl");
@@ -453,7 +461,7 @@ async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
     let mut jobs = Vec::new();
     for (ids, _) in &prompts {
         for c in 0..p.n {
-            jobs.push((ids.clone(), options(m, p, ids.len(), c)?));
+            jobs.push((ids.clone(), options(m, p, ids.len(), c, None)?));
         }
     }
     let n_jobs = jobs.len();
