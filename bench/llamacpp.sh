@@ -11,6 +11,7 @@
 #   BRISE_BENCH_OUT   cache root (default: <repo>/bench/out)
 #   BUILD_JOBS        parallel compile jobs (default: 2)
 #   FORCE_REBUILD=1   rebuild even if the cached binary looks up to date
+#   LLAMA_TARGET      llama-bench (default) or llama-server (for bench/serve_compare.py)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -36,10 +37,16 @@ LLAMA_FLAGS=(
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
   -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF
 )
+TARGET="${LLAMA_TARGET:-llama-bench}"
+case "$TARGET" in
+  llama-bench) ;;
+  llama-server) LLAMA_FLAGS=("${LLAMA_FLAGS[@]/-DLLAMA_BUILD_SERVER=OFF/-DLLAMA_BUILD_SERVER=ON}") ;;
+  *) echo "llamacpp.sh: LLAMA_TARGET must be llama-bench or llama-server" >&2; exit 2 ;;
+esac
 FLAGS="${GGML_FLAGS[*]} ${LLAMA_FLAGS[*]}"
 KEY="$LLAMA_CPP_PYTHON_VERSION-$(printf '%s' "$FLAGS" | sha256sum | cut -c1-12)"
 DIR="$OUT/llamacpp/$KEY"
-BIN="$DIR/build/bin/llama-bench"
+BIN="$DIR/build/bin/$TARGET"
 STAMP="$DIR/.built"
 
 log() { echo "llamacpp.sh: $*" >&2; }
@@ -82,13 +89,13 @@ if [[ -z "$CMAKE" ]] || ! "$CMAKE" --version >/dev/null 2>&1; then
 fi
 log "using $("$CMAKE" --version | head -1)"
 
-# ---- configure + build the llama-bench target only
+# ---- configure + build the one target
 rm -f "$STAMP"
 log "configuring ($FLAGS)"
 start=$(date +%s)
 {
   "$CMAKE" -S "$SRC" -B "$DIR/build" "${GGML_FLAGS[@]}" "${LLAMA_FLAGS[@]}"
-  "$CMAKE" --build "$DIR/build" --target llama-bench -j "$JOBS"
+  "$CMAKE" --build "$DIR/build" --target "$TARGET" -j "$JOBS"
 } >"$DIR/build.log" 2>&1 || { log "build failed; last lines of $DIR/build.log:"; tail -30 "$DIR/build.log" >&2; exit 1; }
 [[ -x "$BIN" ]] || { log "build finished but $BIN is missing"; exit 1; }
 log "built in $(( $(date +%s) - start )) s"

@@ -354,3 +354,59 @@ def test_api_key(auth_server):
     assert ei.value.status_code == 401
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model=MODEL, messages=user(CAPITAL), max_tokens=2)
+
+
+# ---- logprobs
+
+
+def llama_cpp_logprobs(i: int) -> tuple[list[int], list[float]]:
+    """Prompt ids and log-softmax of llama.cpp's first-step logits (fixture i)."""
+    import array
+    import math
+
+    fx = fixture_json("greedy/smollm2.json")
+    logits = array.array("f")
+    logits.frombytes((REPO / "tests/fixtures/greedy" / fx["logits_files"][str(i)]).read_bytes())
+    m = max(logits)
+    lse = m + math.log(sum(math.exp(x - m) for x in logits))
+    return fx["results"][i]["prompt_ids"], [x - lse for x in logits]
+
+
+@pytest.mark.skipif(not IS_SMOLLM2, reason="fixture is for smollm2:135m")
+@pytest.mark.parametrize("i", [0, 1])
+def test_completion_logprobs_match_llama_cpp(oai, http, i):
+    ids, ref = llama_cpp_logprobs(i)
+    r = oai.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=5)
+    lp = r.choices[0].logprobs
+    best = max(range(len(ref)), key=lambda t: ref[t])
+    assert lp.tokens == [detokenize(http, [best])]
+    assert abs(lp.token_logprobs[0] - ref[best]) < 1e-4
+    top_ref = sorted(range(len(ref)), key=lambda t: -ref[t])[:5]
+    want = {detokenize(http, [t]): ref[t] for t in top_ref}
+    got = lp.top_logprobs[0]
+    assert set(got) == set(want)
+    for k in want:
+        assert abs(got[k] - want[k]) < 1e-4, (k, got[k], want[k])
+
+
+def test_chat_logprobs_shape_and_stream(oai):
+    kw = dict(model=MODEL, messages=user(CAPITAL), temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    r = oai.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert c.logprob <= 0 and bytes(c.bytes).decode() == c.token
+        assert len(c.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == c.logprob
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+    streamed = [e for ch in oai.chat.completions.create(stream=True, **kw)
+                for e in ((ch.choices[0].logprobs.content or []) if ch.choices and ch.choices[0].logprobs else [])]
+    assert [(e.token, e.logprob) for e in streamed] == [(c.token, c.logprob) for c in content]
+
+
+def test_top_logprobs_needs_logprobs(oai):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2, top_logprobs=2)
+    assert e.value.param == "top_logprobs"

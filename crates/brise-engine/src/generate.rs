@@ -58,6 +58,8 @@ pub struct GenerateOptions {
     pub n_batch: usize,
     /// Constrain the output to JSON matching this schema.
     pub json: Option<Arc<Schema>>,
+    /// Report each generated token's log probability, with this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -68,6 +70,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             n_batch: DEFAULT_BATCH,
             json: None,
+            logprobs: None,
         }
     }
 }
@@ -198,11 +201,56 @@ impl StopScan<'_> {
     }
 }
 
+/// A generated token's log probability under the model (log-softmax of the raw logits,
+/// before penalties, temperature and truncation), and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    pub fn of(logits: &[f32], token: u32, n_top: usize) -> TokenLogprob {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let lp = |t: u32| (logits[t as usize] as f64 - lse) as f32;
+        let mut top: Vec<(u32, f32)> = Vec::new();
+        if n_top > 0 {
+            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+            let k = n_top.min(idx.len());
+            let by = |a: &u32, b: &u32| {
+                logits[*b as usize]
+                    .total_cmp(&logits[*a as usize])
+                    .then(a.cmp(b))
+            };
+            idx.select_nth_unstable_by(k - 1, by);
+            idx.truncate(k);
+            idx.sort_unstable_by(by);
+            top = idx.into_iter().map(|t| (t, lp(t))).collect();
+        }
+        TokenLogprob {
+            token,
+            logprob: lp(token),
+            top,
+        }
+    }
+}
+
 /// What one sampling step did.
 #[derive(Debug)]
 pub enum Step {
     /// `token` was generated (feed it next); `text` is ready to stream.
-    Token { token: u32, text: String },
+    Token {
+        token: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     /// Generation ended; `text` is what was still held back and is now final.
     Finish { reason: FinishReason, text: String },
 }
@@ -222,6 +270,7 @@ pub struct Decoder {
     done: bool,
     json: Option<JsonMatcher>,
     masked: Vec<f32>,
+    logprobs: Option<usize>,
 }
 
 impl Decoder {
@@ -237,6 +286,7 @@ impl Decoder {
             done: false,
             json: opts.json.clone().map(JsonMatcher::new),
             masked: Vec::new(),
+            logprobs: opts.logprobs,
         }
     }
 
@@ -326,6 +376,7 @@ impl Decoder {
         Step::Token {
             token: tok,
             text: emit,
+            logprob: self.logprobs.map(|n| TokenLogprob::of(logits, tok, n)),
         }
     }
 
@@ -454,7 +505,7 @@ impl<'m> Generator<'m> {
                     }
                     break reason;
                 }
-                Step::Token { token, text } => {
+                Step::Token { token, text, .. } => {
                     if !text.is_empty() && !on_text(&text) {
                         dec.finish(FinishReason::Cancelled);
                         break FinishReason::Cancelled;

@@ -1,5 +1,5 @@
-//! brise's engine: sampling and the generation loop (sequences, and later the scheduler
-//! that batches them). Knows nothing of HTTP or databases.
+//! brise's engine: sampling, constrained output, the generation loop, and the scheduler
+//! that batches sequences. Knows nothing of HTTP or databases.
 
 pub mod generate;
 pub mod json;
@@ -8,5 +8,6 @@ pub mod scheduler;
 
 pub use generate::{
     Decoder, EngineError, FinishReason, GenerateOptions, Generation, Generator, Session, Step,
+    TokenLogprob,
 };
 pub use sampler::{Sampler, SamplingParams};

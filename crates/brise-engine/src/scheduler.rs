@@ -13,7 +13,7 @@
 //! cached positions are reused only up to the end of the last whole chunk, which is
 //! exactly what a cold run would have computed there.
 
-use crate::generate::{Decoder, EngineError, FinishReason, GenerateOptions, Step};
+use crate::generate::{Decoder, EngineError, FinishReason, GenerateOptions, Step, TokenLogprob};
 use brise_kernels::pool::ThreadPool;
 use brise_model::forward::{ForwardState, LogitsWanted, SeqBatch};
 use brise_model::kv::KvCache;
@@ -47,6 +47,8 @@ pub enum Event {
     Token {
         token: u32,
         text: String,
+        /// With `GenerateOptions::logprobs`.
+        logprob: Option<TokenLogprob>,
     },
     Done(Outcome),
     Error(EngineError),
@@ -437,8 +439,16 @@ impl Engine {
             let step = seq.dec.next(&self.model.tokenizer, logits, &slot.tokens);
             match step {
                 Step::Finish { reason, text } => self.finish_with(i, reason, Some(text)),
-                Step::Token { token, text } => {
-                    if !(seq.req.sink)(Event::Token { token, text }) {
+                Step::Token {
+                    token,
+                    text,
+                    logprob,
+                } => {
+                    if !(seq.req.sink)(Event::Token {
+                        token,
+                        text,
+                        logprob,
+                    }) {
                         self.finish(i, FinishReason::Cancelled);
                     } else if slot.cache.len() + 1 > slot.cache.n_ctx() {
                         self.finish(i, FinishReason::ContextFull);

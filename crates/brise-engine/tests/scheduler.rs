@@ -72,7 +72,7 @@ fn wait(rx: Receiver<Event>) -> Result {
     let (mut tokens, mut text) = (Vec::new(), String::new());
     loop {
         match rx.recv().expect("the engine answers") {
-            Event::Token { token, text: t } => {
+            Event::Token { token, text: t, .. } => {
                 tokens.push(token);
                 text.push_str(&t);
             }

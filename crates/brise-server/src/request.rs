@@ -33,6 +33,8 @@ pub struct GenParams {
     /// End-user identifier (OpenAI `user`); recorded, never used for generation.
     pub user: Option<String>,
     pub metadata: Option<Map<String, Value>>,
+    /// Log probabilities of the generated tokens, with this many alternatives each.
+    pub logprobs: Option<usize>,
 }
 
 pub struct ChatRequest {
@@ -376,26 +378,26 @@ fn gen_params(f: &mut Fields, n_vocab: usize) -> ApiResult<GenParams> {
         include_usage,
         user,
         metadata,
+        logprobs: None,
     })
 }
 
-/// Fields brise knows but cannot honour yet: present and non-default means a 400.
-fn refuse_unsupported(f: &mut Fields) -> ApiResult<()> {
-    if let Some(v) = f.take("logprobs")
-        && v != Value::Bool(false)
-    {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "returning log probabilities",
-        ));
-    }
-    if f.take("top_logprobs").is_some() {
-        return Err(ApiError::unsupported(
+/// Chat's `logprobs: bool` and `top_logprobs: 0..=20`.
+fn chat_logprobs(f: &mut Fields) -> ApiResult<Option<usize>> {
+    let on = f.bool("logprobs")?.unwrap_or(false);
+    let top = f.u64("top_logprobs")?;
+    match (on, top) {
+        (_, Some(t)) if t > 20 => Err(ApiError::param(
             "top_logprobs",
-            "returning log probabilities",
-        ));
+            format!("top_logprobs = {t}: at most 20"),
+        )),
+        (false, Some(_)) => Err(ApiError::param(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        )),
+        (true, t) => Ok(Some(t.unwrap_or(0) as usize)),
+        (false, None) => Ok(None),
     }
-    Ok(())
 }
 
 fn content_text(v: Value, at: &str) -> ApiResult<String> {
@@ -575,7 +577,7 @@ pub fn parse_chat(body: &[u8], n_vocab: impl Fn(&str) -> usize) -> ApiResult<Cha
         .take("messages")
         .ok_or_else(|| ApiError::param("messages", "you must provide messages"))?;
     let mut messages = messages(msgs)?;
-    refuse_unsupported(&mut f)?;
+    params.logprobs = chat_logprobs(&mut f)?;
     match f.take("tools") {
         Some(Value::Array(a)) if a.is_empty() => {}
         Some(_) => return Err(ApiError::unsupported("tools", "tool calling")),
@@ -691,14 +693,16 @@ pub fn parse_completion(
     if f.take("suffix").is_some() {
         return Err(ApiError::unsupported("suffix", "fill-in-the-middle"));
     }
-    if let Some(v) = f.take("logprobs")
-        && v != 0
-    {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "returning log probabilities",
-        ));
-    }
+    let mut params = params;
+    params.logprobs = match f.u64("logprobs")? {
+        Some(n) if n > 5 => {
+            return Err(ApiError::param(
+                "logprobs",
+                format!("logprobs = {n}: at most 5"),
+            ));
+        }
+        n => n.map(|n| n as usize),
+    };
     if let Some(b) = f.u64("best_of")?
         && b != 1
     {

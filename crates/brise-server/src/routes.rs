@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use brise_engine::json::Schema;
 use brise_engine::scheduler::{Event, Request as EngineRequest, SubmitError};
-use brise_engine::{FinishReason, GenerateOptions, SamplingParams};
+use brise_engine::{FinishReason, GenerateOptions, SamplingParams, TokenLogprob};
+use brise_model::tokenizer::Tokenizer;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::fmt::Write;
@@ -230,6 +231,7 @@ fn options(
         max_tokens: Some(max_tokens),
         stop: p.stop.clone(),
         json,
+        logprobs: p.logprobs,
         ..Default::default()
     })
 }
@@ -301,6 +303,50 @@ struct ChoiceState {
     n_prompt: usize,
     finish: Option<FinishReason>,
     last_token: Option<Instant>,
+    /// Log probabilities of every token, and those not streamed yet.
+    lps: Vec<TokenLogprob>,
+    pending: Vec<TokenLogprob>,
+}
+
+fn piece(tk: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let b = tk.token_to_piece(id, true);
+    (String::from_utf8_lossy(&b).into_owned(), b)
+}
+
+/// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}`.
+fn chat_logprobs(tk: &Tokenizer, lps: &[TokenLogprob]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let (t, b) = piece(tk, id);
+        json!({"token": t, "logprob": lp, "bytes": b})
+    };
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|l| {
+            let mut e = entry(l.token, l.logprob);
+            e["top_logprobs"] = l.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Legacy completions' `logprobs`: parallel lists, offsets in characters from `offset`.
+fn completion_logprobs(tk: &Tokenizer, lps: &[TokenLogprob], mut offset: usize) -> Value {
+    let (mut tokens, mut lp, mut top, mut offs) = (vec![], vec![], vec![], vec![]);
+    for l in lps {
+        let (t, _) = piece(tk, l.token);
+        offs.push(offset);
+        offset += t.chars().count();
+        tokens.push(t);
+        lp.push(l.logprob);
+        let m: serde_json::Map<String, Value> = l
+            .top
+            .iter()
+            .map(|&(id, p)| (piece(tk, id).0, json!(p)))
+            .collect();
+        top.push(Value::Object(m));
+    }
+    json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs})
 }
 
 /// Updates a choice with an engine event; returns the text to stream and whether the
@@ -312,7 +358,11 @@ fn apply(
     ev: Event,
 ) -> ApiResult<(String, bool)> {
     match ev {
-        Event::Token { text, .. } => {
+        Event::Token { text, logprob, .. } => {
+            if let Some(l) = logprob {
+                c.lps.push(l.clone());
+                c.pending.push(l);
+            }
             let now = Instant::now();
             match c.last_token {
                 None => m.metrics.ttft.observe((now - start).as_secs_f64()),
@@ -405,7 +455,9 @@ async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Re
             created,
             run,
             p.n,
+            p.n,
             p.include_usage,
+            p.logprobs.is_some(),
             true,
         )
         .into_response());
@@ -419,7 +471,11 @@ async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Re
             json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": null,
+                "logprobs": if p.logprobs.is_some() {
+                    chat_logprobs(&m.model.tokenizer, &c.lps)
+                } else {
+                    Value::Null
+                },
                 "finish_reason": finish_reason(c.finish),
             })
         })
@@ -479,7 +535,9 @@ async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
             created,
             run,
             n_jobs,
+            p.n,
             p.include_usage,
+            p.logprobs.is_some(),
             false,
         )
         .into_response());
@@ -496,10 +554,19 @@ async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
             } else {
                 c.text.clone()
             };
+            let offset = if req.echo {
+                prompts[i / p.n].1.chars().count()
+            } else {
+                0
+            };
             json!({
                 "index": i,
                 "text": text,
-                "logprobs": null,
+                "logprobs": if p.logprobs.is_some() {
+                    completion_logprobs(&m.model.tokenizer, &c.lps, offset)
+                } else {
+                    Value::Null
+                },
                 "finish_reason": finish_reason(c.finish),
             })
         })
@@ -525,7 +592,9 @@ fn stream(
     created: u64,
     run: Running,
     n: usize,
+    n_per_prompt: usize,
     include_usage: bool,
+    logprobs: bool,
     chat: bool,
 ) -> impl IntoResponse {
     struct S {
@@ -537,6 +606,8 @@ fn stream(
         choices: Vec<ChoiceState>,
         left: usize,
         include_usage: bool,
+        logprobs: bool,
+        n_per_prompt: usize,
         chat: bool,
         started: bool,
         done: bool,
@@ -555,7 +626,27 @@ fn stream(
             }
             SseEvent::default().data(v.to_string())
         }
-        fn choice(&self, i: usize, text: Option<&str>, role: bool, finish: Option<&str>) -> Value {
+        /// The logprobs of choice `i` not streamed yet.
+        fn take_lps(&mut self, m: &ServedModel, i: usize) -> Value {
+            let lps = std::mem::take(&mut self.choices[i].pending);
+            if !self.logprobs || lps.is_empty() {
+                return Value::Null;
+            }
+            if self.chat {
+                chat_logprobs(&m.model.tokenizer, &lps)
+            } else {
+                let done: usize = self.choices[i].text.chars().count();
+                completion_logprobs(&m.model.tokenizer, &lps, done)
+            }
+        }
+        fn choice(
+            &self,
+            i: usize,
+            text: Option<&str>,
+            role: bool,
+            finish: Option<&str>,
+            lp: Value,
+        ) -> Value {
             if self.chat {
                 let mut delta = json!({});
                 if role {
@@ -564,9 +655,9 @@ fn stream(
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": finish}])
+                json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}])
             } else {
-                json!([{"index": i, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}])
+                json!([{"index": i, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish}])
             }
         }
     }
@@ -579,6 +670,8 @@ fn stream(
         choices: vec![ChoiceState::default(); n],
         left: n,
         include_usage,
+        logprobs,
+        n_per_prompt: n_per_prompt.max(1),
         chat,
         started: false,
         done: false,
@@ -592,12 +685,13 @@ fn stream(
             st.started = true;
             if st.chat {
                 for i in 0..st.choices.len() {
-                    out.push(st.chunk(st.choice(i, Some(""), true, None), None));
+                    out.push(st.chunk(st.choice(i, Some(""), true, None, Value::Null), None));
                 }
                 return Some((out, st));
             }
         }
-        let m = st.s.find(&st.model)?;
+        let app = st.s.clone();
+        let m = app.find(&st.model)?;
         match st.run.rx.recv().await {
             None => {
                 st.done = true;
@@ -612,20 +706,29 @@ fn stream(
                 }
                 Ok((text, finished)) => {
                     if !text.is_empty() {
-                        out.push(st.chunk(st.choice(i, Some(&text), false, None), None));
+                        // Offsets count the text before this chunk.
+                        let before = st.choices[i].text.len() - text.len();
+                        let full = std::mem::take(&mut st.choices[i].text);
+                        st.choices[i].text = full[..before].to_string();
+                        let lp = st.take_lps(m, i);
+                        st.choices[i].text = full;
+                        out.push(st.chunk(st.choice(i, Some(&text), false, None, lp), None));
                     }
                     if finished {
                         let f = finish_reason(st.choices[i].finish);
-                        out.push(st.chunk(st.choice(i, None, false, Some(f)), None));
+                        let lp = st.take_lps(m, i);
+                        out.push(st.chunk(st.choice(i, None, false, Some(f), lp), None));
                         st.left -= 1;
                         if st.left == 0 {
                             st.done = true;
                             if st.include_usage {
-                                let prompt = if st.chat {
-                                    st.choices[0].n_prompt
-                                } else {
-                                    st.choices.iter().map(|c| c.n_prompt).sum()
-                                };
+                                // Each prompt counts once, whatever its `n`.
+                                let prompt = st
+                                    .choices
+                                    .iter()
+                                    .step_by(st.n_per_prompt)
+                                    .map(|c| c.n_prompt)
+                                    .sum();
                                 let n_gen = st.choices.iter().map(|c| c.n_gen).sum();
                                 out.push(st.chunk(json!([]), Some(usage(prompt, n_gen))));
                             }
