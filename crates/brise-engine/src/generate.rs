@@ -60,6 +60,8 @@ pub struct GenerateOptions {
     pub json: Option<Arc<Schema>>,
     /// Report each generated token's log probability, with this many alternatives.
     pub logprobs: Option<usize>,
+    /// End-of-generation tokens are not sampled before this many tokens.
+    pub min_tokens: usize,
 }
 
 impl Default for GenerateOptions {
@@ -71,6 +73,7 @@ impl Default for GenerateOptions {
             n_batch: DEFAULT_BATCH,
             json: None,
             logprobs: None,
+            min_tokens: 0,
         }
     }
 }
@@ -271,6 +274,7 @@ pub struct Decoder {
     json: Option<JsonMatcher>,
     masked: Vec<f32>,
     logprobs: Option<usize>,
+    min_tokens: usize,
 }
 
 impl Decoder {
@@ -287,6 +291,7 @@ impl Decoder {
             json: opts.json.clone().map(JsonMatcher::new),
             masked: Vec::new(),
             logprobs: opts.logprobs,
+            min_tokens: opts.min_tokens,
         }
     }
 
@@ -303,6 +308,24 @@ impl Decoder {
     /// is kept when the constraint allows it, otherwise every disallowed token is masked
     /// and the sampler draws again.
     fn sample(&mut self, tk: &Tokenizer, logits: &[f32], history: &[u32]) -> Option<u32> {
+        if self.tokens.len() < self.min_tokens {
+            let mut l = logits.to_vec();
+            for e in tk.eog_ids() {
+                if let Some(x) = l.get_mut(e as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            return self.sample_constrained(tk, &l, history);
+        }
+        self.sample_constrained(tk, logits, history)
+    }
+
+    fn sample_constrained(
+        &mut self,
+        tk: &Tokenizer,
+        logits: &[f32],
+        history: &[u32],
+    ) -> Option<u32> {
         let tok = self.sampler.sample(logits, history);
         let Some(json) = &self.json else {
             return Some(tok);

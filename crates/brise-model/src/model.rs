@@ -226,6 +226,38 @@ impl Model {
         n
     }
 
+    /// Fill-in-the-middle tokens (prefix, suffix, middle), found by their text as
+    /// llama.cpp does when the GGUF does not name them: Qwen2.5-Coder's and StarCoder's.
+    pub fn fim_tokens(&self) -> Option<(u32, u32, u32)> {
+        let tk = &self.tokenizer;
+        [
+            ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"],
+            ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"],
+        ]
+        .iter()
+        .find_map(|[p, s, m]| Some((tk.token_id(p)?, tk.token_id(s)?, tk.token_id(m)?)))
+    }
+
+    /// The prompt of a fill-in-the-middle completion (prefix-suffix-middle order).
+    pub fn encode_fim(&self, prefix: &str, suffix: &str) -> Result<Vec<u32>> {
+        let (p, s, m) = self.fim_tokens().ok_or_else(|| {
+            ModelError::Invalid(format!("{} has no fill-in-the-middle tokens", self.name))
+        })?;
+        let tk = &self.tokenizer;
+        let mut ids = Vec::new();
+        if tk.add_bos
+            && let Some(b) = tk.bos
+        {
+            ids.push(b);
+        }
+        ids.push(p);
+        ids.extend(tk.encode(prefix, false, false)?);
+        ids.push(s);
+        ids.extend(tk.encode(suffix, false, false)?);
+        ids.push(m);
+        Ok(ids)
+    }
+
     pub fn forward(&self) -> Forward<'_> {
         Forward {
             cfg: &self.cfg,

@@ -111,6 +111,17 @@ const EOG_TEXTS: &[&str] = &[
     "<|eom_id|>",
     "<EOT>",
     "</s>",
+    "<|end_of_text|>",
+    // Fill-in-the-middle pad, repository and file separators end a generation too
+    // (llama.cpp adds its FIM pad/rep/sep tokens to the end-of-generation set).
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<reponame>",
+    "<|file_sep|>",
 ];
 
 impl Tokenizer {

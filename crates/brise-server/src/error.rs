@@ -99,6 +99,26 @@ impl ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg)
     }
 
+    /// Mistral-only routes answer invalid parameters as FastAPI does: 422 with
+    /// `{"detail": [{"loc", "msg", "type"}]}`.
+    pub fn mistral_validation(self) -> Response {
+        if self.status != StatusCode::BAD_REQUEST {
+            return self.into_response();
+        }
+        let loc: Vec<serde_json::Value> = std::iter::once(json!("body"))
+            .chain(self.param.iter().map(|p| json!(p)))
+            .collect();
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({"detail": [{
+                "loc": loc,
+                "msg": self.message,
+                "type": self.code.unwrap_or("value_error"),
+            }]})),
+        )
+            .into_response()
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {
             "message": self.message,

@@ -35,6 +35,8 @@ pub struct GenParams {
     pub metadata: Option<Map<String, Value>>,
     /// Log probabilities of the generated tokens, with this many alternatives each.
     pub logprobs: Option<usize>,
+    /// Mistral's `min_tokens`: no end of generation before this many tokens.
+    pub min_tokens: usize,
 }
 
 pub struct ChatRequest {
@@ -53,6 +55,36 @@ pub struct CompletionRequest {
     pub params: GenParams,
     pub prompts: Vec<PromptInput>,
     pub echo: bool,
+    /// Fill in the middle: the text after the completion.
+    pub suffix: Option<String>,
+}
+
+pub struct FimRequest {
+    pub params: GenParams,
+    pub prompt: String,
+    pub suffix: String,
+}
+
+/// Mistral's FIM body: `model`, `prompt`, `suffix` and the sampling parameters.
+pub fn parse_fim(body: &[u8], n_vocab: impl Fn(&str) -> usize) -> ApiResult<FimRequest> {
+    let mut f = Fields::parse(body)?;
+    let model = f
+        .map
+        .get("model")
+        .and_then(|m| m.as_str())
+        .unwrap_or("")
+        .to_string();
+    let params = gen_params(&mut f, n_vocab(&model))?;
+    let prompt = f
+        .string("prompt")?
+        .ok_or_else(|| ApiError::param("prompt", "you must provide a prompt"))?;
+    let suffix = f.string("suffix")?.unwrap_or_default();
+    f.finish()?;
+    Ok(FimRequest {
+        params,
+        prompt,
+        suffix,
+    })
 }
 
 /// A JSON object being consumed field by field.
@@ -318,6 +350,7 @@ fn gen_params(f: &mut Fields, n_vocab: usize) -> ApiResult<GenParams> {
     if stop.iter().any(|s| s.is_empty()) {
         return Err(ApiError::param("stop", "stop sequences must not be empty"));
     }
+    let min_tokens = f.u64("min_tokens")?.unwrap_or(0) as usize;
     let n = positive("n", f.u64("n")?)?.unwrap_or(1);
     if n > 16 {
         return Err(ApiError::param("n", format!("n = {n}: at most 16 choices")));
@@ -379,6 +412,7 @@ fn gen_params(f: &mut Fields, n_vocab: usize) -> ApiResult<GenParams> {
         user,
         metadata,
         logprobs: None,
+        min_tokens,
     })
 }
 
@@ -690,9 +724,7 @@ pub fn parse_completion(
         ));
     }
     let echo = f.bool("echo")?.unwrap_or(false);
-    if f.take("suffix").is_some() {
-        return Err(ApiError::unsupported("suffix", "fill-in-the-middle"));
-    }
+    let suffix = f.string("suffix")?;
     let mut params = params;
     params.logprobs = match f.u64("logprobs")? {
         Some(n) if n > 5 => {
@@ -713,6 +745,7 @@ pub fn parse_completion(
         params,
         prompts,
         echo,
+        suffix,
     })
 }
 
@@ -819,9 +852,7 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.param.as_deref(), Some("prompt"));
-        let e = parse_completion(br#"{"model":"m","prompt":"a","suffix":"b"}"#, |_| 10)
-            .err()
-            .unwrap();
-        assert_eq!(e.param.as_deref(), Some("suffix"));
+        let r = parse_completion(br#"{"model":"m","prompt":"a","suffix":"b"}"#, |_| 10).unwrap();
+        assert_eq!(r.suffix.as_deref(), Some("b"));
     }
 }

@@ -31,6 +31,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let generation = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/fim/completions", post(fim))
         .layer(middleware::map_response(ai_marker));
     Router::new()
         .merge(generation)
@@ -163,7 +164,7 @@ fn model_card(m: &ServedModel) -> Value {
         "max_context_length": m.n_ctx(),
         "capabilities": {
             "completion_chat": m.model.chat_template.is_some(),
-            "completion_fim": false,
+            "completion_fim": m.model.fim_tokens().is_some(),
             "function_calling": false,
             "fine_tuning": false,
             "vision": false,
@@ -197,6 +198,15 @@ fn options(
         Some(x) => x,
         None => n_ctx.saturating_sub(n_prompt),
     };
+    if p.min_tokens > max_tokens {
+        return Err(ApiError::param(
+            "min_tokens",
+            format!(
+                "min_tokens = {} is more than max_tokens = {max_tokens}",
+                p.min_tokens
+            ),
+        ));
+    }
     if n_prompt + max_tokens > n_ctx || max_tokens == 0 {
         return Err(ApiError::param(
             if p.max_tokens.is_some() {
@@ -232,6 +242,7 @@ fn options(
         stop: p.stop.clone(),
         json,
         logprobs: p.logprobs,
+        min_tokens: p.min_tokens,
         ..Default::default()
     })
 }
@@ -435,17 +446,29 @@ async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Re
         .model
         .encode_chat(&req.messages, true)
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
-    let p = &req.params;
+    chat_like(&s, m, &req.params, prompt, req.json, "chatcmpl").await
+}
+
+/// Runs `p.n` choices of `prompt` and answers in chat-completion shape (chat and
+/// Mistral's FIM), streaming or not.
+async fn chat_like(
+    s: &Arc<AppState>,
+    m: &ServedModel,
+    p: &GenParams,
+    prompt: Vec<u32>,
+    json: Option<Arc<Schema>>,
+    id_prefix: &str,
+) -> ApiResult<Response> {
     let jobs = (0..p.n)
         .map(|c| {
             Ok((
                 prompt.clone(),
-                options(m, p, prompt.len(), c, req.json.clone())?,
+                options(m, p, prompt.len(), c, json.clone())?,
             ))
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    let run = submit(&s, m, jobs)?;
-    let id = new_id("chatcmpl");
+    let run = submit(s, m, jobs)?;
+    let id = new_id(id_prefix);
     let created = crate::unix_now();
     if p.stream {
         return Ok(stream(
@@ -491,6 +514,33 @@ async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Re
     .into_response())
 }
 
+/// Mistral's `POST /v1/fim/completions`: `prompt` (the code before) and `suffix` (the
+/// code after), answered in chat-completion shape. Invalid parameters are 422s with
+/// FastAPI's `detail` list, as Mistral answers them.
+async fn fim(State(s): St, body: Result<Bytes, BytesRejection>) -> Response {
+    match fim_inner(&s, body).await {
+        Ok(r) => r,
+        Err(e) => e.mistral_validation().into_response(),
+    }
+}
+
+async fn fim_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    ready(s)?;
+    let req = request::parse_fim(&body, n_vocab_of(s))?;
+    let m = find(s, &req.params.model)?;
+    let prompt = m.model.encode_fim(&req.prompt, &req.suffix).map_err(|_| {
+        ApiError::param(
+            "model",
+            format!(
+                "{} has no fill-in-the-middle tokens; capabilities.completion_fim is false",
+                m.id
+            ),
+        )
+    })?;
+    chat_like(s, m, &req.params, prompt, None, "fim").await
+}
+
 async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let body = body_bytes(body)?;
     ready(&s)?;
@@ -501,6 +551,20 @@ async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
     let mut prompts = Vec::new();
     for pi in &req.prompts {
         let (ids, text) = match pi {
+            PromptInput::Text(t) if req.suffix.is_some() => (
+                m.model
+                    .encode_fim(t, req.suffix.as_deref().unwrap_or(""))
+                    .map_err(|_| {
+                        ApiError::param(
+                            "suffix",
+                            format!("{} has no fill-in-the-middle tokens for `suffix`", m.id),
+                        )
+                    })?,
+                t.clone(),
+            ),
+            PromptInput::Tokens(_) if req.suffix.is_some() => {
+                return Err(ApiError::param("suffix", "suffix needs a text prompt"));
+            }
             // As `brise run --raw`: BOS if the model wants it, special-token text kept as text.
             PromptInput::Text(t) => (
                 tk.encode(t, true, false)
