@@ -35,6 +35,16 @@ pub enum Schema {
         additional: Option<Arc<Schema>>,
     },
     AnyOf(Vec<Arc<Schema>>),
+    /// Parts one after the other: exact text and JSON values (e.g. a tool call's
+    /// `<tool_call>` tags around its object).
+    Seq(Vec<SeqPart>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeqPart {
+    /// These bytes exactly, with no whitespace before them.
+    Raw(Vec<u8>),
+    Json(Arc<Schema>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -509,6 +519,18 @@ fn step(mut st: State, b: u8, out: &mut Vec<State>) {
                         });
                         step(c, b, out);
                     }
+                }
+                Schema::Seq(parts) => {
+                    for p in parts.iter().rev() {
+                        st.stack.push(match p {
+                            SeqPart::Raw(t) => Frame::Lit {
+                                text: Arc::new(t.clone()),
+                                pos: 0,
+                            },
+                            SeqPart::Json(j) => Frame::Value(j.clone()),
+                        });
+                    }
+                    step(st, b, out);
                 }
                 Schema::Null => lit(st, b"null", b, out),
                 Schema::Bool => {
@@ -1068,6 +1090,23 @@ mod tests {
             e.to_string().contains("schema.properties.a") && e.to_string().contains("pattern"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sequences_wrap_values_in_exact_text() {
+        let obj = Schema::compile(
+            &json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+        )
+        .unwrap();
+        let m = JsonMatcher::new(Arc::new(Schema::Seq(vec![
+            SeqPart::Raw(b"<c>\n".to_vec()),
+            SeqPart::Json(Arc::new(obj)),
+            SeqPart::Raw(b"\n</c>".to_vec()),
+        ])));
+        assert!(accepts(&m, "<c>\n{\"a\": 1}\n</c>"));
+        assert!(!accepts(&m, "<c>\n{\"a\": 1}"));
+        assert!(!accepts(&m, "<c>\n{\"a\": 1}\n\n</c>"));
+        assert!(!accepts(&m, "<c>{\"a\": 1}\n</c>"));
     }
 
     #[test]

@@ -172,6 +172,70 @@ impl ChatTemplate {
     }
 }
 
+/// How a model writes tool calls, as its chat template teaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>` (Qwen2.5, Hermes).
+    Hermes,
+}
+
+/// A tool call parsed from a model's output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: serde_json::Value,
+}
+
+impl ChatTemplate {
+    /// The tool-call format the template renders, if it renders tools at all.
+    pub fn tool_format(&self) -> Option<ToolFormat> {
+        (self.source.contains("tools") && self.source.contains("<tool_call>"))
+            .then_some(ToolFormat::Hermes)
+    }
+}
+
+impl ToolFormat {
+    /// What opens a call in the output.
+    pub fn open(self) -> &'static str {
+        "<tool_call>"
+    }
+
+    /// Exact text around one forced call's JSON object.
+    pub fn wrap(self) -> (&'static str, &'static str) {
+        ("<tool_call>\n", "\n</tool_call>")
+    }
+
+    /// Splits generated text into its content and tool calls. `None` when the text opens
+    /// a call that is not a JSON object with a string `name` and object `arguments`.
+    pub fn parse(self, text: &str) -> Option<(String, Vec<ToolCall>)> {
+        let (open, close) = ("<tool_call>", "</tool_call>");
+        let mut content = String::new();
+        let mut calls = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find(open) {
+            content.push_str(&rest[..i]);
+            let after = &rest[i + open.len()..];
+            let (body, next) = match after.find(close) {
+                Some(j) => (&after[..j], &after[j + close.len()..]),
+                // The end of generation may come before the closing tag.
+                None => (after, ""),
+            };
+            let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+            let name = v.get("name")?.as_str()?.to_string();
+            let arguments = match v.get("arguments") {
+                Some(a @ serde_json::Value::Object(_)) => a.clone(),
+                Some(serde_json::Value::String(s)) => serde_json::from_str(s).ok()?,
+                None => serde_json::json!({}),
+                _ => return None,
+            };
+            calls.push(ToolCall { name, arguments });
+            rest = next;
+        }
+        content.push_str(rest);
+        Some((content.trim().to_string(), calls))
+    }
+}
+
 /// Enough of strftime for chat templates (%d %b %B %Y %m %H %M), in UTC.
 fn strftime_utc(fmt: &str, secs: u64) -> String {
     let days = (secs / 86400) as i64;
@@ -223,6 +287,33 @@ fn strftime_utc(fmt: &str, secs: u64) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tool_tests {
+    use super::*;
+
+    #[test]
+    fn hermes_calls_parse() {
+        let f = ToolFormat::Hermes;
+        let (c, calls) = f
+            .parse("Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"x\\\": 1}\"}")
+            .unwrap();
+        assert_eq!(c, "Sure.");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, serde_json::json!({"city": "Paris"}));
+        assert_eq!(calls[1].arguments, serde_json::json!({"x": 1}));
+        assert_eq!(
+            f.parse("no calls").unwrap(),
+            ("no calls".to_string(), vec![])
+        );
+        assert!(f.parse("<tool_call>{not json}</tool_call>").is_none());
+        assert!(
+            f.parse("<tool_call>{\"arguments\": {}}</tool_call>")
+                .is_none()
+        );
+    }
 }
 
 #[cfg(test)]

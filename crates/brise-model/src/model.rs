@@ -187,13 +187,35 @@ impl Model {
 
     /// The conversation rendered by the model's chat template.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_chat_tools(messages, add_generation_prompt, None)
+    }
+
+    /// The conversation rendered with the tool definitions the template offers the model
+    /// (OpenAI's `tools` list).
+    pub fn render_chat_tools(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let t = self.chat_template.as_ref().ok_or_else(|| {
             ModelError::Template(format!(
                 "{} has no chat template; use raw completion",
                 self.name
             ))
         })?;
-        t.render(messages, add_generation_prompt, None)
+        t.render(messages, add_generation_prompt, tools)
+    }
+
+    /// Renders (with tools, if any) and tokenizes a conversation.
+    pub fn encode_chat_tools(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>> {
+        let rendered = self.render_chat_tools(messages, add_generation_prompt, tools)?;
+        encode_rendered(&self.tokenizer, &rendered, messages)
     }
 
     /// Renders and tokenizes a conversation. Control tokens come only from the template:
@@ -203,8 +225,7 @@ impl Model {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let rendered = self.render_chat(messages, add_generation_prompt)?;
-        encode_rendered(&self.tokenizer, &rendered, messages)
+        self.encode_chat_tools(messages, add_generation_prompt, None)
     }
 
     /// Number of parameters (elements of every weight, embeddings counted once).

@@ -44,6 +44,136 @@ pub struct ChatRequest {
     pub messages: Vec<Message>,
     /// `response_format` json_object / json_schema: the output's constraint.
     pub json: Option<Arc<Schema>>,
+    pub tools: Vec<Tool>,
+    pub tool_choice: ToolChoice,
+}
+
+/// A function the model may call.
+#[derive(Clone, Debug)]
+pub struct Tool {
+    pub name: String,
+    /// JSON Schema of the arguments (`{"type": "object"}` when absent).
+    pub parameters: Value,
+    /// The tool as the chat template receives it (OpenAI's shape).
+    pub raw: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    /// OpenAI's `required`, Mistral's `any`: some call.
+    Required,
+    Named(String),
+}
+
+fn tools(v: Option<Value>) -> ApiResult<Vec<Tool>> {
+    let Some(v) = v else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(list) = v else {
+        return Err(ApiError::param("tools", "tools must be a list"));
+    };
+    let mut out: Vec<Tool> = Vec::new();
+    for (i, t) in list.into_iter().enumerate() {
+        let at = format!("tools[{i}]");
+        if t.get("type").and_then(|x| x.as_str()) != Some("function") {
+            return Err(ApiError::param(
+                &format!("{at}.type"),
+                "only tools of type \"function\" exist",
+            ));
+        }
+        let Some(Value::Object(func)) = t.get("function") else {
+            return Err(ApiError::param(
+                &format!("{at}.function"),
+                "a tool needs a function object",
+            ));
+        };
+        let name = func
+            .get("name")
+            .and_then(|n| n.as_str())
+            .filter(|n| {
+                !n.is_empty()
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            })
+            .ok_or_else(|| {
+                ApiError::param(
+                    &format!("{at}.function.name"),
+                    "a function needs a name of letters, digits, _ - .",
+                )
+            })?
+            .to_string();
+        if out.iter().any(|o| o.name == name) {
+            return Err(ApiError::param(
+                &format!("{at}.function.name"),
+                format!("two tools are named {name:?}"),
+            ));
+        }
+        let parameters = match func.get("parameters") {
+            None | Some(Value::Null) => serde_json::json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => p.clone(),
+            Some(_) => {
+                return Err(ApiError::param(
+                    &format!("{at}.function.parameters"),
+                    "parameters must be a JSON Schema object",
+                ));
+            }
+        };
+        for k in func.keys() {
+            if !["name", "description", "parameters", "strict"].contains(&k.as_str()) {
+                return Err(ApiError::unknown_param(&format!("{at}.function.{k}")));
+            }
+        }
+        out.push(Tool {
+            name,
+            parameters,
+            raw: t,
+        });
+    }
+    Ok(out)
+}
+
+fn tool_choice(v: Option<Value>, tools: &[Tool]) -> ApiResult<ToolChoice> {
+    let c = match v {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" | "any" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::param(
+                    "tool_choice",
+                    format!("tool_choice {other:?} is not none, auto, required, any or a function"),
+                ));
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(|n| n.as_str())
+                .ok_or_else(|| ApiError::param("tool_choice", "a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": …}}"))?;
+            ToolChoice::Named(name.to_string())
+        }
+        Some(_) => {
+            return Err(ApiError::param(
+                "tool_choice",
+                "tool_choice must be a string or an object",
+            ));
+        }
+    };
+    match &c {
+        ToolChoice::Required if tools.is_empty() => Err(ApiError::param(
+            "tool_choice",
+            "tool_choice requires a call but no tools were given",
+        )),
+        ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) => Err(ApiError::param(
+            "tool_choice",
+            format!("tool_choice names {n:?}, which is not in tools"),
+        )),
+        _ => Ok(c),
+    }
 }
 
 pub enum PromptInput {
@@ -500,7 +630,21 @@ fn messages(v: Value) -> ApiResult<Vec<Message>> {
                 ));
             }
         };
-        let tool_calls = f.take("tool_calls");
+        // Clients send arguments as JSON text; templates expect the object.
+        let tool_calls = f.take("tool_calls").map(|mut tc| {
+            if let Value::Array(calls) = &mut tc {
+                for c in calls {
+                    if let Some(a) = c.pointer_mut("/function/arguments")
+                        && let Some(parsed) = a
+                            .as_str()
+                            .and_then(|s| serde_json::from_str::<Value>(s).ok())
+                    {
+                        *a = parsed;
+                    }
+                }
+            }
+            tc
+        });
         let content = match f.take("content") {
             Some(c) => content_text(c, &format!("{at}.content"))?,
             None if role == "assistant" && tool_calls.is_some() => String::new(),
@@ -612,17 +756,9 @@ pub fn parse_chat(body: &[u8], n_vocab: impl Fn(&str) -> usize) -> ApiResult<Cha
         .ok_or_else(|| ApiError::param("messages", "you must provide messages"))?;
     let mut messages = messages(msgs)?;
     params.logprobs = chat_logprobs(&mut f)?;
-    match f.take("tools") {
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(_) => return Err(ApiError::unsupported("tools", "tool calling")),
-        None => {}
-    }
-    match f.take("tool_choice") {
-        None => {}
-        Some(Value::String(s)) if s == "none" || s == "auto" => {}
-        Some(_) => return Err(ApiError::unsupported("tool_choice", "tool calling")),
-    }
-    // Meaningless without tools; accepted as the SDKs send it by default.
+    let tools = tools(f.take("tools"))?;
+    let tool_choice = tool_choice(f.take("tool_choice"), &tools)?;
+    // One forced call at most; in `auto` the model may write several, all returned.
     f.bool("parallel_tool_calls")?;
     let json = match f.take("response_format") {
         None => None,
@@ -659,10 +795,18 @@ pub fn parse_chat(body: &[u8], n_vocab: impl Fn(&str) -> usize) -> ApiResult<Cha
     }
     f.finish()?;
     params.model = model;
+    if json.is_some() && !tools.is_empty() && tool_choice != ToolChoice::None {
+        return Err(ApiError::param(
+            "response_format",
+            "response_format and tools cannot constrain the same answer",
+        ));
+    }
     Ok(ChatRequest {
         params,
         messages,
         json,
+        tools,
+        tool_choice,
     })
 }
 
@@ -792,7 +936,11 @@ mod tests {
             (r#","stop":[1]"#, "stop"),
             (r#","logit_bias":{"99999":1}"#, "logit_bias"),
             (r#","frobnicate":1"#, "frobnicate"),
-            (r#","tools":[{"type":"function"}]"#, "tools"),
+            (r#","tools":[{"type":"function"}]"#, "tools[0].function"),
+            (
+                r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}"#,
+                "tool_choice",
+            ),
             (
                 r#","response_format":{"type":"xml"}"#,
                 "response_format.type",

@@ -2,7 +2,7 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::metrics;
-use crate::request::{self, GenParams, PromptInput};
+use crate::request::{self, GenParams, PromptInput, Tool, ToolChoice};
 use crate::{AppState, ServedModel, Tenant};
 use axum::Router;
 use axum::body::Bytes;
@@ -13,9 +13,10 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use brise_engine::json::Schema;
+use brise_engine::json::{Schema, SeqPart};
 use brise_engine::scheduler::{Event, Request as EngineRequest, SubmitError};
 use brise_engine::{FinishReason, GenerateOptions, SamplingParams, TokenLogprob};
+use brise_model::chat::{ToolCall, ToolFormat};
 use brise_model::tokenizer::Tokenizer;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -165,7 +166,7 @@ fn model_card(m: &ServedModel) -> Value {
         "capabilities": {
             "completion_chat": m.model.chat_template.is_some(),
             "completion_fim": m.model.fim_tokens().is_some(),
-            "function_calling": false,
+            "function_calling": m.model.chat_template.as_ref().is_some_and(|t| t.tool_format().is_some()),
             "fine_tuning": false,
             "vision": false,
             "classification": false,
@@ -317,6 +318,63 @@ struct ChoiceState {
     /// Log probabilities of every token, and those not streamed yet.
     lps: Vec<TokenLogprob>,
     pending: Vec<TokenLogprob>,
+    /// With tools, streaming: bytes of `text` sent as content, and whether a tool call
+    /// has opened (the rest is held for parsing).
+    sent: usize,
+    in_call: bool,
+}
+
+/// OpenAI's `tool_calls`: arguments as JSON text.
+fn tool_calls_json(calls: &[ToolCall]) -> Vec<Value> {
+    calls
+        .iter()
+        .map(|c| {
+            json!({
+                "id": format!("call_{}", uuid::Uuid::new_v4().simple()),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments.to_string()},
+            })
+        })
+        .collect()
+}
+
+/// The constraint of a forced call: `<tool_call>\n{"name": one of the tools,
+/// "arguments": that tool's parameters}\n</tool_call>`.
+fn forced_call(tf: ToolFormat, tools: &[Tool], choice: &ToolChoice) -> ApiResult<Arc<Schema>> {
+    let mut alts = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        if let ToolChoice::Named(n) = choice
+            && n != &t.name
+        {
+            continue;
+        }
+        let args = Schema::compile(&t.parameters).map_err(|e| ApiError {
+            code: Some("unsupported_schema"),
+            ..ApiError::param(
+                &format!("tools[{i}].function.parameters"),
+                format!("brise cannot enforce this schema for a required call: {e}"),
+            )
+        })?;
+        alts.push(Arc::new(Schema::Object {
+            props: vec![
+                (
+                    "name".into(),
+                    Arc::new(Schema::Literals(vec![
+                        serde_json::to_vec(&t.name).unwrap_or_default(),
+                    ])),
+                ),
+                ("arguments".into(), Arc::new(args)),
+            ],
+            required: vec!["name".into(), "arguments".into()],
+            additional: None,
+        }));
+    }
+    let (open, close) = tf.wrap();
+    Ok(Arc::new(Schema::Seq(vec![
+        SeqPart::Raw(open.as_bytes().to_vec()),
+        SeqPart::Json(Arc::new(Schema::AnyOf(alts))),
+        SeqPart::Raw(close.as_bytes().to_vec()),
+    ])))
 }
 
 fn piece(tk: &Tokenizer, id: u32) -> (String, Vec<u8>) {
@@ -442,11 +500,32 @@ async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Re
             format!("{} has no chat template; use /v1/completions", m.id),
         ));
     }
+    let tf = if !req.tools.is_empty() && req.tool_choice != ToolChoice::None {
+        let f = m.model.chat_template.as_ref().and_then(|t| t.tool_format());
+        Some(f.ok_or_else(|| {
+            ApiError::param(
+                "tools",
+                format!(
+                    "{}'s chat template does not render tools (capabilities.function_calling is false)",
+                    m.id
+                ),
+            )
+        })?)
+    } else {
+        None
+    };
+    let tools_json = tf.map(|_| Value::Array(req.tools.iter().map(|t| t.raw.clone()).collect()));
     let prompt = m
         .model
-        .encode_chat(&req.messages, true)
+        .encode_chat_tools(&req.messages, true, tools_json.as_ref())
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
-    chat_like(&s, m, &req.params, prompt, req.json, "chatcmpl").await
+    let constraint = match (tf, &req.tool_choice) {
+        (Some(f), ToolChoice::Required | ToolChoice::Named(_)) => {
+            Some(forced_call(f, &req.tools, &req.tool_choice)?)
+        }
+        _ => req.json.clone(),
+    };
+    chat_like(&s, m, &req.params, prompt, constraint, "chatcmpl", tf).await
 }
 
 /// Runs `p.n` choices of `prompt` and answers in chat-completion shape (chat and
@@ -458,6 +537,7 @@ async fn chat_like(
     prompt: Vec<u32>,
     json: Option<Arc<Schema>>,
     id_prefix: &str,
+    tools: Option<ToolFormat>,
 ) -> ApiResult<Response> {
     let jobs = (0..p.n)
         .map(|c| {
@@ -482,6 +562,7 @@ async fn chat_like(
             p.include_usage,
             p.logprobs.is_some(),
             true,
+            tools,
         )
         .into_response());
     }
@@ -491,15 +572,32 @@ async fn chat_like(
         .iter()
         .enumerate()
         .map(|(i, c)| {
+            let parsed = tools
+                .and_then(|tf| tf.parse(&c.text))
+                .filter(|(_, calls)| !calls.is_empty());
+            let (message, finish) = match parsed {
+                Some((content, calls)) => (
+                    json!({
+                        "role": "assistant",
+                        "content": if content.is_empty() { Value::Null } else { json!(content) },
+                        "tool_calls": tool_calls_json(&calls),
+                    }),
+                    "tool_calls",
+                ),
+                None => (
+                    json!({"role": "assistant", "content": c.text}),
+                    finish_reason(c.finish),
+                ),
+            };
             json!({
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": if p.logprobs.is_some() {
                     chat_logprobs(&m.model.tokenizer, &c.lps)
                 } else {
                     Value::Null
                 },
-                "finish_reason": finish_reason(c.finish),
+                "finish_reason": finish,
             })
         })
         .collect();
@@ -538,7 +636,7 @@ async fn fim_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Ap
             ),
         )
     })?;
-    chat_like(s, m, &req.params, prompt, None, "fim").await
+    chat_like(s, m, &req.params, prompt, None, "fim", None).await
 }
 
 async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -603,6 +701,7 @@ async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
             p.include_usage,
             p.logprobs.is_some(),
             false,
+            None,
         )
         .into_response());
     }
@@ -660,6 +759,7 @@ fn stream(
     include_usage: bool,
     logprobs: bool,
     chat: bool,
+    tools: Option<ToolFormat>,
 ) -> impl IntoResponse {
     struct S {
         s: Arc<AppState>,
@@ -673,6 +773,7 @@ fn stream(
         logprobs: bool,
         n_per_prompt: usize,
         chat: bool,
+        tools: Option<ToolFormat>,
         started: bool,
         done: bool,
     }
@@ -737,6 +838,7 @@ fn stream(
         logprobs,
         n_per_prompt: n_per_prompt.max(1),
         chat,
+        tools,
         started: false,
         done: false,
     };
@@ -769,17 +871,77 @@ fn stream(
                     out.push(SseEvent::default().data("[DONE]"));
                 }
                 Ok((text, finished)) => {
+                    let text = match st.tools {
+                        // Content streams until a tool call opens; the call is sent whole
+                        // at the end, as OpenAI's `delta.tool_calls`.
+                        Some(tf) => {
+                            let c = &mut st.choices[i];
+                            let mut emit = String::new();
+                            if !c.in_call {
+                                let t = &c.text[c.sent..];
+                                if let Some(j) = t.find(tf.open()) {
+                                    emit = t[..j].to_string();
+                                    c.in_call = true;
+                                } else if finished {
+                                    emit = t.to_string();
+                                } else {
+                                    let hold = (1..tf.open().len())
+                                        .rev()
+                                        .find(|&k| t.ends_with(&tf.open()[..k]))
+                                        .unwrap_or(0);
+                                    emit = t[..t.len() - hold].to_string();
+                                }
+                                c.sent += emit.len();
+                            }
+                            emit
+                        }
+                        None => text,
+                    };
                     if !text.is_empty() {
                         // Offsets count the text before this chunk.
-                        let before = st.choices[i].text.len() - text.len();
                         let full = std::mem::take(&mut st.choices[i].text);
+                        let before = if st.tools.is_some() {
+                            st.choices[i].sent - text.len()
+                        } else {
+                            full.len() - text.len()
+                        };
                         st.choices[i].text = full[..before].to_string();
                         let lp = st.take_lps(m, i);
                         st.choices[i].text = full;
                         out.push(st.chunk(st.choice(i, Some(&text), false, None, lp), None));
                     }
+                    let mut tool_finish = false;
+                    if finished
+                        && let Some(tf) = st.tools
+                        && st.choices[i].in_call
+                    {
+                        let c = &st.choices[i];
+                        match tf.parse(&c.text) {
+                            Some((_, calls)) if !calls.is_empty() => {
+                                let mut tc = tool_calls_json(&calls);
+                                for (k, call) in tc.iter_mut().enumerate() {
+                                    call["index"] = json!(k);
+                                }
+                                let delta = json!({"tool_calls": tc});
+                                out.push(st.chunk(
+                                    json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                                    None,
+                                ));
+                                tool_finish = true;
+                            }
+                            // Not a well-formed call after all: it is content.
+                            _ => {
+                                let rest = c.text[c.sent..].to_string();
+                                out.push(st.chunk(st.choice(i, Some(&rest), false, None, Value::Null), None));
+                            }
+                        }
+                    }
                     if finished {
-                        let f = finish_reason(st.choices[i].finish);
+                        let f = if tool_finish {
+                            "tool_calls"
+                        } else {
+                            finish_reason(st.choices[i].finish)
+                        };
                         let lp = st.take_lps(m, i);
                         out.push(st.chunk(st.choice(i, None, false, Some(f), lp), None));
                         st.left -= 1;
