@@ -322,6 +322,25 @@ def test_batch_invariance(oai):
         assert g == alone[c], f"request {i} under load: {g!r}\nalone: {alone[c]!r}"
 
 
+def test_seeded_sampling_is_batch_invariant(oai):
+    """Seeded sampling, like greedy, gives the same text alone or among other requests."""
+    def ask(seed):
+        return text_of(create(oai, POEM, temperature=1.0, seed=seed, max_tokens=24))
+
+    alone = {s: ask(s) for s in (1, 2, 3)}
+    assert len(set(alone.values())) > 1
+    start = threading.Barrier(6)
+
+    def together(seed):
+        start.wait(timeout=60)
+        return ask(seed)
+
+    seeds = [1, 2, 3, 1, 2, 3]
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(together, seeds))
+    assert got == [alone[s] for s in seeds]
+
+
 # ---- the CLI answers the same
 
 

@@ -1,0 +1,88 @@
+"""Overload and time limits: a full queue answers 503 with Retry-After, a request past
+--timeout ends (mid-stream, with a final SSE error event), and keys come from a file."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import pytest
+
+from conftest import IS_SMOLLM2, MODEL, BriseServer
+
+
+def serve(tmp_path_factory, name, args):
+    srv = BriseServer(tmp_path_factory.mktemp(name) / "serve.log", [], ["-t", "2", "-c", "2048", *args])
+    try:
+        srv.wait_ready()
+    except BaseException:
+        srv.kill()
+        raise
+    return srv
+
+
+# End-of-sequence tokens banned, so a generation runs until max_tokens or the timeout.
+NO_EOS = {"logit_bias": {"0": -100, "2": -100}} if IS_SMOLLM2 else {}
+
+
+def test_queue_full_is_503_with_retry_after(tmp_path_factory):
+    srv = serve(tmp_path_factory, "q", ["--parallel", "1", "--queue", "1"])
+    try:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, **NO_EOS}
+
+        def post(_):
+            with httpx.Client(timeout=120, trust_env=False) as c:
+                return c.post(f"{srv.url}/v1/completions", json=body)
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            rs = list(ex.map(post, range(8)))
+        codes = sorted(r.status_code for r in rs)
+        assert 200 in codes and 503 in codes, codes
+        for r in rs:
+            if r.status_code == 503:
+                assert r.headers.get("retry-after") == "1"
+                assert r.json()["error"]["code"] == "server_overloaded"
+            else:
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 64
+    finally:
+        srv.stop()
+
+
+def test_timeout_mid_stream_is_an_error_event(tmp_path_factory):
+    srv = serve(tmp_path_factory, "t", ["--timeout", "1", "--parallel", "1"])
+    try:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0,
+                "stream": True, **NO_EOS}
+        events = []
+        with httpx.Client(timeout=60, trust_env=False) as c:
+            with c.stream("POST", f"{srv.url}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])
+        assert err["error"]["type"] == "timeout", err
+        assert len(events) > 10  # it streamed before the limit
+        # Not streamed: a 504.
+        with httpx.Client(timeout=60, trust_env=False) as c:
+            r = c.post(f"{srv.url}/v1/completions", json={**body, "stream": False})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    finally:
+        srv.stop()
+
+
+def test_api_key_file_names_tenants(tmp_path_factory, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# tenants\nacme=sk-acme-1\n\nsk-plain\n")
+    srv = serve(tmp_path_factory, "k", ["--api-key-file", str(keys)])
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
+            assert c.get("/v1/models").status_code == 401
+            for k in ("sk-acme-1", "sk-plain"):
+                assert c.get("/v1/models", headers={"Authorization": f"Bearer {k}"}).status_code == 200
+            # The tenant name is not a key.
+            assert c.get("/v1/models", headers={"Authorization": "Bearer acme"}).status_code == 401
+    finally:
+        srv.stop()
