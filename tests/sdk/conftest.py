@@ -60,10 +60,13 @@ class BriseServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        # Each server records to its own ledger, next to its log.
+        self.ledger = log_path.parent / "ledger.sqlite"
         self.argv = [str(BRISE_BIN), "serve", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
+                     "--ledger", str(self.ledger),
                      *(SERVE_ARGS if base_args is None else base_args), *extra_args]
         # `--api-key` also reads BRISE_API_KEY: only the keys given here may apply.
-        env = {k: v for k, v in os.environ.items() if k != "BRISE_API_KEY"}
+        env = {k: v for k, v in os.environ.items() if k not in ("BRISE_API_KEY", "BRISE_LEDGER")}
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=REPO, env=env)

@@ -1,6 +1,7 @@
 //! The `brise` command: thin wrappers over the model, engine and server crates.
 
 mod bench;
+mod ledger;
 mod registry;
 mod run;
 mod serve;
@@ -37,6 +38,9 @@ enum Cmd {
     List,
     /// Serve models over the OpenAI and Mistral HTTP APIs, with continuous batching
     Serve(serve::ServeArgs),
+    /// Inspect the ledger of completions and feedback
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCmd),
     /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench
     Bench(bench::BenchArgs),
     /// Print the token ids of TEXT
@@ -61,6 +65,7 @@ fn main() {
         Cmd::Run(a) => run::run(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Serve(a) => serve::serve(a),
+        Cmd::Ledger(c) => ledger::run(c),
         Cmd::Pull { name } => pull(&name),
         Cmd::List => list(),
         Cmd::Tokenize {

@@ -63,6 +63,19 @@ pub struct ServeArgs {
     /// Restrict kernels to a CPU level: scalar, avx2, avx512-vnni
     #[arg(long)]
     pub cpu: Option<Isa>,
+    /// Where to record every completion and its feedback: a SQLite file, or `off`
+    /// [default: $BRISE_HOME/ledger.sqlite]
+    #[arg(long, env = "BRISE_LEDGER")]
+    pub ledger: Option<String>,
+}
+
+/// `--ledger`: a path, `off`, or the default under $BRISE_HOME.
+pub fn ledger_path(arg: Option<&str>) -> Option<PathBuf> {
+    match arg {
+        Some("off") => None,
+        Some(p) => Some(PathBuf::from(p.strip_prefix("sqlite://").unwrap_or(p))),
+        None => Some(registry::brise_home().join("ledger.sqlite")),
+    }
 }
 
 fn parse_key(s: &str) -> Result<ApiKey> {
@@ -141,6 +154,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body,
         request_timeout: Duration::from_secs(a.timeout.max(1)),
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
+        ledger: ledger_path(a.ledger.as_deref()),
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
     let load = move || -> Result<Vec<ServedModel>> {
@@ -159,9 +173,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                     ctx.unwrap_or(0)
                 );
             }
-            let rec = registry::known_by_path(&path)
-                .map(|m| m.recommended)
-                .unwrap_or_default();
+            let known = registry::known_by_path(&path);
+            let rec = known.map(|m| m.recommended).unwrap_or_default();
             let base = SamplingParams::default();
             let defaults = SamplingParams {
                 temperature: rec.temperature.unwrap_or(base.temperature),
@@ -183,13 +196,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 n_batch: nb,
                 queue_capacity: queue,
             };
-            out.push(ServedModel::new(
-                id,
-                aliases,
-                Arc::new(model),
-                sched,
-                defaults,
-            ));
+            let mut sm = ServedModel::new(id, aliases, Arc::new(model), sched, defaults);
+            // Known models were verified by sha256 when pulled.
+            sm.sha256 = known.map(|m| m.sha256.to_string());
+            out.push(sm);
         }
         Ok(out)
     };

@@ -2,9 +2,10 @@
 //!
 //! One engine thread owns the model's thread pool and a fixed set of KV-cache slots.
 //! Each step it admits queued requests into free slots, then runs one forward pass over
-//! every active sequence: one prompt chunk (at most one sequence in prompt processing per
-//! step, so a long prompt delays the others by one chunk at a time, never by the whole
-//! prompt) plus one token for each sequence that is generating.
+//! every active sequence: prompt chunks of up to `n_batch` tokens in all (so a long
+//! prompt delays the others by one chunk at a time, never by the whole prompt, and short
+//! prompts arriving together share a step) plus one token for each sequence that is
+//! generating.
 //!
 //! Batch invariance: the forward pass picks each row's kernels from what *its own*
 //! sequence contributes to the step, and prompts are always cut into chunks of `n_batch`
@@ -371,17 +372,21 @@ impl Engine {
         let nb = self.cfg.n_batch.max(1);
         // Which slots take part, and how many tokens each feeds.
         let mut plan: Vec<(usize, usize, bool)> = Vec::new();
-        let mut prefilling = false;
+        // Prompt chunks share a budget of n_batch tokens per step (the first always
+        // fits), so short prompts arriving together are processed together while a
+        // long one still delays generating sequences by one chunk at most.
+        let mut prefill = 0;
         for &i in &self.order {
             let seq = self.slots[i].seq.as_ref().expect("busy");
             if seq.prompt_left > 0 {
-                if prefilling {
-                    continue;
-                }
-                prefilling = true;
-                // Chunks start at multiples of n_batch, as a cold run cuts them.
+                // Chunks start at multiples of n_batch, as a cold run cuts them, and
+                // are never shortened to fit the budget (that would change kernels).
                 let pos = self.slots[i].cache.len();
                 let n = (nb - pos % nb).min(seq.prompt_left);
+                if prefill > 0 && prefill + n > nb {
+                    continue;
+                }
+                prefill += n;
                 plan.push((i, n, n == seq.prompt_left));
             } else {
                 plan.push((i, 1, true));

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod metrics;
+mod record;
 pub mod request;
 mod routes;
 
@@ -27,6 +28,8 @@ pub struct ServedModel {
     pub defaults: SamplingParams,
     pub created: u64,
     pub metrics: metrics::ModelMetrics,
+    /// sha256 of the model file, when known (recorded with each completion).
+    pub sha256: Option<String>,
 }
 
 impl ServedModel {
@@ -46,6 +49,7 @@ impl ServedModel {
             defaults,
             created: unix_now(),
             metrics: Default::default(),
+            sha256: None,
         }
     }
 
@@ -74,6 +78,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// After SIGTERM/SIGINT: how long requests in flight may take to finish.
     pub shutdown_timeout: Duration,
+    /// The SQLite ledger; `None` records nothing.
+    pub ledger: Option<std::path::PathBuf>,
 }
 
 pub struct AppState {
@@ -81,6 +87,7 @@ pub struct AppState {
     pub models: OnceLock<Vec<ServedModel>>,
     pub metrics: metrics::Metrics,
     pub shutting_down: AtomicBool,
+    pub ledger: Option<brise_ledger::Ledger>,
 }
 
 impl AppState {
@@ -113,11 +120,23 @@ where
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.addr))?;
     let addr = listener.local_addr()?;
+    let ledger = match &cfg.ledger {
+        Some(p) => Some(
+            brise_ledger::Ledger::open_sqlite(p)
+                .await
+                .map_err(|e| anyhow::anyhow!("opening the ledger {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(p) = &cfg.ledger {
+        eprintln!("brise: recording to {}", p.display());
+    }
     let state = Arc::new(AppState {
         cfg,
         models: OnceLock::new(),
         metrics: Default::default(),
         shutting_down: AtomicBool::new(false),
+        ledger,
     });
     let app = routes::router(state.clone());
     eprintln!("brise: listening on http://{addr} (loading models)");

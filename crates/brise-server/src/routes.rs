@@ -2,13 +2,14 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::metrics;
+use crate::record::Recorder;
 use crate::request::{self, GenParams, PromptInput, Tool, ToolChoice};
 use crate::{AppState, ServedModel, Tenant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Extension, MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -38,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(generation)
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
+        .route("/v1/feedback", post(post_feedback).get(get_feedback))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics_text))
@@ -315,6 +317,7 @@ struct ChoiceState {
     n_prompt: usize,
     finish: Option<FinishReason>,
     last_token: Option<Instant>,
+    first_token: Option<Instant>,
     /// Log probabilities of every token, and those not streamed yet.
     lps: Vec<TokenLogprob>,
     pending: Vec<TokenLogprob>,
@@ -434,7 +437,10 @@ fn apply(
             }
             let now = Instant::now();
             match c.last_token {
-                None => m.metrics.ttft.observe((now - start).as_secs_f64()),
+                None => {
+                    c.first_token = Some(now);
+                    m.metrics.ttft.observe((now - start).as_secs_f64())
+                }
                 Some(t) => m.metrics.itl.observe((now - t).as_secs_f64()),
             }
             c.last_token = Some(now);
@@ -489,11 +495,26 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
     })
 }
 
-async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn chat(
+    State(s): St,
+    Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let body = body_bytes(body)?;
     ready(&s)?;
     let req = request::parse_chat(&body, n_vocab_of(&s))?;
     let m = find(&s, &req.params.model)?;
+    let rec = Recorder::new(
+        &s,
+        m,
+        "/v1/chat/completions",
+        &headers,
+        &tenant,
+        &body,
+        req.params.user.as_deref(),
+        req.params.metadata.as_ref(),
+    );
     if m.model.chat_template.is_none() {
         return Err(ApiError::param(
             "model",
@@ -525,7 +546,7 @@ async fn chat(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Re
         }
         _ => req.json.clone(),
     };
-    chat_like(&s, m, &req.params, prompt, constraint, "chatcmpl", tf).await
+    chat_like(&s, m, &req.params, prompt, constraint, "chatcmpl", tf, rec).await
 }
 
 /// Runs `p.n` choices of `prompt` and answers in chat-completion shape (chat and
@@ -538,6 +559,7 @@ async fn chat_like(
     json: Option<Arc<Schema>>,
     id_prefix: &str,
     tools: Option<ToolFormat>,
+    rec: Recorder,
 ) -> ApiResult<Response> {
     let jobs = (0..p.n)
         .map(|c| {
@@ -563,11 +585,19 @@ async fn chat_like(
             p.logprobs.is_some(),
             true,
             tools,
+            rec,
         )
         .into_response());
     }
-    let choices = collect(m, run, p.n).await?;
+    let choices = match collect(m, run, p.n).await {
+        Ok(c) => c,
+        Err(e) => {
+            rec.error(&id, &e).await;
+            return Err(e);
+        }
+    };
     let completion: usize = choices.iter().map(|c| c.n_gen).sum();
+    let mut recorded = Vec::new();
     let out: Vec<Value> = choices
         .iter()
         .enumerate()
@@ -589,6 +619,11 @@ async fn chat_like(
                     finish_reason(c.finish),
                 ),
             };
+            recorded.push(json!({
+                "text": c.text,
+                "tool_calls": message.get("tool_calls"),
+                "finish_reason": finish,
+            }));
             json!({
                 "index": i,
                 "message": message,
@@ -601,6 +636,9 @@ async fn chat_like(
             })
         })
         .collect();
+    let first = choices.iter().filter_map(|c| c.first_token).min();
+    rec.ok(&id, Value::Array(recorded), prompt.len(), completion, first)
+        .await?;
     Ok(axum::Json(json!({
         "id": id,
         "object": "chat.completion",
@@ -615,18 +653,38 @@ async fn chat_like(
 /// Mistral's `POST /v1/fim/completions`: `prompt` (the code before) and `suffix` (the
 /// code after), answered in chat-completion shape. Invalid parameters are 422s with
 /// FastAPI's `detail` list, as Mistral answers them.
-async fn fim(State(s): St, body: Result<Bytes, BytesRejection>) -> Response {
-    match fim_inner(&s, body).await {
+async fn fim(
+    State(s): St,
+    Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match fim_inner(&s, &tenant, &headers, body).await {
         Ok(r) => r,
         Err(e) => e.mistral_validation().into_response(),
     }
 }
 
-async fn fim_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn fim_inner(
+    s: &Arc<AppState>,
+    tenant: &Tenant,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let body = body_bytes(body)?;
     ready(s)?;
     let req = request::parse_fim(&body, n_vocab_of(s))?;
     let m = find(s, &req.params.model)?;
+    let rec = Recorder::new(
+        s,
+        m,
+        "/v1/fim/completions",
+        headers,
+        tenant,
+        &body,
+        req.params.user.as_deref(),
+        req.params.metadata.as_ref(),
+    );
     let prompt = m.model.encode_fim(&req.prompt, &req.suffix).map_err(|_| {
         ApiError::param(
             "model",
@@ -636,14 +694,29 @@ async fn fim_inner(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Ap
             ),
         )
     })?;
-    chat_like(s, m, &req.params, prompt, None, "fim", None).await
+    chat_like(s, m, &req.params, prompt, None, "fim", None, rec).await
 }
 
-async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn completions(
+    State(s): St,
+    Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let body = body_bytes(body)?;
     ready(&s)?;
     let req = request::parse_completion(&body, n_vocab_of(&s))?;
     let m = find(&s, &req.params.model)?;
+    let rec = Recorder::new(
+        &s,
+        m,
+        "/v1/completions",
+        &headers,
+        &tenant,
+        &body,
+        req.params.user.as_deref(),
+        req.params.metadata.as_ref(),
+    );
     let p = &req.params;
     let tk = &m.model.tokenizer;
     let mut prompts = Vec::new();
@@ -702,10 +775,17 @@ async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
             p.logprobs.is_some(),
             false,
             None,
+            rec,
         )
         .into_response());
     }
-    let choices = collect(m, run, n_jobs).await?;
+    let choices = match collect(m, run, n_jobs).await {
+        Ok(c) => c,
+        Err(e) => {
+            rec.error(&id, &e).await;
+            return Err(e);
+        }
+    };
     let prompt_tokens: usize = prompts.iter().map(|(ids, _)| ids.len()).sum();
     let completion: usize = choices.iter().map(|c| c.n_gen).sum();
     let out: Vec<Value> = choices
@@ -734,6 +814,19 @@ async fn completions(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
             })
         })
         .collect();
+    let recorded: Vec<Value> = choices
+        .iter()
+        .map(|c| json!({"text": c.text, "finish_reason": finish_reason(c.finish)}))
+        .collect();
+    let first = choices.iter().filter_map(|c| c.first_token).min();
+    rec.ok(
+        &id,
+        Value::Array(recorded),
+        prompt_tokens,
+        completion,
+        first,
+    )
+    .await?;
     Ok(axum::Json(json!({
         "id": id,
         "object": "text_completion",
@@ -760,6 +853,7 @@ fn stream(
     logprobs: bool,
     chat: bool,
     tools: Option<ToolFormat>,
+    rec: Recorder,
 ) -> impl IntoResponse {
     struct S {
         s: Arc<AppState>,
@@ -774,6 +868,9 @@ fn stream(
         n_per_prompt: usize,
         chat: bool,
         tools: Option<ToolFormat>,
+        rec: Recorder,
+        /// What the ledger records of each choice.
+        recorded: Vec<Value>,
         started: bool,
         done: bool,
     }
@@ -839,6 +936,8 @@ fn stream(
         n_per_prompt: n_per_prompt.max(1),
         chat,
         tools,
+        rec,
+        recorded: vec![Value::Null; n],
         started: false,
         done: false,
     };
@@ -867,6 +966,7 @@ fn stream(
             Some((i, ev)) => match apply(m, st.run.start, &mut st.choices[i], ev) {
                 Err(e) => {
                     st.done = true;
+                    st.rec.error(&st.id, &e).await;
                     out.push(SseEvent::default().data(e.body().to_string()));
                     out.push(SseEvent::default().data("[DONE]"));
                 }
@@ -911,6 +1011,7 @@ fn stream(
                         out.push(st.chunk(st.choice(i, Some(&text), false, None, lp), None));
                     }
                     let mut tool_finish = false;
+                    let mut tool_calls = Value::Null;
                     if finished
                         && let Some(tf) = st.tools
                         && st.choices[i].in_call
@@ -922,6 +1023,7 @@ fn stream(
                                 for (k, call) in tc.iter_mut().enumerate() {
                                     call["index"] = json!(k);
                                 }
+                                tool_calls = Value::Array(tc.clone());
                                 let delta = json!({"tool_calls": tc});
                                 out.push(st.chunk(
                                     json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]),
@@ -944,9 +1046,29 @@ fn stream(
                         };
                         let lp = st.take_lps(m, i);
                         out.push(st.chunk(st.choice(i, None, false, Some(f), lp), None));
+                        st.recorded[i] = json!({
+                            "text": st.choices[i].text,
+                            "tool_calls": tool_calls,
+                            "finish_reason": f,
+                        });
                         st.left -= 1;
                         if st.left == 0 {
                             st.done = true;
+                            // Committed before the client sees the end of its answer.
+                            let prompt: usize = st
+                                .choices
+                                .iter()
+                                .step_by(st.n_per_prompt)
+                                .map(|c| c.n_prompt)
+                                .sum();
+                            let n_gen: usize = st.choices.iter().map(|c| c.n_gen).sum();
+                            let first = st.choices.iter().filter_map(|c| c.first_token).min();
+                            let output = Value::Array(std::mem::take(&mut st.recorded));
+                            if let Err(e) = st.rec.ok(&st.id, output, prompt, n_gen, first).await {
+                                out.push(SseEvent::default().data(e.body().to_string()));
+                                out.push(SseEvent::default().data("[DONE]"));
+                                return Some((out, st));
+                            }
                             if st.include_usage {
                                 // Each prompt counts once, whatever its `n`.
                                 let prompt = st
@@ -968,6 +1090,180 @@ fn stream(
     })
     .flat_map(|v| futures_util::stream::iter(v.into_iter().map(Ok::<_, std::convert::Infallible>)));
     Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+fn ledger(s: &AppState) -> ApiResult<&brise_ledger::Ledger> {
+    s.ledger.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "invalid_request_error",
+            "this server runs without a ledger (--ledger off), so it keeps no feedback",
+        )
+    })
+}
+
+fn feedback_json(f: &brise_ledger::Feedback) -> Value {
+    json!({
+        "id": f.id,
+        "object": "feedback",
+        "created": f.created_at_ms / 1000,
+        "completion_id": f.completion_id,
+        "kind": f.kind,
+        "rating": f.rating,
+        "correction": f.correction,
+        "comment": f.comment,
+        "tags": f.tags,
+        "preferred": if f.kind == "preference" { json!(f.completion_id) } else { Value::Null },
+        "rejected": f.rejected_id,
+    })
+}
+
+fn not_found_completion(id: &str) -> ApiError {
+    ApiError {
+        param: Some("completion_id".into()),
+        code: Some("completion_not_found"),
+        ..ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("no completion {id:?} for this API key"),
+        )
+    }
+}
+
+/// `POST /v1/feedback`: a rating (thumbs -1/+1 or 1..5) with an optional correction,
+/// comment and tags, or a pairwise choice `{"preferred", "rejected"}`.
+async fn post_feedback(
+    State(s): St,
+    Extension(tenant): Extension<Tenant>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let l = ledger(&s)?;
+    let mut f = request::Fields::parse(&body)?;
+    let completion_id = f.string("completion_id")?;
+    let preferred = f.string("preferred")?;
+    let rejected = f.string("rejected")?;
+    let rating = f.i64("rating")?;
+    let correction = f.string("correction")?;
+    let comment = f.string("comment")?;
+    let tags = match f.take("tags") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|t| match t {
+                Value::String(s) => Ok(s),
+                _ => Err(ApiError::param("tags", "tags must be a list of strings")),
+            })
+            .collect::<ApiResult<_>>()?,
+        Some(_) => return Err(ApiError::param("tags", "tags must be a list of strings")),
+    };
+    f.finish()?;
+    let (kind, id, rejected_id) = match (completion_id, preferred, rejected) {
+        (Some(id), None, None) => {
+            if let Some(r) = rating
+                && !matches!(r, -1 | 1..=5)
+            {
+                return Err(ApiError::param(
+                    "rating",
+                    format!("rating = {r}: it must be -1 or +1 (thumbs), or 1..5"),
+                ));
+            }
+            if rating.is_none() && correction.is_none() && comment.is_none() {
+                return Err(ApiError::param(
+                    "rating",
+                    "feedback needs a rating, a correction or a comment",
+                ));
+            }
+            if correction.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                return Err(ApiError::param("correction", "the correction is empty"));
+            }
+            ("rating", id, None)
+        }
+        (None, Some(p), Some(r)) => {
+            if rating.is_some() || correction.is_some() {
+                return Err(ApiError::param(
+                    "rating",
+                    "a pairwise choice takes no rating or correction",
+                ));
+            }
+            if p == r {
+                return Err(ApiError::param(
+                    "rejected",
+                    "preferred and rejected are the same completion",
+                ));
+            }
+            ("preference", p, Some(r))
+        }
+        (None, Some(_), None) => {
+            return Err(ApiError::param(
+                "rejected",
+                "a pairwise choice needs rejected",
+            ));
+        }
+        (None, None, Some(_)) => {
+            return Err(ApiError::param(
+                "preferred",
+                "a pairwise choice needs preferred",
+            ));
+        }
+        (None, None, None) => {
+            return Err(ApiError::param(
+                "completion_id",
+                "you must provide completion_id (or preferred and rejected)",
+            ));
+        }
+        (Some(_), _, _) => {
+            return Err(ApiError::param(
+                "completion_id",
+                "give completion_id, or preferred and rejected, not both",
+            ));
+        }
+    };
+    let fb = brise_ledger::Feedback {
+        id: String::new(),
+        created_at_ms: brise_ledger::now_ms(),
+        tenant: tenant.0.clone(),
+        completion_id: id,
+        kind: kind.into(),
+        rating,
+        correction,
+        comment,
+        tags,
+        rejected_id,
+    };
+    match l.add_feedback(fb).await {
+        Ok(f) => Ok((StatusCode::CREATED, axum::Json(feedback_json(&f))).into_response()),
+        Err(brise_ledger::LedgerError::NotFound(id)) => Err(not_found_completion(&id)),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
+/// `GET /v1/feedback?completion_id=…`
+async fn get_feedback(
+    State(s): St,
+    Extension(tenant): Extension<Tenant>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    if let Some(k) = q.keys().find(|k| *k != "completion_id") {
+        return Err(ApiError::unknown_param(k));
+    }
+    let id = q
+        .get("completion_id")
+        .ok_or_else(|| ApiError::param("completion_id", "you must provide completion_id"))?;
+    let rec = l
+        .get(id, Some(&tenant.0))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if rec.is_none() {
+        return Err(not_found_completion(id));
+    }
+    let items = l
+        .feedback_for(id, Some(&tenant.0))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let data: Vec<Value> = items.iter().map(feedback_json).collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn tokenize(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {

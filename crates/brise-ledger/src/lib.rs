@@ -1,0 +1,475 @@
+//! The ledger: a durable record of every completion and the feedback users give on it.
+//!
+//! Writes go through one group-commit writer: each record waits for the transaction that
+//! holds it to commit (so once a client has its answer, the record is on disk), while
+//! records that arrive together share one commit (so recording stays cheap under load).
+//! SQLite in WAL mode is the embedded default; the SQL is kept portable for PostgreSQL.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("ledger migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("no completion {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the ledger writer has stopped")]
+    Closed,
+}
+
+pub type Result<T> = std::result::Result<T, LedgerError>;
+
+/// One completion as recorded.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CompletionRecord {
+    /// The response `id` the client got.
+    pub id: String,
+    pub created_at_ms: i64,
+    pub tenant: String,
+    pub subject: Option<String>,
+    pub model: String,
+    pub model_sha256: Option<String>,
+    pub adapter: Option<String>,
+    pub endpoint: String,
+    pub params: Value,
+    pub messages: Value,
+    /// A list of choices: `{"text", "tool_calls"?, "finish_reason"}`.
+    pub output: Value,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub ttft_ms: Option<f64>,
+    pub latency_ms: f64,
+    pub status: String,
+    pub error: Option<String>,
+    pub training_consent: bool,
+    pub content_level: String,
+}
+
+/// Feedback on a completion: a rating (thumbs -1/+1, or 1..5) with an optional
+/// correction, comment and tags; or a pairwise preference (`completion_id` preferred
+/// over `rejected_id`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Feedback {
+    pub id: String,
+    pub created_at_ms: i64,
+    pub tenant: String,
+    pub completion_id: String,
+    pub kind: String,
+    pub rating: Option<i64>,
+    pub correction: Option<String>,
+    pub comment: Option<String>,
+    pub tags: Vec<String>,
+    pub rejected_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Stats {
+    pub completions: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub feedback: i64,
+    pub thumbs_up: i64,
+    pub thumbs_down: i64,
+    pub corrections: i64,
+    pub preferences: i64,
+    /// Per model: (model, completions, feedback items).
+    pub by_model: Vec<(String, i64, i64)>,
+}
+
+struct WriteJob {
+    rec: Box<CompletionRecord>,
+    done: oneshot::Sender<Result<()>>,
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    pool: SqlitePool,
+    writer: mpsc::Sender<WriteJob>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn json_text(v: &Value) -> String {
+    v.to_string()
+}
+
+fn parse_json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or(Value::Null)
+}
+
+/// Records arriving while a commit runs join the next one, up to this many.
+const MAX_GROUP: usize = 256;
+
+impl Ledger {
+    /// Opens (creating it if needed) the SQLite ledger at `path`, and migrates it.
+    pub async fn open_sqlite(path: &Path) -> Result<Ledger> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                LedgerError::Invalid(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL with NORMAL survives a killed process (commits are in the OS's hands);
+            // FULL would add an fsync per commit for power loss.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(writer(pool.clone(), rx));
+        Ok(Ledger { pool, writer: tx })
+    }
+
+    /// Records a completion; returns once it is committed.
+    pub async fn record(&self, rec: CompletionRecord) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send(WriteJob {
+                rec: Box::new(rec),
+                done,
+            })
+            .await
+            .map_err(|_| LedgerError::Closed)?;
+        wait.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// A completion, if it exists and (with `tenant`) belongs to that tenant.
+    pub async fn get(&self, id: &str, tenant: Option<&str>) -> Result<Option<CompletionRecord>> {
+        let row = sqlx::query("SELECT * FROM completions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let rec = CompletionRecord {
+            id: r.try_get("id")?,
+            created_at_ms: r.try_get("created_at_ms")?,
+            tenant: r.try_get("tenant")?,
+            subject: r.try_get("subject")?,
+            model: r.try_get("model")?,
+            model_sha256: r.try_get("model_sha256")?,
+            adapter: r.try_get("adapter")?,
+            endpoint: r.try_get("endpoint")?,
+            params: parse_json(r.try_get::<&str, _>("params")?),
+            messages: parse_json(r.try_get::<&str, _>("messages")?),
+            output: parse_json(r.try_get::<&str, _>("output")?),
+            prompt_tokens: r.try_get("prompt_tokens")?,
+            completion_tokens: r.try_get("completion_tokens")?,
+            ttft_ms: r.try_get("ttft_ms")?,
+            latency_ms: r.try_get("latency_ms")?,
+            status: r.try_get("status")?,
+            error: r.try_get("error")?,
+            training_consent: r.try_get("training_consent")?,
+            content_level: r.try_get("content_level")?,
+        };
+        if tenant.is_some_and(|t| t != rec.tenant) {
+            return Ok(None);
+        }
+        Ok(Some(rec))
+    }
+
+    /// Adds feedback after checking that its completions exist and belong to `tenant`
+    /// (another tenant's completion is reported as missing, never as forbidden).
+    pub async fn add_feedback(&self, mut fb: Feedback) -> Result<Feedback> {
+        for id in std::iter::once(&fb.completion_id).chain(fb.rejected_id.iter()) {
+            if self.get(id, Some(&fb.tenant)).await?.is_none() {
+                return Err(LedgerError::NotFound(id.clone()));
+            }
+        }
+        if fb.id.is_empty() {
+            fb.id = format!("fb-{}", uuid::Uuid::new_v4().simple());
+        }
+        sqlx::query(
+            "INSERT INTO feedback (id, created_at_ms, tenant, completion_id, kind, rating, correction, comment, tags, rejected_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&fb.id)
+        .bind(fb.created_at_ms)
+        .bind(&fb.tenant)
+        .bind(&fb.completion_id)
+        .bind(&fb.kind)
+        .bind(fb.rating)
+        .bind(&fb.correction)
+        .bind(&fb.comment)
+        .bind(serde_json::to_string(&fb.tags).unwrap_or_else(|_| "[]".into()))
+        .bind(&fb.rejected_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(fb)
+    }
+
+    /// Feedback on a completion (as the preferred or the rejected answer), oldest first.
+    pub async fn feedback_for(
+        &self,
+        completion_id: &str,
+        tenant: Option<&str>,
+    ) -> Result<Vec<Feedback>> {
+        let rows = sqlx::query(
+            "SELECT * FROM feedback WHERE (completion_id = $1 OR rejected_id = $1) ORDER BY created_at_ms, id",
+        )
+        .bind(completion_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let t: String = r.try_get("tenant")?;
+            if tenant.is_some_and(|x| x != t) {
+                continue;
+            }
+            let tags: Option<String> = r.try_get("tags")?;
+            out.push(Feedback {
+                id: r.try_get("id")?,
+                created_at_ms: r.try_get("created_at_ms")?,
+                tenant: t,
+                completion_id: r.try_get("completion_id")?,
+                kind: r.try_get("kind")?,
+                rating: r.try_get("rating")?,
+                correction: r.try_get("correction")?,
+                comment: r.try_get("comment")?,
+                tags: tags
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
+                rejected_id: r.try_get("rejected_id")?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        let one = |sql: &'static str| {
+            let pool = self.pool.clone();
+            async move {
+                let v: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await?;
+                Ok::<i64, LedgerError>(v)
+            }
+        };
+        let by_model = sqlx::query(
+            "SELECT c.model AS model, COUNT(DISTINCT c.id) AS n, COUNT(f.id) AS nf \
+             FROM completions c LEFT JOIN feedback f ON f.completion_id = c.id \
+             GROUP BY c.model ORDER BY c.model",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get("model")?, r.try_get("n")?, r.try_get("nf")?)))
+        .collect::<Result<Vec<_>>>()?;
+        Ok(Stats {
+            completions: one("SELECT COUNT(*) FROM completions").await?,
+            errors: one("SELECT COUNT(*) FROM completions WHERE status <> 'ok'").await?,
+            prompt_tokens: one("SELECT COALESCE(SUM(prompt_tokens), 0) FROM completions").await?,
+            completion_tokens: one("SELECT COALESCE(SUM(completion_tokens), 0) FROM completions")
+                .await?,
+            feedback: one("SELECT COUNT(*) FROM feedback").await?,
+            thumbs_up: one("SELECT COUNT(*) FROM feedback WHERE kind = 'rating' AND (rating = 1 AND correction IS NULL)")
+                .await?,
+            thumbs_down: one("SELECT COUNT(*) FROM feedback WHERE kind = 'rating' AND rating = -1").await?,
+            corrections: one("SELECT COUNT(*) FROM feedback WHERE correction IS NOT NULL").await?,
+            preferences: one("SELECT COUNT(*) FROM feedback WHERE kind = 'preference'").await?,
+            by_model,
+        })
+    }
+}
+
+async fn insert(tx: &mut sqlx::SqliteConnection, r: &CompletionRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO completions (id, created_at_ms, tenant, subject, model, model_sha256, adapter, endpoint, \
+         params, messages, output, prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error, \
+         training_consent, content_level) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+    )
+    .bind(&r.id)
+    .bind(r.created_at_ms)
+    .bind(&r.tenant)
+    .bind(&r.subject)
+    .bind(&r.model)
+    .bind(&r.model_sha256)
+    .bind(&r.adapter)
+    .bind(&r.endpoint)
+    .bind(json_text(&r.params))
+    .bind(json_text(&r.messages))
+    .bind(json_text(&r.output))
+    .bind(r.prompt_tokens)
+    .bind(r.completion_tokens)
+    .bind(r.ttft_ms)
+    .bind(r.latency_ms)
+    .bind(&r.status)
+    .bind(&r.error)
+    .bind(r.training_consent)
+    .bind(&r.content_level)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Group commit: takes every job waiting, writes them in one transaction, then answers
+/// each. A record that fails alone (e.g. a duplicate id) is retried by itself so the
+/// others still commit.
+async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let batch = async {
+            let mut tx = pool.begin().await?;
+            for j in &jobs {
+                insert(&mut tx, &j.rec).await?;
+            }
+            tx.commit().await?;
+            Ok::<(), LedgerError>(())
+        };
+        match batch.await {
+            Ok(()) => {
+                for j in jobs {
+                    let _ = j.done.send(Ok(()));
+                }
+            }
+            Err(_) => {
+                for j in jobs {
+                    let r = async {
+                        let mut c = pool.acquire().await?;
+                        insert(&mut c, &j.rec).await
+                    }
+                    .await;
+                    let _ = j.done.send(r);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rec(id: &str, tenant: &str) -> CompletionRecord {
+        CompletionRecord {
+            id: id.into(),
+            created_at_ms: now_ms(),
+            tenant: tenant.into(),
+            subject: Some("alice".into()),
+            model: "m".into(),
+            model_sha256: None,
+            adapter: None,
+            endpoint: "/v1/chat/completions".into(),
+            params: json!({"temperature": 0}),
+            messages: json!([{"role": "user", "content": "hi"}]),
+            output: json!([{"text": "hello", "finish_reason": "stop"}]),
+            prompt_tokens: 3,
+            completion_tokens: 1,
+            ttft_ms: Some(5.0),
+            latency_ms: 9.0,
+            status: "ok".into(),
+            error: None,
+            training_consent: true,
+            content_level: "full".into(),
+        }
+    }
+
+    fn fb(id: &str, tenant: &str, rating: i64) -> Feedback {
+        Feedback {
+            id: String::new(),
+            created_at_ms: now_ms(),
+            tenant: tenant.into(),
+            completion_id: id.into(),
+            kind: "rating".into(),
+            rating: Some(rating),
+            correction: None,
+            comment: None,
+            tags: vec![],
+            rejected_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_feedback_and_tenant_isolation() {
+        let dir = std::env::temp_dir().join(format!("brise-ledger-{}", uuid::Uuid::new_v4()));
+        let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
+            .await
+            .unwrap();
+        // Concurrent records share commits and all land.
+        let mut hs = Vec::new();
+        for i in 0..50 {
+            let l = l.clone();
+            hs.push(tokio::spawn(async move {
+                l.record(rec(&format!("c{i}"), "acme")).await
+            }));
+        }
+        for h in hs {
+            h.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            l.get("c7", None).await.unwrap().unwrap(),
+            rec_like(&l, "c7").await
+        );
+        assert!(l.get("c7", Some("other")).await.unwrap().is_none());
+        // Duplicate ids fail alone.
+        assert!(l.record(rec("c7", "acme")).await.is_err());
+        l.record(rec("c99", "acme")).await.unwrap();
+
+        let f = l.add_feedback(fb("c1", "acme", -1)).await.unwrap();
+        assert!(f.id.starts_with("fb-"));
+        assert!(matches!(
+            l.add_feedback(fb("c1", "other", 1)).await,
+            Err(LedgerError::NotFound(_))
+        ));
+        assert!(matches!(
+            l.add_feedback(fb("nope", "acme", 1)).await,
+            Err(LedgerError::NotFound(_))
+        ));
+        assert_eq!(l.feedback_for("c1", Some("acme")).await.unwrap(), vec![f]);
+        assert!(
+            l.feedback_for("c1", Some("other"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let s = l.stats().await.unwrap();
+        assert_eq!((s.completions, s.feedback, s.thumbs_down), (51, 1, 1));
+        // Reopening finds everything (and migrations are idempotent).
+        drop(l);
+        let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
+            .await
+            .unwrap();
+        assert_eq!(l.stats().await.unwrap().completions, 51);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    async fn rec_like(l: &Ledger, id: &str) -> CompletionRecord {
+        let got = l.get(id, None).await.unwrap().unwrap();
+        CompletionRecord {
+            created_at_ms: got.created_at_ms,
+            ..rec(id, "acme")
+        }
+    }
+}

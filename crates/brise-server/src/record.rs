@@ -1,0 +1,143 @@
+//! What the server writes to the ledger for each completion: who asked (tenant,
+//! subject), what (model, endpoint, parameters, prompt), what came back, how long it
+//! took, and whether the data may be used for training.
+
+use crate::error::ApiError;
+use crate::{AppState, ServedModel, Tenant};
+use axum::http::HeaderMap;
+use brise_ledger::{CompletionRecord, Ledger};
+use serde_json::{Map, Value};
+use std::time::Instant;
+
+/// A completion's record, filled in when the request arrives and finished when its
+/// answer is complete.
+pub struct Recorder {
+    ledger: Option<Ledger>,
+    base: CompletionRecord,
+    start: Instant,
+}
+
+impl Recorder {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        s: &AppState,
+        m: &ServedModel,
+        endpoint: &str,
+        headers: &HeaderMap,
+        tenant: &Tenant,
+        body: &[u8],
+        user: Option<&str>,
+        metadata: Option<&Map<String, Value>>,
+    ) -> Recorder {
+        let header = |k: &str| {
+            headers
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        let meta_str = |k: &str| {
+            metadata
+                .and_then(|m| m.get(k))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        // Subject: the header, else OpenAI's `user`, else Mistral-style metadata.
+        let subject = header("x-brise-subject")
+            .map(str::to_string)
+            .or_else(|| user.map(str::to_string))
+            .or_else(|| meta_str("subject"))
+            .or_else(|| meta_str("user_id"));
+        let opt_out = header("x-brise-training").is_some_and(|v| v.eq_ignore_ascii_case("deny"))
+            || metadata
+                .and_then(|m| m.get("training_opt_out"))
+                .and_then(|v| v.as_bool())
+                == Some(true);
+        let mut params: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let mut messages = Value::Null;
+        if let Value::Object(o) = &mut params {
+            if let Some(msgs) = o.remove("messages") {
+                messages = msgs;
+            } else {
+                let mut p = Map::new();
+                for k in ["prompt", "suffix"] {
+                    if let Some(v) = o.remove(k) {
+                        p.insert(k.into(), v);
+                    }
+                }
+                messages = Value::Object(p);
+            }
+        }
+        Recorder {
+            ledger: s.ledger.clone(),
+            base: CompletionRecord {
+                id: String::new(),
+                created_at_ms: brise_ledger::now_ms(),
+                tenant: tenant.0.clone(),
+                subject,
+                model: m.id.clone(),
+                model_sha256: m.sha256.clone(),
+                adapter: None,
+                endpoint: endpoint.into(),
+                params,
+                messages,
+                output: Value::Null,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                ttft_ms: None,
+                latency_ms: 0.0,
+                status: "ok".into(),
+                error: None,
+                training_consent: !opt_out,
+                content_level: "full".into(),
+            },
+            start: Instant::now(),
+        }
+    }
+
+    /// Commits the record of a complete answer. A client never gets an answer the
+    /// ledger failed to record: the failure is the response.
+    pub async fn ok(
+        &self,
+        id: &str,
+        output: Value,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        first_token: Option<Instant>,
+    ) -> Result<(), ApiError> {
+        let Some(l) = &self.ledger else {
+            return Ok(());
+        };
+        let rec = CompletionRecord {
+            id: id.into(),
+            output,
+            prompt_tokens: prompt_tokens as i64,
+            completion_tokens: completion_tokens as i64,
+            ttft_ms: first_token.map(|t| (t - self.start).as_secs_f64() * 1e3),
+            latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            ..self.base.clone()
+        };
+        l.record(rec).await.map_err(|e| {
+            tracing::error!("ledger: {e}");
+            ApiError::internal(format!("the answer could not be recorded: {e}"))
+        })
+    }
+
+    /// Records a request that failed after it was accepted.
+    pub async fn error(&self, id: &str, e: &ApiError) {
+        let Some(l) = &self.ledger else {
+            return;
+        };
+        let rec = CompletionRecord {
+            id: id.into(),
+            output: Value::Array(vec![]),
+            latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            status: "error".into(),
+            error: Some(e.message.clone()),
+            ..self.base.clone()
+        };
+        if let Err(err) = l.record(rec).await {
+            tracing::error!("ledger: {err}");
+        }
+    }
+}
