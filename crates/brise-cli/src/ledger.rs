@@ -93,3 +93,89 @@ pub fn run(c: LedgerCmd) -> Result<()> {
         }
     }
 }
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// openai-sft, openai-dpo, mistral-sft, trl-sft, trl-dpo or trl-kto
+    #[arg(long)]
+    pub format: brise_ledger::export::Format,
+    /// Where to write the JSONL rows
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Only feedback given at or after this time: unix seconds, or YYYY-MM-DD (UTC)
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only completions of this model id
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, env = "BRISE_LEDGER")]
+    pub ledger: Option<String>,
+}
+
+/// Unix seconds, or a date YYYY-MM-DD (UTC), as milliseconds.
+fn parse_since(s: &str) -> Result<i64> {
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs * 1000);
+    }
+    let parts: Vec<&str> = s.split('-').collect();
+    let bad = || anyhow::anyhow!("--since {s:?}: give unix seconds or YYYY-MM-DD");
+    if parts.len() != 3 {
+        return Err(bad());
+    }
+    let (y, m, d): (i64, i64, i64) = (
+        parts[0].parse().map_err(|_| bad())?,
+        parts[1].parse().map_err(|_| bad())?,
+        parts[2].parse().map_err(|_| bad())?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(bad());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Ok(days * 86_400_000)
+}
+
+pub fn export(a: ExportArgs) -> Result<()> {
+    let (rt, l) = open(a.ledger.as_deref())?;
+    let filter = brise_ledger::export::ExportFilter {
+        since_ms: a.since.as_deref().map(parse_since).transpose()?,
+        model: a.model.clone(),
+    };
+    let tmp = a.out.with_extension("partial");
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+    );
+    let rep = rt.block_on(l.export(a.format, &filter, &mut f))?;
+    std::io::Write::flush(&mut f)?;
+    drop(f);
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "{} rows to {} from {} feedback items ({} without training consent, {} not chats, {} with no row in this format)",
+        rep.rows,
+        a.out.display(),
+        rep.feedback_seen,
+        rep.skipped_no_consent,
+        rep.skipped_not_chat,
+        rep.not_applicable
+    );
+    println!("{}", serde_json::to_string(&rep)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn since_dates() {
+        assert_eq!(super::parse_since("1970-01-02").unwrap(), 86_400_000);
+        assert_eq!(super::parse_since("2026-12-01").unwrap(), 1_796_083_200_000);
+        assert_eq!(super::parse_since("1796083200").unwrap(), 1_796_083_200_000);
+        assert!(super::parse_since("2026-13-01").is_err());
+        assert!(super::parse_since("yesterday").is_err());
+    }
+}

@@ -38,6 +38,8 @@ enum Cmd {
     List,
     /// Serve models over the OpenAI and Mistral HTTP APIs, with continuous batching
     Serve(serve::ServeArgs),
+    /// Export feedback from the ledger as a training dataset (JSONL)
+    Export(ledger::ExportArgs),
     /// Inspect the ledger of completions and feedback
     #[command(subcommand)]
     Ledger(ledger::LedgerCmd),
@@ -66,6 +68,7 @@ fn main() {
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Ledger(c) => ledger::run(c),
+        Cmd::Export(a) => ledger::export(a),
         Cmd::Pull { name } => pull(&name),
         Cmd::List => list(),
         Cmd::Tokenize {

@@ -5,6 +5,8 @@
 //! records that arrive together share one commit (so recording stays cheap under load).
 //! SQLite in WAL mode is the embedded default; the SQL is kept portable for PostgreSQL.
 
+pub mod export;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
