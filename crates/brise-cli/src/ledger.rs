@@ -15,6 +15,34 @@ pub enum LedgerCmd {
         #[arg(long, env = "BRISE_LEDGER")]
         ledger: Option<String>,
     },
+    /// Print the audit log of admin actions; --verify checks its hash chain
+    Audit {
+        #[arg(long)]
+        verify: bool,
+        #[arg(long, env = "BRISE_LEDGER")]
+        ledger: Option<String>,
+    },
+    /// Write all of a subject's records and feedback as JSONL (a GDPR access request)
+    ExportSubject {
+        #[arg(long)]
+        subject: String,
+        /// Only this tenant's records
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, env = "BRISE_LEDGER")]
+        ledger: Option<String>,
+    },
+    /// Record a subject's standing objection to training use (their data leaves every export)
+    Object {
+        #[arg(long)]
+        subject: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long, env = "BRISE_LEDGER")]
+        ledger: Option<String>,
+    },
     /// Counts of completions, tokens and feedback, overall and by model
     Stats {
         #[arg(long, env = "BRISE_LEDGER")]
@@ -54,6 +82,47 @@ pub fn run(c: LedgerCmd) -> Result<()> {
             let mut v = serde_json::to_value(&rec)?;
             v["feedback"] = serde_json::to_value(&fb)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        LedgerCmd::Audit { verify, ledger } => {
+            let (rt, l) = open(ledger.as_deref())?;
+            for e in rt.block_on(l.audit_entries())? {
+                println!("{}", serde_json::to_string(&e)?);
+            }
+            if verify {
+                match rt.block_on(l.verify_audit())? {
+                    Ok(n) => eprintln!("audit log verified: {n} entries, chain intact"),
+                    Err(seq) => bail!("the audit log's hash chain breaks at entry {seq}"),
+                }
+            }
+            Ok(())
+        }
+        LedgerCmd::ExportSubject {
+            subject,
+            tenant,
+            out,
+            ledger,
+        } => {
+            let (rt, l) = open(ledger.as_deref())?;
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(&out)
+                    .with_context(|| format!("creating {}", out.display()))?,
+            );
+            let n = rt.block_on(l.export_subject("cli", tenant.as_deref(), &subject, &mut f))?;
+            std::io::Write::flush(&mut f)?;
+            eprintln!("{n} records of {subject} to {}", out.display());
+            Ok(())
+        }
+        LedgerCmd::Object {
+            subject,
+            tenant,
+            ledger,
+        } => {
+            let (rt, l) = open(ledger.as_deref())?;
+            rt.block_on(l.object("cli", &tenant, &subject))?;
+            eprintln!(
+                "{subject} (tenant {tenant}) objects to training use: left out of every export"
+            );
             Ok(())
         }
         LedgerCmd::Stats { ledger, json } => {
@@ -178,4 +247,24 @@ mod tests {
         assert!(super::parse_since("2026-13-01").is_err());
         assert!(super::parse_since("yesterday").is_err());
     }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EraseArgs {
+    /// The data subject whose records and feedback are erased
+    #[arg(long)]
+    pub subject: String,
+    /// Only this tenant's records [default: every tenant's]
+    #[arg(long)]
+    pub tenant: Option<String>,
+    #[arg(long, env = "BRISE_LEDGER")]
+    pub ledger: Option<String>,
+}
+
+/// `brise erase`: deletes a subject's records and feedback, prints the receipt.
+pub fn erase(a: EraseArgs) -> Result<()> {
+    let (rt, l) = open(a.ledger.as_deref())?;
+    let r = rt.block_on(l.erase_subject("cli", a.tenant.as_deref(), &a.subject))?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
 }

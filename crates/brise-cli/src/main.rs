@@ -38,6 +38,8 @@ enum Cmd {
     List,
     /// Serve models over the OpenAI and Mistral HTTP APIs, with continuous batching
     Serve(serve::ServeArgs),
+    /// Erase a data subject's records and feedback from the ledger (GDPR Art. 17); prints a receipt
+    Erase(ledger::EraseArgs),
     /// Export feedback from the ledger as a training dataset (JSONL)
     Export(ledger::ExportArgs),
     /// Inspect the ledger of completions and feedback
@@ -69,6 +71,7 @@ fn main() {
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Ledger(c) => ledger::run(c),
         Cmd::Export(a) => ledger::export(a),
+        Cmd::Erase(a) => ledger::erase(a),
         Cmd::Pull { name } => pull(&name),
         Cmd::List => list(),
         Cmd::Tokenize {

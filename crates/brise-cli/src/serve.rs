@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// [default: $BRISE_HOME/ledger.sqlite]
     #[arg(long, env = "BRISE_LEDGER")]
     pub ledger: Option<String>,
+    /// The key of the admin routes (erasure, objections, subject export, audit log);
+    /// without it they answer 403
+    #[arg(long, env = "BRISE_ADMIN_KEY")]
+    pub admin_key: Option<String>,
 }
 
 /// `--ledger`: a path, `off`, or the default under $BRISE_HOME.
@@ -155,6 +159,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         request_timeout: Duration::from_secs(a.timeout.max(1)),
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
         ledger: ledger_path(a.ledger.as_deref()),
+        admin_key: a.admin_key.clone().filter(|k| !k.is_empty()),
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
     let load = move || -> Result<Vec<ServedModel>> {

@@ -9,7 +9,8 @@
 //! Rating 1 means thumbs up (the API takes -1/+1 thumbs and 1..5 stars, so a one-star
 //! rating cannot be told apart from a thumbs up: send -1 for "bad"). 2 stars counts as
 //! bad, 3 as neutral (no row). Only chat completions (a messages list) are exported,
-//! and only records whose training consent was given: for a pair, both.
+//! only records whose training consent was given and whose subject has no standing
+//! objection (for a pair, both), and every row has its PII redacted.
 
 use crate::{CompletionRecord, Feedback, Ledger, Result};
 use serde_json::{Value, json};
@@ -54,6 +55,10 @@ pub struct ExportReport {
     pub skipped_not_chat: usize,
     /// Feedback that maps to no row of this format (e.g. a thumbs up for DPO).
     pub not_applicable: usize,
+    /// Feedback left out because its subject objects to training use.
+    pub skipped_objection: usize,
+    /// PII replaced by placeholders in the rows written.
+    pub redacted: crate::governance::Redactions,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -113,7 +118,7 @@ impl Ledger {
         &self,
         format: Format,
         filter: &ExportFilter,
-        out: &mut dyn Write,
+        out: &mut (dyn Write + Send),
     ) -> Result<ExportReport> {
         let mut rep = ExportReport::default();
         // Conditions are added only when set (portable: no typed NULL parameters).
@@ -153,6 +158,16 @@ impl Ledger {
             };
             if !rec.training_consent || rejected.as_ref().is_some_and(|r| !r.training_consent) {
                 rep.skipped_no_consent += 1;
+                continue;
+            }
+            let mut objected = self
+                .has_objected(&rec.tenant, rec.subject.as_deref())
+                .await?;
+            if let Some(r) = &rejected {
+                objected |= self.has_objected(&r.tenant, r.subject.as_deref()).await?;
+            }
+            if objected {
+                rep.skipped_objection += 1;
                 continue;
             }
             let Some(prompt) = rec.messages.as_array().cloned() else {
@@ -198,6 +213,8 @@ impl Ledger {
                 rep.not_applicable += 1;
             }
             for l in lines {
+                // PII never leaves in a training export.
+                let l = crate::governance::redact_json(&l, &mut rep.redacted);
                 writeln!(out, "{l}")
                     .map_err(|e| crate::LedgerError::Invalid(format!("writing the export: {e}")))?;
                 rep.rows += 1;

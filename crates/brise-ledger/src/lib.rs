@@ -6,6 +6,7 @@
 //! SQLite in WAL mode is the embedded default; the SQL is kept portable for PostgreSQL.
 
 pub mod export;
+pub mod governance;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -464,6 +465,45 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(l.stats().await.unwrap().completions, 51);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn erasure_audit_chain_and_objections() {
+        let dir = std::env::temp_dir().join(format!("brise-ledger-{}", uuid::Uuid::new_v4()));
+        let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
+            .await
+            .unwrap();
+        for (i, s) in ["alice", "alice", "bob"].iter().enumerate() {
+            let mut r = rec(&format!("c{i}"), "acme");
+            r.subject = Some(s.to_string());
+            l.record(r).await.unwrap();
+        }
+        l.add_feedback(fb("c0", "acme", 1)).await.unwrap();
+        // Bob's feedback pairs his answer with one of Alice's: erasing Alice removes it.
+        let mut pair = fb("c2", "acme", 1);
+        pair.kind = "preference".into();
+        pair.rating = None;
+        pair.rejected_id = Some("c1".into());
+        l.add_feedback(pair).await.unwrap();
+        let r = l.erase_subject("admin", None, "alice").await.unwrap();
+        assert_eq!((r.completions_erased, r.feedback_erased), (2, 2));
+        assert!(l.get("c0", None).await.unwrap().is_none());
+        assert!(l.get("c2", None).await.unwrap().is_some());
+        assert!(l.feedback_for("c2", None).await.unwrap().is_empty());
+        l.object("admin", "acme", "bob").await.unwrap();
+        assert!(l.has_objected("acme", Some("bob")).await.unwrap());
+        assert!(!l.has_objected("other", Some("bob")).await.unwrap());
+        assert_eq!(l.verify_audit().await.unwrap(), Ok(2));
+        let e = l.audit_entries().await.unwrap();
+        assert_eq!(e[0].action, "erase_subject");
+        assert_eq!(e[1].prev_hash, e[0].hash);
+        // Tampering with any entry breaks the chain at that entry.
+        sqlx::query("UPDATE audit_log SET details = '{}' WHERE seq = 1")
+            .execute(&l.pool)
+            .await
+            .unwrap();
+        assert_eq!(l.verify_audit().await.unwrap(), Err(1));
         let _ = std::fs::remove_dir_all(dir);
     }
 

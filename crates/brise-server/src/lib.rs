@@ -80,6 +80,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// The SQLite ledger; `None` records nothing.
     pub ledger: Option<std::path::PathBuf>,
+    /// The key of the admin routes (`/v1/admin/…`); `None` turns them off.
+    pub admin_key: Option<String>,
 }
 
 pub struct AppState {

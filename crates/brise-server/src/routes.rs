@@ -45,6 +45,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health))
+        .merge(
+            Router::new()
+                .route("/v1/admin/erase", post(admin_erase))
+                .route("/v1/admin/objections", post(admin_object))
+                .route(
+                    "/v1/admin/subjects/{subject}/export",
+                    get(admin_export_subject),
+                )
+                .route("/v1/admin/audit", get(admin_audit))
+                .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth)),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
@@ -90,6 +101,93 @@ async fn auth(State(s): St, mut req: Request, next: Next) -> Response {
         }
         None => ApiError::unauthorized().into_response(),
     }
+}
+
+/// Admin routes take the admin key (`--admin-key`), never a tenant's key.
+async fn admin_auth(State(s): St, req: Request, next: Next) -> Response {
+    let Some(want) = &s.cfg.admin_key else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "admin routes are off: start the server with --admin-key",
+        )
+        .into_response();
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if given != Some(want.as_str()) {
+        return ApiError::unauthorized().into_response();
+    }
+    next.run(req).await
+}
+
+async fn admin_erase(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let l = ledger(&s)?;
+    let mut f = request::Fields::parse(&body)?;
+    let subject = f
+        .string("subject")?
+        .filter(|x| !x.is_empty())
+        .ok_or_else(|| ApiError::param("subject", "you must provide the subject to erase"))?;
+    let tenant = f.string("tenant")?;
+    f.finish()?;
+    let r = l
+        .erase_subject("admin-api", tenant.as_deref(), &subject)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(serde_json::to_value(&r).unwrap_or(Value::Null)).into_response())
+}
+
+async fn admin_object(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let l = ledger(&s)?;
+    let mut f = request::Fields::parse(&body)?;
+    let subject = f
+        .string("subject")?
+        .filter(|x| !x.is_empty())
+        .ok_or_else(|| ApiError::param("subject", "you must provide the subject"))?;
+    let tenant = f.string("tenant")?.unwrap_or_else(|| "default".into());
+    f.finish()?;
+    l.object("admin-api", &tenant, &subject)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"object": "objection", "tenant": tenant, "subject": subject})),
+    )
+        .into_response())
+}
+
+async fn admin_export_subject(State(s): St, Path(subject): Path<String>) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    let mut out = Vec::new();
+    l.export_subject("admin-api", None, &subject, &mut out)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+}
+
+async fn admin_audit(State(s): St) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    let entries = l
+        .audit_entries()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let verified = l
+        .verify_audit()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": entries,
+        "chain_intact": verified.is_ok(),
+        "broken_at": verified.err(),
+    }))
+    .into_response())
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -1,0 +1,378 @@
+//! GDPR and AI Act duties over the ledger: erasure by subject (with a receipt), subject
+//! export, standing objections to training use, PII redaction for training exports, and
+//! an append-only, hash-chained audit log of every admin action.
+
+use crate::{Ledger, LedgerError, Result, now_ms};
+use regex::Regex;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::sync::OnceLock;
+
+/// The proof of an erasure.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ErasureReceipt {
+    pub receipt_id: String,
+    pub at_ms: i64,
+    pub tenant: Option<String>,
+    pub subject: String,
+    pub completions_erased: u64,
+    pub feedback_erased: u64,
+    /// Sequence number of the audit entry that records it.
+    pub audit_seq: i64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub details: Value,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn entry_hash(
+    prev: &str,
+    seq: i64,
+    at_ms: i64,
+    actor: &str,
+    action: &str,
+    details: &str,
+) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        prev,
+        &seq.to_string(),
+        &at_ms.to_string(),
+        actor,
+        action,
+        details,
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Ledger {
+    /// Appends an audit entry chained to the previous one; returns its sequence number.
+    pub async fn audit(&self, actor: &str, action: &str, details: Value) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let last: Option<(i64, String)> =
+            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (seq, prev) = match last {
+            Some((s, h)) => (s + 1, h),
+            None => (1, GENESIS.to_string()),
+        };
+        let at = now_ms();
+        let d = details.to_string();
+        let hash = entry_hash(&prev, seq, at, actor, action, &d);
+        sqlx::query(
+            "INSERT INTO audit_log (seq, at_ms, actor, action, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(seq)
+        .bind(at)
+        .bind(actor)
+        .bind(action)
+        .bind(&d)
+        .bind(&prev)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    pub async fn audit_entries(&self) -> Result<Vec<AuditEntry>> {
+        let rows: Vec<(i64, i64, String, String, String, String, String)> = sqlx::query_as(
+            "SELECT seq, at_ms, actor, action, details, prev_hash, hash FROM audit_log ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(seq, at_ms, actor, action, details, prev_hash, hash)| AuditEntry {
+                    seq,
+                    at_ms,
+                    actor,
+                    action,
+                    details: serde_json::from_str(&details).unwrap_or(Value::Null),
+                    prev_hash,
+                    hash,
+                },
+            )
+            .collect())
+    }
+
+    /// Checks the chain: every entry's hash, and its link to the one before. Returns the
+    /// number of entries, or the first sequence number where the chain breaks.
+    pub async fn verify_audit(&self) -> Result<std::result::Result<usize, i64>> {
+        let rows: Vec<(i64, i64, String, String, String, String, String)> = sqlx::query_as(
+            "SELECT seq, at_ms, actor, action, details, prev_hash, hash FROM audit_log ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut prev = GENESIS.to_string();
+        for (i, (seq, at, actor, action, details, prev_hash, hash)) in rows.iter().enumerate() {
+            if *seq != i as i64 + 1
+                || *prev_hash != prev
+                || entry_hash(prev_hash, *seq, *at, actor, action, details) != *hash
+            {
+                return Ok(Err(*seq));
+            }
+            prev = hash.clone();
+        }
+        Ok(Ok(rows.len()))
+    }
+
+    /// Erases a subject's completions and all feedback on them (in any tenant, or in
+    /// one), audits it, and returns the receipt.
+    pub async fn erase_subject(
+        &self,
+        actor: &str,
+        tenant: Option<&str>,
+        subject: &str,
+    ) -> Result<ErasureReceipt> {
+        if subject.is_empty() {
+            return Err(LedgerError::Invalid("the subject is empty".into()));
+        }
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<String> = match tenant {
+            Some(t) => {
+                sqlx::query_scalar("SELECT id FROM completions WHERE subject = $1 AND tenant = $2")
+                    .bind(subject)
+                    .bind(t)
+                    .fetch_all(&mut *tx)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar("SELECT id FROM completions WHERE subject = $1")
+                    .bind(subject)
+                    .fetch_all(&mut *tx)
+                    .await?
+            }
+        };
+        let mut feedback = 0;
+        for id in &ids {
+            feedback +=
+                sqlx::query("DELETE FROM feedback WHERE completion_id = $1 OR rejected_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            sqlx::query("DELETE FROM completions WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let receipt_id = format!("erasure-{}", uuid::Uuid::new_v4().simple());
+        let seq = self
+            .audit(
+                actor,
+                "erase_subject",
+                json!({"receipt_id": receipt_id, "tenant": tenant, "subject": subject,
+                       "completions_erased": ids.len(), "feedback_erased": feedback}),
+            )
+            .await?;
+        Ok(ErasureReceipt {
+            receipt_id,
+            at_ms: now_ms(),
+            tenant: tenant.map(str::to_string),
+            subject: subject.into(),
+            completions_erased: ids.len() as u64,
+            feedback_erased: feedback,
+            audit_seq: seq,
+        })
+    }
+
+    /// Writes every record of a subject, each with its feedback, as JSONL; audited.
+    pub async fn export_subject(
+        &self,
+        actor: &str,
+        tenant: Option<&str>,
+        subject: &str,
+        out: &mut (dyn Write + Send),
+    ) -> Result<usize> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM completions WHERE subject = $1 ORDER BY created_at_ms, id",
+        )
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut n = 0;
+        for id in ids {
+            let Some(rec) = self.get(&id, tenant).await? else {
+                continue;
+            };
+            let fb = self.feedback_for(&id, tenant).await?;
+            let mut v = serde_json::to_value(&rec).unwrap_or(Value::Null);
+            v["feedback"] = serde_json::to_value(&fb).unwrap_or(Value::Null);
+            writeln!(out, "{v}")
+                .map_err(|e| LedgerError::Invalid(format!("writing the export: {e}")))?;
+            n += 1;
+        }
+        self.audit(
+            actor,
+            "export_subject",
+            json!({"tenant": tenant, "subject": subject, "records": n}),
+        )
+        .await?;
+        Ok(n)
+    }
+
+    /// Records a standing objection to training use by a subject (audited).
+    pub async fn object(&self, actor: &str, tenant: &str, subject: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO objections (tenant, subject, at_ms) VALUES ($1, $2, $3) ON CONFLICT (tenant, subject) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(subject)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.audit(
+            actor,
+            "objection",
+            json!({"tenant": tenant, "subject": subject}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn has_objected(&self, tenant: &str, subject: Option<&str>) -> Result<bool> {
+        let Some(s) = subject else {
+            return Ok(false);
+        };
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM objections WHERE tenant = $1 AND subject = $2",
+        )
+        .bind(tenant)
+        .bind(s)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+}
+
+/// Counts of replaced PII, by kind.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Redactions {
+    pub email: usize,
+    pub iban: usize,
+    pub card: usize,
+    pub phone: usize,
+}
+
+fn luhn(digits: &str) -> bool {
+    let d: Vec<u32> = digits.chars().filter_map(|c| c.to_digit(10)).collect();
+    if !(13..=19).contains(&d.len()) {
+        return false;
+    }
+    let sum: u32 = d
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &x)| {
+            if i % 2 == 1 {
+                if x * 2 > 9 { x * 2 - 9 } else { x * 2 }
+            } else {
+                x
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+/// Replaces emails, IBANs, card numbers (Luhn-valid) and phone numbers with typed
+/// placeholders (`[EMAIL]`, `[IBAN]`, `[CARD]`, `[PHONE]`), counting each.
+pub fn redact(text: &str, counts: &mut Redactions) -> String {
+    static RE: OnceLock<[Regex; 4]> = OnceLock::new();
+    let [email, iban, card, phone] = RE.get_or_init(|| {
+        [
+            Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+                .expect("email re"),
+            Regex::new(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
+                .expect("iban re"),
+            Regex::new(r"\b(?:\d[ -]?){12,18}\d\b").expect("card re"),
+            Regex::new(r"\+?\(?\d[\d ().-]{7,}\d").expect("phone re"),
+        ]
+    });
+    let s = email.replace_all(text, |_: &regex::Captures| {
+        counts.email += 1;
+        "[EMAIL]"
+    });
+    let s = iban.replace_all(&s, |_: &regex::Captures| {
+        counts.iban += 1;
+        "[IBAN]"
+    });
+    let s = card.replace_all(&s, |c: &regex::Captures| {
+        if luhn(&c[0]) {
+            counts.card += 1;
+            "[CARD]".to_string()
+        } else {
+            c[0].to_string()
+        }
+    });
+    let s = phone.replace_all(&s, |c: &regex::Captures| {
+        // 9 to 15 digits (E.164's maximum), so dates, times and card-like numbers stay.
+        let n = c[0].chars().filter(|ch| ch.is_ascii_digit()).count();
+        if (9..=15).contains(&n) {
+            counts.phone += 1;
+            "[PHONE]".to_string()
+        } else {
+            c[0].to_string()
+        }
+    });
+    s.into_owned()
+}
+
+/// Redacts every string inside a JSON value.
+pub fn redact_json(v: &Value, counts: &mut Redactions) -> Value {
+    match v {
+        Value::String(s) => Value::String(redact(s, counts)),
+        Value::Array(a) => Value::Array(a.iter().map(|x| redact_json(x, counts)).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| (k.clone(), redact_json(x, counts)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_each_kind() {
+        let mut c = Redactions::default();
+        let out = redact(
+            "Mail jane.doe+x@example.co.uk or call +33 6 12 34 56 78; IBAN FR76 3000 6000 0112 3456 7890 189; \
+             card 4111 1111 1111 1111, not 4111 1111 1111 1112; meet on 2026-12-01 at 10:30, room 42.",
+            &mut c,
+        );
+        assert_eq!(
+            out,
+            "Mail [EMAIL] or call [PHONE]; IBAN [IBAN]; card [CARD], not 4111 1111 1111 1112; meet on 2026-12-01 at 10:30, room 42."
+        );
+        assert_eq!(
+            c,
+            Redactions {
+                email: 1,
+                iban: 1,
+                card: 1,
+                phone: 1
+            }
+        );
+    }
+}

@@ -1,0 +1,104 @@
+"""Governance: erasure by subject (API and CLI) with a receipt, subject export, standing
+objections leaving exports, PII redacted from exports, and the hash-chained audit log."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+
+import httpx
+import pytest
+
+from conftest import BRISE_BIN, MODEL, BriseServer, user
+
+ADMIN = "admin-secret"
+
+
+@pytest.fixture(scope="module")
+def gov(tmp_path_factory):
+    srv = BriseServer(tmp_path_factory.mktemp("gov") / "serve.log", ["--admin-key", ADMIN])
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def chat(c, content, subject):
+    r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": user(content), "max_tokens": 6,
+                                             "temperature": 0}, headers={"X-Brise-Subject": subject})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def cli(srv, *args):
+    return subprocess.run([str(BRISE_BIN), *args, "--ledger", str(srv.ledger)], capture_output=True, text=True, timeout=60)
+
+
+def test_admin_routes_need_the_admin_key(gov):
+    with httpx.Client(base_url=gov.url, timeout=30, trust_env=False) as c:
+        assert c.get("/v1/admin/audit").status_code == 401
+        assert c.get("/v1/admin/audit", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/admin/audit", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+
+
+def test_erasure_export_objection_and_audit(gov, tmp_path):
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=gov.url, timeout=60, trust_env=False) as c:
+        a1 = chat(c, "My email is ann@example.com, remember it.", "ann")
+        a2 = chat(c, "Call me at +33 6 12 34 56 78.", "ann")
+        b1 = chat(c, "Hello there.", "ben")
+        for cid in (a1, a2, b1):
+            assert c.post("/v1/feedback", json={"completion_id": cid, "rating": 1}).status_code == 201
+        assert c.post("/v1/feedback", json={"preferred": b1, "rejected": a1}).status_code == 201
+
+        # Subject export: all of Ann's records with their feedback.
+        r = c.get("/v1/admin/subjects/ann/export", headers=admin)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+        rows = [json.loads(x) for x in r.text.splitlines()]
+        assert {x["id"] for x in rows} == {a1, a2} and all(x["feedback"] for x in rows)
+
+        # Training export redacts PII and counts it.
+        out = tmp_path / "sft.jsonl"
+        p = cli(gov, "export", "--format", "trl-sft", "--out", str(out))
+        assert p.returncode == 0, p.stderr
+        text = out.read_text()
+        assert "ann@example.com" not in text and "[EMAIL]" in text
+        assert "12 34 56 78" not in text and "[PHONE]" in text
+        rep = json.loads(p.stdout)
+        assert rep["redacted"]["email"] >= 1 and rep["redacted"]["phone"] >= 1
+
+        # A standing objection removes Ben from exports (his SFT row and the pair).
+        assert c.post("/v1/admin/objections", json={"subject": "ben"}, headers=admin).status_code == 201
+        p = cli(gov, "export", "--format", "trl-dpo", "--out", str(out))
+        assert p.returncode == 0 and out.read_text() == ""
+        assert json.loads(p.stdout)["skipped_objection"] == 2  # his rating and the pair
+
+        # Erasure through the API: Ann's records, their feedback, and the pair that
+        # used her answer, all gone; Ben's record stays.
+        r = c.post("/v1/admin/erase", json={"subject": "ann"}, headers=admin)
+        assert r.status_code == 200
+        receipt = r.json()
+        assert receipt["receipt_id"].startswith("erasure-")
+        assert (receipt["completions_erased"], receipt["feedback_erased"]) == (2, 3)
+        for cid in (a1, a2):
+            assert cli(gov, "ledger", "show", cid).returncode != 0
+        assert [f["kind"] for f in c.get("/v1/feedback", params={"completion_id": b1}).json()["data"]] == ["rating"]
+        db = sqlite3.connect(gov.ledger)
+        assert db.execute("SELECT COUNT(*) FROM completions WHERE subject = 'ann'").fetchone()[0] == 0
+
+        # Erasure from the CLI.
+        p = cli(gov, "erase", "--subject", "ben")
+        assert p.returncode == 0 and json.loads(p.stdout)["completions_erased"] == 1
+
+        # Every admin action is in the audit log, chained.
+        audit = c.get("/v1/admin/audit", headers=admin).json()
+        assert audit["chain_intact"] is True
+        actions = [e["action"] for e in audit["data"]]
+        assert actions[-4:] == ["export_subject", "objection", "erase_subject", "erase_subject"]
+        p = cli(gov, "ledger", "audit", "--verify")
+        assert p.returncode == 0 and "chain intact" in p.stderr
+        # Tampering is detected.
+        db.execute("UPDATE audit_log SET actor = 'someone-else' WHERE seq = 1")
+        db.commit()
+        p = cli(gov, "ledger", "audit", "--verify")
+        assert p.returncode != 0 and "breaks at entry 1" in p.stderr
