@@ -289,7 +289,7 @@ fn luhn(digits: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Replaces emails, IBANs, card numbers (Luhn-valid) and phone numbers with typed
