@@ -102,3 +102,27 @@ def test_erasure_export_objection_and_audit(gov, tmp_path):
         db.commit()
         p = cli(gov, "ledger", "audit", "--verify")
         assert p.returncode != 0 and "breaks at entry 1" in p.stderr
+
+
+def test_retention_and_legal_hold(gov):
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=gov.url, timeout=60, trust_env=False) as c:
+        old = chat(c, "An old question.", "carl")
+        held = chat(c, "A held question.", "dana")
+        fresh = chat(c, "A new question.", "carl")
+        db = sqlite3.connect(gov.ledger)
+        # Age two records by 30 days.
+        db.execute("UPDATE completions SET created_at_ms = created_at_ms - 30 * 86400000 WHERE id IN (?, ?)", (old, held))
+        db.commit()
+        assert c.post("/v1/admin/holds", json={"subject": "dana"}, headers=admin).status_code == 200
+        bad = c.post("/v1/admin/retention", json={"records_days": 0}, headers=admin)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "records_days"
+        r = c.post("/v1/admin/retention", json={"records_days": 7, "feedback_days": None}, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json()["purged"]["completions"] == 1 and r.json()["purged"]["held"] == 1
+        assert c.get("/v1/admin/retention", headers=admin).json() == {"records_days": 7, "feedback_days": None}
+    assert cli(gov, "ledger", "show", old).returncode != 0
+    assert cli(gov, "ledger", "show", held).returncode == 0
+    assert cli(gov, "ledger", "show", fresh).returncode == 0
+    p = cli(gov, "ledger", "retention", "--records-days", "0")
+    assert p.returncode == 0 and json.loads(p.stdout)["retention"]["records_days"] is None

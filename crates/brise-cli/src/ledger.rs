@@ -43,6 +43,26 @@ pub enum LedgerCmd {
         #[arg(long, env = "BRISE_LEDGER")]
         ledger: Option<String>,
     },
+    /// Show or set the retention windows (days; 0 keeps data until erased), then purge
+    Retention {
+        #[arg(long)]
+        records_days: Option<i64>,
+        #[arg(long)]
+        feedback_days: Option<i64>,
+        #[arg(long, env = "BRISE_LEDGER")]
+        ledger: Option<String>,
+    },
+    /// Put a legal hold on a subject's data (kept past retention), or --release it
+    Hold {
+        #[arg(long)]
+        subject: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long)]
+        release: bool,
+        #[arg(long, env = "BRISE_LEDGER")]
+        ledger: Option<String>,
+    },
     /// Counts of completions, tokens and feedback, overall and by model
     Stats {
         #[arg(long, env = "BRISE_LEDGER")]
@@ -122,6 +142,46 @@ pub fn run(c: LedgerCmd) -> Result<()> {
             rt.block_on(l.object("cli", &tenant, &subject))?;
             eprintln!(
                 "{subject} (tenant {tenant}) objects to training use: left out of every export"
+            );
+            Ok(())
+        }
+        LedgerCmd::Retention {
+            records_days,
+            feedback_days,
+            ledger,
+        } => {
+            let (rt, l) = open(ledger.as_deref())?;
+            let mut r = rt.block_on(l.retention())?;
+            if records_days.is_some() || feedback_days.is_some() {
+                let keep = |d: Option<i64>, old: Option<i64>| match d {
+                    Some(0) => None,
+                    Some(d) => Some(d),
+                    None => old,
+                };
+                r = brise_ledger::retention::Retention {
+                    records_days: keep(records_days, r.records_days),
+                    feedback_days: keep(feedback_days, r.feedback_days),
+                };
+                rt.block_on(l.set_retention("cli", r))?;
+            }
+            let rep = rt.block_on(l.purge("cli", brise_ledger::now_ms()))?;
+            println!(
+                "{}",
+                serde_json::to_string(&serde_json::json!({"retention": r, "purged": rep}))?
+            );
+            Ok(())
+        }
+        LedgerCmd::Hold {
+            subject,
+            tenant,
+            release,
+            ledger,
+        } => {
+            let (rt, l) = open(ledger.as_deref())?;
+            rt.block_on(l.hold("cli", &tenant, &subject, !release))?;
+            eprintln!(
+                "legal hold on {subject} (tenant {tenant}) {}",
+                if release { "released" } else { "set" }
             );
             Ok(())
         }

@@ -7,6 +7,7 @@
 
 pub mod export;
 pub mod governance;
+pub mod retention;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -504,6 +505,79 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(l.verify_audit().await.unwrap(), Err(1));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn retention_purges_all_but_held() {
+        use crate::retention::Retention;
+        let dir = std::env::temp_dir().join(format!("brise-ledger-{}", uuid::Uuid::new_v4()));
+        let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
+            .await
+            .unwrap();
+        let day = 86_400_000;
+        let now = now_ms();
+        for (id, subject, age) in [
+            ("old-a", "alice", 10),
+            ("old-b", "bob", 10),
+            ("new-a", "alice", 1),
+        ] {
+            let mut r = rec(id, "acme");
+            r.subject = Some(subject.into());
+            r.created_at_ms = now - age * day;
+            l.record(r).await.unwrap();
+        }
+        let mut f = fb("new-a", "acme", 1);
+        f.created_at_ms = now - 5 * day;
+        l.add_feedback(f).await.unwrap();
+        // No windows: nothing goes.
+        assert_eq!(l.purge("t", now).await.unwrap(), Default::default());
+        l.set_retention(
+            "admin",
+            Retention {
+                records_days: Some(7),
+                feedback_days: Some(3),
+            },
+        )
+        .await
+        .unwrap();
+        l.hold("admin", "acme", "bob", true).await.unwrap();
+        let rep = l.purge("retention", now).await.unwrap();
+        assert_eq!((rep.completions, rep.feedback, rep.held), (1, 1, 1));
+        assert!(l.get("old-a", None).await.unwrap().is_none());
+        assert!(l.get("old-b", None).await.unwrap().is_some(), "held");
+        assert!(l.get("new-a", None).await.unwrap().is_some());
+        assert!(l.feedback_for("new-a", None).await.unwrap().is_empty());
+        l.hold("admin", "acme", "bob", false).await.unwrap();
+        assert_eq!(l.purge("retention", now).await.unwrap().completions, 1);
+        let actions: Vec<String> = l
+            .audit_entries()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "set_retention",
+                "legal_hold",
+                "purge",
+                "legal_hold_released",
+                "purge"
+            ]
+        );
+        assert!(
+            l.set_retention(
+                "a",
+                Retention {
+                    records_days: Some(0),
+                    feedback_days: None
+                }
+            )
+            .await
+            .is_err()
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -141,6 +141,22 @@ where
         ledger,
     });
     let app = routes::router(state.clone());
+    if let Some(l) = state.ledger.clone() {
+        // Retention: purge what is past its window now, then every ten minutes.
+        tokio::spawn(async move {
+            loop {
+                match l.purge("retention", brise_ledger::now_ms()).await {
+                    Ok(r) if r.completions + r.feedback > 0 => eprintln!(
+                        "brise: retention purged {} records and {} feedback items",
+                        r.completions, r.feedback
+                    ),
+                    Ok(_) => {}
+                    Err(e) => eprintln!("brise: retention purge failed: {e}"),
+                }
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            }
+        });
+    }
     eprintln!("brise: listening on http://{addr} (loading models)");
 
     let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);

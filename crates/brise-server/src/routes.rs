@@ -54,6 +54,11 @@ pub fn router(state: Arc<AppState>) -> Router {
                     get(admin_export_subject),
                 )
                 .route("/v1/admin/audit", get(admin_audit))
+                .route(
+                    "/v1/admin/retention",
+                    get(admin_get_retention).post(admin_set_retention),
+                )
+                .route("/v1/admin/holds", post(admin_hold))
                 .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth)),
         )
         .fallback(not_found)
@@ -169,6 +174,65 @@ async fn admin_export_subject(State(s): St, Path(subject): Path<String>) -> ApiR
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+}
+
+async fn admin_get_retention(State(s): St) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    let r = l
+        .retention()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(json!(r)).into_response())
+}
+
+/// `{"records_days": N|null, "feedback_days": N|null}`: null keeps data until erased.
+async fn admin_set_retention(
+    State(s): St,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let l = ledger(&s)?;
+    let mut f = request::Fields::parse(&body)?;
+    let mut days = |k: &str| -> ApiResult<Option<i64>> {
+        match f.u64(k)? {
+            Some(0) => Err(ApiError::param(
+                k,
+                format!("{k} must be at least 1 (null: keep until erased)"),
+            )),
+            d => Ok(d.map(|d| d as i64)),
+        }
+    };
+    let r = brise_ledger::retention::Retention {
+        records_days: days("records_days")?,
+        feedback_days: days("feedback_days")?,
+    };
+    f.finish()?;
+    l.set_retention("admin-api", r)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let rep = l
+        .purge("retention", brise_ledger::now_ms())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(json!({"retention": r, "purged": rep})).into_response())
+}
+
+/// `{"subject", "tenant"?, "hold": true|false}`
+async fn admin_hold(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let l = ledger(&s)?;
+    let mut f = request::Fields::parse(&body)?;
+    let subject = f
+        .string("subject")?
+        .filter(|x| !x.is_empty())
+        .ok_or_else(|| ApiError::param("subject", "you must provide the subject"))?;
+    let tenant = f.string("tenant")?.unwrap_or_else(|| "default".into());
+    let on = f.bool("hold")?.unwrap_or(true);
+    f.finish()?;
+    l.hold("admin-api", &tenant, &subject, on)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(json!({"tenant": tenant, "subject": subject, "hold": on})).into_response())
 }
 
 async fn admin_audit(State(s): St) -> ApiResult<Response> {
