@@ -168,3 +168,25 @@ def test_kill_9_loses_no_answered_request(tmp_path_factory):
     have = {row[0] for row in db.execute("SELECT id FROM completions")}
     missing = [i for i in got if i not in have]
     assert not missing, f"{len(missing)} of {len(got)} answered completions are not in the ledger"
+
+
+def test_compare_then_choose(brise, http):
+    body = {"model": MODEL, "messages": user("Write one line about the sea."), "max_tokens": 12, "temperature": 1.0}
+    r = http.post("/v1/compare", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-brise-ai-generated"] == "true"
+    cands = r.json()["candidates"]
+    assert len(cands) == 2 and cands[0]["id"] != cands[1]["id"]
+    assert cands[0]["message"]["content"] != cands[1]["message"]["content"]
+    for c in cands:
+        rc, rec = show(brise.ledger, c["id"])
+        assert rc == 0 and rec["endpoint"] == "/v1/compare"
+        assert rec["output"][0]["text"] == c["message"]["content"]
+    fb = http.post("/v1/feedback", json={"preferred": cands[1]["id"], "rejected": cands[0]["id"]})
+    assert fb.status_code == 201
+    assert show(brise.ledger, cands[0]["id"])[1]["feedback"][0]["rejected_id"] == cands[0]["id"]
+    # Greedy candidates would be identical: refused.
+    e = http.post("/v1/compare", json={**body, "temperature": 0})
+    assert e.status_code == 400 and e.json()["error"]["param"] == "temperature"
+    e = http.post("/v1/compare", json={**body, "stream": True})
+    assert e.status_code == 400 and e.json()["error"]["param"] == "stream"

@@ -34,6 +34,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/fim/completions", post(fim))
+        .route("/v1/compare", post(compare))
         .layer(middleware::map_response(ai_marker));
     Router::new()
         .merge(generation)
@@ -1252,6 +1253,100 @@ fn stream(
     })
     .flat_map(|v| futures_util::stream::iter(v.into_iter().map(Ok::<_, std::convert::Infallible>)));
     Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// `POST /v1/compare`: two candidate answers to one chat request, each recorded under
+/// its own id, in random order, for a side-by-side choice sent back as
+/// `POST /v1/feedback {"preferred", "rejected"}`. Until adapters exist both come from
+/// the served model, sampled with different seeds.
+async fn compare(
+    State(s): St,
+    Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    ready(&s)?;
+    ledger(&s)?;
+    let req = request::parse_chat(&body, n_vocab_of(&s))?;
+    let m = find(&s, &req.params.model)?;
+    let p = &req.params;
+    if p.stream || p.n != 1 || !req.tools.is_empty() {
+        return Err(ApiError::param(
+            if p.stream {
+                "stream"
+            } else if p.n != 1 {
+                "n"
+            } else {
+                "tools"
+            },
+            "a comparison takes one non-streamed chat request without tools",
+        ));
+    }
+    let temperature = p.temperature.unwrap_or(m.defaults.temperature);
+    if temperature <= 0.0 {
+        return Err(ApiError::param(
+            "temperature",
+            "both candidates come from one model version, so they need sampling (temperature > 0)",
+        ));
+    }
+    let prompt = m
+        .model
+        .encode_chat(&req.messages, true)
+        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let base_seed = p
+        .seed
+        .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let jobs = (0..2)
+        .map(|c| {
+            let mut o = options(m, p, prompt.len(), c, req.json.clone())?;
+            o.sampling.seed = Some(base_seed.wrapping_add(c as u64));
+            Ok((prompt.clone(), o))
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    let rec = Recorder::new(
+        &s,
+        m,
+        "/v1/compare",
+        &headers,
+        &tenant,
+        &body,
+        p.user.as_deref(),
+        p.metadata.as_ref(),
+    );
+    let run = submit(&s, m, jobs)?;
+    let choices = collect(m, run, 2).await?;
+    let mut cands = Vec::new();
+    for c in &choices {
+        let id = new_id("chatcmpl");
+        let finish = finish_reason(c.finish);
+        rec.ok(
+            &id,
+            json!([{"text": c.text, "finish_reason": finish}]),
+            prompt.len(),
+            c.n_gen,
+            c.first_token,
+        )
+        .await?;
+        cands.push(json!({
+            "id": id,
+            "version": "base",
+            "message": {"role": "assistant", "content": c.text},
+            "finish_reason": finish,
+            "usage": usage(prompt.len(), c.n_gen),
+        }));
+    }
+    // Blind: the order says nothing about which is which.
+    if uuid::Uuid::new_v4().as_bytes()[0] & 1 == 1 {
+        cands.swap(0, 1);
+    }
+    Ok(axum::Json(json!({
+        "object": "comparison",
+        "model": m.id,
+        "created": crate::unix_now(),
+        "candidates": cands,
+    }))
+    .into_response())
 }
 
 fn ledger(s: &AppState) -> ApiResult<&brise_ledger::Ledger> {
