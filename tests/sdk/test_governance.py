@@ -47,9 +47,12 @@ def test_erasure_export_objection_and_audit(gov, tmp_path):
         a1 = chat(c, "My email is ann@example.com, remember it.", "ann")
         a2 = chat(c, "Call me at +33 6 12 34 56 78.", "ann")
         b1 = chat(c, "Hello there.", "ben")
+        b2 = chat(c, "My email is ann@example.com, remember it.", "ben")
         for cid in (a1, a2, b1):
             assert c.post("/v1/feedback", json={"completion_id": cid, "rating": 1}).status_code == 201
-        assert c.post("/v1/feedback", json={"preferred": b1, "rejected": a1}).status_code == 201
+        # A choice pairs two answers to one prompt.
+        assert c.post("/v1/feedback", json={"preferred": b1, "rejected": a1}).status_code == 400
+        assert c.post("/v1/feedback", json={"preferred": b2, "rejected": a1}).status_code == 201
 
         # Subject export: all of Ann's records with their feedback.
         r = c.get("/v1/admin/subjects/ann/export", headers=admin)
@@ -88,7 +91,7 @@ def test_erasure_export_objection_and_audit(gov, tmp_path):
 
         # Erasure from the CLI.
         p = cli(gov, "erase", "--subject", "ben")
-        assert p.returncode == 0 and json.loads(p.stdout)["completions_erased"] == 1
+        assert p.returncode == 0 and json.loads(p.stdout)["completions_erased"] == 2
 
         # Every admin action is in the audit log, chained.
         audit = c.get("/v1/admin/audit", headers=admin).json()
@@ -115,8 +118,14 @@ def test_retention_and_legal_hold(gov):
         db.execute("UPDATE completions SET created_at_ms = created_at_ms - 30 * 86400000 WHERE id IN (?, ?)", (old, held))
         db.commit()
         assert c.post("/v1/admin/holds", json={"subject": "dana"}, headers=admin).status_code == 200
-        bad = c.post("/v1/admin/retention", json={"records_days": 0}, headers=admin)
+        bad = c.post("/v1/admin/retention", json={"records_days": 10**12}, headers=admin)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "records_days"
+        # A field left out keeps its window; 0 or null means until erased.
+        c.post("/v1/admin/retention", json={"records_days": 400, "feedback_days": 30}, headers=admin)
+        c.post("/v1/admin/retention", json={"records_days": 300}, headers=admin)
+        assert c.get("/v1/admin/retention", headers=admin).json() == {"records_days": 300, "feedback_days": 30}
+        c.post("/v1/admin/retention", json={"records_days": 0}, headers=admin)
+        assert c.get("/v1/admin/retention", headers=admin).json()["records_days"] is None
         r = c.post("/v1/admin/retention", json={"records_days": 7, "feedback_days": None}, headers=admin)
         assert r.status_code == 200, r.text
         assert r.json()["purged"]["completions"] == 1 and r.json()["purged"]["held"] == 1

@@ -115,3 +115,14 @@ def test_mistral_json_object(mistral):
     c = r.choices[0]
     assert c.finish_reason == "stop", c.message.content
     assert isinstance(json.loads(c.message.content), dict)
+
+
+def test_min_tokens_never_breaks_the_json(oai):
+    """min_tokens holds back the end, but not past a complete value: the output stays valid."""
+    r = oai.chat.completions.create(model=MODEL, messages=user("Give me an empty JSON object."), temperature=0,
+                                    max_tokens=60, extra_body={"min_tokens": 50},
+                                    response_format={"type": "json_schema", "json_schema": {
+                                        "name": "e", "schema": {"type": "object", "properties": {}}}})
+    c = r.choices[0]
+    assert c.finish_reason == "stop", c.message.content
+    assert json.loads(c.message.content) == {}

@@ -190,3 +190,10 @@ def test_compare_then_choose(brise, http):
     assert e.status_code == 400 and e.json()["error"]["param"] == "temperature"
     e = http.post("/v1/compare", json={**body, "stream": True})
     assert e.status_code == 400 and e.json()["error"]["param"] == "stream"
+    e = http.post("/v1/compare", json={**body, "logprobs": True})
+    assert e.status_code == 400 and e.json()["error"]["param"] == "logprobs"
+
+
+def test_absurd_max_tokens_is_400_not_truncation(http):
+    e = http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("Hi"), "max_tokens": 2**64 - 1})
+    assert e.status_code == 400 and e.json()["error"]["param"] == "max_tokens", e.text

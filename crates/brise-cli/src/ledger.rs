@@ -38,7 +38,8 @@ pub enum LedgerCmd {
     Object {
         #[arg(long)]
         subject: String,
-        #[arg(long, default_value = "default")]
+        /// Only in this tenant [default: every tenant]
+        #[arg(long, default_value = "*")]
         tenant: String,
         #[arg(long, env = "BRISE_LEDGER")]
         ledger: Option<String>,
@@ -56,7 +57,8 @@ pub enum LedgerCmd {
     Hold {
         #[arg(long)]
         subject: String,
-        #[arg(long, default_value = "default")]
+        /// Only in this tenant [default: every tenant]
+        #[arg(long, default_value = "*")]
         tenant: String,
         #[arg(long)]
         release: bool,

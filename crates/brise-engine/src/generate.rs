@@ -308,7 +308,10 @@ impl Decoder {
     /// is kept when the constraint allows it, otherwise every disallowed token is masked
     /// and the sampler draws again.
     fn sample(&mut self, tk: &Tokenizer, logits: &[f32], history: &[u32]) -> Option<u32> {
-        if self.tokens.len() < self.min_tokens {
+        // min_tokens holds back the end, unless a finished constrained value allows
+        // nothing else (the constraint wins: its output stays valid).
+        let constraint_done = self.json.as_ref().is_some_and(|j| !j.can_continue());
+        if self.tokens.len() < self.min_tokens && !constraint_done {
             let mut l = logits.to_vec();
             for e in tk.eog_ids() {
                 if let Some(x) = l.get_mut(e as usize) {
@@ -337,7 +340,7 @@ impl Decoder {
         self.masked.extend_from_slice(logits);
         let mut any = false;
         for (id, l) in self.masked.iter_mut().enumerate() {
-            if Self::allowed(json, tk, id as u32) {
+            if l.is_finite() && Self::allowed(json, tk, id as u32) {
                 any = true;
             } else {
                 *l = f32::NEG_INFINITY;

@@ -93,13 +93,23 @@ impl Schema {
 
     /// Compiles a JSON Schema (the subset brise enforces).
     pub fn compile(root: &serde_json::Value) -> Result<Schema, SchemaError> {
-        Compiler { root, depth: 0 }.node(root, "schema")
+        Compiler {
+            root,
+            depth: 0,
+            nodes: 0,
+        }
+        .node(root, "schema")
     }
 }
+
+/// Compiled nodes per schema: `$ref`s are expanded, so a small schema could otherwise
+/// grow exponentially.
+const MAX_NODES: usize = 20_000;
 
 struct Compiler<'a> {
     root: &'a serde_json::Value,
     depth: usize,
+    nodes: usize,
 }
 
 impl Compiler<'_> {
@@ -113,6 +123,13 @@ impl Compiler<'_> {
     fn node(&mut self, v: &serde_json::Value, path: &str) -> Result<Schema, SchemaError> {
         use serde_json::Value as J;
         self.depth += 1;
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(Self::err(
+                path,
+                format!("schema too large: more than {MAX_NODES} nodes once $refs are expanded"),
+            ));
+        }
         if self.depth > 64 {
             return Err(Self::err(
                 path,
@@ -163,6 +180,27 @@ impl Compiler<'_> {
         ] {
             if m.contains_key(k) {
                 return Err(Self::err(path, format!("`{k}` is not supported")));
+            }
+        }
+        // Keywords that replace the whole schema: anything beside them (but `type` beside
+        // `enum`/`const`, which the values already satisfy) would be ignored, so it is refused.
+        for (k, beside_ok) in [
+            ("const", &["type"][..]),
+            ("enum", &["type"][..]),
+            ("anyOf", &[][..]),
+            ("oneOf", &[][..]),
+        ] {
+            if m.contains_key(k)
+                && let Some(other) = m.keys().find(|o| {
+                    o.as_str() != k
+                        && !beside_ok.contains(&o.as_str())
+                        && !ANNOTATIONS.contains(&o.as_str())
+                })
+            {
+                return Err(Self::err(
+                    path,
+                    format!("`{other}` beside `{k}` is not supported"),
+                ));
             }
         }
         if let Some(c) = m.get("const") {
@@ -315,9 +353,6 @@ impl Compiler<'_> {
                             ));
                         }
                     }
-                    if props.len() > MAX_PROPS {
-                        return Err(Self::err(path, format!("more than {MAX_PROPS} properties")));
-                    }
                     let required: Vec<String> = match m.get("required") {
                         None => Vec::new(),
                         Some(J::Array(r)) => r
@@ -340,12 +375,28 @@ impl Compiler<'_> {
                         )),
                     };
                     for r in &required {
-                        if !props.iter().any(|(k, _)| k == r) && additional.is_none() {
+                        if props.iter().any(|(k, _)| k == r) {
+                            continue;
+                        }
+                        // Required but undeclared: it takes the additional schema.
+                        let Some(a) = &additional else {
                             return Err(Self::err(
                                 path,
                                 format!("required property {r:?} is not in properties"),
                             ));
+                        };
+                        if r.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+                            return Err(Self::err(
+                                path,
+                                format!(
+                                    "property name {r:?} needs escaping, which is not supported"
+                                ),
+                            ));
                         }
+                        props.push((r.clone(), a.clone()));
+                    }
+                    if props.len() > MAX_PROPS {
+                        return Err(Self::err(path, format!("more than {MAX_PROPS} properties")));
                     }
                     Schema::Object {
                         props,
@@ -1073,7 +1124,8 @@ mod tests {
         assert!(accepts(&m, r#"[{"x": 1}, {"x": -0.5}]"#));
         assert!(!accepts(&m, r#"[{"y": 1}]"#));
         for bad in [
-            json!({"type": "string", "pattern": "a+"}),
+            json!({"type": "object", "properties": {"k": {"type": "string"}}, "anyOf": [{"type": "object"}]}),
+            json!({"enum": ["a"], "pattern": "a"}),
             json!({"type": "string", "format": "email"}),
             json!({"type": "integer", "minimum": 3}),
             json!({"allOf": [{"type": "string"}]}),
@@ -1107,6 +1159,26 @@ mod tests {
         assert!(!accepts(&m, "<c>\n{\"a\": 1}"));
         assert!(!accepts(&m, "<c>\n{\"a\": 1}\n\n</c>"));
         assert!(!accepts(&m, "<c>{\"a\": 1}\n</c>"));
+    }
+
+    #[test]
+    fn required_extra_property_and_size_limit() {
+        let m = matcher(
+            json!({"type": "object", "required": ["name"], "additionalProperties": {"type": "string"}}),
+        );
+        assert!(accepts(&m, r#"{"name": "x"}"#));
+        assert!(accepts(&m, r#"{"x": "y", "name": "x"}"#));
+        assert!(!accepts(&m, r#"{"x": "y"}"#));
+        // Typed enums are fine.
+        assert!(Schema::compile(&json!({"type": "string", "enum": ["a", "b"]})).is_ok());
+        // $refs doubling at every level: refused, not expanded 2^30 times.
+        let mut defs = serde_json::Map::new();
+        for i in 0..30 {
+            defs.insert(format!("a{i}"), json!({"anyOf": [{"$ref": format!("#/$defs/a{}", i + 1)}, {"$ref": format!("#/$defs/a{}", i + 1)}]}));
+        }
+        defs.insert("a30".into(), json!({"type": "null"}));
+        let e = Schema::compile(&json!({"$defs": defs, "$ref": "#/$defs/a0"})).unwrap_err();
+        assert!(e.msg.contains("too large"), "{e}");
     }
 
     #[test]

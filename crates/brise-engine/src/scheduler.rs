@@ -333,7 +333,10 @@ impl Engine {
             return Err(EngineError::InvalidParam("the prompt is empty".into()));
         }
         let n_ctx = self.cfg.n_ctx_slot;
-        let need = r.prompt.len() + r.opts.max_tokens.unwrap_or(0);
+        let need = r
+            .prompt
+            .len()
+            .saturating_add(r.opts.max_tokens.unwrap_or(0));
         if r.prompt.len() > n_ctx || need > n_ctx {
             return Err(ModelError::ContextOverflow {
                 n_prompt: need,

@@ -31,7 +31,7 @@ CREATE TABLE feedback (
     tenant        TEXT NOT NULL,
     completion_id TEXT NOT NULL REFERENCES completions (id) ON DELETE CASCADE,
     kind          TEXT NOT NULL,       -- rating | preference
-    rating        INTEGER,             -- -1 / +1 (thumbs) or 1..5
+    rating        BIGINT,              -- -1 / +1 (thumbs) or 1..5
     correction    TEXT,
     comment       TEXT,
     tags          TEXT,                -- JSON list of strings

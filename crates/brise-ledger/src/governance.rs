@@ -62,6 +62,22 @@ fn entry_hash(
 impl Ledger {
     /// Appends an audit entry chained to the previous one; returns its sequence number.
     pub async fn audit(&self, actor: &str, action: &str, details: Value) -> Result<i64> {
+        // Another write may commit between reading the chain's end and appending to it
+        // (SQLite: a stale snapshot; PostgreSQL: the same seq twice): retry on a fresh read.
+        let mut last_err = None;
+        for attempt in 0..5 {
+            match self.audit_once(actor, action, &details).await {
+                Ok(seq) => return Ok(seq),
+                Err(e) => {
+                    last_err = Some(e);
+                    tokio::time::sleep(std::time::Duration::from_millis(5 << attempt)).await;
+                }
+            }
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    async fn audit_once(&self, actor: &str, action: &str, details: &Value) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
         let last: Option<(i64, String)> =
             sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
@@ -252,8 +268,9 @@ impl Ledger {
         let Some(s) = subject else {
             return Ok(false);
         };
+        // An objection with tenant '*' covers the subject in every tenant.
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM objections WHERE tenant = $1 AND subject = $2",
+            "SELECT COUNT(*) FROM objections WHERE (tenant = $1 OR tenant = '*') AND subject = $2",
         )
         .bind(tenant)
         .bind(s)

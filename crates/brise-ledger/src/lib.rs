@@ -201,10 +201,18 @@ impl Ledger {
     /// Adds feedback after checking that its completions exist and belong to `tenant`
     /// (another tenant's completion is reported as missing, never as forbidden).
     pub async fn add_feedback(&self, mut fb: Feedback) -> Result<Feedback> {
+        let mut prompts = Vec::new();
         for id in std::iter::once(&fb.completion_id).chain(fb.rejected_id.iter()) {
-            if self.get(id, Some(&fb.tenant)).await?.is_none() {
-                return Err(LedgerError::NotFound(id.clone()));
+            match self.get(id, Some(&fb.tenant)).await? {
+                None => return Err(LedgerError::NotFound(id.clone())),
+                Some(r) => prompts.push(r.messages),
             }
+        }
+        // A choice between answers to different prompts is no preference at all.
+        if prompts.len() == 2 && prompts[0] != prompts[1] {
+            return Err(LedgerError::Invalid(
+                "preferred and rejected answer different prompts".into(),
+            ));
         }
         if fb.id.is_empty() {
             fb.id = format!("fb-{}", uuid::Uuid::new_v4().simple());
@@ -286,8 +294,8 @@ impl Ledger {
         Ok(Stats {
             completions: one("SELECT COUNT(*) FROM completions").await?,
             errors: one("SELECT COUNT(*) FROM completions WHERE status <> 'ok'").await?,
-            prompt_tokens: one("SELECT COALESCE(SUM(prompt_tokens), 0) FROM completions").await?,
-            completion_tokens: one("SELECT COALESCE(SUM(completion_tokens), 0) FROM completions")
+            prompt_tokens: one("SELECT CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) FROM completions").await?,
+            completion_tokens: one("SELECT CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) FROM completions")
                 .await?,
             feedback: one("SELECT COUNT(*) FROM feedback").await?,
             thumbs_up: one("SELECT COUNT(*) FROM feedback WHERE kind = 'rating' AND (rating = 1 AND correction IS NULL)")

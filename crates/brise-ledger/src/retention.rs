@@ -23,6 +23,8 @@ pub struct PurgeReport {
 }
 
 const DAY_MS: i64 = 86_400_000;
+/// The longest window accepted (100 years), far from any overflow.
+pub const MAX_DAYS: i64 = 36_500;
 
 impl Ledger {
     pub async fn retention(&self) -> Result<Retention> {
@@ -45,9 +47,9 @@ impl Ledger {
             ("retention.records_days", r.records_days),
             ("retention.feedback_days", r.feedback_days),
         ] {
-            if v.is_some_and(|d| d < 1) {
+            if v.is_some_and(|d| !(1..=MAX_DAYS).contains(&d)) {
                 return Err(crate::LedgerError::Invalid(format!(
-                    "{k} must be at least 1 day"
+                    "{k} must be between 1 and {MAX_DAYS} days"
                 )));
             }
             sqlx::query("DELETE FROM settings WHERE key = $1")
@@ -102,19 +104,20 @@ impl Ledger {
     pub async fn purge(&self, actor: &str, now: i64) -> Result<PurgeReport> {
         let r = self.retention().await?;
         let mut rep = PurgeReport::default();
-        let held = "EXISTS (SELECT 1 FROM legal_holds h WHERE h.tenant = c.tenant AND h.subject = c.subject)";
+        // A hold with tenant '*' covers the subject in every tenant.
+        let held = "EXISTS (SELECT 1 FROM legal_holds h WHERE (h.tenant = c.tenant OR h.tenant = '*') AND h.subject = c.subject)";
         if let Some(d) = r.feedback_days {
             let sql = format!(
                 "DELETE FROM feedback WHERE created_at_ms < $1 AND NOT EXISTS (SELECT 1 FROM completions c WHERE c.id = feedback.completion_id AND {held})"
             );
             rep.feedback = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(now - d * DAY_MS)
+                .bind(now.saturating_sub(d.min(MAX_DAYS) * DAY_MS))
                 .execute(&self.pool)
                 .await?
                 .rows_affected();
         }
         if let Some(d) = r.records_days {
-            let cutoff = now - d * DAY_MS;
+            let cutoff = now.saturating_sub(d.min(MAX_DAYS) * DAY_MS);
             let mut tx = self.pool.begin().await?;
             let sel =
                 format!("SELECT c.id FROM completions c WHERE c.created_at_ms < $1 AND NOT {held}");

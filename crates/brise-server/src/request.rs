@@ -249,6 +249,11 @@ impl Fields {
         }
     }
 
+    /// Whether the field is present (even as null).
+    pub fn has(&self, k: &str) -> bool {
+        self.map.contains_key(k)
+    }
+
     /// Removes a field; JSON null counts as absent.
     pub fn take(&mut self, k: &str) -> Option<Value> {
         self.map.remove(k).filter(|v| !v.is_null())

@@ -156,7 +156,8 @@ async fn admin_object(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiR
         .string("subject")?
         .filter(|x| !x.is_empty())
         .ok_or_else(|| ApiError::param("subject", "you must provide the subject"))?;
-    let tenant = f.string("tenant")?.unwrap_or_else(|| "default".into());
+    // Without a tenant: the subject in every tenant.
+    let tenant = f.string("tenant")?.unwrap_or_else(|| "*".into());
     f.finish()?;
     l.object("admin-api", &tenant, &subject)
         .await
@@ -186,26 +187,36 @@ async fn admin_get_retention(State(s): St) -> ApiResult<Response> {
     Ok(axum::Json(json!(r)).into_response())
 }
 
-/// `{"records_days": N|null, "feedback_days": N|null}`: null keeps data until erased.
+/// `{"records_days": N|0|null, "feedback_days": …}`: 0 or null keeps that kind until
+/// erased; a field left out keeps its current window.
 async fn admin_set_retention(
     State(s): St,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = body_bytes(body)?;
     let l = ledger(&s)?;
+    let old = l
+        .retention()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let mut f = request::Fields::parse(&body)?;
-    let mut days = |k: &str| -> ApiResult<Option<i64>> {
+    let max = brise_ledger::retention::MAX_DAYS;
+    let mut days = |k: &str, old: Option<i64>| -> ApiResult<Option<i64>> {
+        let present = f.has(k);
         match f.u64(k)? {
-            Some(0) => Err(ApiError::param(
+            None if present => Ok(None),
+            None => Ok(old),
+            Some(0) => Ok(None),
+            Some(d) if d as i64 > max || d > i64::MAX as u64 => Err(ApiError::param(
                 k,
-                format!("{k} must be at least 1 (null: keep until erased)"),
+                format!("{k} = {d}: at most {max} days (0 or null: keep until erased)"),
             )),
-            d => Ok(d.map(|d| d as i64)),
+            Some(d) => Ok(Some(d as i64)),
         }
     };
     let r = brise_ledger::retention::Retention {
-        records_days: days("records_days")?,
-        feedback_days: days("feedback_days")?,
+        records_days: days("records_days", old.records_days)?,
+        feedback_days: days("feedback_days", old.feedback_days)?,
     };
     f.finish()?;
     l.set_retention("admin-api", r)
@@ -227,7 +238,7 @@ async fn admin_hold(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRes
         .string("subject")?
         .filter(|x| !x.is_empty())
         .ok_or_else(|| ApiError::param("subject", "you must provide the subject"))?;
-    let tenant = f.string("tenant")?.unwrap_or_else(|| "default".into());
+    let tenant = f.string("tenant")?.unwrap_or_else(|| "*".into());
     let on = f.bool("hold")?.unwrap_or(true);
     f.finish()?;
     l.hold("admin-api", &tenant, &subject, on)
@@ -373,7 +384,7 @@ fn options(
             ),
         ));
     }
-    if n_prompt + max_tokens > n_ctx || max_tokens == 0 {
+    if n_prompt.saturating_add(max_tokens) > n_ctx || max_tokens == 0 {
         return Err(ApiError::param(
             if p.max_tokens.is_some() {
                 "max_tokens"
@@ -384,7 +395,7 @@ fn options(
                 "This model's maximum context length is {n_ctx} tokens. However, you requested \
                  {} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). Please \
                  shorten the prompt or lower max_tokens.",
-                n_prompt + max_tokens
+                n_prompt.saturating_add(max_tokens)
             ),
         ));
     }
@@ -566,12 +577,14 @@ fn chat_logprobs(tk: &Tokenizer, lps: &[TokenLogprob]) -> Value {
 }
 
 /// Legacy completions' `logprobs`: parallel lists, offsets in characters from `offset`.
-fn completion_logprobs(tk: &Tokenizer, lps: &[TokenLogprob], mut offset: usize) -> Value {
+fn completion_logprobs(tk: &Tokenizer, lps: &[TokenLogprob], offset: usize) -> Value {
     let (mut tokens, mut lp, mut top, mut offs) = (vec![], vec![], vec![], vec![]);
+    // Offsets count characters of the text as decoded (tokens may split a character).
+    let mut bytes: Vec<u8> = Vec::new();
     for l in lps {
         let (t, _) = piece(tk, l.token);
-        offs.push(offset);
-        offset += t.chars().count();
+        offs.push(offset + String::from_utf8_lossy(&bytes).chars().count());
+        bytes.extend(tk.token_to_piece(l.token, false));
         tokens.push(t);
         lp.push(l.logprob);
         let m: serde_json::Map<String, Value> = l
@@ -1271,16 +1284,18 @@ async fn compare(
     let req = request::parse_chat(&body, n_vocab_of(&s))?;
     let m = find(&s, &req.params.model)?;
     let p = &req.params;
-    if p.stream || p.n != 1 || !req.tools.is_empty() {
+    if p.stream || p.n != 1 || !req.tools.is_empty() || p.logprobs.is_some() {
         return Err(ApiError::param(
             if p.stream {
                 "stream"
             } else if p.n != 1 {
                 "n"
+            } else if p.logprobs.is_some() {
+                "logprobs"
             } else {
                 "tools"
             },
-            "a comparison takes one non-streamed chat request without tools",
+            "a comparison takes one non-streamed chat request without tools or logprobs",
         ));
     }
     let temperature = p.temperature.unwrap_or(m.defaults.temperature);
@@ -1315,7 +1330,13 @@ async fn compare(
         p.metadata.as_ref(),
     );
     let run = submit(&s, m, jobs)?;
-    let choices = collect(m, run, 2).await?;
+    let choices = match collect(m, run, 2).await {
+        Ok(c) => c,
+        Err(e) => {
+            rec.error(&new_id("chatcmpl"), &e).await;
+            return Err(e);
+        }
+    };
     let mut cands = Vec::new();
     for c in &choices {
         let id = new_id("chatcmpl");
@@ -1491,6 +1512,7 @@ async fn post_feedback(
     match l.add_feedback(fb).await {
         Ok(f) => Ok((StatusCode::CREATED, axum::Json(feedback_json(&f))).into_response()),
         Err(brise_ledger::LedgerError::NotFound(id)) => Err(not_found_completion(&id)),
+        Err(brise_ledger::LedgerError::Invalid(m)) => Err(ApiError::param("rejected", m)),
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
 }
