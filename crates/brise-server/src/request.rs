@@ -77,6 +77,12 @@ fn tools(v: Option<Value>) -> ApiResult<Vec<Tool>> {
     let mut out: Vec<Tool> = Vec::new();
     for (i, t) in list.into_iter().enumerate() {
         let at = format!("tools[{i}]");
+        if let Some(k) = t
+            .as_object()
+            .and_then(|o| o.keys().find(|k| *k != "type" && *k != "function"))
+        {
+            return Err(ApiError::unknown_param(&format!("{at}.{k}")));
+        }
         if t.get("type").and_then(|x| x.as_str()) != Some("function") {
             return Err(ApiError::param(
                 &format!("{at}.type"),
@@ -149,6 +155,12 @@ fn tool_choice(v: Option<Value>, tools: &[Tool]) -> ApiResult<ToolChoice> {
             }
         },
         Some(Value::Object(o)) => {
+            if o.get("type").and_then(|t| t.as_str()) != Some("function") {
+                return Err(ApiError::param(
+                    "tool_choice",
+                    "a named tool_choice needs \"type\": \"function\"",
+                ));
+            }
             let name = o
                 .get("function")
                 .and_then(|f| f.get("name"))
@@ -669,7 +681,10 @@ fn messages(v: Value) -> ApiResult<Vec<Message>> {
                 "tool_call_id must be a string",
             )
         })?;
-        if f.bool("prefix").ok().flatten() == Some(true) {
+        let prefix = f
+            .bool("prefix")
+            .map_err(|_| ApiError::param(&format!("{at}.prefix"), "prefix must be a boolean"))?;
+        if prefix == Some(true) {
             return Err(ApiError::unsupported(
                 &format!("{at}.prefix"),
                 "continuing an assistant prefix",
@@ -945,6 +960,14 @@ mod tests {
             (
                 r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}"#,
                 "tool_choice",
+            ),
+            (
+                r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"function":{"name":"f"}}"#,
+                "tool_choice",
+            ),
+            (
+                r#","tools":[{"type":"function","function":{"name":"f"},"extra":1}]"#,
+                "tools[0].extra",
             ),
             (
                 r#","response_format":{"type":"xml"}"#,

@@ -1137,7 +1137,9 @@ fn stream(
             None => {
                 st.done = true;
                 let e = ApiError::internal("the engine stopped before the answer was complete");
+                st.rec.error(&st.id, &e).await;
                 out.push(SseEvent::default().data(e.body().to_string()));
+                out.push(SseEvent::default().data("[DONE]"));
             }
             Some((i, ev)) => match apply(m, st.run.start, &mut st.choices[i], ev) {
                 Err(e) => {
