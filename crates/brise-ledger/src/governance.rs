@@ -176,19 +176,7 @@ impl Ledger {
                     .await?
             }
         };
-        let mut feedback = 0;
-        for id in &ids {
-            feedback +=
-                sqlx::query("DELETE FROM feedback WHERE completion_id = $1 OR rejected_id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-            sqlx::query("DELETE FROM completions WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let feedback = crate::delete_completions(&mut tx, &ids).await?;
         tx.commit().await?;
         let receipt_id = format!("erasure-{}", uuid::Uuid::new_v4().simple());
         let seq = self

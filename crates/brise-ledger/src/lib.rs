@@ -308,6 +308,29 @@ impl Ledger {
     }
 }
 
+/// Deletes completions with all feedback that refers to them (as the rated or preferred
+/// answer, or as the rejected one); returns the number of feedback rows deleted. Shared
+/// by erasure and retention.
+pub(crate) async fn delete_completions(
+    tx: &mut sqlx::SqliteConnection,
+    ids: &[String],
+) -> Result<u64> {
+    let mut feedback = 0;
+    for id in ids {
+        feedback +=
+            sqlx::query("DELETE FROM feedback WHERE completion_id = $1 OR rejected_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        sqlx::query("DELETE FROM completions WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(feedback)
+}
+
 async fn insert(tx: &mut sqlx::SqliteConnection, r: &CompletionRecord) -> Result<()> {
     sqlx::query(
         "INSERT INTO completions (id, created_at_ms, tenant, subject, model, model_sha256, adapter, endpoint, \

@@ -132,19 +132,7 @@ impl Ledger {
                 .fetch_one(&mut *tx)
                 .await?;
             rep.held = n_held as u64;
-            for id in &ids {
-                rep.feedback += sqlx::query(
-                    "DELETE FROM feedback WHERE completion_id = $1 OR rejected_id = $1",
-                )
-                .bind(id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                sqlx::query("DELETE FROM completions WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            rep.feedback += crate::delete_completions(&mut tx, &ids).await?;
             tx.commit().await?;
             rep.completions = ids.len() as u64;
         }

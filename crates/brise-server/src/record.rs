@@ -3,6 +3,7 @@
 //! took, and whether the data may be used for training.
 
 use crate::error::ApiError;
+use crate::request::GenParams;
 use crate::{AppState, ServedModel, Tenant};
 use axum::http::HeaderMap;
 use brise_ledger::{CompletionRecord, Ledger};
@@ -18,7 +19,6 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         s: &AppState,
         m: &ServedModel,
@@ -26,9 +26,9 @@ impl Recorder {
         headers: &HeaderMap,
         tenant: &Tenant,
         body: &[u8],
-        user: Option<&str>,
-        metadata: Option<&Map<String, Value>>,
+        p: &GenParams,
     ) -> Recorder {
+        let (user, metadata) = (p.user.as_deref(), p.metadata.as_ref());
         let header = |k: &str| {
             headers
                 .get(k)

@@ -688,8 +688,7 @@ async fn chat(
         &headers,
         &tenant,
         &body,
-        req.params.user.as_deref(),
-        req.params.metadata.as_ref(),
+        &req.params,
     );
     if m.model.chat_template.is_none() {
         return Err(ApiError::param(
@@ -858,8 +857,7 @@ async fn fim_inner(
         headers,
         tenant,
         &body,
-        req.params.user.as_deref(),
-        req.params.metadata.as_ref(),
+        &req.params,
     );
     let prompt = m.model.encode_fim(&req.prompt, &req.suffix).map_err(|_| {
         ApiError::param(
@@ -890,8 +888,7 @@ async fn completions(
         &headers,
         &tenant,
         &body,
-        req.params.user.as_deref(),
-        req.params.metadata.as_ref(),
+        &req.params,
     );
     let p = &req.params;
     let tk = &m.model.tokenizer;
@@ -1321,16 +1318,7 @@ async fn compare(
             Ok((prompt.clone(), o))
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    let rec = Recorder::new(
-        &s,
-        m,
-        "/v1/compare",
-        &headers,
-        &tenant,
-        &body,
-        p.user.as_deref(),
-        p.metadata.as_ref(),
-    );
+    let rec = Recorder::new(&s, m, "/v1/compare", &headers, &tenant, &body, p);
     let run = submit(&s, m, jobs)?;
     let choices = match collect(m, run, 2).await {
         Ok(c) => c,
