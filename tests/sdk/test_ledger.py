@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -164,8 +163,7 @@ def test_kill_9_loses_no_answered_request(tmp_path_factory):
             f.result()
     srv.kill()
     assert len(got) >= 40
-    db = sqlite3.connect(srv.ledger)
-    have = {row[0] for row in db.execute("SELECT id FROM completions")}
+    have = {row[0] for row in srv.sql("SELECT id FROM completions")}
     missing = [i for i in got if i not in have]
     assert not missing, f"{len(missing)} of {len(got)} answered completions are not in the ledger"
 

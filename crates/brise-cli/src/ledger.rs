@@ -1,9 +1,10 @@
 //! `brise ledger`: read the record of completions and feedback.
 
-use crate::serve::ledger_path;
+use crate::serve::ledger_spec;
 use anyhow::{Context, Result, bail};
 use brise_ledger::Ledger;
 use clap::Subcommand;
+use std::path::Path;
 
 #[derive(Subcommand, Debug)]
 pub enum LedgerCmd {
@@ -11,7 +12,7 @@ pub enum LedgerCmd {
     Show {
         /// The response id a client got (chatcmpl-…, cmpl-…, fim-…)
         id: String,
-        /// The ledger file [default: $BRISE_HOME/ledger.sqlite]
+        /// The ledger: a SQLite file or a postgres:// URL [default: $BRISE_HOME/ledger.sqlite]
         #[arg(long, env = "BRISE_LEDGER")]
         ledger: Option<String>,
     },
@@ -41,6 +42,17 @@ pub enum LedgerCmd {
         /// Only in this tenant [default: every tenant]
         #[arg(long, default_value = "*")]
         tenant: String,
+        #[arg(long, env = "BRISE_LEDGER")]
+        ledger: Option<String>,
+    },
+    /// Show or set a tenant's training default: whether its requests that say nothing
+    /// (no X-Brise-Training header) consent to training use; deny makes the tenant opt-in
+    Training {
+        #[arg(long)]
+        tenant: String,
+        /// Set the default [shows it when left out]
+        #[arg(long, value_parser = ["allow", "deny"])]
+        set: Option<String>,
         #[arg(long, env = "BRISE_LEDGER")]
         ledger: Option<String>,
     },
@@ -76,19 +88,20 @@ pub enum LedgerCmd {
 }
 
 fn open(arg: Option<&str>) -> Result<(tokio::runtime::Runtime, Ledger)> {
-    let Some(path) = ledger_path(arg) else {
+    let Some(spec) = ledger_spec(arg) else {
         bail!("--ledger off: there is no ledger to read");
     };
-    if !path.exists() {
-        bail!("no ledger at {} (brise serve creates it)", path.display());
+    let shown = brise_ledger::redact_url(&spec);
+    if !brise_ledger::is_postgres_url(&spec) && !Path::new(&spec).exists() {
+        bail!("no ledger at {shown} (brise serve creates it)");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let l = rt
-        .block_on(Ledger::open_sqlite(&path))
-        .with_context(|| format!("opening {}", path.display()))?;
+        .block_on(Ledger::open(&spec))
+        .with_context(|| format!("opening {shown}"))?;
     Ok((rt, l))
 }
 
@@ -144,6 +157,22 @@ pub fn run(c: LedgerCmd) -> Result<()> {
             rt.block_on(l.object("cli", &tenant, &subject))?;
             eprintln!(
                 "{subject} (tenant {tenant}) objects to training use: left out of every export"
+            );
+            Ok(())
+        }
+        LedgerCmd::Training {
+            tenant,
+            set,
+            ledger,
+        } => {
+            let (rt, l) = open(ledger.as_deref())?;
+            if let Some(v) = set {
+                rt.block_on(l.set_tenant_training_default("cli", &tenant, v == "allow"))?;
+            }
+            let allow = rt.block_on(l.tenant_training_default(&tenant))?;
+            println!(
+                "{}",
+                serde_json::json!({"tenant": tenant, "training": if allow { "allow" } else { "deny" }})
             );
             Ok(())
         }
@@ -217,8 +246,8 @@ pub fn run(c: LedgerCmd) -> Result<()> {
             println!("  corrections      {:>10}", s.corrections);
             println!("  pairwise choices {:>10}", s.preferences);
             println!("\n{:<28} {:>11} {:>9}", "MODEL", "COMPLETIONS", "FEEDBACK");
-            for (m, n, f) in &s.by_model {
-                println!("{m:<28} {n:>11} {f:>9}");
+            for m in &s.by_model {
+                println!("{:<28} {:>11} {:>9}", m.model, m.completions, m.feedback);
             }
             Ok(())
         }
@@ -243,33 +272,8 @@ pub struct ExportArgs {
     pub ledger: Option<String>,
 }
 
-/// Unix seconds, or a date YYYY-MM-DD (UTC), as milliseconds.
 fn parse_since(s: &str) -> Result<i64> {
-    if let Ok(secs) = s.parse::<i64>() {
-        return Ok(secs * 1000);
-    }
-    let parts: Vec<&str> = s.split('-').collect();
-    let bad = || anyhow::anyhow!("--since {s:?}: give unix seconds or YYYY-MM-DD");
-    if parts.len() != 3 {
-        return Err(bad());
-    }
-    let (y, m, d): (i64, i64, i64) = (
-        parts[0].parse().map_err(|_| bad())?,
-        parts[1].parse().map_err(|_| bad())?,
-        parts[2].parse().map_err(|_| bad())?,
-    );
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        return Err(bad());
-    }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    Ok(days * 86_400_000)
+    brise_ledger::export::parse_since(s).map_err(|e| anyhow::anyhow!("--since {e}"))
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
@@ -282,7 +286,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
     let mut f = std::io::BufWriter::new(
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
     );
-    let rep = rt.block_on(l.export(a.format, &filter, &mut f))?;
+    let rep = rt.block_on(l.export("cli", a.format, &filter, &mut f))?;
     std::io::Write::flush(&mut f)?;
     drop(f);
     std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;

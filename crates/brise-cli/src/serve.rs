@@ -63,8 +63,9 @@ pub struct ServeArgs {
     /// Restrict kernels to a CPU level: scalar, avx2, avx512-vnni
     #[arg(long)]
     pub cpu: Option<Isa>,
-    /// Where to record every completion and its feedback: a SQLite file, or `off`
-    /// [default: $BRISE_HOME/ledger.sqlite]
+    /// Where to record every completion and its feedback: a SQLite file, a PostgreSQL
+    /// URL (postgres://user:password@host:port/db, created if missing; for several
+    /// replicas sharing one ledger), or `off` [default: $BRISE_HOME/ledger.sqlite]
     #[arg(long, env = "BRISE_LEDGER")]
     pub ledger: Option<String>,
     /// The key of the admin routes (erasure, objections, subject export, audit log);
@@ -73,12 +74,18 @@ pub struct ServeArgs {
     pub admin_key: Option<String>,
 }
 
-/// `--ledger`: a path, `off`, or the default under $BRISE_HOME.
-pub fn ledger_path(arg: Option<&str>) -> Option<PathBuf> {
+/// `--ledger`: a SQLite path, a PostgreSQL URL, `off`, or the default under $BRISE_HOME.
+pub fn ledger_spec(arg: Option<&str>) -> Option<String> {
     match arg {
         Some("off") => None,
-        Some(p) => Some(PathBuf::from(p.strip_prefix("sqlite://").unwrap_or(p))),
-        None => Some(registry::brise_home().join("ledger.sqlite")),
+        Some(p) if brise_ledger::is_postgres_url(p) => Some(p.to_string()),
+        Some(p) => Some(p.strip_prefix("sqlite://").unwrap_or(p).to_string()),
+        None => Some(
+            registry::brise_home()
+                .join("ledger.sqlite")
+                .display()
+                .to_string(),
+        ),
     }
 }
 
@@ -158,7 +165,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body,
         request_timeout: Duration::from_secs(a.timeout.max(1)),
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
-        ledger: ledger_path(a.ledger.as_deref()),
+        ledger: ledger_spec(a.ledger.as_deref()),
         admin_key: a.admin_key.clone().filter(|k| !k.is_empty()),
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);

@@ -1,13 +1,18 @@
 //! What recording adds to a request: the time `Ledger::record` takes to return (the
 //! server awaits it before answering), sequentially and with concurrent writers.
-//! `cargo run --release -p brise-ledger --example record_bench -- [N]`
+//! `cargo run --release -p brise-ledger --example record_bench -- [N] [postgres://…/db]`
+//! (without a URL, a fresh SQLite file in the temporary directory).
 use brise_ledger::{CompletionRecord, Ledger, now_ms};
 use serde_json::json;
 use std::time::Instant;
 
+/// Ids unique per run, so a reused database takes them.
+static RUN: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
+
 fn rec(id: String) -> CompletionRecord {
     CompletionRecord {
-        id,
+        id: format!("{}-{id}", *RUN),
         created_at_ms: now_ms(),
         tenant: "default".into(),
         subject: Some("alice".into()),
@@ -41,9 +46,11 @@ async fn main() {
         .map(|s| s.parse().expect("N"))
         .unwrap_or(2000);
     let dir = std::env::temp_dir().join(format!("brise-record-bench-{}", uuid::Uuid::new_v4()));
-    let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
-        .await
-        .expect("open");
+    let spec = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| dir.join("ledger.sqlite").display().to_string());
+    let l = Ledger::open(&spec).await.expect("open");
+    println!("backend: {:?}", l.backend());
     let mut seq = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();

@@ -26,6 +26,48 @@ pub enum Format {
     TrlKto,
 }
 
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::OpenaiSft => "openai-sft",
+            Format::OpenaiDpo => "openai-dpo",
+            Format::MistralSft => "mistral-sft",
+            Format::TrlSft => "trl-sft",
+            Format::TrlDpo => "trl-dpo",
+            Format::TrlKto => "trl-kto",
+        }
+    }
+}
+
+/// A time given as unix seconds, or a date YYYY-MM-DD (UTC), as unix milliseconds.
+pub fn parse_since(s: &str) -> std::result::Result<i64, String> {
+    let bad = || format!("{s:?}: give unix seconds or YYYY-MM-DD");
+    if let Ok(secs) = s.parse::<i64>() {
+        return secs.checked_mul(1000).ok_or_else(bad);
+    }
+    let parts: Vec<&str> = s.split('-').collect();
+    if parts.len() != 3 {
+        return Err(bad());
+    }
+    let (y, m, d): (i64, i64, i64) = (
+        parts[0].parse().map_err(|_| bad())?,
+        parts[1].parse().map_err(|_| bad())?,
+        parts[2].parse().map_err(|_| bad())?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1..=9999).contains(&y) {
+        return Err(bad());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Ok(days * 86_400_000)
+}
+
 impl std::str::FromStr for Format {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Format, String> {
@@ -113,9 +155,11 @@ fn items(fb: &Feedback, rec: &CompletionRecord, rejected: Option<&CompletionReco
 }
 
 impl Ledger {
-    /// Writes the training rows of `format` to `out`, one JSON object per line.
+    /// Writes the training rows of `format` to `out`, one JSON object per line, and
+    /// audits the export (who, which format and filter, what the report counted).
     pub async fn export(
         &self,
+        actor: &str,
         format: Format,
         filter: &ExportFilter,
         out: &mut (dyn Write + Send),
@@ -220,6 +264,12 @@ impl Ledger {
                 rep.rows += 1;
             }
         }
+        self.audit(
+            actor,
+            "training_export",
+            json!({"format": format.name(), "since_ms": filter.since_ms, "model": filter.model, "report": rep}),
+        )
+        .await?;
         Ok(rep)
     }
 

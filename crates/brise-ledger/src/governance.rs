@@ -252,6 +252,51 @@ impl Ledger {
         Ok(())
     }
 
+    /// Sets a tenant's training default: whether its requests that say nothing
+    /// (no `X-Brise-Training` header, no `metadata.training_opt_out`) consent to
+    /// training use. `false` makes the tenant opt-in. Audited; applies to requests
+    /// recorded from now on.
+    pub async fn set_tenant_training_default(
+        &self,
+        actor: &str,
+        tenant: &str,
+        allow: bool,
+    ) -> Result<()> {
+        if tenant.is_empty() {
+            return Err(LedgerError::Invalid("the tenant is empty".into()));
+        }
+        let key = format!("training_default.{tenant}");
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM settings WHERE key = $1")
+            .bind(&key)
+            .execute(&mut *tx)
+            .await?;
+        if !allow {
+            sqlx::query("INSERT INTO settings (key, value) VALUES ($1, 'deny')")
+                .bind(&key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.audit(
+            actor,
+            "tenant_training_default",
+            json!({"tenant": tenant, "training": if allow { "allow" } else { "deny" }}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A tenant's training default: `true` (consent unless a request opts out) unless
+    /// it was set to deny.
+    pub async fn tenant_training_default(&self, tenant: &str) -> Result<bool> {
+        let v: Option<String> = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(format!("training_default.{tenant}"))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.as_deref() != Some("deny"))
+    }
+
     pub async fn has_objected(&self, tenant: &str, subject: Option<&str>) -> Result<bool> {
         let Some(s) = subject else {
             return Ok(false);

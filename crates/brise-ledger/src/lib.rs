@@ -3,7 +3,10 @@
 //! Writes go through one group-commit writer: each record waits for the transaction that
 //! holds it to commit (so once a client has its answer, the record is on disk), while
 //! records that arrive together share one commit (so recording stays cheap under load).
-//! SQLite in WAL mode is the embedded default; the SQL is kept portable for PostgreSQL.
+//! SQLite in WAL mode is the embedded default; PostgreSQL serves several replicas. Both
+//! go through sqlx's `Any` driver, so every query is written once, in portable SQL:
+//! `$N` placeholders, BIGINT columns, casts around aggregates, and booleans read as
+//! integers (the `Any` driver cannot decode SQLite's BOOLEAN columns).
 
 pub mod export;
 pub mod governance;
@@ -11,8 +14,10 @@ pub mod retention;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{AnyConnection, AnyPool, ConnectOptions, Row};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -88,8 +93,15 @@ pub struct Stats {
     pub thumbs_down: i64,
     pub corrections: i64,
     pub preferences: i64,
-    /// Per model: (model, completions, feedback items).
-    pub by_model: Vec<(String, i64, i64)>,
+    pub by_model: Vec<ModelStats>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModelStats {
+    pub model: String,
+    pub completions: i64,
+    /// Feedback items on its completions.
+    pub feedback: i64,
 }
 
 struct WriteJob {
@@ -99,7 +111,8 @@ struct WriteJob {
 
 #[derive(Clone)]
 pub struct Ledger {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
     writer: mpsc::Sender<WriteJob>,
 }
 
@@ -118,12 +131,86 @@ fn parse_json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or(Value::Null)
 }
 
+/// Which database holds the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The columns of `completions`, in the shape `record_from_row` reads.
+pub(crate) const COMPLETION_COLUMNS: &str = "id, created_at_ms, tenant, subject, model, model_sha256, adapter, endpoint, \
+     params, messages, output, prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error, \
+     CASE WHEN training_consent THEN 1 ELSE 0 END AS training_consent, content_level";
+
+pub(crate) fn record_from_row(r: &sqlx::any::AnyRow) -> Result<CompletionRecord> {
+    Ok(CompletionRecord {
+        id: r.try_get("id")?,
+        created_at_ms: r.try_get("created_at_ms")?,
+        tenant: r.try_get("tenant")?,
+        subject: r.try_get("subject")?,
+        model: r.try_get("model")?,
+        model_sha256: r.try_get("model_sha256")?,
+        adapter: r.try_get("adapter")?,
+        endpoint: r.try_get("endpoint")?,
+        params: parse_json(r.try_get::<&str, _>("params")?),
+        messages: parse_json(r.try_get::<&str, _>("messages")?),
+        output: parse_json(r.try_get::<&str, _>("output")?),
+        prompt_tokens: r.try_get("prompt_tokens")?,
+        completion_tokens: r.try_get("completion_tokens")?,
+        ttft_ms: r.try_get("ttft_ms")?,
+        latency_ms: r.try_get("latency_ms")?,
+        status: r.try_get("status")?,
+        error: r.try_get("error")?,
+        training_consent: int_value(r, "training_consent")? != 0,
+        content_level: r.try_get("content_level")?,
+    })
+}
+
+/// An integer column, whichever width the backend returns it in.
+fn int_value(r: &sqlx::any::AnyRow, col: &str) -> Result<i64> {
+    match r.try_get::<i64, _>(col) {
+        Ok(v) => Ok(v),
+        Err(_) => Ok(r.try_get::<i32, _>(col)? as i64),
+    }
+}
+
+/// True for the URLs that name a PostgreSQL database.
+pub fn is_postgres_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// The URL with any password replaced, for messages and logs.
+pub fn redact_url(s: &str) -> String {
+    match (s.find("://"), s.rfind('@')) {
+        (Some(a), Some(b)) if b > a => {
+            let creds = &s[a + 3..b];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &s[..a + 3], &creds[..c], &s[b..]),
+                None => s.to_string(),
+            }
+        }
+        _ => s.to_string(),
+    }
+}
+
 /// Records arriving while a commit runs join the next one, up to this many.
 const MAX_GROUP: usize = 256;
 
 impl Ledger {
+    /// Opens the ledger named by `spec`: a `postgres://` URL, or a path to a SQLite
+    /// file. Creates the file or database if needed, and migrates it.
+    pub async fn open(spec: &str) -> Result<Ledger> {
+        if is_postgres_url(spec) {
+            Ledger::open_postgres(spec).await
+        } else {
+            Ledger::open_sqlite(Path::new(spec)).await
+        }
+    }
+
     /// Opens (creating it if needed) the SQLite ledger at `path`, and migrates it.
     pub async fn open_sqlite(path: &Path) -> Result<Ledger> {
+        sqlx::any::install_default_drivers();
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
@@ -131,7 +218,7 @@ impl Ledger {
                 LedgerError::Invalid(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        let sqlite = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // WAL with NORMAL survives a killed process (commits are in the OS's hands);
@@ -139,14 +226,71 @@ impl Ledger {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
+        // The Any driver connects through a URL, which carries none of these settings:
+        // apply them on every new connection.
+        let url = sqlite.to_url_lossy();
+        let opts = AnyConnectOptions::from_str(url.as_str())?;
+        let pool = AnyPoolOptions::new()
             .max_connections(4)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    for pragma in [
+                        "PRAGMA journal_mode = WAL",
+                        "PRAGMA synchronous = NORMAL",
+                        "PRAGMA foreign_keys = ON",
+                        "PRAGMA busy_timeout = 10000",
+                    ] {
+                        sqlx::query(pragma).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect_with(opts)
             .await?;
+        Ledger::start(pool, Backend::Sqlite).await
+    }
+
+    /// Opens the PostgreSQL database at `url`, creating it when the role may, and
+    /// migrates it. Several servers may share it: every write is a short transaction.
+    pub async fn open_postgres(url: &str) -> Result<Ledger> {
+        sqlx::any::install_default_drivers();
+        let shown = redact_url(url);
+        let exists = sqlx::Postgres::database_exists(url)
+            .await
+            .map_err(|e| LedgerError::Invalid(format!("cannot reach {shown}: {e}")))?;
+        if !exists {
+            sqlx::Postgres::create_database(url).await.map_err(|e| {
+                LedgerError::Invalid(format!("{shown} does not exist and cannot be created: {e}"))
+            })?;
+        }
+        let opts = AnyConnectOptions::from_str(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .map_err(|e| LedgerError::Invalid(format!("cannot connect to {shown}: {e}")))?;
+        Ledger::start(pool, Backend::Postgres).await
+    }
+
+    async fn start(pool: AnyPool, backend: Backend) -> Result<Ledger> {
         sqlx::migrate!("./migrations").run(&pool).await?;
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(writer(pool.clone(), rx));
-        Ok(Ledger { pool, writer: tx })
+        Ok(Ledger {
+            pool,
+            backend,
+            writer: tx,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Waits for every connection to close.
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// Records a completion; returns once it is committed.
@@ -164,34 +308,17 @@ impl Ledger {
 
     /// A completion, if it exists and (with `tenant`) belongs to that tenant.
     pub async fn get(&self, id: &str, tenant: Option<&str>) -> Result<Option<CompletionRecord>> {
-        let row = sqlx::query("SELECT * FROM completions WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        // Safe: a constant column list, no input.
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COMPLETION_COLUMNS} FROM completions WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(r) = row else {
             return Ok(None);
         };
-        let rec = CompletionRecord {
-            id: r.try_get("id")?,
-            created_at_ms: r.try_get("created_at_ms")?,
-            tenant: r.try_get("tenant")?,
-            subject: r.try_get("subject")?,
-            model: r.try_get("model")?,
-            model_sha256: r.try_get("model_sha256")?,
-            adapter: r.try_get("adapter")?,
-            endpoint: r.try_get("endpoint")?,
-            params: parse_json(r.try_get::<&str, _>("params")?),
-            messages: parse_json(r.try_get::<&str, _>("messages")?),
-            output: parse_json(r.try_get::<&str, _>("output")?),
-            prompt_tokens: r.try_get("prompt_tokens")?,
-            completion_tokens: r.try_get("completion_tokens")?,
-            ttft_ms: r.try_get("ttft_ms")?,
-            latency_ms: r.try_get("latency_ms")?,
-            status: r.try_get("status")?,
-            error: r.try_get("error")?,
-            training_consent: r.try_get("training_consent")?,
-            content_level: r.try_get("content_level")?,
-        };
+        let rec = record_from_row(&r)?;
         if tenant.is_some_and(|t| t != rec.tenant) {
             return Ok(None);
         }
@@ -289,7 +416,13 @@ impl Ledger {
         .fetch_all(&self.pool)
         .await?
         .into_iter()
-        .map(|r| Ok((r.try_get("model")?, r.try_get("n")?, r.try_get("nf")?)))
+        .map(|r| {
+            Ok(ModelStats {
+                model: r.try_get("model")?,
+                completions: r.try_get("n")?,
+                feedback: r.try_get("nf")?,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
         Ok(Stats {
             completions: one("SELECT COUNT(*) FROM completions").await?,
@@ -311,10 +444,7 @@ impl Ledger {
 /// Deletes completions with all feedback that refers to them (as the rated or preferred
 /// answer, or as the rejected one); returns the number of feedback rows deleted. Shared
 /// by erasure and retention.
-pub(crate) async fn delete_completions(
-    tx: &mut sqlx::SqliteConnection,
-    ids: &[String],
-) -> Result<u64> {
+pub(crate) async fn delete_completions(tx: &mut AnyConnection, ids: &[String]) -> Result<u64> {
     let mut feedback = 0;
     for id in ids {
         feedback +=
@@ -331,41 +461,60 @@ pub(crate) async fn delete_completions(
     Ok(feedback)
 }
 
-async fn insert(tx: &mut sqlx::SqliteConnection, r: &CompletionRecord) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO completions (id, created_at_ms, tenant, subject, model, model_sha256, adapter, endpoint, \
-         params, messages, output, prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error, \
-         training_consent, content_level) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-    )
-    .bind(&r.id)
-    .bind(r.created_at_ms)
-    .bind(&r.tenant)
-    .bind(&r.subject)
-    .bind(&r.model)
-    .bind(&r.model_sha256)
-    .bind(&r.adapter)
-    .bind(&r.endpoint)
-    .bind(json_text(&r.params))
-    .bind(json_text(&r.messages))
-    .bind(json_text(&r.output))
-    .bind(r.prompt_tokens)
-    .bind(r.completion_tokens)
-    .bind(r.ttft_ms)
-    .bind(r.latency_ms)
-    .bind(&r.status)
-    .bind(&r.error)
-    .bind(r.training_consent)
-    .bind(&r.content_level)
-    .execute(&mut *tx)
-    .await?;
+const INSERT_COMPLETION: &str = "INSERT INTO completions (id, created_at_ms, tenant, subject, model, model_sha256, adapter, endpoint, \
+     params, messages, output, prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error, \
+     training_consent, content_level) VALUES ";
+const COMPLETION_FIELDS: usize = 19;
+
+/// Inserts records with one statement: one round trip, which is what a networked
+/// database charges for.
+async fn insert(tx: &mut AnyConnection, recs: &[&CompletionRecord]) -> Result<()> {
+    let mut sql = String::from(INSERT_COMPLETION);
+    for i in 0..recs.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for j in 0..COMPLETION_FIELDS {
+            if j > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", i * COMPLETION_FIELDS + j + 1));
+        }
+        sql.push(')');
+    }
+    // Safe: placeholders only; every value is bound.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for r in recs {
+        q = q
+            .bind(&r.id)
+            .bind(r.created_at_ms)
+            .bind(&r.tenant)
+            .bind(&r.subject)
+            .bind(&r.model)
+            .bind(&r.model_sha256)
+            .bind(&r.adapter)
+            .bind(&r.endpoint)
+            .bind(json_text(&r.params))
+            .bind(json_text(&r.messages))
+            .bind(json_text(&r.output))
+            .bind(r.prompt_tokens)
+            .bind(r.completion_tokens)
+            .bind(r.ttft_ms)
+            .bind(r.latency_ms)
+            .bind(&r.status)
+            .bind(&r.error)
+            .bind(r.training_consent)
+            .bind(&r.content_level);
+    }
+    q.execute(&mut *tx).await?;
     Ok(())
 }
 
 /// Group commit: takes every job waiting, writes them in one transaction, then answers
 /// each. A record that fails alone (e.g. a duplicate id) is retried by itself so the
 /// others still commit.
-async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
+async fn writer(pool: AnyPool, mut rx: mpsc::Receiver<WriteJob>) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -376,9 +525,8 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
         }
         let batch = async {
             let mut tx = pool.begin().await?;
-            for j in &jobs {
-                insert(&mut tx, &j.rec).await?;
-            }
+            let recs: Vec<&CompletionRecord> = jobs.iter().map(|j| &*j.rec).collect();
+            insert(&mut tx, &recs).await?;
             tx.commit().await?;
             Ok::<(), LedgerError>(())
         };
@@ -392,7 +540,7 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
                 for j in jobs {
                     let r = async {
                         let mut c = pool.acquire().await?;
-                        insert(&mut c, &j.rec).await
+                        insert(&mut c, &[&*j.rec]).await
                     }
                     .await;
                     let _ = j.done.send(r);
@@ -402,8 +550,74 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
     }
 }
 
+/// Test databases: every ledger test runs on SQLite and, when `BRISE_TEST_POSTGRES` names
+/// a server (`scripts/postgres.sh start` prints one), on a fresh PostgreSQL database too.
+/// `BRISE_REQUIRE_POSTGRES=1` (set by scripts/test.sh) makes a missing server a failure.
+#[cfg(test)]
+pub(crate) mod testdb {
+    use super::*;
+
+    pub struct TestDb {
+        pub spec: String,
+        dir: Option<std::path::PathBuf>,
+        pg: Option<(String, String)>,
+    }
+
+    pub async fn all() -> Vec<TestDb> {
+        let dir = std::env::temp_dir().join(format!("brise-ledger-{}", uuid::Uuid::new_v4()));
+        let mut v = vec![TestDb {
+            spec: dir.join("ledger.sqlite").display().to_string(),
+            dir: Some(dir),
+            pg: None,
+        }];
+        match std::env::var("BRISE_TEST_POSTGRES") {
+            Ok(base) if !base.is_empty() => {
+                let base = base.trim_end_matches('/').to_string();
+                let name = format!("brise_t_{}", uuid::Uuid::new_v4().simple());
+                v.push(TestDb {
+                    spec: format!("{base}/{name}"),
+                    dir: None,
+                    pg: Some((base, name)),
+                });
+            }
+            _ => assert!(
+                std::env::var("BRISE_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "BRISE_REQUIRE_POSTGRES=1 but BRISE_TEST_POSTGRES names no server"
+            ),
+        }
+        v
+    }
+
+    impl TestDb {
+        pub async fn open(&self) -> Ledger {
+            Ledger::open(&self.spec).await.unwrap()
+        }
+
+        pub async fn drop_db(self, l: Ledger) {
+            l.close().await;
+            drop(l);
+            if let Some(d) = self.dir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            if let Some((base, name)) = self.pg {
+                let mut c =
+                    <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres"))
+                        .await
+                        .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut c)
+                .await
+                .unwrap();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testdb;
     use super::*;
     use serde_json::json;
 
@@ -448,168 +662,229 @@ mod tests {
 
     #[tokio::test]
     async fn records_feedback_and_tenant_isolation() {
-        let dir = std::env::temp_dir().join(format!("brise-ledger-{}", uuid::Uuid::new_v4()));
-        let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
-            .await
-            .unwrap();
-        // Concurrent records share commits and all land.
-        let mut hs = Vec::new();
-        for i in 0..50 {
-            let l = l.clone();
-            hs.push(tokio::spawn(async move {
-                l.record(rec(&format!("c{i}"), "acme")).await
-            }));
-        }
-        for h in hs {
-            h.await.unwrap().unwrap();
-        }
-        assert_eq!(
-            l.get("c7", None).await.unwrap().unwrap(),
-            rec_like(&l, "c7").await
-        );
-        assert!(l.get("c7", Some("other")).await.unwrap().is_none());
-        // Duplicate ids fail alone.
-        assert!(l.record(rec("c7", "acme")).await.is_err());
-        l.record(rec("c99", "acme")).await.unwrap();
+        for db in testdb::all().await {
+            let l = db.open().await;
+            if l.backend() == Backend::Sqlite {
+                // The settings the Any driver's URL cannot carry are in force.
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                    .fetch_one(&l.pool)
+                    .await
+                    .unwrap();
+                assert_eq!(mode, "wal");
+                let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                    .fetch_one(&l.pool)
+                    .await
+                    .unwrap();
+                assert_eq!(fk, 1);
+            }
+            // Concurrent records share commits and all land.
+            let mut hs = Vec::new();
+            for i in 0..50 {
+                let l = l.clone();
+                hs.push(tokio::spawn(async move {
+                    l.record(rec(&format!("c{i}"), "acme")).await
+                }));
+            }
+            for h in hs {
+                h.await.unwrap().unwrap();
+            }
+            assert_eq!(
+                l.get("c7", None).await.unwrap().unwrap(),
+                rec_like(&l, "c7").await
+            );
+            assert!(l.get("c7", Some("other")).await.unwrap().is_none());
+            // Duplicate ids fail alone.
+            assert!(l.record(rec("c7", "acme")).await.is_err());
+            l.record(rec("c99", "acme")).await.unwrap();
 
-        let f = l.add_feedback(fb("c1", "acme", -1)).await.unwrap();
-        assert!(f.id.starts_with("fb-"));
-        assert!(matches!(
-            l.add_feedback(fb("c1", "other", 1)).await,
-            Err(LedgerError::NotFound(_))
-        ));
-        assert!(matches!(
-            l.add_feedback(fb("nope", "acme", 1)).await,
-            Err(LedgerError::NotFound(_))
-        ));
-        assert_eq!(l.feedback_for("c1", Some("acme")).await.unwrap(), vec![f]);
-        assert!(
-            l.feedback_for("c1", Some("other"))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        let s = l.stats().await.unwrap();
-        assert_eq!((s.completions, s.feedback, s.thumbs_down), (51, 1, 1));
-        // Reopening finds everything (and migrations are idempotent).
-        drop(l);
-        let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
-            .await
-            .unwrap();
-        assert_eq!(l.stats().await.unwrap().completions, 51);
-        let _ = std::fs::remove_dir_all(dir);
+            let f = l.add_feedback(fb("c1", "acme", -1)).await.unwrap();
+            assert!(f.id.starts_with("fb-"));
+            assert!(matches!(
+                l.add_feedback(fb("c1", "other", 1)).await,
+                Err(LedgerError::NotFound(_))
+            ));
+            assert!(matches!(
+                l.add_feedback(fb("nope", "acme", 1)).await,
+                Err(LedgerError::NotFound(_))
+            ));
+            assert_eq!(l.feedback_for("c1", Some("acme")).await.unwrap(), vec![f]);
+            assert!(
+                l.feedback_for("c1", Some("other"))
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            let s = l.stats().await.unwrap();
+            assert_eq!((s.completions, s.feedback, s.thumbs_down), (51, 1, 1));
+            // Reopening finds everything (and migrations are idempotent).
+            drop(l);
+            let l = db.open().await;
+            assert_eq!(l.stats().await.unwrap().completions, 51);
+            db.drop_db(l).await;
+        }
     }
 
     #[tokio::test]
     async fn erasure_audit_chain_and_objections() {
-        let dir = std::env::temp_dir().join(format!("brise-ledger-{}", uuid::Uuid::new_v4()));
-        let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
-            .await
-            .unwrap();
-        for (i, s) in ["alice", "alice", "bob"].iter().enumerate() {
-            let mut r = rec(&format!("c{i}"), "acme");
-            r.subject = Some(s.to_string());
-            l.record(r).await.unwrap();
+        for db in testdb::all().await {
+            let l = db.open().await;
+            for (i, s) in ["alice", "alice", "bob"].iter().enumerate() {
+                let mut r = rec(&format!("c{i}"), "acme");
+                r.subject = Some(s.to_string());
+                l.record(r).await.unwrap();
+            }
+            l.add_feedback(fb("c0", "acme", 1)).await.unwrap();
+            // Bob's feedback pairs his answer with one of Alice's: erasing Alice removes it.
+            let mut pair = fb("c2", "acme", 1);
+            pair.kind = "preference".into();
+            pair.rating = None;
+            pair.rejected_id = Some("c1".into());
+            l.add_feedback(pair).await.unwrap();
+            let r = l.erase_subject("admin", None, "alice").await.unwrap();
+            assert_eq!((r.completions_erased, r.feedback_erased), (2, 2));
+            assert!(l.get("c0", None).await.unwrap().is_none());
+            assert!(l.get("c2", None).await.unwrap().is_some());
+            assert!(l.feedback_for("c2", None).await.unwrap().is_empty());
+            l.object("admin", "acme", "bob").await.unwrap();
+            assert!(l.has_objected("acme", Some("bob")).await.unwrap());
+            assert!(!l.has_objected("other", Some("bob")).await.unwrap());
+            assert_eq!(l.verify_audit().await.unwrap(), Ok(2));
+            let e = l.audit_entries().await.unwrap();
+            assert_eq!(e[0].action, "erase_subject");
+            assert_eq!(e[1].prev_hash, e[0].hash);
+            // Tampering with any entry breaks the chain at that entry.
+            sqlx::query("UPDATE audit_log SET details = '{}' WHERE seq = 1")
+                .execute(&l.pool)
+                .await
+                .unwrap();
+            assert_eq!(l.verify_audit().await.unwrap(), Err(1));
+            db.drop_db(l).await;
         }
-        l.add_feedback(fb("c0", "acme", 1)).await.unwrap();
-        // Bob's feedback pairs his answer with one of Alice's: erasing Alice removes it.
-        let mut pair = fb("c2", "acme", 1);
-        pair.kind = "preference".into();
-        pair.rating = None;
-        pair.rejected_id = Some("c1".into());
-        l.add_feedback(pair).await.unwrap();
-        let r = l.erase_subject("admin", None, "alice").await.unwrap();
-        assert_eq!((r.completions_erased, r.feedback_erased), (2, 2));
-        assert!(l.get("c0", None).await.unwrap().is_none());
-        assert!(l.get("c2", None).await.unwrap().is_some());
-        assert!(l.feedback_for("c2", None).await.unwrap().is_empty());
-        l.object("admin", "acme", "bob").await.unwrap();
-        assert!(l.has_objected("acme", Some("bob")).await.unwrap());
-        assert!(!l.has_objected("other", Some("bob")).await.unwrap());
-        assert_eq!(l.verify_audit().await.unwrap(), Ok(2));
-        let e = l.audit_entries().await.unwrap();
-        assert_eq!(e[0].action, "erase_subject");
-        assert_eq!(e[1].prev_hash, e[0].hash);
-        // Tampering with any entry breaks the chain at that entry.
-        sqlx::query("UPDATE audit_log SET details = '{}' WHERE seq = 1")
-            .execute(&l.pool)
-            .await
-            .unwrap();
-        assert_eq!(l.verify_audit().await.unwrap(), Err(1));
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]
     async fn retention_purges_all_but_held() {
-        use crate::retention::Retention;
-        let dir = std::env::temp_dir().join(format!("brise-ledger-{}", uuid::Uuid::new_v4()));
-        let l = Ledger::open_sqlite(&dir.join("ledger.sqlite"))
-            .await
-            .unwrap();
-        let day = 86_400_000;
-        let now = now_ms();
-        for (id, subject, age) in [
-            ("old-a", "alice", 10),
-            ("old-b", "bob", 10),
-            ("new-a", "alice", 1),
-        ] {
-            let mut r = rec(id, "acme");
-            r.subject = Some(subject.into());
-            r.created_at_ms = now - age * day;
-            l.record(r).await.unwrap();
-        }
-        let mut f = fb("new-a", "acme", 1);
-        f.created_at_ms = now - 5 * day;
-        l.add_feedback(f).await.unwrap();
-        // No windows: nothing goes.
-        assert_eq!(l.purge("t", now).await.unwrap(), Default::default());
-        l.set_retention(
-            "admin",
-            Retention {
-                records_days: Some(7),
-                feedback_days: Some(3),
-            },
-        )
-        .await
-        .unwrap();
-        l.hold("admin", "acme", "bob", true).await.unwrap();
-        let rep = l.purge("retention", now).await.unwrap();
-        assert_eq!((rep.completions, rep.feedback, rep.held), (1, 1, 1));
-        assert!(l.get("old-a", None).await.unwrap().is_none());
-        assert!(l.get("old-b", None).await.unwrap().is_some(), "held");
-        assert!(l.get("new-a", None).await.unwrap().is_some());
-        assert!(l.feedback_for("new-a", None).await.unwrap().is_empty());
-        l.hold("admin", "acme", "bob", false).await.unwrap();
-        assert_eq!(l.purge("retention", now).await.unwrap().completions, 1);
-        let actions: Vec<String> = l
-            .audit_entries()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.action)
-            .collect();
-        assert_eq!(
-            actions,
-            [
-                "set_retention",
-                "legal_hold",
-                "purge",
-                "legal_hold_released",
-                "purge"
-            ]
-        );
-        assert!(
+        for db in testdb::all().await {
+            use crate::retention::Retention;
+            let l = db.open().await;
+            let day = 86_400_000;
+            let now = now_ms();
+            for (id, subject, age) in [
+                ("old-a", "alice", 10),
+                ("old-b", "bob", 10),
+                ("new-a", "alice", 1),
+            ] {
+                let mut r = rec(id, "acme");
+                r.subject = Some(subject.into());
+                r.created_at_ms = now - age * day;
+                l.record(r).await.unwrap();
+            }
+            let mut f = fb("new-a", "acme", 1);
+            f.created_at_ms = now - 5 * day;
+            l.add_feedback(f).await.unwrap();
+            // No windows: nothing goes.
+            assert_eq!(l.purge("t", now).await.unwrap(), Default::default());
             l.set_retention(
-                "a",
+                "admin",
                 Retention {
-                    records_days: Some(0),
-                    feedback_days: None
-                }
+                    records_days: Some(7),
+                    feedback_days: Some(3),
+                },
             )
             .await
-            .is_err()
-        );
-        let _ = std::fs::remove_dir_all(dir);
+            .unwrap();
+            l.hold("admin", "acme", "bob", true).await.unwrap();
+            let rep = l.purge("retention", now).await.unwrap();
+            assert_eq!((rep.completions, rep.feedback, rep.held), (1, 1, 1));
+            assert!(l.get("old-a", None).await.unwrap().is_none());
+            assert!(l.get("old-b", None).await.unwrap().is_some(), "held");
+            assert!(l.get("new-a", None).await.unwrap().is_some());
+            assert!(l.feedback_for("new-a", None).await.unwrap().is_empty());
+            l.hold("admin", "acme", "bob", false).await.unwrap();
+            assert_eq!(l.purge("retention", now).await.unwrap().completions, 1);
+            let actions: Vec<String> = l
+                .audit_entries()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.action)
+                .collect();
+            assert_eq!(
+                actions,
+                [
+                    "set_retention",
+                    "legal_hold",
+                    "purge",
+                    "legal_hold_released",
+                    "purge"
+                ]
+            );
+            assert!(
+                l.set_retention(
+                    "a",
+                    Retention {
+                        records_days: Some(0),
+                        feedback_days: None
+                    }
+                )
+                .await
+                .is_err()
+            );
+            db.drop_db(l).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn tenant_training_default_and_audited_exports() {
+        use crate::export::{ExportFilter, Format};
+        for db in testdb::all().await {
+            let l = db.open().await;
+            assert!(l.tenant_training_default("acme").await.unwrap());
+            l.set_tenant_training_default("admin", "acme", false)
+                .await
+                .unwrap();
+            assert!(!l.tenant_training_default("acme").await.unwrap());
+            assert!(l.tenant_training_default("other").await.unwrap());
+            l.set_tenant_training_default("admin", "acme", true)
+                .await
+                .unwrap();
+            assert!(l.tenant_training_default("acme").await.unwrap());
+            assert!(l.set_tenant_training_default("a", "", false).await.is_err());
+
+            l.record(rec("c1", "acme")).await.unwrap();
+            let mut f = fb("c1", "acme", 1);
+            f.correction = Some("Better.".into());
+            l.add_feedback(f).await.unwrap();
+            let mut out = Vec::new();
+            let filter = ExportFilter {
+                since_ms: None,
+                model: Some("m".into()),
+            };
+            let rep = l
+                .export("tester", Format::TrlSft, &filter, &mut out)
+                .await
+                .unwrap();
+            assert_eq!(rep.rows, 1);
+            let e = l.audit_entries().await.unwrap();
+            let actions: Vec<&str> = e.iter().map(|e| e.action.as_str()).collect();
+            assert_eq!(
+                actions,
+                [
+                    "tenant_training_default",
+                    "tenant_training_default",
+                    "training_export"
+                ]
+            );
+            let last = e.last().unwrap();
+            assert_eq!(last.actor, "tester");
+            let d = &last.details;
+            assert_eq!(
+                (&d["format"], &d["model"], &d["report"]["rows"]),
+                (&json!("trl-sft"), &json!("m"), &json!(1))
+            );
+            assert_eq!(l.verify_audit().await.unwrap(), Ok(3));
+            db.drop_db(l).await;
+        }
     }
 
     async fn rec_like(l: &Ledger, id: &str) -> CompletionRecord {

@@ -78,8 +78,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// After SIGTERM/SIGINT: how long requests in flight may take to finish.
     pub shutdown_timeout: Duration,
-    /// The SQLite ledger; `None` records nothing.
-    pub ledger: Option<std::path::PathBuf>,
+    /// The ledger: a SQLite path or a `postgres://` URL; `None` records nothing.
+    pub ledger: Option<String>,
     /// The key of the admin routes (`/v1/admin/…`); `None` turns them off.
     pub admin_key: Option<String>,
 }
@@ -123,15 +123,13 @@ where
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.addr))?;
     let addr = listener.local_addr()?;
     let ledger = match &cfg.ledger {
-        Some(p) => Some(
-            brise_ledger::Ledger::open_sqlite(p)
-                .await
-                .map_err(|e| anyhow::anyhow!("opening the ledger {}: {e}", p.display()))?,
-        ),
+        Some(p) => Some(brise_ledger::Ledger::open(p).await.map_err(|e| {
+            anyhow::anyhow!("opening the ledger {}: {e}", brise_ledger::redact_url(p))
+        })?),
         None => None,
     };
     if let Some(p) = &cfg.ledger {
-        eprintln!("brise: recording to {}", p.display());
+        eprintln!("brise: recording to {}", brise_ledger::redact_url(p));
     }
     let state = Arc::new(AppState {
         cfg,

@@ -15,6 +15,8 @@ use std::time::Instant;
 pub struct Recorder {
     ledger: Option<Ledger>,
     base: CompletionRecord,
+    /// The request's own training choice; `None` takes the tenant's default.
+    training: Option<bool>,
     start: Instant,
 }
 
@@ -27,7 +29,7 @@ impl Recorder {
         tenant: &Tenant,
         body: &[u8],
         p: &GenParams,
-    ) -> Recorder {
+    ) -> Result<Recorder, ApiError> {
         let (user, metadata) = (p.user.as_deref(), p.metadata.as_ref());
         let header = |k: &str| {
             headers
@@ -48,11 +50,33 @@ impl Recorder {
             .or_else(|| user.map(str::to_string))
             .or_else(|| meta_str("subject"))
             .or_else(|| meta_str("user_id"));
-        let opt_out = header("x-brise-training").is_some_and(|v| v.eq_ignore_ascii_case("deny"))
-            || metadata
-                .and_then(|m| m.get("training_opt_out"))
-                .and_then(|v| v.as_bool())
-                == Some(true);
+        let by_header = match header("x-brise-training") {
+            None => None,
+            Some(v) if v.eq_ignore_ascii_case("deny") => Some(false),
+            Some(v) if v.eq_ignore_ascii_case("allow") => Some(true),
+            Some(v) => {
+                return Err(ApiError::param(
+                    "X-Brise-Training",
+                    format!("header X-Brise-Training is {v:?}: use allow or deny"),
+                ));
+            }
+        };
+        let by_metadata = match metadata.and_then(|m| m.get("training_opt_out")) {
+            None => None,
+            Some(Value::Bool(b)) => Some(!b),
+            Some(_) => {
+                return Err(ApiError::param(
+                    "metadata.training_opt_out",
+                    "metadata.training_opt_out must be a boolean",
+                ));
+            }
+        };
+        // An opt-out anywhere wins.
+        let training = match (by_header, by_metadata) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (None, None) => None,
+        };
         let mut params: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let mut messages = Value::Null;
         if let Value::Object(o) = &mut params {
@@ -68,7 +92,7 @@ impl Recorder {
                 messages = Value::Object(p);
             }
         }
-        Recorder {
+        Ok(Recorder {
             ledger: s.ledger.clone(),
             base: CompletionRecord {
                 id: String::new(),
@@ -88,10 +112,19 @@ impl Recorder {
                 latency_ms: 0.0,
                 status: "ok".into(),
                 error: None,
-                training_consent: !opt_out,
+                training_consent: training != Some(false),
                 content_level: "full".into(),
             },
+            training,
             start: Instant::now(),
+        })
+    }
+
+    /// The record's training consent: the request's choice, else its tenant's default.
+    async fn consent(&self, l: &Ledger) -> Result<bool, brise_ledger::LedgerError> {
+        match self.training {
+            Some(c) => Ok(c),
+            None => l.tenant_training_default(&self.base.tenant).await,
         }
     }
 
@@ -108,8 +141,13 @@ impl Recorder {
         let Some(l) = &self.ledger else {
             return Ok(());
         };
+        let training_consent = self.consent(l).await.map_err(|e| {
+            tracing::error!("ledger: {e}");
+            ApiError::internal(format!("the answer could not be recorded: {e}"))
+        })?;
         let rec = CompletionRecord {
             id: id.into(),
+            training_consent,
             output,
             prompt_tokens: prompt_tokens as i64,
             completion_tokens: completion_tokens as i64,
@@ -128,8 +166,11 @@ impl Recorder {
         let Some(l) = &self.ledger else {
             return;
         };
+        // A failed lookup of the default withholds consent: never assume it.
+        let training_consent = self.consent(l).await.unwrap_or(false);
         let rec = CompletionRecord {
             id: id.into(),
+            training_consent,
             output: Value::Array(vec![]),
             latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
             status: "error".into(),

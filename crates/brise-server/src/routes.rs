@@ -60,6 +60,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                     get(admin_get_retention).post(admin_set_retention),
                 )
                 .route("/v1/admin/holds", post(admin_hold))
+                .route("/v1/admin/stats", get(admin_stats))
+                .route("/v1/admin/export", get(admin_export))
+                .route(
+                    "/v1/admin/tenants/{tenant}/training",
+                    get(admin_get_training).post(admin_set_training),
+                )
                 .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth)),
         )
         .fallback(not_found)
@@ -245,6 +251,94 @@ async fn admin_hold(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRes
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(axum::Json(json!({"tenant": tenant, "subject": subject, "hold": on})).into_response())
+}
+
+async fn admin_stats(State(s): St) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    let st = l
+        .stats()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(json!(st)).into_response())
+}
+
+/// `?format=F[&since=unix-seconds|YYYY-MM-DD][&model=M]`: the training export as JSONL,
+/// its report (counts, redactions) in the `X-Brise-Export-Report` header. Audited.
+async fn admin_export(
+    State(s): St,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["format", "since", "model"].contains(&k.as_str()))
+    {
+        return Err(ApiError::unknown_param(k));
+    }
+    let format: brise_ledger::export::Format = q
+        .get("format")
+        .ok_or_else(|| ApiError::param("format", "you must provide format"))?
+        .parse()
+        .map_err(|e: String| ApiError::param("format", e))?;
+    let since_ms = q
+        .get("since")
+        .map(|v| brise_ledger::export::parse_since(v))
+        .transpose()
+        .map_err(|e| ApiError::param("since", format!("since {e}")))?;
+    let filter = brise_ledger::export::ExportFilter {
+        since_ms,
+        model: q.get("model").cloned(),
+    };
+    let mut out = Vec::new();
+    let rep = l
+        .export("admin-api", format, &filter, &mut out)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let report = serde_json::to_string(&rep).unwrap_or_default();
+    let mut r = ([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response();
+    if let Ok(v) = HeaderValue::from_str(&report) {
+        r.headers_mut().insert("x-brise-export-report", v);
+    }
+    Ok(r)
+}
+
+fn training_json(tenant: &str, allow: bool) -> Value {
+    json!({"tenant": tenant, "training": if allow { "allow" } else { "deny" }})
+}
+
+async fn admin_get_training(State(s): St, Path(tenant): Path<String>) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    let allow = l
+        .tenant_training_default(&tenant)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(training_json(&tenant, allow)).into_response())
+}
+
+/// `{"training": "allow"|"deny"}`: the consent of the tenant's requests that say nothing.
+async fn admin_set_training(
+    State(s): St,
+    Path(tenant): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let l = ledger(&s)?;
+    let mut f = request::Fields::parse(&body)?;
+    let allow = match f.string("training")?.as_deref() {
+        Some("allow") => true,
+        Some("deny") => false,
+        _ => {
+            return Err(ApiError::param(
+                "training",
+                "you must provide training: \"allow\" or \"deny\"",
+            ));
+        }
+    };
+    f.finish()?;
+    l.set_tenant_training_default("admin-api", &tenant, allow)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(training_json(&tenant, allow)).into_response())
 }
 
 async fn admin_audit(State(s): St) -> ApiResult<Response> {
@@ -689,7 +783,7 @@ async fn chat(
         &tenant,
         &body,
         &req.params,
-    );
+    )?;
     if m.model.chat_template.is_none() {
         return Err(ApiError::param(
             "model",
@@ -858,7 +952,7 @@ async fn fim_inner(
         tenant,
         &body,
         &req.params,
-    );
+    )?;
     let prompt = m.model.encode_fim(&req.prompt, &req.suffix).map_err(|_| {
         ApiError::param(
             "model",
@@ -889,7 +983,7 @@ async fn completions(
         &tenant,
         &body,
         &req.params,
-    );
+    )?;
     let p = &req.params;
     let tk = &m.model.tokenizer;
     let mut prompts = Vec::new();
@@ -1318,7 +1412,7 @@ async fn compare(
             Ok((prompt.clone(), o))
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    let rec = Recorder::new(&s, m, "/v1/compare", &headers, &tenant, &body, p);
+    let rec = Recorder::new(&s, m, "/v1/compare", &headers, &tenant, &body, p)?;
     let run = submit(&s, m, jobs)?;
     let choices = match collect(m, run, 2).await {
         Ok(c) => c,
