@@ -145,10 +145,11 @@ def test_tenant_training_default(gov):
     admin = {"Authorization": f"Bearer {ADMIN}"}
     body = {"model": MODEL, "messages": user("Hi."), "max_tokens": 3, "temperature": 0}
     with httpx.Client(base_url=gov.url, timeout=60, trust_env=False) as c:
-        route = "/v1/admin/tenants/default/training"
-        assert c.get(route, headers=admin).json() == {"tenant": "default", "training": "allow"}
+        route = "/v1/admin/tenants/default"
+        assert c.get(route, headers=admin).json() == {"tenant": "default", "training": "allow", "content_level": "full"}
         assert c.post(route, json={"training": "perhaps"}, headers=admin).json()["error"]["param"] == "training"
         assert c.post(route, json={"training": "deny", "x": 1}, headers=admin).status_code == 400
+        assert c.post(route, json={}, headers=admin).status_code == 400
         assert c.post(route, json={"training": "deny"}, headers=admin).status_code == 200
         assert c.get(route, headers=admin).json()["training"] == "deny"
 
@@ -162,13 +163,59 @@ def test_tenant_training_default(gov):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "metadata.training_opt_out"
         assert (consent_of(gov, silent), consent_of(gov, allowed), consent_of(gov, both)) == (False, True, False)
 
-        # The CLI reads and sets the same default.
-        p = cli(gov, "ledger", "training", "--tenant", "default", "--set", "allow")
+        # The CLI reads and sets the same policy.
+        p = cli(gov, "ledger", "tenant", "--tenant", "default", "--training", "allow")
         assert p.returncode == 0 and json.loads(p.stdout)["training"] == "allow"
         again = c.post("/v1/chat/completions", json=body).json()["id"]
         assert consent_of(gov, again) is True
         actions = [e["action"] for e in c.get("/v1/admin/audit", headers=admin).json()["data"]]
-        assert actions[-2:] == ["tenant_training_default", "tenant_training_default"]
+        assert actions[-2:] == ["tenant_policy", "tenant_policy"]
+
+
+def show(srv, cid):
+    p = cli(srv, "ledger", "show", cid)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_content_levels(gov):
+    """Per request (X-Brise-Content-Level) and per tenant, the ledger keeps the prompt and
+    answer in full, redacted, or not at all; a request may ask for less, never more."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    secret = "Write to zoe@example.com about IBAN DE89370400440532013000."
+    body = {"model": MODEL, "messages": user(secret), "max_tokens": 8, "temperature": 0}
+    with httpx.Client(base_url=gov.url, timeout=60, trust_env=False) as c:
+        full = c.post("/v1/chat/completions", json=body)
+        red = c.post("/v1/chat/completions", json=body, headers={"X-Brise-Content-Level": "redacted"})
+        meta = c.post("/v1/chat/completions", json=body, headers={"X-Brise-Content-Level": "metadata"})
+        bad = c.post("/v1/chat/completions", json=body, headers={"X-Brise-Content-Level": "some"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Brise-Content-Level"
+        f, r, m = (show(gov, x.json()["id"]) for x in (full, red, meta))
+        assert f["content_level"] == "full" and f["messages"][0]["content"] == secret
+        assert f["output"][0]["text"] == full.json()["choices"][0]["message"]["content"]
+        assert r["content_level"] == "redacted"
+        assert r["messages"][0]["content"] == "Write to [EMAIL] about IBAN [IBAN]."
+        assert m["content_level"] == "metadata" and m["messages"] is None
+        assert m["output"] == [{"finish_reason": meta.json()["choices"][0]["finish_reason"]}]
+        assert m["completion_tokens"] == meta.json()["usage"]["completion_tokens"]
+        # Feedback text follows its completion's level.
+        fb = c.post("/v1/feedback", json={"completion_id": r["id"], "rating": -1, "correction": "Ask zoe@example.com."})
+        assert fb.status_code == 201 and fb.json()["correction"] == "Ask [EMAIL]."
+        fb = c.post("/v1/feedback", json={"completion_id": m["id"], "rating": -1, "correction": "Better."})
+        assert fb.status_code == 400 and fb.json()["error"]["param"] == "correction"
+        assert c.post("/v1/feedback", json={"completion_id": m["id"], "rating": -1}).status_code == 201
+
+        # The tenant's level is a ceiling: asking for full gets metadata.
+        route = "/v1/admin/tenants/default"
+        assert c.post(route, json={"content_level": "everything"}, headers=admin).json()["error"]["param"] == "content_level"
+        assert c.post(route, json={"content_level": "metadata"}, headers=admin).json()["content_level"] == "metadata"
+        try:
+            x = c.post("/v1/chat/completions", json=body, headers={"X-Brise-Content-Level": "full"})
+            assert show(gov, x.json()["id"])["messages"] is None
+        finally:
+            assert c.post(route, json={"content_level": "full"}, headers=admin).status_code == 200
+        y = c.post("/v1/chat/completions", json=body).json()["id"]
+        assert show(gov, y)["messages"][0]["content"] == secret
 
 
 def test_admin_stats_and_export(gov, tmp_path):

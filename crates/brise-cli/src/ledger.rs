@@ -45,14 +45,17 @@ pub enum LedgerCmd {
         #[arg(long, env = "BRISE_LEDGER")]
         ledger: Option<String>,
     },
-    /// Show or set a tenant's training default: whether its requests that say nothing
-    /// (no X-Brise-Training header) consent to training use; deny makes the tenant opt-in
-    Training {
+    /// Show or set a tenant's policy for requests that say nothing themselves: their
+    /// training consent (deny makes the tenant opt-in) and how much content is kept
+    Tenant {
         #[arg(long)]
         tenant: String,
-        /// Set the default [shows it when left out]
+        /// Training consent of requests without an X-Brise-Training header
         #[arg(long, value_parser = ["allow", "deny"])]
-        set: Option<String>,
+        training: Option<String>,
+        /// The most content kept: full, redacted (PII replaced) or metadata (no prompt or answer)
+        #[arg(long)]
+        content_level: Option<brise_ledger::governance::ContentLevel>,
         #[arg(long, env = "BRISE_LEDGER")]
         ledger: Option<String>,
     },
@@ -160,19 +163,26 @@ pub fn run(c: LedgerCmd) -> Result<()> {
             );
             Ok(())
         }
-        LedgerCmd::Training {
+        LedgerCmd::Tenant {
             tenant,
-            set,
+            training,
+            content_level,
             ledger,
         } => {
             let (rt, l) = open(ledger.as_deref())?;
-            if let Some(v) = set {
-                rt.block_on(l.set_tenant_training_default("cli", &tenant, v == "allow"))?;
-            }
-            let allow = rt.block_on(l.tenant_training_default(&tenant))?;
+            let p = if training.is_some() || content_level.is_some() {
+                rt.block_on(l.set_tenant_policy(
+                    "cli",
+                    &tenant,
+                    training.map(|t| t == "allow"),
+                    content_level,
+                ))?
+            } else {
+                rt.block_on(l.tenant_policy(&tenant))?
+            };
             println!(
                 "{}",
-                serde_json::json!({"tenant": tenant, "training": if allow { "allow" } else { "deny" }})
+                serde_json::json!({"tenant": tenant, "training": if p.training_allow { "allow" } else { "deny" }, "content_level": p.content_level})
             );
             Ok(())
         }

@@ -252,49 +252,69 @@ impl Ledger {
         Ok(())
     }
 
-    /// Sets a tenant's training default: whether its requests that say nothing
-    /// (no `X-Brise-Training` header, no `metadata.training_opt_out`) consent to
-    /// training use. `false` makes the tenant opt-in. Audited; applies to requests
-    /// recorded from now on.
-    pub async fn set_tenant_training_default(
+    /// A tenant's policy for the requests that say nothing themselves.
+    pub async fn tenant_policy(&self, tenant: &str) -> Result<TenantPolicy> {
+        let get = |k: String| async move {
+            let v: Option<String> = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                .bind(k)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok::<_, LedgerError>(v)
+        };
+        let training = get(format!("tenant.{tenant}.training")).await?;
+        let content = get(format!("tenant.{tenant}.content_level")).await?;
+        Ok(TenantPolicy {
+            training_allow: training.as_deref() != Some("deny"),
+            content_level: content
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(ContentLevel::Full),
+        })
+    }
+
+    /// Changes a tenant's policy (fields left `None` keep their value); audited.
+    /// Applies to requests recorded from now on.
+    pub async fn set_tenant_policy(
         &self,
         actor: &str,
         tenant: &str,
-        allow: bool,
-    ) -> Result<()> {
+        training_allow: Option<bool>,
+        content_level: Option<ContentLevel>,
+    ) -> Result<TenantPolicy> {
         if tenant.is_empty() {
             return Err(LedgerError::Invalid("the tenant is empty".into()));
         }
-        let key = format!("training_default.{tenant}");
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM settings WHERE key = $1")
-            .bind(&key)
-            .execute(&mut *tx)
-            .await?;
-        if !allow {
-            sqlx::query("INSERT INTO settings (key, value) VALUES ($1, 'deny')")
-                .bind(&key)
+        let sets = [
+            (
+                format!("tenant.{tenant}.training"),
+                training_allow.map(|a| if a { "allow" } else { "deny" }),
+            ),
+            (
+                format!("tenant.{tenant}.content_level"),
+                content_level.map(ContentLevel::name),
+            ),
+        ];
+        for (key, value) in &sets {
+            let Some(v) = value else { continue };
+            sqlx::query("DELETE FROM settings WHERE key = $1")
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2)")
+                .bind(key)
+                .bind(*v)
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
+        let p = self.tenant_policy(tenant).await?;
         self.audit(
             actor,
-            "tenant_training_default",
-            json!({"tenant": tenant, "training": if allow { "allow" } else { "deny" }}),
+            "tenant_policy",
+            json!({"tenant": tenant, "policy": p}),
         )
         .await?;
-        Ok(())
-    }
-
-    /// A tenant's training default: `true` (consent unless a request opts out) unless
-    /// it was set to deny.
-    pub async fn tenant_training_default(&self, tenant: &str) -> Result<bool> {
-        let v: Option<String> = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
-            .bind(format!("training_default.{tenant}"))
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(v.as_deref() != Some("deny"))
+        Ok(p)
     }
 
     pub async fn has_objected(&self, tenant: &str, subject: Option<&str>) -> Result<bool> {
@@ -311,6 +331,49 @@ impl Ledger {
         .await?;
         Ok(n > 0)
     }
+}
+
+/// How much of a completion's content the ledger keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentLevel {
+    /// Prompt and answer as they were.
+    Full,
+    /// Prompt and answer with PII replaced by typed placeholders.
+    Redacted,
+    /// No prompt or answer: who, when, which model, parameters, usage and timing.
+    Metadata,
+}
+
+impl ContentLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            ContentLevel::Full => "full",
+            ContentLevel::Redacted => "redacted",
+            ContentLevel::Metadata => "metadata",
+        }
+    }
+}
+
+impl std::str::FromStr for ContentLevel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "full" => Ok(ContentLevel::Full),
+            "redacted" => Ok(ContentLevel::Redacted),
+            "metadata" => Ok(ContentLevel::Metadata),
+            _ => Err(format!("{s:?}: one of full, redacted, metadata")),
+        }
+    }
+}
+
+/// What a tenant's requests get when they say nothing themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct TenantPolicy {
+    /// Training consent of requests without `X-Brise-Training` (true unless set to deny).
+    pub training_allow: bool,
+    /// The most content kept of its requests; a request may ask for less, never more.
+    pub content_level: ContentLevel,
 }
 
 /// Counts of replaced PII, by kind.

@@ -33,6 +33,10 @@ pub enum LedgerError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "completion {0} is recorded without its content (content level metadata): a correction or comment on it would not be kept"
+    )]
+    ContentNotKept(String),
     #[error("the ledger writer has stopped")]
     Closed,
 }
@@ -329,10 +333,28 @@ impl Ledger {
     /// (another tenant's completion is reported as missing, never as forbidden).
     pub async fn add_feedback(&self, mut fb: Feedback) -> Result<Feedback> {
         let mut prompts = Vec::new();
+        let mut level = governance::ContentLevel::Full;
         for id in std::iter::once(&fb.completion_id).chain(fb.rejected_id.iter()) {
             match self.get(id, Some(&fb.tenant)).await? {
                 None => return Err(LedgerError::NotFound(id.clone())),
-                Some(r) => prompts.push(r.messages),
+                Some(r) => {
+                    level = level.max(r.content_level.parse().unwrap_or(level));
+                    prompts.push(r.messages);
+                }
+            }
+        }
+        // Feedback text is content too: kept at its completion's level.
+        match level {
+            governance::ContentLevel::Full => {}
+            governance::ContentLevel::Redacted => {
+                let mut n = governance::Redactions::default();
+                fb.correction = fb.correction.map(|c| governance::redact(&c, &mut n));
+                fb.comment = fb.comment.map(|c| governance::redact(&c, &mut n));
+            }
+            governance::ContentLevel::Metadata => {
+                if fb.correction.is_some() || fb.comment.is_some() {
+                    return Err(LedgerError::ContentNotKept(fb.completion_id.clone()));
+                }
             }
         }
         // A choice between answers to different prompts is no preference at all.
@@ -835,21 +857,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tenant_training_default_and_audited_exports() {
+    async fn tenant_policy_content_levels_and_audited_exports() {
         use crate::export::{ExportFilter, Format};
         for db in testdb::all().await {
             let l = db.open().await;
-            assert!(l.tenant_training_default("acme").await.unwrap());
-            l.set_tenant_training_default("admin", "acme", false)
+            use crate::governance::ContentLevel;
+            let p = l.tenant_policy("acme").await.unwrap();
+            assert!(p.training_allow && p.content_level == ContentLevel::Full);
+            l.set_tenant_policy("admin", "acme", Some(false), None)
                 .await
                 .unwrap();
-            assert!(!l.tenant_training_default("acme").await.unwrap());
-            assert!(l.tenant_training_default("other").await.unwrap());
-            l.set_tenant_training_default("admin", "acme", true)
+            let p = l
+                .set_tenant_policy("admin", "acme", None, Some(ContentLevel::Redacted))
                 .await
                 .unwrap();
-            assert!(l.tenant_training_default("acme").await.unwrap());
-            assert!(l.set_tenant_training_default("a", "", false).await.is_err());
+            // Each field keeps its value when the other changes.
+            assert!(!p.training_allow && p.content_level == ContentLevel::Redacted);
+            assert_eq!(l.tenant_policy("acme").await.unwrap(), p);
+            assert!(l.tenant_policy("other").await.unwrap().training_allow);
+            assert!(
+                l.set_tenant_policy("a", "", Some(false), None)
+                    .await
+                    .is_err()
+            );
+            // Feedback text is kept at its completion's content level.
+            let mut r = rec("m1", "acme");
+            r.content_level = "metadata".into();
+            l.record(r).await.unwrap();
+            let mut f = fb("m1", "acme", -1);
+            f.correction = Some("Better.".into());
+            assert!(matches!(
+                l.add_feedback(f).await,
+                Err(LedgerError::ContentNotKept(_))
+            ));
+            l.add_feedback(fb("m1", "acme", -1)).await.unwrap();
+            let mut r = rec("r1", "acme");
+            r.content_level = "redacted".into();
+            l.record(r).await.unwrap();
+            let mut f = fb("r1", "acme", -1);
+            f.correction = Some("Mail bob@example.com.".into());
+            let got = l.add_feedback(f).await.unwrap();
+            assert_eq!(got.correction.as_deref(), Some("Mail [EMAIL]."));
 
             l.record(rec("c1", "acme")).await.unwrap();
             let mut f = fb("c1", "acme", 1);
@@ -864,23 +912,22 @@ mod tests {
                 .export("tester", Format::TrlSft, &filter, &mut out)
                 .await
                 .unwrap();
-            assert_eq!(rep.rows, 1);
+            // The corrections of c1 and r1; m1's thumbs down has no SFT row.
+            assert_eq!((rep.rows, rep.not_applicable), (2, 1));
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains("Mail [EMAIL].") && !text.contains("bob@"));
             let e = l.audit_entries().await.unwrap();
             let actions: Vec<&str> = e.iter().map(|e| e.action.as_str()).collect();
             assert_eq!(
                 actions,
-                [
-                    "tenant_training_default",
-                    "tenant_training_default",
-                    "training_export"
-                ]
+                ["tenant_policy", "tenant_policy", "training_export"]
             );
             let last = e.last().unwrap();
             assert_eq!(last.actor, "tester");
             let d = &last.details;
             assert_eq!(
                 (&d["format"], &d["model"], &d["report"]["rows"]),
-                (&json!("trl-sft"), &json!("m"), &json!(1))
+                (&json!("trl-sft"), &json!("m"), &json!(2))
             );
             assert_eq!(l.verify_audit().await.unwrap(), Ok(3));
             db.drop_db(l).await;

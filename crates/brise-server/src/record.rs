@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use crate::request::GenParams;
 use crate::{AppState, ServedModel, Tenant};
 use axum::http::HeaderMap;
+use brise_ledger::governance::{ContentLevel, Redactions, redact_json};
 use brise_ledger::{CompletionRecord, Ledger};
 use serde_json::{Map, Value};
 use std::time::Instant;
@@ -17,6 +18,8 @@ pub struct Recorder {
     base: CompletionRecord,
     /// The request's own training choice; `None` takes the tenant's default.
     training: Option<bool>,
+    /// The content level the request asked for; the tenant's may lower it further.
+    level: ContentLevel,
     start: Instant,
 }
 
@@ -60,6 +63,15 @@ impl Recorder {
                     format!("header X-Brise-Training is {v:?}: use allow or deny"),
                 ));
             }
+        };
+        let level = match header("x-brise-content-level") {
+            None => ContentLevel::Full,
+            Some(v) => v.to_ascii_lowercase().parse().map_err(|e| {
+                ApiError::param(
+                    "X-Brise-Content-Level",
+                    format!("header X-Brise-Content-Level is {e}"),
+                )
+            })?,
         };
         let by_metadata = match metadata.and_then(|m| m.get("training_opt_out")) {
             None => None,
@@ -116,16 +128,42 @@ impl Recorder {
                 content_level: "full".into(),
             },
             training,
+            level,
             start: Instant::now(),
         })
     }
 
-    /// The record's training consent: the request's choice, else its tenant's default.
-    async fn consent(&self, l: &Ledger) -> Result<bool, brise_ledger::LedgerError> {
-        match self.training {
-            Some(c) => Ok(c),
-            None => l.tenant_training_default(&self.base.tenant).await,
+    /// The record as it is kept: training consent from the request, else its tenant's
+    /// default; content at the lower of the request's and the tenant's levels.
+    async fn finish(
+        &self,
+        l: &Ledger,
+        mut rec: CompletionRecord,
+    ) -> Result<CompletionRecord, brise_ledger::LedgerError> {
+        let policy = l.tenant_policy(&rec.tenant).await?;
+        rec.training_consent = self.training.unwrap_or(policy.training_allow);
+        let level = self.level.max(policy.content_level);
+        rec.content_level = level.name().into();
+        match level {
+            ContentLevel::Full => {}
+            ContentLevel::Redacted => {
+                let mut n = Redactions::default();
+                rec.messages = redact_json(&rec.messages, &mut n);
+                rec.output = redact_json(&rec.output, &mut n);
+            }
+            ContentLevel::Metadata => {
+                rec.messages = Value::Null;
+                // Each choice keeps how it ended, not what it said.
+                rec.output = match &rec.output {
+                    Value::Array(cs) => cs
+                        .iter()
+                        .map(|c| serde_json::json!({"finish_reason": c.get("finish_reason")}))
+                        .collect(),
+                    _ => Value::Null,
+                };
+            }
         }
+        Ok(rec)
     }
 
     /// Commits the record of a complete answer. A client never gets an answer the
@@ -141,19 +179,23 @@ impl Recorder {
         let Some(l) = &self.ledger else {
             return Ok(());
         };
-        let training_consent = self.consent(l).await.map_err(|e| {
-            tracing::error!("ledger: {e}");
-            ApiError::internal(format!("the answer could not be recorded: {e}"))
-        })?;
         let rec = CompletionRecord {
             id: id.into(),
-            training_consent,
             output,
             prompt_tokens: prompt_tokens as i64,
             completion_tokens: completion_tokens as i64,
             ttft_ms: first_token.map(|t| (t - self.start).as_secs_f64() * 1e3),
             latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
             ..self.base.clone()
+        };
+        let rec = match self.finish(l, rec).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("ledger: {e}");
+                return Err(ApiError::internal(format!(
+                    "the answer could not be recorded: {e}"
+                )));
+            }
         };
         l.record(rec).await.map_err(|e| {
             tracing::error!("ledger: {e}");
@@ -166,16 +208,26 @@ impl Recorder {
         let Some(l) = &self.ledger else {
             return;
         };
-        // A failed lookup of the default withholds consent: never assume it.
-        let training_consent = self.consent(l).await.unwrap_or(false);
         let rec = CompletionRecord {
             id: id.into(),
-            training_consent,
             output: Value::Array(vec![]),
             latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
             status: "error".into(),
             error: Some(e.message.clone()),
             ..self.base.clone()
+        };
+        let rec = match self.finish(l, rec.clone()).await {
+            Ok(r) => r,
+            // Without the tenant's policy, keep the least: no content, no consent.
+            Err(err) => {
+                tracing::error!("ledger: {err}");
+                CompletionRecord {
+                    messages: Value::Null,
+                    training_consent: false,
+                    content_level: ContentLevel::Metadata.name().into(),
+                    ..rec
+                }
+            }
         };
         if let Err(err) = l.record(rec).await {
             tracing::error!("ledger: {err}");

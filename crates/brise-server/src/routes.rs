@@ -63,8 +63,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .route("/v1/admin/stats", get(admin_stats))
                 .route("/v1/admin/export", get(admin_export))
                 .route(
-                    "/v1/admin/tenants/{tenant}/training",
-                    get(admin_get_training).post(admin_set_training),
+                    "/v1/admin/tenants/{tenant}",
+                    get(admin_get_tenant).post(admin_set_tenant),
                 )
                 .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth)),
         )
@@ -302,21 +302,26 @@ async fn admin_export(
     Ok(r)
 }
 
-fn training_json(tenant: &str, allow: bool) -> Value {
-    json!({"tenant": tenant, "training": if allow { "allow" } else { "deny" }})
+fn policy_json(tenant: &str, p: &brise_ledger::governance::TenantPolicy) -> Value {
+    json!({
+        "tenant": tenant,
+        "training": if p.training_allow { "allow" } else { "deny" },
+        "content_level": p.content_level,
+    })
 }
 
-async fn admin_get_training(State(s): St, Path(tenant): Path<String>) -> ApiResult<Response> {
+async fn admin_get_tenant(State(s): St, Path(tenant): Path<String>) -> ApiResult<Response> {
     let l = ledger(&s)?;
-    let allow = l
-        .tenant_training_default(&tenant)
+    let p = l
+        .tenant_policy(&tenant)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(axum::Json(training_json(&tenant, allow)).into_response())
+    Ok(axum::Json(policy_json(&tenant, &p)).into_response())
 }
 
-/// `{"training": "allow"|"deny"}`: the consent of the tenant's requests that say nothing.
-async fn admin_set_training(
+/// `{"training"?: "allow"|"deny", "content_level"?: "full"|"redacted"|"metadata"}`: what
+/// the tenant's requests get when they say nothing themselves.
+async fn admin_set_tenant(
     State(s): St,
     Path(tenant): Path<String>,
     body: Result<Bytes, BytesRejection>,
@@ -324,21 +329,34 @@ async fn admin_set_training(
     let body = body_bytes(body)?;
     let l = ledger(&s)?;
     let mut f = request::Fields::parse(&body)?;
-    let allow = match f.string("training")?.as_deref() {
-        Some("allow") => true,
-        Some("deny") => false,
-        _ => {
+    let training = match f.string("training")?.as_deref() {
+        None => None,
+        Some("allow") => Some(true),
+        Some("deny") => Some(false),
+        Some(v) => {
             return Err(ApiError::param(
                 "training",
-                "you must provide training: \"allow\" or \"deny\"",
+                format!("training is {v:?}: \"allow\" or \"deny\""),
             ));
         }
     };
+    let level = f
+        .string("content_level")?
+        .map(|v| v.parse())
+        .transpose()
+        .map_err(|e: String| ApiError::param("content_level", format!("content_level is {e}")))?;
     f.finish()?;
-    l.set_tenant_training_default("admin-api", &tenant, allow)
+    if training.is_none() && level.is_none() {
+        return Err(ApiError::param(
+            "training",
+            "give training and/or content_level",
+        ));
+    }
+    let p = l
+        .set_tenant_policy("admin-api", &tenant, training, level)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(axum::Json(training_json(&tenant, allow)).into_response())
+    Ok(axum::Json(policy_json(&tenant, &p)).into_response())
 }
 
 async fn admin_audit(State(s): St) -> ApiResult<Response> {
@@ -1597,6 +1615,9 @@ async fn post_feedback(
         Ok(f) => Ok((StatusCode::CREATED, axum::Json(feedback_json(&f))).into_response()),
         Err(brise_ledger::LedgerError::NotFound(id)) => Err(not_found_completion(&id)),
         Err(brise_ledger::LedgerError::Invalid(m)) => Err(ApiError::param("rejected", m)),
+        Err(e @ brise_ledger::LedgerError::ContentNotKept(_)) => {
+            Err(ApiError::param("correction", e.to_string()))
+        }
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
 }
