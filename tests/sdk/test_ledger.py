@@ -195,3 +195,33 @@ def test_compare_then_choose(brise, http):
 def test_absurd_max_tokens_is_400_not_truncation(http):
     e = http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("Hi"), "max_tokens": 2**64 - 1})
     assert e.status_code == 400 and e.json()["error"]["param"] == "max_tokens", e.text
+
+
+def test_disconnected_stream_is_recorded_as_cancelled(brise):
+    """A client that leaves mid-stream used the model: its record says what it was sent."""
+    body = {"model": MODEL, "messages": user("Tell me a long story about a lighthouse keeper."),
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    got, cid = "", None
+    with httpx.Client(base_url=brise.url, timeout=60, trust_env=False) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                ev = json.loads(line[6:])
+                cid = ev["id"]
+                got += ev["choices"][0]["delta"].get("content") or ""
+                if len(got) > 20:
+                    break  # leaving the block closes the connection
+    deadline = time.monotonic() + 20
+    while True:
+        rc, rec = show(brise.ledger, cid)
+        if rc == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert rc == 0, "the disconnected stream left no record"
+    assert rec["status"] == "cancelled" and "disconnected" in rec["error"]
+    out = rec["output"][0]
+    assert out["finish_reason"] is None
+    # It holds at least what the client read, and stops well short of max_tokens.
+    assert out["text"].startswith(got) and rec["completion_tokens"] < 400

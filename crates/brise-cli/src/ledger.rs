@@ -241,8 +241,8 @@ pub fn run(c: LedgerCmd) -> Result<()> {
                 }
             };
             println!(
-                "completions        {:>10}  ({} errors)",
-                s.completions, s.errors
+                "completions        {:>10}  ({} errors, {} cancelled by their client)",
+                s.completions, s.errors, s.cancelled
             );
             println!("prompt tokens      {:>10}", s.prompt_tokens);
             println!("completion tokens  {:>10}", s.completion_tokens);

@@ -90,6 +90,8 @@ pub struct Feedback {
 pub struct Stats {
     pub completions: i64,
     pub errors: i64,
+    /// Streams whose client disconnected before the end.
+    pub cancelled: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub feedback: i64,
@@ -448,7 +450,8 @@ impl Ledger {
         .collect::<Result<Vec<_>>>()?;
         Ok(Stats {
             completions: one("SELECT COUNT(*) FROM completions").await?,
-            errors: one("SELECT COUNT(*) FROM completions WHERE status <> 'ok'").await?,
+            errors: one("SELECT COUNT(*) FROM completions WHERE status = 'error'").await?,
+            cancelled: one("SELECT COUNT(*) FROM completions WHERE status = 'cancelled'").await?,
             prompt_tokens: one("SELECT CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) FROM completions").await?,
             completion_tokens: one("SELECT CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) FROM completions")
                 .await?,

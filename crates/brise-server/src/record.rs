@@ -13,6 +13,7 @@ use std::time::Instant;
 
 /// A completion's record, filled in when the request arrives and finished when its
 /// answer is complete.
+#[derive(Clone)]
 pub struct Recorder {
     ledger: Option<Ledger>,
     base: CompletionRecord,
@@ -201,6 +202,41 @@ impl Recorder {
             tracing::error!("ledger: {e}");
             ApiError::internal(format!("the answer could not be recorded: {e}"))
         })
+    }
+
+    /// Records a stream whose client went away before the end: what it was sent so far,
+    /// with status `cancelled`. The client never had the whole answer, but it used the
+    /// model, and the ledger records every use.
+    pub async fn cancelled(
+        &self,
+        id: &str,
+        output: Value,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        first_token: Option<Instant>,
+    ) {
+        let Some(l) = &self.ledger else {
+            return;
+        };
+        let rec = CompletionRecord {
+            id: id.into(),
+            output,
+            prompt_tokens: prompt_tokens as i64,
+            completion_tokens: completion_tokens as i64,
+            ttft_ms: first_token.map(|t| (t - self.start).as_secs_f64() * 1e3),
+            latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            status: "cancelled".into(),
+            error: Some("the client disconnected before the answer was complete".into()),
+            ..self.base.clone()
+        };
+        match self.finish(l, rec).await {
+            Ok(rec) => {
+                if let Err(e) = l.record(rec).await {
+                    tracing::error!("ledger: {e}");
+                }
+            }
+            Err(e) => tracing::error!("ledger: {e}"),
+        }
     }
 
     /// Records a request that failed after it was accepted.

@@ -1159,6 +1159,38 @@ fn stream(
         started: bool,
         done: bool,
     }
+    impl Drop for S {
+        /// The client went away mid-stream (or the server is stopping): record what it got.
+        fn drop(&mut self) {
+            if self.done {
+                return;
+            }
+            let output: Value = self
+                .choices
+                .iter()
+                .zip(&self.recorded)
+                .map(|(c, r)| {
+                    if r.is_null() {
+                        json!({"text": c.text, "finish_reason": null})
+                    } else {
+                        r.clone()
+                    }
+                })
+                .collect();
+            let prompt: usize = self
+                .choices
+                .iter()
+                .step_by(self.n_per_prompt)
+                .map(|c| c.n_prompt)
+                .sum();
+            let n_gen: usize = self.choices.iter().map(|c| c.n_gen).sum();
+            let first = self.choices.iter().filter_map(|c| c.first_token).min();
+            let (rec, id) = (self.rec.clone(), self.id.clone());
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move { rec.cancelled(&id, output, prompt, n_gen, first).await });
+            }
+        }
+    }
     impl S {
         fn chunk(&self, choices: Value, usage: Option<Value>) -> SseEvent {
             let mut v = json!({
