@@ -3,7 +3,10 @@
 and off, interleaved, for small chat requests (1 generated token, so recording is a
 large share), sequential and with concurrent clients (group commit).
 
-    python3 bench/ledger_overhead.py [--requests 200] [--rounds 3] [--conc 1,8]
+    python3 bench/ledger_overhead.py [--requests 200] [--rounds 3] [--conc 1,8] [--postgres URL]
+
+With --postgres (a server URL without a database, e.g. what scripts/postgres.sh start
+prints), "on" records to a fresh PostgreSQL database there instead of a SQLite file.
 """
 
 from __future__ import annotations
@@ -76,17 +79,24 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--conc", default="1,8")
+    ap.add_argument("--postgres", help="record to a fresh database on this PostgreSQL server")
     args = ap.parse_args()
     args.conc = [int(c) for c in args.conc.split(",")]
     res = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as d:
         for r in range(args.rounds):
             for mode in (["off", "on"] if r % 2 == 0 else ["on", "off"]):
-                ledger = "off" if mode == "off" else str(Path(d) / "ledger.sqlite")
+                if mode == "off":
+                    ledger = "off"
+                elif args.postgres:
+                    ledger = f"{args.postgres.rstrip('/')}/brise_overhead_{int(time.time())}_{r}"
+                else:
+                    ledger = str(Path(d) / "ledger.sqlite")
                 res[mode].append(run(ledger, args))
                 print(f"round {r} ledger {mode}: " + ", ".join(
                     f"{c} clients {res[mode][-1][c] * 1e3:.2f} ms" for c in args.conc), file=sys.stderr)
-    print(f"median request latency, {args.requests} requests of 1 token, {args.rounds} rounds (median of rounds)\n")
+    backend = "PostgreSQL" if args.postgres else "SQLite"
+    print(f"median request latency, {args.requests} requests of 1 token, {args.rounds} rounds (median of rounds), ledger on {backend}\n")
     print("| clients | ledger off | ledger on | recording adds |")
     print("|---|---|---|---|")
     for c in args.conc:
