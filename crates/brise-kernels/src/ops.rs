@@ -1,6 +1,12 @@
 //! Element-wise and row operations of the forward pass. Their float arithmetic follows
 //! ggml's CPU backend (f64 sums in RMSNorm and softmax, the same polynomial `exp`), so
 //! brise's activations track llama.cpp's closely.
+//!
+//! Each op's backward (for LoRA training) sits right after its forward: given the
+//! forward's inputs and the gradient of the loss with respect to its output, it writes
+//! the gradient with respect to its input. Only inputs get gradients: the base model's
+//! weights (norm scales included) stay frozen. Tests check every backward against
+//! central finite differences of the forward.
 
 /// ggml's vectorised `expf` (`ggml_v_expf`, AVX-512 flavour), evaluated lane by lane.
 /// Using it everywhere keeps SiLU and softmax bit-identical between brise's scalar and
@@ -64,6 +70,17 @@ unsafe fn swiglu_fma(gate: &[f32], up: &[f32], out: &mut [f32]) {
     swiglu_body(gate, up, out)
 }
 
+/// Backward of [`swiglu`]: dgate = dout·up·silu'(gate), dup = dout·silu(gate), with
+/// silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
+pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    for i in 0..dout.len() {
+        let g = gate[i];
+        let sig = 1.0 / (1.0 + expf(-g));
+        dgate[i] = dout[i] * up[i] * sig * (1.0 + g * (1.0 - sig));
+        dup[i] = dout[i] * g * sig;
+    }
+}
+
 /// RMSNorm with weight: out = x · (1/√(mean(x²) + eps)) · w, sum of squares in f64.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let sum: f64 = x.iter().map(|v| (v * v) as f64).sum();
@@ -71,6 +88,21 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let scale = 1.0 / (mean + eps).sqrt();
     for ((o, v), wi) in out.iter_mut().zip(x).zip(w) {
         *o = v * scale * wi;
+    }
+}
+
+/// Backward of [`rms_norm`] with respect to `x` (the weight is frozen): with
+/// r = 1/√(mean(x²) + eps), dx_j = r·w_j·dy_j − x_j·r³/n·Σ_i dy_i·w_i·x_i.
+pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dout: &[f32], dx: &mut [f32]) {
+    let n = x.len() as f64;
+    let sum: f64 = x.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+    let r = 1.0 / (sum / n + eps as f64).sqrt();
+    let dot: f64 = (0..x.len())
+        .map(|i| dout[i] as f64 * w[i] as f64 * x[i] as f64)
+        .sum();
+    let c = dot * r * r * r / n;
+    for j in 0..x.len() {
+        dx[j] = (r * w[j] as f64 * dout[j] as f64 - x[j] as f64 * c) as f32;
     }
 }
 
@@ -137,6 +169,22 @@ fn rope_apply_body(style: RopeStyle, x: &mut [f32], n_rot: usize, cache: &[f32])
     }
 }
 
+/// Backward of [`rope_apply`], in place: the gradient rotates by −θ (the transpose of
+/// each 2×2 rotation).
+pub fn rope_backward(style: RopeStyle, d: &mut [f32], n_rot: usize, cache: &[f32]) {
+    let (stride, offset) = match style {
+        RopeStyle::Normal => (2, 1),
+        RopeStyle::Neox => (1, n_rot / 2),
+    };
+    for i in (0..n_rot).step_by(2) {
+        let (c, s) = (cache[i], cache[i + 1]);
+        let ic = i / 2 * stride;
+        let (d0, d1) = (d[ic], d[ic + offset]);
+        d[ic] = d0 * c + d1 * s;
+        d[ic + offset] = d1 * c - d0 * s;
+    }
+}
+
 /// Softmax in place, ggml-style: e^(x−max) with [`expf`], sum in f64, scaled by 1/sum.
 /// Entries of −∞ (masked) become 0.
 pub fn softmax(x: &mut [f32]) {
@@ -150,6 +198,34 @@ pub fn softmax(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Backward of [`softmax`]: given its output `p` and `dp`, ds_i = p_i·(dp_i − Σ_j p_j·dp_j).
+pub fn softmax_backward(p: &[f32], dp: &[f32], ds: &mut [f32]) {
+    let dot: f64 = p.iter().zip(dp).map(|(a, b)| *a as f64 * *b as f64).sum();
+    for i in 0..p.len() {
+        ds[i] = p[i] * (dp[i] - dot as f32);
+    }
+}
+
+/// Cross-entropy of one row of logits against `target`: returns −log softmax(z)[t], and
+/// writes its gradient times `scale` into `dz` (softmax(z) − onehot(t), scaled).
+pub fn cross_entropy(z: &[f32], target: usize, scale: f32, dz: &mut [f32]) -> f32 {
+    let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let sum: f64 = z.iter().map(|v| ((*v - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    for (d, v) in dz.iter_mut().zip(z) {
+        *d = (((*v as f64) - lse).exp() * scale as f64) as f32;
+    }
+    dz[target] -= scale;
+    (lse - z[target] as f64) as f32
+}
+
+/// log softmax(z)[t], in f64 (DPO and KTO compare sums of these).
+pub fn log_prob(z: &[f32], target: usize) -> f64 {
+    let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let sum: f64 = z.iter().map(|v| ((*v - max) as f64).exp()).sum();
+    z[target] as f64 - (max as f64 + sum.ln())
 }
 
 /// Rounds f32 values to f16 (round to nearest even) into little-endian bytes.
@@ -220,6 +296,127 @@ mod tests {
         let mut y = x.clone();
         rope_apply(RopeStyle::Normal, &mut y, n, &cache);
         assert_eq!(y, x);
+    }
+
+    /// A deterministic pseudo-random sequence in [-1, 1).
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    /// Checks an analytic input gradient against central differences of
+    /// L(x) = Σ c_i·f(x)_i, computed in f64 from the f32 forward.
+    fn check_grad(x: &[f32], c: &[f32], f: &dyn Fn(&[f32]) -> Vec<f32>, grad: &[f32], tol: f64) {
+        let loss =
+            |x: &[f32]| -> f64 { f(x).iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum() };
+        for j in 0..x.len() {
+            let h = 1e-2f32 * x[j].abs().max(0.1);
+            let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+            xp[j] += h;
+            xm[j] -= h;
+            let fd = (loss(&xp) - loss(&xm)) / ((xp[j] - xm[j]) as f64);
+            let g = grad[j] as f64;
+            assert!(
+                (fd - g).abs() <= tol * (1.0 + fd.abs().max(g.abs())),
+                "d/dx[{j}]: analytic {g}, finite differences {fd}"
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_backward_matches_finite_differences() {
+        let n = 40;
+        let (gate, up, c) = (noise(n, 1), noise(n, 2), noise(n, 3));
+        let gate: Vec<f32> = gate.iter().map(|g| g * 4.0).collect();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        swiglu_backward(&gate, &up, &c, &mut dg, &mut du);
+        let f_g = |g: &[f32]| {
+            let mut o = vec![0f32; n];
+            swiglu(g, &up, &mut o);
+            o
+        };
+        check_grad(&gate, &c, &f_g, &dg, 2e-3);
+        let f_u = |u: &[f32]| {
+            let mut o = vec![0f32; n];
+            swiglu(&gate, u, &mut o);
+            o
+        };
+        check_grad(&up, &c, &f_u, &du, 2e-3);
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_finite_differences() {
+        let n = 48;
+        let (x, c) = (noise(n, 4), noise(n, 5));
+        let w: Vec<f32> = noise(n, 6).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let mut dx = vec![0f32; n];
+        rms_norm_backward(&x, &w, 1e-5, &c, &mut dx);
+        let f = |x: &[f32]| {
+            let mut o = vec![0f32; n];
+            rms_norm(x, &w, 1e-5, &mut o);
+            o
+        };
+        check_grad(&x, &c, &f, &dx, 2e-3);
+    }
+
+    #[test]
+    fn rope_backward_matches_finite_differences() {
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let n = 16;
+            let mut cache = vec![0f32; n];
+            rope_cache(37, n, 10000.0, 1.0, &mut cache);
+            let (x, c) = (noise(n, 7), noise(n, 8));
+            let mut d = c.clone();
+            rope_backward(style, &mut d, n, &cache);
+            let f = |x: &[f32]| {
+                let mut y = x.to_vec();
+                rope_apply(style, &mut y, n, &cache);
+                y
+            };
+            check_grad(&x, &c, &f, &d, 2e-3);
+        }
+    }
+
+    #[test]
+    fn softmax_backward_matches_finite_differences() {
+        let n = 24;
+        let (x, c) = (noise(n, 9), noise(n, 10));
+        let x: Vec<f32> = x.iter().map(|v| v * 3.0).collect();
+        let mut p = x.clone();
+        softmax(&mut p);
+        let mut ds = vec![0f32; n];
+        softmax_backward(&p, &c, &mut ds);
+        let f = |x: &[f32]| {
+            let mut y = x.to_vec();
+            softmax(&mut y);
+            y
+        };
+        check_grad(&x, &c, &f, &ds, 5e-3);
+    }
+
+    #[test]
+    fn cross_entropy_gradient_and_value() {
+        let n = 30;
+        let z: Vec<f32> = noise(n, 11).iter().map(|v| v * 5.0).collect();
+        let mut dz = vec![0f32; n];
+        let l = cross_entropy(&z, 7, 0.5, &mut dz);
+        assert!((l as f64 + log_prob(&z, 7)).abs() < 1e-6);
+        // The loss against softmax: −log p_t.
+        let mut p = z.clone();
+        softmax(&mut p);
+        assert!((l + p[7].ln()).abs() < 1e-5);
+        let f = |z: &[f32]| {
+            let mut d = vec![0f32; n];
+            vec![cross_entropy(z, 7, 1.0, &mut d)]
+        };
+        check_grad(&z, &[0.5], &f, &dz, 2e-3);
     }
 
     #[test]
