@@ -49,6 +49,124 @@ impl<'a> WeightRef<'a> {
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
     }
+
+    /// Row `r` dequantized into `out` (`k` values), from whichever layout holds it.
+    /// `tmp` holds a row's bytes when the matrix is repacked.
+    pub fn dequantize_row(&self, r: usize, tmp: &mut Vec<u8>, out: &mut [f32]) {
+        match (self.packed, self.kpacked) {
+            (Some(p), _) => {
+                tmp.resize(self.row_bytes(), 0);
+                p.unpack_row(r, tmp);
+                crate::quant::dequantize_row(self.ty, tmp, out);
+            }
+            (_, Some(p)) => p.dequantize_row(r, out),
+            _ => crate::quant::dequantize_row(self.ty, self.row(r), out),
+        }
+    }
+}
+
+/// Buffers of [`matmul_backward_input`], reused across calls.
+#[derive(Default)]
+pub struct GradScratch {
+    /// Per thread: its partial `dx`, a block of dequantized weight rows, a row's bytes.
+    per_thread: Vec<(Vec<f32>, Vec<f32>, Vec<u8>)>,
+}
+
+/// Weight rows dequantized together by the backward, so each pass over a row of `dx`
+/// takes this many rank-1 updates.
+const GRAD_ROWS: usize = 8;
+
+/// Backward of [`matmul`] with respect to its input: `dx (m × k) = dy (m × n) · W`.
+///
+/// W stays quantized (QLoRA-style): each thread dequantizes its share of W's rows, a
+/// block at a time, into f32 scratch, and accumulates into its own partial `dx`; the
+/// partials are then summed in thread order, so the result is deterministic for a
+/// given thread count.
+pub fn matmul_backward_input(
+    pool: &ThreadPool,
+    w: &WeightRef,
+    dy: &[f32],
+    m: usize,
+    scratch: &mut GradScratch,
+    dx: &mut [f32],
+) {
+    let (n, k) = (w.n, w.k);
+    assert!(
+        dy.len() >= m * n && dx.len() >= m * k,
+        "caller sizes the buffers"
+    );
+    let nt = pool.n_threads();
+    scratch.per_thread.resize_with(nt, Default::default);
+    for (acc, wblk, _) in scratch.per_thread.iter_mut() {
+        acc.clear();
+        acc.resize(m * k, 0.0);
+        wblk.resize(GRAD_ROWS * k, 0.0);
+    }
+    let parts = SyncParts(scratch.per_thread.as_mut_ptr());
+    let per = n.div_ceil(nt);
+    pool.run(|t| {
+        // SAFETY: thread t alone uses element t of `per_thread` (sized to nt above).
+        let (acc, wblk, tmp) = unsafe { &mut *parts.get().add(t) };
+        let (lo, hi) = (t * per, ((t + 1) * per).min(n));
+        let mut r0 = lo;
+        while r0 < hi {
+            let g = GRAD_ROWS.min(hi - r0);
+            for j in 0..g {
+                w.dequantize_row(r0 + j, tmp, &mut wblk[j * k..(j + 1) * k]);
+            }
+            for i in 0..m {
+                let a = &mut acc[i * k..(i + 1) * k];
+                let d = &dy[i * n + r0..i * n + r0 + g];
+                axpy_rows(a, d, &wblk[..g * k], k);
+            }
+            r0 += g;
+        }
+    });
+    dx[..m * k].fill(0.0);
+    for (acc, _, _) in &scratch.per_thread {
+        for (o, v) in dx[..m * k].iter_mut().zip(acc) {
+            *o += *v;
+        }
+    }
+}
+
+/// out += Σ_j d[j] · rows[j], rows of length `k`.
+#[inline]
+fn axpy_rows(out: &mut [f32], d: &[f32], rows: &[f32], k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: FMA and AVX2 are present (checked).
+        return unsafe { axpy_rows_fma(out, d, rows, k) };
+    }
+    axpy_rows_body(out, d, rows, k)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+unsafe fn axpy_rows_fma(out: &mut [f32], d: &[f32], rows: &[f32], k: usize) {
+    axpy_rows_body(out, d, rows, k)
+}
+
+#[inline(always)]
+fn axpy_rows_body(out: &mut [f32], d: &[f32], rows: &[f32], k: usize) {
+    for (c, o) in out.iter_mut().enumerate() {
+        let mut s = *o;
+        for (j, dj) in d.iter().enumerate() {
+            s = dj.mul_add(rows[j * k + c], s);
+        }
+        *o = s;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncParts(*mut (Vec<f32>, Vec<f32>, Vec<u8>));
+// SAFETY: as `SyncPtr`: each thread takes its own element.
+unsafe impl Send for SyncParts {}
+unsafe impl Sync for SyncParts {}
+impl SyncParts {
+    fn get(self) -> *mut (Vec<f32>, Vec<f32>, Vec<u8>) {
+        self.0
+    }
 }
 
 /// A raw pointer that may cross threads; each thread writes a disjoint set of elements.
@@ -436,6 +554,91 @@ impl SyncBytes {
 mod tests {
     use super::*;
     use crate::quant::dequantize_row;
+
+    /// Random weight bytes with sane f16 scales, for formats whose blocks start with
+    /// an f16 scale (and, for Q4_1, an f16 minimum).
+    fn weights(ty: GgmlType, n: usize, k: usize, seed: usize) -> Vec<u8> {
+        let mut data = vec![0u8; n * ty.row_bytes(k).unwrap()];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = ((i * 7 + seed * 31) % 251) as u8;
+        }
+        let bs = ty.type_size();
+        let nhalf = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K) {
+            2
+        } else {
+            1
+        };
+        for (bi, blk) in data.chunks_exact_mut(bs).enumerate() {
+            for h in 0..nhalf {
+                let v = 0.01 + (bi % 5) as f32 * 0.003 - h as f32 * 0.02;
+                blk[2 * h..2 * h + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn backward_input_matches_dense_transpose() {
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+            let (n, k) = (44, 128);
+            let data = weights(ty, n, k, 3);
+            let packed = crate::packed::Packed::pack(ty, n, k, &data);
+            check_backward(ty, n, k, 5, &data, Some(&packed), None);
+        }
+        // A K-quant, repacked for its AVX-512 kernels.
+        let (ty, n, k) = (GgmlType::Q4K, 48, 256);
+        let data = weights(ty, n, k, 5);
+        let kp = crate::kpacked::KPacked::pack(ty, n, k, &data);
+        check_backward(ty, n, k, 3, &data, None, Some(&kp));
+    }
+
+    /// dx = dy·W against the dequantized matrix transposed, in f64, with the matrix in
+    /// its plain and its repacked layout and several thread counts.
+    fn check_backward(
+        ty: GgmlType,
+        n: usize,
+        k: usize,
+        m: usize,
+        data: &[u8],
+        packed: Option<&crate::packed::Packed>,
+        kpacked: Option<&crate::kpacked::KPacked>,
+    ) {
+        let dy: Vec<f32> = (0..m * n)
+            .map(|i| ((i * 29 % 23) as f32 - 11.0) * 0.05)
+            .collect();
+        let rb = ty.row_bytes(k).unwrap();
+        let mut wf = vec![0f32; n * k];
+        for r in 0..n {
+            dequantize_row(ty, &data[r * rb..(r + 1) * rb], &mut wf[r * k..(r + 1) * k]);
+        }
+        let mut want = vec![0f64; m * k];
+        for i in 0..m {
+            for r in 0..n {
+                for j in 0..k {
+                    want[i * k + j] += dy[i * n + r] as f64 * wf[r * k + j] as f64;
+                }
+            }
+        }
+        for (threads, repacked) in [(1, false), (2, false), (3, true), (2, true)] {
+            let w = WeightRef {
+                ty,
+                n,
+                k,
+                data: if repacked { &[] } else { data },
+                packed: packed.filter(|_| repacked),
+                kpacked: kpacked.filter(|_| repacked),
+            };
+            let pool = ThreadPool::new(threads);
+            let mut dx = vec![f32::NAN; m * k];
+            matmul_backward_input(&pool, &w, &dy, m, &mut GradScratch::default(), &mut dx);
+            for (a, b) in dx.iter().zip(&want) {
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{ty:?}, {threads} threads, repacked {repacked}: {a} vs {b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn matmul_matches_row_dots() {

@@ -88,16 +88,7 @@ impl Weight {
 
     /// Row `r` dequantized into `out` (embedding lookup).
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
-        let rb = self.ty.row_bytes(self.k).expect("validated at load");
-        match (&self.packed, &self.kpacked) {
-            (Some(p), _) => {
-                let mut row = vec![0u8; rb];
-                p.unpack_row(r, &mut row);
-                dequantize_row(self.ty, &row, out);
-            }
-            (_, Some(p)) => p.dequantize_row(r, out),
-            _ => dequantize_row(self.ty, &self.bytes.as_slice()[r * rb..(r + 1) * rb], out),
-        }
+        self.as_ref().dequantize_row(r, &mut Vec::new(), out);
     }
 
     /// Repacks the matrix for the AVX-512 kernels (if its format has a packed layout)
