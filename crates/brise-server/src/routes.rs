@@ -44,8 +44,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics_text))
+        .merge(crate::console::api())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health))
+        .merge(crate::console::assets())
         .merge(
             Router::new()
                 .route("/v1/admin/erase", post(admin_erase))
