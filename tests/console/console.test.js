@@ -286,6 +286,12 @@ test('a bad answer with a correction, and a good answer, land in the ledger', {t
   await first.getByText('recorded as a good answer').waitFor();
   assert.deepEqual(show(fid).feedback.map((f) => [f.kind, f.rating, f.correction]), [['rating', 1, null]]);
   await shot('chat-feedback');
+  // A reload keeps the conversation and what was rated (the key is kept for the tab).
+  await page.reload();
+  const kept = page.locator(`li.msg.assistant[data-completion-id="${id}"]`);
+  await kept.waitFor();
+  assert.equal(await kept.getByRole('button', {name: 'Bad answer'}).getAttribute('aria-pressed'), 'true');
+  assert.equal(await page.locator('li.msg').count(), 4);
   assertNoProblems();
 });
 

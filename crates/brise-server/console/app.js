@@ -269,7 +269,28 @@
     return msgs;
   }
 
+  // The conversation survives a reload of the tab (sessionStorage: it goes with the tab).
+  const KEEP = ['role', 'content', 'id', 'model', 'usage', 'ms', 'finish', 'stopped', 'error', 'feedback', 'fbStatus', 'fbError'];
+  function saveConversation() {
+    const conv = state.conv.filter((m) => !m.pending)
+      .map((m) => Object.fromEntries(KEEP.filter((k) => m[k] !== undefined).map((k) => [k, m[k]])));
+    try {
+      sessionStorage.setItem('brise.chat', JSON.stringify(conv));
+    } catch {
+      // Storage full or off: the conversation just won't survive a reload.
+    }
+  }
+  function loadConversation() {
+    try {
+      const conv = JSON.parse(sessionStorage.getItem('brise.chat') || '[]');
+      return Array.isArray(conv) ? conv.filter((m) => m && (m.role === 'user' || m.role === 'assistant') && typeof m.content === 'string') : [];
+    } catch {
+      return [];
+    }
+  }
+
   function renderConversation() {
+    saveConversation();
     const list = $('#messages');
     list.replaceChildren(...state.conv.map((m, i) => {
       const el = m.role === 'user' ? userEl(m, i) : assistantEl(m, i);
@@ -391,6 +412,7 @@
     const el = m.role === 'user' ? userEl(m, i) : assistantEl(m, i);
     elOf.set(m, el);
     old.replaceWith(el);
+    saveConversation();
   }
 
   function setBusy(ctl) {
@@ -771,6 +793,7 @@
     $('#erase-confirm-go').addEventListener('click', erase);
 
     window.addEventListener('hashchange', route);
+    state.conv = loadConversation();
     renderConversation();
     loadModels().then(route);
   }
