@@ -514,6 +514,8 @@
     $('#arena-result').hidden = true;
     try {
       const s = sampling();
+      // Two answers from one version differ only by sampling: greedy settings are left out.
+      if (s.temperature === 0) delete s.temperature;
       const j = await apiJson('/v1/compare', {method: 'POST', body: {model: $('#arena-model').value,
         messages: [{role: 'user', content: prompt}], ...s}});
       arena.cands = j.candidates;
