@@ -272,6 +272,8 @@ test('a bad answer with a correction, and a good answer, land in the ledger', {t
   await answer.getByRole('textbox', {name: 'Better answer'}).fill('Bonjour !');
   await answer.getByRole('textbox', {name: 'Comment (optional)'}).fill('It should be French.');
   await assertLabelled();
+  await answer.getByRole('button', {name: 'Submit feedback'}).scrollIntoViewIfNeeded();
+  await page.waitForTimeout(400); // the conversation scrolls smoothly
   await shot('chat-correction');
   await answer.getByRole('button', {name: 'Submit feedback'}).click();
   await answer.getByText('your better answer was recorded').waitFor();

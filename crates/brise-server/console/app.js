@@ -358,13 +358,20 @@
       const bad = iconButton('down', 'Bad answer', {class: 'bad', 'aria-pressed': fb === 'bad' ? 'true' : 'false',
         'aria-expanded': m.correcting ? 'true' : 'false', 'aria-controls': `fix-${i}`, disabled: fb ? true : undefined});
       good.addEventListener('click', () => rate(m, {rating: 1}, 'good'));
-      bad.addEventListener('click', () => { m.correcting = !m.correcting; refresh(m); if (m.correcting) $(`#fix-${i} textarea`)?.focus(); });
+      bad.addEventListener('click', () => { m.correcting = !m.correcting; refresh(m); if (m.correcting) openedForm(i); });
       actions.append(good, bad);
     }
     li.append(actions);
     if (m.id && m.correcting && !m.feedback) li.append(correctionForm(m, i));
     if (m.fbStatus) li.append(h('p', {class: 'fb-status' + (m.fbError ? ' error-text' : ''), role: 'status'}, m.fbStatus));
     return li;
+  }
+
+  function openedForm(i) {
+    const form = $(`#fix-${i}`);
+    if (!form) return;
+    form.scrollIntoView({block: 'nearest'});
+    $('textarea', form).focus({preventScroll: true});
   }
 
   function correctionForm(m, i) {
