@@ -296,6 +296,8 @@ test('a bad answer with a correction, and a good answer, land in the ledger', {t
   await kept.waitFor();
   assert.equal(await kept.getByRole('button', {name: 'Bad answer'}).getAttribute('aria-pressed'), 'true');
   assert.equal(await page.locator('li.msg').count(), 4);
+  assert.equal(await page.locator('#set-max-tokens').inputValue(), '32', 'settings are kept');
+  assert.equal(await page.locator('#set-temperature').inputValue(), '0');
   assertNoProblems();
 });
 

@@ -573,10 +573,10 @@
 
   // ---- dashboard
   const dash = {data: null, charts: {}};
-  async function loadDashboard() {
+  async function loadDashboard(quiet) {
     const status = $('#dash-status');
     status.className = 'status';
-    status.textContent = 'Loading…';
+    if (quiet !== true) status.textContent = 'Loading…';
     try {
       dash.data = await apiJson('/v1/usage?window=' + $('#dash-window').value);
       status.textContent = `Updated ${new Date().toLocaleTimeString()}.`;
@@ -783,6 +783,23 @@
 
     $('#dash-window').addEventListener('change', loadDashboard);
     $('#dash-refresh').addEventListener('click', loadDashboard);
+    // The dashboard refreshes itself while it is on screen.
+    setInterval(() => {
+      if (!$('#view-dashboard').hidden && !document.hidden) loadDashboard(true);
+    }, 30_000);
+
+    // Chat settings are kept on this device.
+    const SETTINGS = {system: '#set-system', temperature: '#set-temperature', max_tokens: '#set-max-tokens'};
+    try {
+      const saved = JSON.parse(localStorage.getItem('brise.settings') || '{}');
+      for (const [k, sel] of Object.entries(SETTINGS)) if (typeof saved[k] === 'string') $(sel).value = saved[k];
+    } catch {
+      // Unreadable settings: keep the defaults.
+    }
+    for (const sel of Object.values(SETTINGS)) {
+      $(sel).addEventListener('change', () => localStorage.setItem('brise.settings',
+        JSON.stringify(Object.fromEntries(Object.entries(SETTINGS).map(([k, s]) => [k, $(s).value])))));
+    }
 
     $('#admin-unlock').addEventListener('submit', (ev) => {
       ev.preventDefault();
