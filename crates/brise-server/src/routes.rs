@@ -44,8 +44,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics_text))
+        .merge(crate::console::api())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health))
+        .merge(crate::console::assets())
         .merge(
             Router::new()
                 .route("/v1/admin/erase", post(admin_erase))
@@ -1526,7 +1528,8 @@ fn feedback_json(f: &brise_ledger::Feedback) -> Value {
         "comment": f.comment,
         "tags": f.tags,
         "preferred": if f.kind == "preference" { json!(f.completion_id) } else { Value::Null },
-        "rejected": f.rejected_id,
+        "rejected": if f.kind == "preference" { json!(f.rejected_id) } else { Value::Null },
+        "tie": if f.kind == "tie" { json!([f.completion_id, f.rejected_id]) } else { Value::Null },
     })
 }
 
@@ -1569,9 +1572,50 @@ async fn post_feedback(
             .collect::<ApiResult<_>>()?,
         Some(_) => return Err(ApiError::param("tags", "tags must be a list of strings")),
     };
+    // A tie: `{"tie": [a, b]}`, two answers to one prompt judged equally good.
+    let tie = match f.take("tie") {
+        None => None,
+        Some(Value::Array(a)) => match a.as_slice() {
+            [Value::String(x), Value::String(y)] if x != y => Some((x.clone(), y.clone())),
+            [Value::String(_), Value::String(_)] => {
+                return Err(ApiError::param(
+                    "tie",
+                    "a tie needs two different completions",
+                ));
+            }
+            _ => {
+                return Err(ApiError::param(
+                    "tie",
+                    "tie must be a list of two completion ids",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::param(
+                "tie",
+                "tie must be a list of two completion ids",
+            ));
+        }
+    };
     f.finish()?;
-    let (kind, id, rejected_id) = match (completion_id, preferred, rejected) {
-        (Some(id), None, None) => {
+    let (kind, id, rejected_id) = match (completion_id, preferred, rejected, tie) {
+        (None, None, None, Some((a, b))) => {
+            if rating.is_some() || correction.is_some() {
+                return Err(ApiError::param(
+                    "rating",
+                    "a tie takes no rating or correction",
+                ));
+            }
+            // Stored like a choice: the second answer in `rejected_id`, kind "tie".
+            ("tie", a, Some(b))
+        }
+        (_, _, _, Some(_)) => {
+            return Err(ApiError::param(
+                "tie",
+                "give tie alone, without completion_id, preferred or rejected",
+            ));
+        }
+        (Some(id), None, None, None) => {
             if let Some(r) = rating
                 && !matches!(r, -1 | 1..=5)
             {
@@ -1591,7 +1635,7 @@ async fn post_feedback(
             }
             ("rating", id, None)
         }
-        (None, Some(p), Some(r)) => {
+        (None, Some(p), Some(r), None) => {
             if rating.is_some() || correction.is_some() {
                 return Err(ApiError::param(
                     "rating",
@@ -1606,25 +1650,25 @@ async fn post_feedback(
             }
             ("preference", p, Some(r))
         }
-        (None, Some(_), None) => {
+        (None, Some(_), None, None) => {
             return Err(ApiError::param(
                 "rejected",
                 "a pairwise choice needs rejected",
             ));
         }
-        (None, None, Some(_)) => {
+        (None, None, Some(_), None) => {
             return Err(ApiError::param(
                 "preferred",
                 "a pairwise choice needs preferred",
             ));
         }
-        (None, None, None) => {
+        (None, None, None, None) => {
             return Err(ApiError::param(
                 "completion_id",
-                "you must provide completion_id (or preferred and rejected)",
+                "you must provide completion_id (or preferred and rejected, or tie)",
             ));
         }
-        (Some(_), _, _) => {
+        (Some(_), _, _, None) => {
             return Err(ApiError::param(
                 "completion_id",
                 "give completion_id, or preferred and rejected, not both",
@@ -1646,6 +1690,10 @@ async fn post_feedback(
     match l.add_feedback(fb).await {
         Ok(f) => Ok((StatusCode::CREATED, axum::Json(feedback_json(&f))).into_response()),
         Err(brise_ledger::LedgerError::NotFound(id)) => Err(not_found_completion(&id)),
+        Err(brise_ledger::LedgerError::Invalid(_)) if kind == "tie" => Err(ApiError::param(
+            "tie",
+            "the two answers of a tie answer different prompts",
+        )),
         Err(brise_ledger::LedgerError::Invalid(m)) => Err(ApiError::param("rejected", m)),
         Err(e @ brise_ledger::LedgerError::ContentNotKept(_)) => {
             Err(ApiError::param("correction", e.to_string()))
