@@ -198,7 +198,7 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests {
-    use crate::{CompletionRecord, Feedback, Ledger};
+    use crate::{CompletionRecord, Feedback};
     use serde_json::json;
 
     fn rec(id: &str, tenant: &str, at: i64, adapter: Option<&str>) -> CompletionRecord {
