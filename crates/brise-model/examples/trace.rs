@@ -26,6 +26,7 @@ fn main() {
             cache: &mut cache,
             tokens: &seq,
             logits: LogitsWanted::Last,
+            lora: None,
         }],
     );
 }
