@@ -169,7 +169,8 @@ impl Forward<'_> {
                 }
             }
         };
-        if total == 1 {
+        // Decoding steps are small: waking the pool would cost more than the work.
+        if total * rank * (k + n) < 1 << 20 {
             work(0, 1);
         } else {
             let nt = pool.n_threads();
