@@ -156,6 +156,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                                     cache: &mut cache,
                                     tokens: chunk,
                                     logits: LogitsWanted::Last,
+                                    lora: None,
                                 }],
                             );
                         }
@@ -168,6 +169,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                                     cache: &mut cache,
                                     tokens: std::slice::from_ref(tok),
                                     logits: LogitsWanted::Last,
+                                    lora: None,
                                 }],
                             );
                         }

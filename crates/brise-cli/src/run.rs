@@ -5,9 +5,9 @@ use anyhow::{Context, Result, bail};
 use brise_engine::{FinishReason, GenerateOptions, Generation, Generator, SamplingParams, Session};
 use brise_kernels::Isa;
 use brise_kernels::quant::Kernels;
-use brise_model::Model;
 use brise_model::chat::Message;
 use brise_model::tokenizer::Tokenizer;
+use brise_model::{LoraAdapter, Model};
 use clap::Args;
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::Path;
@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// Context size in tokens (default: min(4096, the model's training context))
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<usize>,
+    /// Apply a LoRA adapter: a directory in Hugging Face PEFT's format
+    /// (adapter_config.json + adapter_model.safetensors) made for this model. DoRA and
+    /// other options brise does not implement are refused
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<std::path::PathBuf>,
     /// Restrict kernels to a CPU level: scalar, avx2, avx512-vnni (default: the best available)
     #[arg(long)]
     pub cpu: Option<Isa>,
@@ -110,6 +115,23 @@ pub fn run(a: RunArgs) -> Result<()> {
             t0.elapsed().as_secs_f64() * 1e3
         );
     }
+    let lora = match &a.lora {
+        Some(dir) => {
+            let ad = LoraAdapter::load(dir, &model.cfg)
+                .with_context(|| format!("loading the LoRA adapter {}", dir.display()))?;
+            if a.verbose {
+                eprintln!(
+                    "LoRA adapter {}: rank {}, scale {}, {} modules",
+                    dir.display(),
+                    ad.rank(),
+                    ad.scale(),
+                    ad.targets().len()
+                );
+            }
+            Some(Arc::new(ad))
+        }
+        None => None,
+    };
     let n_ctx = a
         .ctx_size
         .unwrap_or_else(|| model.cfg.n_ctx_train.min(4096));
@@ -132,6 +154,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         },
         max_tokens: usize::try_from(a.max_tokens).ok(),
         stop: a.stop.clone(),
+        lora,
         ..Default::default()
     };
     opts.sampling.validate().map_err(anyhow::Error::msg)?;

@@ -7,7 +7,7 @@ use brise_kernels::pool::ThreadPool;
 use brise_model::forward::{ForwardState, LogitsWanted, SeqBatch};
 use brise_model::kv::KvCache;
 use brise_model::tokenizer::Tokenizer;
-use brise_model::{Model, ModelError};
+use brise_model::{LoraAdapter, Model, ModelError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,8 @@ pub enum EngineError {
 pub struct Session {
     pub cache: KvCache,
     pub tokens: Vec<u32>,
+    /// `LoraAdapter::id` of the adapter the cache was computed with.
+    lora_id: Option<u64>,
 }
 
 impl Session {
@@ -36,6 +38,7 @@ impl Session {
         Session {
             cache: KvCache::new(&model.cfg, n_ctx),
             tokens: Vec::new(),
+            lora_id: None,
         }
     }
 
@@ -62,6 +65,8 @@ pub struct GenerateOptions {
     pub logprobs: Option<usize>,
     /// End-of-generation tokens are not sampled before this many tokens.
     pub min_tokens: usize,
+    /// The LoRA adapter (version) this request runs with; `None` for the base model.
+    pub lora: Option<Arc<LoraAdapter>>,
 }
 
 impl Default for GenerateOptions {
@@ -74,6 +79,7 @@ impl Default for GenerateOptions {
             json: None,
             logprobs: None,
             min_tokens: 0,
+            lora: None,
         }
     }
 }
@@ -428,6 +434,17 @@ impl Decoder {
     }
 }
 
+/// Refuses an adapter made for another model shape.
+pub fn check_lora(model: &Model, lora: Option<&LoraAdapter>) -> Result<(), EngineError> {
+    match lora {
+        Some(a) if !a.fits(&model.cfg) => Err(EngineError::InvalidParam(format!(
+            "the LoRA adapter does not fit {} (made for a model of another shape)",
+            model.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Runs generations on one model with one thread pool.
 pub struct Generator<'m> {
     pub model: &'m Model,
@@ -446,7 +463,13 @@ impl<'m> Generator<'m> {
 
     /// Processes `tokens` into the session (prompt or continuation), in chunks of
     /// `n_batch`. Leaves the last token's logits in the forward state.
-    fn feed(&mut self, s: &mut Session, tokens: &[u32], n_batch: usize) {
+    fn feed(
+        &mut self,
+        s: &mut Session,
+        tokens: &[u32],
+        n_batch: usize,
+        lora: Option<&LoraAdapter>,
+    ) {
         let fwd = self.model.forward();
         let chunks: Vec<&[u32]> = tokens.chunks(n_batch.max(1)).collect();
         for (i, c) in chunks.iter().enumerate() {
@@ -462,6 +485,7 @@ impl<'m> Generator<'m> {
                     cache: &mut s.cache,
                     tokens: c,
                     logits,
+                    lora,
                 }],
             );
             s.tokens.extend_from_slice(c);
@@ -500,19 +524,26 @@ impl<'m> Generator<'m> {
                 "token id {bad} is outside the vocabulary"
             )));
         }
+        let lora = opts.lora.as_deref();
+        check_lora(self.model, lora)?;
         let start = Instant::now();
         // Reuse the cached prefix, but always recompute the last prompt token: its
-        // logits start the generation.
-        let common = s
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len() - 1);
+        // logits start the generation. KV computed under another adapter is not reused.
+        let lora_id = lora.map(LoraAdapter::id);
+        let common = if s.lora_id == lora_id {
+            s.tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len() - 1)
+        } else {
+            0
+        };
+        s.lora_id = lora_id;
         s.cache.truncate(common);
         s.tokens.truncate(common);
-        self.feed(s, &prompt[common..], opts.n_batch);
+        self.feed(s, &prompt[common..], opts.n_batch, lora);
         let prompt_time = start.elapsed();
 
         let mut dec = Decoder::new(opts);
@@ -543,7 +574,7 @@ impl<'m> Generator<'m> {
                         }
                         break FinishReason::ContextFull;
                     }
-                    self.feed(s, &[token], opts.n_batch);
+                    self.feed(s, &[token], opts.n_batch, lora);
                 }
             }
         };

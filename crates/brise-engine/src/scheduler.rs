@@ -14,7 +14,9 @@
 //! cached positions are reused only up to the end of the last whole chunk, which is
 //! exactly what a cold run would have computed there.
 
-use crate::generate::{Decoder, EngineError, FinishReason, GenerateOptions, Step, TokenLogprob};
+use crate::generate::{
+    Decoder, EngineError, FinishReason, GenerateOptions, Step, TokenLogprob, check_lora,
+};
 use brise_kernels::pool::ThreadPool;
 use brise_model::forward::{ForwardState, LogitsWanted, SeqBatch};
 use brise_model::kv::KvCache;
@@ -183,6 +185,9 @@ struct Slot {
     /// Leading positions computed in whole prompt chunks from position 0: what a cold
     /// run computes bit for bit, so they can be reused.
     exact: usize,
+    /// `LoraAdapter::id` of the adapter the cache was computed with: the prefix cache
+    /// is keyed by it too.
+    lora_id: Option<u64>,
     seq: Option<Seq>,
 }
 
@@ -217,6 +222,7 @@ impl Engine {
                 cache: KvCache::new(&model.cfg, cfg.n_ctx_slot),
                 tokens: Vec::new(),
                 exact: 0,
+                lora_id: None,
                 seq: None,
             })
             .collect();
@@ -283,7 +289,11 @@ impl Engine {
         }
         // The free slot whose exactly reusable prefix is longest.
         let nb = self.cfg.n_batch.max(1);
+        let lora_id = r.opts.lora.as_ref().map(|a| a.id());
         let reusable = |s: &Slot| {
+            if s.lora_id != lora_id {
+                return 0;
+            }
             let common = s
                 .tokens
                 .iter()
@@ -306,6 +316,7 @@ impl Engine {
         slot.cache.truncate(reuse);
         slot.tokens.truncate(reuse);
         slot.exact = slot.exact.min(reuse);
+        slot.lora_id = lora_id;
         self.stats
             .prompt_tokens_cached
             .fetch_add(reuse as u64, Ordering::Relaxed);
@@ -332,6 +343,7 @@ impl Engine {
         if r.prompt.is_empty() {
             return Err(EngineError::InvalidParam("the prompt is empty".into()));
         }
+        check_lora(&self.model, r.opts.lora.as_deref())?;
         let n_ctx = self.cfg.n_ctx_slot;
         let need = r
             .prompt
@@ -411,6 +423,7 @@ impl Engine {
                 } else {
                     LogitsWanted::None
                 },
+                lora: seq.req.opts.lora.as_deref(),
             });
         }
         self.model

@@ -5,6 +5,7 @@ pub mod attn;
 pub mod cpu;
 pub mod ggml_type;
 pub mod kpacked;
+pub mod lora;
 pub mod matmul;
 pub mod ops;
 pub mod packed;

@@ -27,6 +27,7 @@ fn main() {
                 cache: &mut cache,
                 tokens: &ids,
                 logits: LogitsWanted::Last,
+                lora: None,
             }],
         );
         let t = &r["top5"];
@@ -68,6 +69,7 @@ fn main() {
             cache: &mut cache,
             tokens: &ids,
             logits: LogitsWanted::Last,
+            lora: None,
         }],
     );
     let batched = st.logits.clone();
@@ -80,6 +82,7 @@ fn main() {
                 cache: &mut cache,
                 tokens: &[*t],
                 logits: LogitsWanted::Last,
+                lora: None,
             }],
         );
     }

@@ -27,6 +27,7 @@ fn main() {
                 cache: &mut cache,
                 tokens: s,
                 logits: LogitsWanted::Last,
+                lora: None,
             }],
         );
         let r = &rl[i * nv..(i + 1) * nv];

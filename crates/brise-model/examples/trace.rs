@@ -1,4 +1,5 @@
 // Debug aid: writes brise's intermediate tensors for one token sequence as raw f32 files.
+// trace MODEL '[ids]' OUT_DIR [LORA_DIR]
 use brise_kernels::pool::ThreadPool;
 use brise_kernels::quant::Kernels;
 use brise_model::Model;
@@ -18,6 +19,9 @@ fn main() {
         let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         std::fs::write(d2.join(format!("{name}-{layer}.f32")), b).unwrap();
     }));
+    let lora = a
+        .get(4)
+        .map(|d| brise_model::LoraAdapter::load(d.as_ref(), &model.cfg).unwrap());
     let mut cache = KvCache::new(&model.cfg, 1024);
     model.forward().run(
         &pool,
@@ -26,6 +30,7 @@ fn main() {
             cache: &mut cache,
             tokens: &seq,
             logits: LogitsWanted::Last,
+            lora: lora.as_ref(),
         }],
     );
 }

@@ -12,6 +12,8 @@ pub enum ModelError {
     Gguf { path: PathBuf, msg: String },
     #[error("{path}: not a valid safetensors model: {msg}")]
     Safetensors { path: PathBuf, msg: String },
+    #[error("{path}: LoRA adapter: {msg}")]
+    Lora { path: PathBuf, msg: String },
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("unsupported model: {0}")]

@@ -2,6 +2,7 @@
 
 use crate::config::ModelConfig;
 use crate::kv::KvCache;
+use crate::lora::{LoraAdapter, Proj};
 use crate::weights::{ModelWeights, Weight};
 use brise_kernels::attn::{self, DotOrder, block16};
 use brise_kernels::matmul::{MatmulScratch, RowStep, matmul, matmul_many};
@@ -10,11 +11,14 @@ use brise_kernels::pool::ThreadPool;
 use brise_kernels::quant::Kernels;
 
 /// One sequence's part of a batch: its cache, the new tokens (appended at the cache's
-/// current length), and whether to return logits for every new token or only the last.
+/// current length), whether to return logits for every new token or only the last, and
+/// the LoRA adapter its projections use, if any.
 pub struct SeqBatch<'a> {
     pub cache: &'a mut KvCache,
     pub tokens: &'a [u32],
     pub logits: LogitsWanted,
+    /// Must fit the model (`LoraAdapter::fits`); callers check.
+    pub lora: Option<&'a LoraAdapter>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +130,54 @@ impl Forward<'_> {
         );
     }
 
+    /// Adds each adapted sequence's `scale · B (A x)` to its rows of projection `p`'s
+    /// output `y` (input `x`). Rows of sequences without an adapter are not touched, so
+    /// they stay bit-identical to a run without LoRA; each row is computed by one thread
+    /// in a fixed order, so results do not depend on the thread count.
+    #[allow(clippy::too_many_arguments)]
+    fn lora(
+        &self,
+        pool: &ThreadPool,
+        spans: &[(std::ops::Range<usize>, &LoraAdapter)],
+        li: usize,
+        p: Proj,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        if spans.is_empty() {
+            return;
+        }
+        let (k, n) = p.dims(self.cfg);
+        let isa = self.kern.isa();
+        let rank = spans.iter().map(|(_, a)| a.rank()).max().unwrap_or(0);
+        let total: usize = spans.iter().map(|(r, _)| r.len()).sum();
+        let end = spans.iter().map(|(r, _)| r.end).max().unwrap_or(0);
+        assert!(x.len() >= end * k && y.len() >= end * n);
+        let yp = SyncMut(y.as_mut_ptr());
+        let work = |t: usize, nt: usize| {
+            let mut tbuf = vec![0f32; rank];
+            let mut idx = 0;
+            for (range, ad) in spans {
+                for i in range.clone() {
+                    if idx % nt == t {
+                        // SAFETY: row i of y (in bounds, asserted above) is written by
+                        // this thread alone while `y`'s borrow is held by this call.
+                        let yr = unsafe { std::slice::from_raw_parts_mut(yp.get().add(i * n), n) };
+                        ad.apply_row(isa, li, p, &x[i * k..(i + 1) * k], yr, &mut tbuf);
+                    }
+                    idx += 1;
+                }
+            }
+        };
+        // Decoding steps are small: waking the pool would cost more than the work.
+        if total * rank * (k + n) < 1 << 20 {
+            work(0, 1);
+        } else {
+            let nt = pool.n_threads();
+            pool.run(|t| work(t, nt));
+        }
+    }
+
     /// Runs the batch, appends its keys and values to the caches, and leaves logits in
     /// `st.logits` for the rows that asked for them. Callers check room in each cache.
     pub fn run(&self, pool: &ThreadPool, st: &mut ForwardState, batch: &mut [SeqBatch]) {
@@ -159,6 +211,22 @@ impl Forward<'_> {
             }
         }
         let r = rows.len();
+        // Rows of each adapted sequence (a sequence's rows are contiguous).
+        let mut spans = Vec::new();
+        let mut start = 0;
+        for sb in batch.iter() {
+            let end = start + sb.tokens.len();
+            if let Some(ad) = sb.lora
+                && end > start
+            {
+                assert!(
+                    ad.fits(cfg),
+                    "callers check that the adapter fits the model"
+                );
+                spans.push((start..end, ad));
+            }
+            start = end;
+        }
         let steps: Vec<RowStep> = rows
             .iter()
             .map(|row| RowStep {
@@ -252,6 +320,12 @@ impl Forward<'_> {
                 if let Some(b) = &lw.bv {
                     ops::add_assign(&mut st.v[i * kvd..(i + 1) * kvd], b);
                 }
+            }
+            // PEFT adds the adapter after the base layer's bias.
+            self.lora(pool, &spans, li, Proj::Q, &st.xn, &mut st.q);
+            self.lora(pool, &spans, li, Proj::K, &st.xn, &mut st.k);
+            self.lora(pool, &spans, li, Proj::V, &st.xn, &mut st.v);
+            for i in 0..r {
                 let rc = &st.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
                 for h in 0..nh {
                     ops::rope_apply(
@@ -292,6 +366,7 @@ impl Forward<'_> {
             self.attention(pool, st, batch, &rows, li, scale, max_ctx);
             trace(st, "kqv_out", li, |s| &s.attn, r * qd);
             self.mm(pool, &mut st.mm, &lw.wo, &st.attn, r, &steps, &mut st.tmp);
+            self.lora(pool, &spans, li, Proj::O, &st.attn, &mut st.tmp);
             ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
             trace(st, "ffn_inp", li, |s| &s.x, r * e);
 
@@ -313,6 +388,8 @@ impl Forward<'_> {
                 &mut st.mm,
                 &mut [&mut st.gate[..r * cfg.n_ff], &mut st.up[..r * cfg.n_ff]],
             );
+            self.lora(pool, &spans, li, Proj::Gate, &st.xn, &mut st.gate);
+            self.lora(pool, &spans, li, Proj::Up, &st.xn, &mut st.up);
             let nf = cfg.n_ff;
             ops::swiglu(&st.gate[..r * nf], &st.up[..r * nf], &mut st.tmp[..r * nf]);
             std::mem::swap(&mut st.tmp, &mut st.gate);
@@ -326,6 +403,7 @@ impl Forward<'_> {
                 &steps,
                 &mut st.tmp,
             );
+            self.lora(pool, &spans, li, Proj::Down, &st.gate, &mut st.tmp);
             trace(st, "ffn_out", li, |s| &s.tmp, r * e);
             ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
             trace(st, "l_out", li, |s| &s.x, r * e);

@@ -59,6 +59,7 @@ fn check(key: &str, file: &str) {
                 cache: &mut cache,
                 tokens: &ids,
                 logits: LogitsWanted::Last,
+                lora: None,
             }],
         );
         if let Some(f) = fx["logits_files"].get(pi.to_string()) {
@@ -94,6 +95,7 @@ fn check(key: &str, file: &str) {
                     cache: &mut cache,
                     tokens: &[t],
                     logits: LogitsWanted::Last,
+                    lora: None,
                 }],
             );
         }

@@ -43,6 +43,7 @@ fn run(model: &Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>, Vec<f32>
                 cache: &mut cache,
                 tokens: &[*t],
                 logits: LogitsWanted::Last,
+                lora: None,
             }],
         );
     }
@@ -60,6 +61,7 @@ fn run(model: &Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>, Vec<f32>
                 cache: &mut cache,
                 tokens: &[t],
                 logits: LogitsWanted::Last,
+                lora: None,
             }],
         );
     }

@@ -1,0 +1,220 @@
+//! The low-rank products of a LoRA adapter, in f32: `t = scale · A x` (rank dot
+//! products over the input width) and `y += Bᵀ-rows · t` (rank axpys over the output
+//! width). With rank ≪ width this costs `rank · (in + out)` per row, a few percent of
+//! the base matrix product.
+//!
+//! The AVX2 kernels and their scalar twins do the same float operations in the same
+//! order (16 FMA lanes, a fixed horizontal-sum tree, per-element FMA chains), so results
+//! are bit-identical on every ISA and the tests compare them exactly.
+
+use crate::cpu::Isa;
+
+/// Lanes of the dot product: two 8-wide accumulators.
+const LANES: usize = 16;
+
+/// `a · x` with 16 FMA lanes, summed as the AVX2 kernel sums them, then the tail.
+pub fn dot_ref(a: &[f32], x: &[f32]) -> f32 {
+    assert_eq!(a.len(), x.len());
+    let body = a.len() / LANES * LANES;
+    let mut acc = [0f32; LANES];
+    for i in (0..body).step_by(LANES) {
+        for l in 0..LANES {
+            acc[l] = a[i + l].mul_add(x[i + l], acc[l]);
+        }
+    }
+    let mut s8 = [0f32; 8];
+    for l in 0..8 {
+        s8[l] = acc[l] + acc[l + 8];
+    }
+    let mut s4 = [0f32; 4];
+    for l in 0..4 {
+        s4[l] = s8[l] + s8[l + 4];
+    }
+    let mut s = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    for i in body..a.len() {
+        s = a[i].mul_add(x[i], s);
+    }
+    s
+}
+
+/// `y[o] += Σ_j t[j] · bt[j·n + o]`, one FMA per (j, o) in increasing `j`.
+pub fn axpy_rows_ref(bt: &[f32], n: usize, t: &[f32], y: &mut [f32]) {
+    assert!(bt.len() >= t.len() * n && y.len() >= n);
+    for (o, yo) in y[..n].iter_mut().enumerate() {
+        let mut v = *yo;
+        for (j, &tj) in t.iter().enumerate() {
+            v = tj.mul_add(bt[j * n + o], v);
+        }
+        *yo = v;
+    }
+}
+
+/// `t[j] = scale · (a[j·k..(j+1)·k] · x)` for every row `j` of `a` (`t.len()` rows).
+pub fn lora_down(isa: Isa, a: &[f32], k: usize, x: &[f32], scale: f32, t: &mut [f32]) {
+    assert!(a.len() >= t.len() * k && x.len() >= k);
+    for (j, tj) in t.iter_mut().enumerate() {
+        let row = &a[j * k..(j + 1) * k];
+        *tj = scale * dot(isa, row, &x[..k]);
+    }
+}
+
+/// `y += B t` with B stored transposed (`bt`: rank rows of the output width `n`).
+pub fn lora_up(isa: Isa, bt: &[f32], n: usize, t: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        assert!(bt.len() >= t.len() * n && y.len() >= n);
+        // SAFETY: an `Isa` of Avx2 or above is only used on CPUs that have AVX2 and FMA
+        // (the caller got it from detection); lengths are checked above.
+        return unsafe { x86::axpy_rows(bt, n, t, y) };
+    }
+    let _ = isa;
+    axpy_rows_ref(bt, n, t, y)
+}
+
+fn dot(isa: Isa, a: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        assert_eq!(a.len(), x.len());
+        // SAFETY: as in `lora_up`; both slices have the same length.
+        return unsafe { x86::dot(a, x) };
+    }
+    let _ = isa;
+    dot_ref(a, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], x: &[f32]) -> f32 {
+        let n = a.len();
+        let body = n / LANES * LANES;
+        let (pa, px) = (a.as_ptr(), x.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 ≤ body ≤ n for both slices.
+            unsafe {
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(px.add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8)),
+                    _mm256_loadu_ps(px.add(i + 8)),
+                    acc1,
+                );
+            }
+            i += LANES;
+        }
+        let s8 = _mm256_add_ps(acc0, acc1);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        // (s0 + s2, s1 + s3), then their sum: the scalar twin's tree.
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        let mut s = _mm_cvtss_f32(s1);
+        for j in body..n {
+            s = a[j].mul_add(x[j], s);
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_rows(bt: &[f32], n: usize, t: &[f32], y: &mut [f32]) {
+        let body = n / 8 * 8;
+        let (pb, py) = (bt.as_ptr(), y.as_mut_ptr());
+        let mut o = 0;
+        while o < body {
+            // SAFETY: o + 8 ≤ n ≤ y.len(), and j·n + o + 8 ≤ t.len()·n ≤ bt.len().
+            unsafe {
+                let mut v = _mm256_loadu_ps(py.add(o));
+                for (j, &tj) in t.iter().enumerate() {
+                    v = _mm256_fmadd_ps(_mm256_set1_ps(tj), _mm256_loadu_ps(pb.add(j * n + o)), v);
+                }
+                _mm256_storeu_ps(py.add(o), v);
+            }
+            o += 8;
+        }
+        for o in body..n {
+            let mut v = y[o];
+            for (j, &tj) in t.iter().enumerate() {
+                v = tj.mul_add(bt[j * n + o], v);
+            }
+            y[o] = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift) for test data of varied magnitude.
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                u * if s & 3 == 0 { 100.0 } else { 1.0 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_matches_scalar_twin_bitwise() {
+        for isa in Isa::supported() {
+            for k in [0, 1, 7, 15, 16, 17, 31, 32, 33, 100, 576, 1537] {
+                for (r, n) in [(1, 1), (3, 7), (4, 8), (8, 9), (5, 33), (8, 576)] {
+                    let a = data(r * k, 1 + k as u64);
+                    let x = data(k, 2 + r as u64);
+                    let mut t = vec![0f32; r];
+                    let mut t_ref = vec![0f32; r];
+                    lora_down(isa, &a, k, &x, 1.7, &mut t);
+                    for j in 0..r {
+                        t_ref[j] = 1.7 * dot_ref(&a[j * k..(j + 1) * k], &x);
+                    }
+                    assert_eq!(bits(&t), bits(&t_ref), "{isa} down k={k} r={r}");
+                    let bt = data(r * n, 3 + n as u64);
+                    let mut y = data(n, 4);
+                    let mut y_ref = y.clone();
+                    lora_up(isa, &bt, n, &t, &mut y);
+                    axpy_rows_ref(&bt, n, &t, &mut y_ref);
+                    assert_eq!(bits(&y), bits(&y_ref), "{isa} up n={n} r={r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_twin_computes_the_product() {
+        let (r, k, n) = (3, 37, 11);
+        let a = data(r * k, 9);
+        let x = data(k, 10);
+        let bt = data(r * n, 11);
+        let y0 = data(n, 12);
+        let mut t = vec![0f32; r];
+        lora_down(Isa::Scalar, &a, k, &x, 0.5, &mut t);
+        let mut y = y0.clone();
+        lora_up(Isa::Scalar, &bt, n, &t, &mut y);
+        for o in 0..n {
+            let mut want = y0[o] as f64;
+            for j in 0..r {
+                let tj: f64 = (0..k).map(|i| a[j * k + i] as f64 * x[i] as f64).sum();
+                want += 0.5 * tj * bt[j * n + o] as f64;
+            }
+            assert!(
+                (y[o] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{o}: {} vs {want}",
+                y[o]
+            );
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+}
