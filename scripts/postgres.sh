@@ -15,7 +15,8 @@ PORT="${BRISE_PG_PORT:-54329}"
 DIR="${TMPDIR:-/tmp}/brise-pg-$PORT"
 URL="postgres://postgres@127.0.0.1:$PORT"
 
-bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+# The newest installed server's binaries (the client package has a bin/ too, without initdb).
+bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | while read -r d; do [[ -x "$d/initdb" ]] && echo "$d"; done | tail -n 1; }
 
 # Runs a server binary as the cluster's owner: PostgreSQL refuses to run as root.
 as_owner() {
