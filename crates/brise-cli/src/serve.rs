@@ -7,6 +7,7 @@ use brise_engine::SamplingParams;
 use brise_engine::scheduler::SchedulerConfig;
 use brise_kernels::Isa;
 use brise_model::Model;
+use brise_model::lora::LoraAdapter;
 use brise_server::{ApiKey, ServedModel, ServerConfig};
 use clap::Args;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +24,10 @@ pub struct ServeArgs {
     /// Models to serve (.gguf files, model directories or names); requests pick one by `model`
     #[arg(default_value = registry::DEFAULT_MODEL, num_args = 1..)]
     pub models: Vec<String>,
+    /// A LoRA adapter (a PEFT directory) to serve as NAME on the first model it fits;
+    /// requests pick it with `model` = "MODEL:NAME" or `"adapter": "NAME"` (repeatable)
+    #[arg(long = "lora", value_name = "NAME=DIR", value_parser = parse_lora)]
+    pub lora: Vec<(String, PathBuf)>,
     /// Address to listen on (0.0.0.0 for every interface)
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -87,6 +92,26 @@ pub fn ledger_spec(arg: Option<&str>) -> Option<String> {
                 .to_string(),
         ),
     }
+}
+
+/// `--lora NAME=DIR`.
+fn parse_lora(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    let (name, dir) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: give NAME=DIR"))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        return Err(format!(
+            "adapter name {name:?}: use letters, digits, '_', '.' or '-'"
+        ));
+    }
+    if dir.is_empty() {
+        return Err(format!("{s:?}: the directory is empty"));
+    }
+    Ok((name.to_string(), PathBuf::from(dir)))
 }
 
 fn parse_key(s: &str) -> Result<ApiKey> {
@@ -169,6 +194,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         admin_key: a.admin_key.clone().filter(|k| !k.is_empty()),
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
+    let loras = a.lora.clone();
     let load = move || -> Result<Vec<ServedModel>> {
         let mut out = Vec::new();
         for (id, aliases, path) in paths {
@@ -212,6 +238,43 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             // Known models were verified by sha256 when pulled.
             sm.sha256 = known.map(|m| m.sha256.to_string());
             out.push(sm);
+        }
+        for (name, dir) in &loras {
+            if out
+                .iter()
+                .any(|m| m.adapters.iter().any(|a| &a.name == name))
+            {
+                bail!("--lora {name}: two adapters have that name");
+            }
+            let mut errors = Vec::new();
+            let mut placed = false;
+            for m in out.iter_mut() {
+                match LoraAdapter::load(dir, &m.model.cfg) {
+                    Ok(ad) => {
+                        eprintln!(
+                            "brise: adapter {name} ({}, rank {}) on {}: model \"{}:{name}\"",
+                            dir.display(),
+                            ad.rank(),
+                            m.id,
+                            m.id
+                        );
+                        m.adapters.push(brise_server::ServedAdapter {
+                            name: name.clone(),
+                            lora: Arc::new(ad),
+                        });
+                        placed = true;
+                        break;
+                    }
+                    Err(e) => errors.push(format!("{}: {e}", m.id)),
+                }
+            }
+            if !placed {
+                bail!(
+                    "--lora {name}={}: fits none of the models ({})",
+                    dir.display(),
+                    errors.join("; ")
+                );
+            }
         }
         Ok(out)
     };

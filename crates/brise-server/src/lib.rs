@@ -31,6 +31,15 @@ pub struct ServedModel {
     pub metrics: metrics::ModelMetrics,
     /// sha256 of the model file, when known (recorded with each completion).
     pub sha256: Option<String>,
+    /// LoRA adapters served on this model: a request names one with `model` =
+    /// `id:name` or the `adapter` field.
+    pub adapters: Vec<ServedAdapter>,
+}
+
+/// A LoRA adapter offered on a model.
+pub struct ServedAdapter {
+    pub name: String,
+    pub lora: Arc<brise_model::lora::LoraAdapter>,
 }
 
 impl ServedModel {
@@ -51,6 +60,54 @@ impl ServedModel {
             created: unix_now(),
             metrics: Default::default(),
             sha256: None,
+            adapters: Vec::new(),
+        }
+    }
+
+    /// The adapter a request asks for, from its `model` (`id:name`) and `adapter`
+    /// fields; `Err` names the problem (an unknown adapter, or two that disagree).
+    pub fn adapter_for(
+        &self,
+        model: &str,
+        field: Option<&str>,
+    ) -> Result<Option<&ServedAdapter>, String> {
+        let by_model = if model == self.id || self.aliases.iter().any(|a| a == model) {
+            None
+        } else {
+            model.rsplit_once(':').map(|(_, a)| a)
+        };
+        let name = match (by_model, field) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "model names adapter {a:?} but adapter is {b:?}: give one"
+                ));
+            }
+            (a, b) => a.or(b),
+        };
+        let Some(name) = name else { return Ok(None) };
+        match self.adapters.iter().find(|a| a.name == name) {
+            Some(a) => Ok(Some(a)),
+            None => Err(format!(
+                "model {} has no adapter {name:?} (it has: {})",
+                self.id,
+                if self.adapters.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.adapters
+                        .iter()
+                        .map(|a| a.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )),
+        }
+    }
+
+    /// The name responses report: the model's id, with `:adapter` when one is used.
+    pub fn served_name(&self, adapter: Option<&ServedAdapter>) -> String {
+        match adapter {
+            Some(a) => format!("{}:{}", self.id, a.name),
+            None => self.id.clone(),
         }
     }
 
@@ -98,10 +155,18 @@ impl AppState {
         self.models.get().map(|v| v.as_slice()).unwrap_or(&[])
     }
 
+    /// The model a request's `model` names: a model's id or alias, or `id:adapter` for
+    /// one of its adapters.
     pub fn find(&self, name: &str) -> Option<&ServedModel> {
-        self.models()
-            .iter()
-            .find(|m| m.id == name || m.aliases.iter().any(|a| a == name))
+        let by_name = |n: &str| {
+            self.models()
+                .iter()
+                .find(|m| m.id == n || m.aliases.iter().any(|a| a == n))
+        };
+        by_name(name).or_else(|| {
+            let (base, adapter) = name.rsplit_once(':')?;
+            by_name(base).filter(|m| m.adapters.iter().any(|a| a.name == adapter))
+        })
     }
 }
 

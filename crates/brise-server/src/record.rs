@@ -114,7 +114,11 @@ impl Recorder {
                 subject,
                 model: m.id.clone(),
                 model_sha256: m.sha256.clone(),
-                adapter: None,
+                adapter: m
+                    .adapter_for(&p.model, p.adapter.as_deref())
+                    .ok()
+                    .flatten()
+                    .map(|a| a.name.clone()),
                 endpoint: endpoint.into(),
                 params,
                 messages,

@@ -37,6 +37,8 @@ pub struct GenParams {
     pub logprobs: Option<usize>,
     /// Mistral's `min_tokens`: no end of generation before this many tokens.
     pub min_tokens: usize,
+    /// brise's `adapter`: a LoRA adapter of the model, by name (or `model` = `id:name`).
+    pub adapter: Option<String>,
 }
 
 pub struct ChatRequest {
@@ -535,6 +537,7 @@ fn gen_params(f: &mut Fields, n_vocab: usize) -> ApiResult<GenParams> {
         }
     };
     let user = f.string("user")?;
+    let adapter = f.string("adapter")?;
     let metadata = match f.take("metadata") {
         None => None,
         Some(Value::Object(m)) => Some(m),
@@ -560,6 +563,7 @@ fn gen_params(f: &mut Fields, n_vocab: usize) -> ApiResult<GenParams> {
         metadata,
         logprobs: None,
         min_tokens,
+        adapter,
     })
 }
 

@@ -4,7 +4,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::metrics;
 use crate::record::Recorder;
 use crate::request::{self, GenParams, PromptInput, Tool, ToolChoice};
-use crate::{AppState, ServedModel, Tenant};
+use crate::{AppState, ServedAdapter, ServedModel, Tenant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -465,14 +465,39 @@ fn model_card(m: &ServedModel) -> Value {
     })
 }
 
+/// An adapter as a model of its own (`id:name`), as vLLM lists LoRA modules.
+fn adapter_card(m: &ServedModel, a: &ServedAdapter) -> Value {
+    let mut c = model_card(m);
+    c["id"] = json!(m.served_name(Some(a)));
+    c["parent"] = json!(m.id);
+    c["root"] = json!(m.id);
+    c["adapter"] = json!({"name": a.name, "rank": a.lora.rank()});
+    c
+}
+
 async fn list_models(State(s): St) -> ApiResult<Response> {
     let models = ready(&s)?;
-    let data: Vec<Value> = models.iter().map(model_card).collect();
+    let mut data = Vec::new();
+    for m in models {
+        data.push(model_card(m));
+        data.extend(m.adapters.iter().map(|a| adapter_card(m, a)));
+    }
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn get_model(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
-    Ok(axum::Json(model_card(find(&s, &id)?)).into_response())
+    let m = find(&s, &id)?;
+    let card = match m.adapter_for(&id, None) {
+        Ok(Some(a)) => adapter_card(m, a),
+        _ => model_card(m),
+    };
+    Ok(axum::Json(card).into_response())
+}
+
+/// The LoRA adapter a request asks for (by `model` = `id:name` or `adapter`).
+fn adapter_of<'a>(m: &'a ServedModel, p: &GenParams) -> ApiResult<Option<&'a ServedAdapter>> {
+    m.adapter_for(&p.model, p.adapter.as_deref())
+        .map_err(|e| ApiError::param("adapter", e))
 }
 
 /// The sampling and stopping options of one choice.
@@ -534,6 +559,7 @@ fn options(
         json,
         logprobs: p.logprobs,
         min_tokens: p.min_tokens,
+        lora: adapter_of(m, p)?.map(|a| a.lora.clone()),
         ..Default::default()
     })
 }
@@ -864,7 +890,7 @@ async fn chat_like(
     if p.stream {
         return Ok(stream(
             s.clone(),
-            m.id.clone(),
+            m.served_name(adapter_of(m, p)?),
             id,
             created,
             run,
@@ -932,7 +958,7 @@ async fn chat_like(
         "id": id,
         "object": "chat.completion",
         "created": created,
-        "model": m.id,
+        "model": m.served_name(adapter_of(m, p)?),
         "choices": out,
         "usage": usage(prompt.len(), completion),
     }))
@@ -1052,7 +1078,7 @@ async fn completions(
         }
         return Ok(stream(
             s.clone(),
-            m.id.clone(),
+            m.served_name(adapter_of(m, p)?),
             id,
             created,
             run,
@@ -1118,7 +1144,7 @@ async fn completions(
         "id": id,
         "object": "text_completion",
         "created": created,
-        "model": m.id,
+        "model": m.served_name(adapter_of(m, p)?),
         "choices": out,
         "usage": usage(prompt_tokens, completion),
     }))
@@ -1499,7 +1525,7 @@ async fn compare(
     }
     Ok(axum::Json(json!({
         "object": "comparison",
-        "model": m.id,
+        "model": m.served_name(adapter_of(m, p)?),
         "created": crate::unix_now(),
         "candidates": cands,
     }))
