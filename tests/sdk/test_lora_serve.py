@@ -93,3 +93,36 @@ def test_bad_lora_flags_are_refused(tmp_path):
         p = subprocess.run([str(BRISE_BIN), "serve", MODEL, "--port", "1", "--ledger", "off", "--lora", arg],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode != 0 and msg in p.stderr, (arg, p.stderr)
+
+
+def test_compare_base_with_an_adapter(lora_srv):
+    """The arena's comparison: the current version against a candidate adapter, blind."""
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    body = {"model": MODEL, "messages": msgs, "max_tokens": 8, "temperature": 0}
+    with httpx.Client(base_url=lora_srv.url, timeout=60, trust_env=False) as c:
+        r = c.post("/v1/compare", json={**body, "versions": ["base", "house"]})
+        assert r.status_code == 200, r.text
+        cands = r.json()["candidates"]
+        assert sorted(x["version"] for x in cands) == ["base", "house"]
+        # Greedy, so each candidate is what its version answers alone.
+        for x in cands:
+            model = MODEL if x["version"] == "base" else f"{MODEL}:house"
+            alone = c.post("/v1/chat/completions", json={**body, "model": model}).json()
+            assert x["message"]["content"] == alone["choices"][0]["message"]["content"], x["version"]
+            rec = json.loads(subprocess.run([str(BRISE_BIN), "ledger", "show", x["id"], "--ledger",
+                                             str(lora_srv.ledger)], capture_output=True, text=True).stdout)
+            assert rec["adapter"] == (None if x["version"] == "base" else "house")
+        house = next(x for x in cands if x["version"] == "house")
+        base = next(x for x in cands if x["version"] == "base")
+        assert c.post("/v1/feedback", json={"preferred": house["id"], "rejected": base["id"]}).status_code == 201
+
+        # Blind: over a few runs, the adapter is not always on the same side.
+        sides = {c.post("/v1/compare", json={**body, "versions": ["base", "house"]}).json()["candidates"][0]["version"]
+                 for _ in range(20)}
+        assert sides == {"base", "house"}
+
+        for bad, param in (({"versions": ["base", "nope"]}, "versions"), ({"versions": ["base"]}, "versions"),
+                           ({"versions": "house"}, "versions"), ({"model": f"{MODEL}:house"}, "adapter"),
+                           ({"adapter": "house"}, "adapter"), ({}, "temperature")):
+            r = c.post("/v1/compare", json={**body, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)

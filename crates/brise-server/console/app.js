@@ -229,6 +229,7 @@
   async function loadModels() {
     try {
       const j = await apiJson('/v1/models');
+      state.cards = j.data;
       state.models = j.data.map((m) => m.id);
     } catch (e) {
       toast(e.message);
@@ -521,10 +522,22 @@
     $('#arena-result').hidden = true;
     try {
       const s = sampling();
+      // An adapter picked (or the base model's newest adapter) is compared with the base
+      // version; without adapters, two answers of the one version.
+      const picked = (state.cards || []).find((m) => m.id === $('#arena-model').value);
+      let model = $('#arena-model').value;
+      let versions;
+      if (picked && picked.parent) {
+        model = picked.parent;
+        versions = ['base', picked.adapter.name];
+      } else {
+        const adapters = (state.cards || []).filter((m) => m.parent === model);
+        if (adapters.length) versions = ['base', adapters[adapters.length - 1].adapter.name];
+      }
       // Two answers from one version differ only by sampling: greedy settings are left out.
-      if (s.temperature === 0) delete s.temperature;
-      const j = await apiJson('/v1/compare', {method: 'POST', body: {model: $('#arena-model').value,
-        messages: [{role: 'user', content: prompt}], ...s}});
+      if (!versions && s.temperature === 0) delete s.temperature;
+      const j = await apiJson('/v1/compare', {method: 'POST', body: {model,
+        messages: [{role: 'user', content: prompt}], ...(versions ? {versions} : {}), ...s}});
       arena.cands = j.candidates;
       arena.chosen = false;
       for (const [side, c] of [['left', j.candidates[0]], ['right', j.candidates[1]]]) {

@@ -138,6 +138,13 @@ impl Recorder {
         })
     }
 
+    /// The same request's record for an answer from another version (compare).
+    pub fn for_adapter(&self, adapter: Option<String>) -> Recorder {
+        let mut r = self.clone();
+        r.base.adapter = adapter;
+        r
+    }
+
     /// The record as it is kept: training consent from the request, else its tenant's
     /// default; content at the lower of the request's and the tenant's levels.
     async fn finish(

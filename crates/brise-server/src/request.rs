@@ -263,6 +263,16 @@ impl Fields {
         }
     }
 
+    /// Takes a field out, unchecked, for a route that reads it itself.
+    pub fn remove(&mut self, k: &str) -> Option<Value> {
+        self.map.remove(k)
+    }
+
+    /// The fields left, as a JSON body.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.map).unwrap_or_default()
+    }
+
     /// Whether the field is present (even as null).
     pub fn has(&self, k: &str) -> bool {
         self.map.contains_key(k)

@@ -1452,9 +1452,56 @@ async fn compare(
     let body = body_bytes(body)?;
     ready(&s)?;
     ledger(&s)?;
-    let req = request::parse_chat(&body, n_vocab_of(&s))?;
+    // `versions` is compare's own field; the rest is a chat request.
+    let mut f = request::Fields::parse(&body)?;
+    let versions = f.remove("versions");
+    let chat_body = f.to_body();
+    let req = request::parse_chat(&chat_body, n_vocab_of(&s))?;
     let m = find(&s, &req.params.model)?;
     let p = &req.params;
+    if p.adapter.is_some() || m.adapter_for(&p.model, None).ok().flatten().is_some() {
+        return Err(ApiError::param(
+            "adapter",
+            "a comparison names its versions in `versions` (e.g. [\"base\", \"NAME\"]), not in model or adapter",
+        ));
+    }
+    // Each candidate's version: "base" (no adapter) or one of the model's adapters.
+    let versions: Vec<String> = match versions {
+        None => vec!["base".into(), "base".into()],
+        Some(Value::Array(v)) if v.len() == 2 && v.iter().all(Value::is_string) => v
+            .iter()
+            .map(|x| x.as_str().unwrap_or_default().to_string())
+            .collect(),
+        Some(_) => {
+            return Err(ApiError::param(
+                "versions",
+                "versions must be a list of two names: \"base\" or an adapter of the model",
+            ));
+        }
+    };
+    let mut loras = Vec::new();
+    for v in &versions {
+        if v == "base" {
+            loras.push(None);
+            continue;
+        }
+        match m.adapter_for(&m.id, Some(v)) {
+            Ok(Some(a)) => loras.push(Some(a)),
+            _ => {
+                return Err(ApiError::param(
+                    "versions",
+                    format!(
+                        "model {} has no version {v:?} (it has: base{})",
+                        m.id,
+                        m.adapters
+                            .iter()
+                            .map(|a| format!(", {}", a.name))
+                            .collect::<String>()
+                    ),
+                ));
+            }
+        }
+    }
     if p.stream || p.n != 1 || !req.tools.is_empty() || p.logprobs.is_some() {
         return Err(ApiError::param(
             if p.stream {
@@ -1470,7 +1517,7 @@ async fn compare(
         ));
     }
     let temperature = p.temperature.unwrap_or(m.defaults.temperature);
-    if temperature <= 0.0 {
+    if temperature <= 0.0 && versions[0] == versions[1] {
         return Err(ApiError::param(
             "temperature",
             "both candidates come from one model version, so they need sampling (temperature > 0)",
@@ -1487,6 +1534,7 @@ async fn compare(
         .map(|c| {
             let mut o = options(m, p, prompt.len(), c, req.json.clone())?;
             o.sampling.seed = Some(base_seed.wrapping_add(c as u64));
+            o.lora = loras[c].map(|a| a.lora.clone());
             Ok((prompt.clone(), o))
         })
         .collect::<ApiResult<Vec<_>>>()?;
@@ -1500,20 +1548,21 @@ async fn compare(
         }
     };
     let mut cands = Vec::new();
-    for c in &choices {
+    for (k, c) in choices.iter().enumerate() {
         let id = new_id("chatcmpl");
         let finish = finish_reason(c.finish);
-        rec.ok(
-            &id,
-            json!([{"text": c.text, "finish_reason": finish}]),
-            prompt.len(),
-            c.n_gen,
-            c.first_token,
-        )
-        .await?;
+        rec.for_adapter(loras[k].map(|a| a.name.clone()))
+            .ok(
+                &id,
+                json!([{"text": c.text, "finish_reason": finish}]),
+                prompt.len(),
+                c.n_gen,
+                c.first_token,
+            )
+            .await?;
         cands.push(json!({
             "id": id,
-            "version": "base",
+            "version": versions[k],
             "message": {"role": "assistant", "content": c.text},
             "finish_reason": finish,
             "usage": usage(prompt.len(), c.n_gen),
