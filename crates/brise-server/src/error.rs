@@ -140,6 +140,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A ledger failure the route does not map itself is the server's fault.
+impl From<brise_ledger::LedgerError> for ApiError {
+    fn from(e: brise_ledger::LedgerError) -> ApiError {
+        ApiError::internal(e.to_string())
+    }
+}
+
 impl From<brise_engine::EngineError> for ApiError {
     fn from(e: brise_engine::EngineError) -> ApiError {
         use brise_engine::EngineError as E;

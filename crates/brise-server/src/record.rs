@@ -178,6 +178,36 @@ impl Recorder {
         Ok(rec)
     }
 
+    /// The record of an answer (complete or not) as the client got it.
+    fn answered(
+        &self,
+        id: &str,
+        output: Value,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        first_token: Option<Instant>,
+    ) -> CompletionRecord {
+        CompletionRecord {
+            id: id.into(),
+            output,
+            prompt_tokens: prompt_tokens as i64,
+            completion_tokens: completion_tokens as i64,
+            ttft_ms: first_token.map(|t| (t - self.start).as_secs_f64() * 1e3),
+            latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            ..self.base.clone()
+        }
+    }
+
+    /// Applies the tenant's policy to a record and commits it.
+    async fn commit(
+        &self,
+        l: &Ledger,
+        rec: CompletionRecord,
+    ) -> Result<(), brise_ledger::LedgerError> {
+        let rec = self.finish(l, rec).await?;
+        l.record(rec).await
+    }
+
     /// Commits the record of a complete answer. A client never gets an answer the
     /// ledger failed to record: the failure is the response.
     pub async fn ok(
@@ -191,25 +221,8 @@ impl Recorder {
         let Some(l) = &self.ledger else {
             return Ok(());
         };
-        let rec = CompletionRecord {
-            id: id.into(),
-            output,
-            prompt_tokens: prompt_tokens as i64,
-            completion_tokens: completion_tokens as i64,
-            ttft_ms: first_token.map(|t| (t - self.start).as_secs_f64() * 1e3),
-            latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
-            ..self.base.clone()
-        };
-        let rec = match self.finish(l, rec).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("ledger: {e}");
-                return Err(ApiError::internal(format!(
-                    "the answer could not be recorded: {e}"
-                )));
-            }
-        };
-        l.record(rec).await.map_err(|e| {
+        let rec = self.answered(id, output, prompt_tokens, completion_tokens, first_token);
+        self.commit(l, rec).await.map_err(|e| {
             tracing::error!("ledger: {e}");
             ApiError::internal(format!("the answer could not be recorded: {e}"))
         })
@@ -230,23 +243,12 @@ impl Recorder {
             return;
         };
         let rec = CompletionRecord {
-            id: id.into(),
-            output,
-            prompt_tokens: prompt_tokens as i64,
-            completion_tokens: completion_tokens as i64,
-            ttft_ms: first_token.map(|t| (t - self.start).as_secs_f64() * 1e3),
-            latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
             status: "cancelled".into(),
             error: Some("the client disconnected before the answer was complete".into()),
-            ..self.base.clone()
+            ..self.answered(id, output, prompt_tokens, completion_tokens, first_token)
         };
-        match self.finish(l, rec).await {
-            Ok(rec) => {
-                if let Err(e) = l.record(rec).await {
-                    tracing::error!("ledger: {e}");
-                }
-            }
-            Err(e) => tracing::error!("ledger: {e}"),
+        if let Err(e) = self.commit(l, rec).await {
+            tracing::error!("ledger: {e}");
         }
     }
 

@@ -151,8 +151,7 @@ async fn admin_erase(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
     f.finish()?;
     let r = l
         .erase_subject("admin-api", tenant.as_deref(), &subject)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .await?;
     Ok(axum::Json(serde_json::to_value(&r).unwrap_or(Value::Null)).into_response())
 }
 
@@ -167,9 +166,7 @@ async fn admin_object(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiR
     // Without a tenant: the subject in every tenant.
     let tenant = f.string("tenant")?.unwrap_or_else(|| "*".into());
     f.finish()?;
-    l.object("admin-api", &tenant, &subject)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    l.object("admin-api", &tenant, &subject).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"object": "objection", "tenant": tenant, "subject": subject})),
@@ -181,17 +178,13 @@ async fn admin_export_subject(State(s): St, Path(subject): Path<String>) -> ApiR
     let l = ledger(&s)?;
     let mut out = Vec::new();
     l.export_subject("admin-api", None, &subject, &mut out)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .await?;
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
 }
 
 async fn admin_get_retention(State(s): St) -> ApiResult<Response> {
     let l = ledger(&s)?;
-    let r = l
-        .retention()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let r = l.retention().await?;
     Ok(axum::Json(json!(r)).into_response())
 }
 
@@ -203,10 +196,7 @@ async fn admin_set_retention(
 ) -> ApiResult<Response> {
     let body = body_bytes(body)?;
     let l = ledger(&s)?;
-    let old = l
-        .retention()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let old = l.retention().await?;
     let mut f = request::Fields::parse(&body)?;
     let max = brise_ledger::retention::MAX_DAYS;
     let mut days = |k: &str, old: Option<i64>| -> ApiResult<Option<i64>> {
@@ -227,13 +217,8 @@ async fn admin_set_retention(
         feedback_days: days("feedback_days", old.feedback_days)?,
     };
     f.finish()?;
-    l.set_retention("admin-api", r)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let rep = l
-        .purge("retention", brise_ledger::now_ms())
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    l.set_retention("admin-api", r).await?;
+    let rep = l.purge("retention", brise_ledger::now_ms()).await?;
     Ok(axum::Json(json!({"retention": r, "purged": rep})).into_response())
 }
 
@@ -249,18 +234,13 @@ async fn admin_hold(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRes
     let tenant = f.string("tenant")?.unwrap_or_else(|| "*".into());
     let on = f.bool("hold")?.unwrap_or(true);
     f.finish()?;
-    l.hold("admin-api", &tenant, &subject, on)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    l.hold("admin-api", &tenant, &subject, on).await?;
     Ok(axum::Json(json!({"tenant": tenant, "subject": subject, "hold": on})).into_response())
 }
 
 async fn admin_stats(State(s): St) -> ApiResult<Response> {
     let l = ledger(&s)?;
-    let st = l
-        .stats()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let st = l.stats().await?;
     Ok(axum::Json(json!(st)).into_response())
 }
 
@@ -292,10 +272,7 @@ async fn admin_export(
         model: q.get("model").cloned(),
     };
     let mut out = Vec::new();
-    let rep = l
-        .export("admin-api", format, &filter, &mut out)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let rep = l.export("admin-api", format, &filter, &mut out).await?;
     let report = serde_json::to_string(&rep).unwrap_or_default();
     let mut r = ([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response();
     if let Ok(v) = HeaderValue::from_str(&report) {
@@ -314,10 +291,7 @@ fn policy_json(tenant: &str, p: &brise_ledger::governance::TenantPolicy) -> Valu
 
 async fn admin_get_tenant(State(s): St, Path(tenant): Path<String>) -> ApiResult<Response> {
     let l = ledger(&s)?;
-    let p = l
-        .tenant_policy(&tenant)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let p = l.tenant_policy(&tenant).await?;
     Ok(axum::Json(policy_json(&tenant, &p)).into_response())
 }
 
@@ -356,21 +330,14 @@ async fn admin_set_tenant(
     }
     let p = l
         .set_tenant_policy("admin-api", &tenant, training, level)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .await?;
     Ok(axum::Json(policy_json(&tenant, &p)).into_response())
 }
 
 async fn admin_audit(State(s): St) -> ApiResult<Response> {
     let l = ledger(&s)?;
-    let entries = l
-        .audit_entries()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let verified = l
-        .verify_audit()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let entries = l.audit_entries().await?;
+    let verified = l.verify_audit().await?;
     Ok(axum::Json(json!({
         "object": "list",
         "data": entries,
@@ -1790,17 +1757,11 @@ async fn get_feedback(
     let id = q
         .get("completion_id")
         .ok_or_else(|| ApiError::param("completion_id", "you must provide completion_id"))?;
-    let rec = l
-        .get(id, Some(&tenant.0))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let rec = l.get(id, Some(&tenant.0)).await?;
     if rec.is_none() {
         return Err(not_found_completion(id));
     }
-    let items = l
-        .feedback_for(id, Some(&tenant.0))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let items = l.feedback_for(id, Some(&tenant.0)).await?;
     let data: Vec<Value> = items.iter().map(feedback_json).collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
