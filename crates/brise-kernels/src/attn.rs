@@ -250,6 +250,73 @@ mod x86 {
     }
 }
 
+/// One head of one sequence for [`attention_backward_head`]: the rows are positions
+/// `0..lo.len()` of a cache that started empty, row `i` attends `lo[i]..=i`, and its
+/// probabilities (the forward's softmax output, before any f16 rounding) are
+/// `probs[p_off[i]..p_off[i] + i + 1 - lo[i]]`. Row `i`'s vectors start at `i · stride`
+/// in `q`, `k`, `v` and `dout` (each its own stride), `hd` values each.
+pub struct HeadRows<'a> {
+    pub hd: usize,
+    pub scale: f32,
+    pub lo: &'a [usize],
+    pub p_off: &'a [usize],
+    pub probs: &'a [f32],
+    pub q: (&'a [f32], usize),
+    pub k: (&'a [f32], usize),
+    pub v: (&'a [f32], usize),
+    pub dout: (&'a [f32], usize),
+}
+
+/// Backward of softmax attention for one head: with `s_ij = scale · q_i·k_j`,
+/// `p_i = softmax(s_i)` and `out_i = Σ_j p_ij v_j`, writes `dq` (row `i` at
+/// `i · dq_stride`) and adds into `dk` and `dv` (`rows × hd`, contiguous). `dp` is
+/// scratch. Sums over `j` run in increasing order, in f32.
+pub fn attention_backward_head(
+    h: &HeadRows,
+    dq: (&mut [f32], usize),
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dp: &mut Vec<f32>,
+) {
+    let hd = h.hd;
+    let rows = h.lo.len();
+    let (dq, dqs) = dq;
+    fn vec(b: (&[f32], usize), i: usize, hd: usize) -> &[f32] {
+        &b.0[i * b.1..i * b.1 + hd]
+    }
+    for i in 0..rows {
+        let lo = h.lo[i];
+        let n = i + 1 - lo;
+        let p = &h.probs[h.p_off[i]..h.p_off[i] + n];
+        let dout = vec(h.dout, i, hd);
+        dp.clear();
+        dp.resize(n, 0.0);
+        for (jj, d) in dp.iter_mut().enumerate() {
+            let vj = vec(h.v, lo + jj, hd);
+            *d = dout.iter().zip(vj).map(|(a, b)| a * b).sum();
+            let dvj = &mut dv[(lo + jj) * hd..(lo + jj + 1) * hd];
+            for (o, g) in dvj.iter_mut().zip(dout) {
+                *o += p[jj] * g;
+            }
+        }
+        let dot: f32 = p.iter().zip(dp.iter()).map(|(a, b)| a * b).sum();
+        let qi = vec(h.q, i, hd);
+        let dqi = &mut dq[i * dqs..i * dqs + hd];
+        dqi.fill(0.0);
+        for jj in 0..n {
+            let ds = p[jj] * (dp[jj] - dot) * h.scale;
+            let kj = vec(h.k, lo + jj, hd);
+            for (o, kv) in dqi.iter_mut().zip(kj) {
+                *o += ds * kv;
+            }
+            let dkj = &mut dk[(lo + jj) * hd..(lo + jj + 1) * hd];
+            for (o, qv) in dkj.iter_mut().zip(qi) {
+                *o += ds * qv;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -738,6 +805,113 @@ mod block16_tests {
                         a.map(f32::to_bits),
                         b.map(f32::to_bits),
                         "{order:?} [{lo},{hi}) n_kv={n_kv} d0={d0}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod backward_tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Σ w · out for causal attention over `rows` rows with window `win`, in f64.
+    fn objective(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        w: &[f32],
+        hd: usize,
+        win: usize,
+        sc: f64,
+    ) -> f64 {
+        let rows = q.len() / hd;
+        let mut f = 0f64;
+        for i in 0..rows {
+            let lo = (i + 1).saturating_sub(win);
+            let s: Vec<f64> = (lo..=i)
+                .map(|j| {
+                    sc * (0..hd)
+                        .map(|d| q[i * hd + d] as f64 * k[j * hd + d] as f64)
+                        .sum::<f64>()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for (jj, j) in (lo..=i).enumerate() {
+                let p = (s[jj] - m).exp() / z;
+                for d in 0..hd {
+                    f += w[i * hd + d] as f64 * p * v[j * hd + d] as f64;
+                }
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn matches_finite_differences_with_and_without_a_window() {
+        let (rows, hd) = (7, 6);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let q: Vec<f32> = data(rows * hd, 1).iter().map(|x| x * 3.0).collect();
+        let k: Vec<f32> = data(rows * hd, 2).iter().map(|x| x * 3.0).collect();
+        let v = data(rows * hd, 3);
+        let w = data(rows * hd, 4);
+        for win in [usize::MAX, 3] {
+            let lo: Vec<usize> = (0..rows).map(|i| (i + 1).saturating_sub(win)).collect();
+            let mut p_off = Vec::new();
+            let mut probs = Vec::new();
+            for i in 0..rows {
+                p_off.push(probs.len());
+                let s: Vec<f32> = (lo[i]..=i)
+                    .map(|j| scale * (0..hd).map(|d| q[i * hd + d] * k[j * hd + d]).sum::<f32>())
+                    .collect();
+                let mut p = s.clone();
+                crate::ops::softmax(&mut p);
+                probs.extend(p);
+            }
+            let h = HeadRows {
+                hd,
+                scale,
+                lo: &lo,
+                p_off: &p_off,
+                probs: &probs,
+                q: (&q, hd),
+                k: (&k, hd),
+                v: (&v, hd),
+                dout: (&w, hd),
+            };
+            let (mut dq, mut dk, mut dv) = (
+                vec![0f32; rows * hd],
+                vec![0f32; rows * hd],
+                vec![0f32; rows * hd],
+            );
+            attention_backward_head(&h, (&mut dq, hd), &mut dk, &mut dv, &mut Vec::new());
+            let eps = 1e-3f32;
+            for (which, g) in [(0, &dq), (1, &dk), (2, &dv)] {
+                for idx in 0..rows * hd {
+                    let mut t = [q.clone(), k.clone(), v.clone()];
+                    t[which][idx] += eps;
+                    let fp = objective(&t[0], &t[1], &t[2], &w, hd, win, scale as f64);
+                    t[which][idx] -= 2.0 * eps;
+                    let fm = objective(&t[0], &t[1], &t[2], &w, hd, win, scale as f64);
+                    let want = (fp - fm) / (2.0 * eps as f64);
+                    assert!(
+                        (g[idx] as f64 - want).abs() < 1e-4 + 1e-3 * want.abs(),
+                        "window {win}, grad {which}[{idx}]: {} vs finite difference {want}",
+                        g[idx]
                     );
                 }
             }

@@ -3,4 +3,7 @@
 //! clipping, each matching what PyTorch and Hugging Face do (fixtures in
 //! tests/fixtures/train, from scripts/ref/gen_optim.py).
 
+pub mod data;
+pub mod loss;
 pub mod optim;
+pub mod trainer;
