@@ -9,6 +9,7 @@
 //! kernel reproduces the lane assignment, the FMA order and the horizontal-sum tree, so
 //! the results are bit-identical.
 
+use crate::lora;
 use crate::ops::expf;
 use half::f16;
 
@@ -270,8 +271,10 @@ pub struct HeadRows<'a> {
 /// Backward of softmax attention for one head: with `s_ij = scale · q_i·k_j`,
 /// `p_i = softmax(s_i)` and `out_i = Σ_j p_ij v_j`, writes `dq` (row `i` at
 /// `i · dq_stride`) and adds into `dk` and `dv` (`rows × hd`, contiguous). `dp` is
-/// scratch. Sums over `j` run in increasing order, in f32.
+/// scratch. Sums over `j` run in increasing order, in f32; the dot products are
+/// `lora::dot`'s (the same bits on every ISA).
 pub fn attention_backward_head(
+    isa: crate::cpu::Isa,
     h: &HeadRows,
     dq: (&mut [f32], usize),
     dk: &mut [f32],
@@ -293,28 +296,105 @@ pub fn attention_backward_head(
         dp.resize(n, 0.0);
         for (jj, d) in dp.iter_mut().enumerate() {
             let vj = vec(h.v, lo + jj, hd);
-            *d = dout.iter().zip(vj).map(|(a, b)| a * b).sum();
-            let dvj = &mut dv[(lo + jj) * hd..(lo + jj + 1) * hd];
-            for (o, g) in dvj.iter_mut().zip(dout) {
-                *o += p[jj] * g;
-            }
+            *d = lora::dot(isa, dout, vj);
+            lora::axpy(
+                isa,
+                &mut dv[(lo + jj) * hd..(lo + jj + 1) * hd],
+                p[jj],
+                dout,
+            );
         }
-        let dot: f32 = p.iter().zip(dp.iter()).map(|(a, b)| a * b).sum();
+        let dot = lora::dot(isa, p, dp);
         let qi = vec(h.q, i, hd);
         let dqi = &mut dq[i * dqs..i * dqs + hd];
         dqi.fill(0.0);
         for jj in 0..n {
             let ds = p[jj] * (dp[jj] - dot) * h.scale;
-            let kj = vec(h.k, lo + jj, hd);
-            for (o, kv) in dqi.iter_mut().zip(kj) {
-                *o += ds * kv;
-            }
-            let dkj = &mut dk[(lo + jj) * hd..(lo + jj + 1) * hd];
-            for (o, qv) in dkj.iter_mut().zip(qi) {
-                *o += ds * qv;
-            }
+            lora::axpy(isa, dqi, ds, vec(h.k, lo + jj, hd));
+            lora::axpy(isa, &mut dk[(lo + jj) * hd..(lo + jj + 1) * hd], ds, qi);
         }
     }
+}
+
+/// Buffers of [`attention_backward_head_dense`].
+#[derive(Default)]
+pub struct HeadScratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    vt: Vec<f32>,
+    dout: Vec<f32>,
+    p: Vec<f32>,
+    pt: Vec<f32>,
+    ds: Vec<f32>,
+    dst: Vec<f32>,
+}
+
+/// [`attention_backward_head`] as dense products (`gemm_acc`) over the sequence's
+/// `rows × rows` score matrix, masked entries zero: `dP = dO·Vᵀ`, `dS = P ∘ (dP − rowsum)`,
+/// `dQ = s·dS·K`, `dK = s·dSᵀ·Q`, `dV = Pᵀ·dO`. It does twice the causal work but at
+/// matrix-product speed; the per-row version is its reference.
+pub fn attention_backward_head_dense(
+    h: &HeadRows,
+    dq: (&mut [f32], usize),
+    dk: &mut [f32],
+    dv: &mut [f32],
+    sc: &mut HeadScratch,
+) {
+    use crate::matmul::gemm_acc;
+    let hd = h.hd;
+    let r = h.lo.len();
+    let gather = |src: (&[f32], usize), out: &mut Vec<f32>| {
+        out.clear();
+        for i in 0..r {
+            out.extend_from_slice(&src.0[i * src.1..i * src.1 + hd]);
+        }
+    };
+    gather(h.q, &mut sc.q);
+    gather(h.k, &mut sc.k);
+    gather(h.dout, &mut sc.dout);
+    sc.vt.clear();
+    sc.vt.resize(hd * r, 0.0);
+    for i in 0..r {
+        for d in 0..hd {
+            sc.vt[d * r + i] = h.v.0[i * h.v.1 + d];
+        }
+    }
+    sc.p.clear();
+    sc.p.resize(r * r, 0.0);
+    for i in 0..r {
+        let lo = h.lo[i];
+        sc.p[i * r + lo..i * r + i + 1]
+            .copy_from_slice(&h.probs[h.p_off[i]..h.p_off[i] + i + 1 - lo]);
+    }
+    // dP, then dS in place.
+    sc.ds.clear();
+    sc.ds.resize(r * r, 0.0);
+    gemm_acc(&mut sc.ds, r, r, &sc.dout, hd, 0, hd, &sc.vt);
+    for i in 0..r {
+        let (p, ds) = (&sc.p[i * r..(i + 1) * r], &mut sc.ds[i * r..(i + 1) * r]);
+        let dot: f32 = p.iter().zip(ds.iter()).map(|(a, b)| a * b).sum();
+        for (d, pv) in ds.iter_mut().zip(p) {
+            *d = pv * (*d - dot) * h.scale;
+        }
+    }
+    let (dq, dqs) = dq;
+    let mut tmp = vec![0f32; r * hd];
+    gemm_acc(&mut tmp, r, hd, &sc.ds, r, 0, r, &sc.k);
+    for i in 0..r {
+        dq[i * dqs..i * dqs + hd].copy_from_slice(&tmp[i * hd..(i + 1) * hd]);
+    }
+    sc.dst.clear();
+    sc.dst.resize(r * r, 0.0);
+    sc.pt.clear();
+    sc.pt.resize(r * r, 0.0);
+    for i in 0..r {
+        for j in 0..r {
+            sc.dst[j * r + i] = sc.ds[i * r + j];
+            sc.pt[j * r + i] = sc.p[i * r + j];
+        }
+    }
+    gemm_acc(dk, r, hd, &sc.dst, r, 0, r, &sc.q);
+    gemm_acc(dv, r, hd, &sc.pt, r, 0, r, &sc.dout);
 }
 
 #[cfg(test)]
@@ -893,14 +973,48 @@ mod backward_tests {
                 v: (&v, hd),
                 dout: (&w, hd),
             };
-            let (mut dq, mut dk, mut dv) = (
-                vec![0f32; rows * hd],
-                vec![0f32; rows * hd],
-                vec![0f32; rows * hd],
-            );
-            attention_backward_head(&h, (&mut dq, hd), &mut dk, &mut dv, &mut Vec::new());
+            let mut grads = Vec::new();
+            for isa in crate::cpu::Isa::supported() {
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0f32; rows * hd],
+                    vec![0f32; rows * hd],
+                    vec![0f32; rows * hd],
+                );
+                attention_backward_head(isa, &h, (&mut dq, hd), &mut dk, &mut dv, &mut Vec::new());
+                grads.push((isa, dq, dk, dv));
+            }
+            {
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0f32; rows * hd],
+                    vec![0f32; rows * hd],
+                    vec![0f32; rows * hd],
+                );
+                attention_backward_head_dense(
+                    &h,
+                    (&mut dq, hd),
+                    &mut dk,
+                    &mut dv,
+                    &mut HeadScratch::default(),
+                );
+                let (_, q0, k0, v0) = &grads[0];
+                for (a, b) in [(&dq, q0), (&dk, k0), (&dv, v0)] {
+                    for (x, y) in a.iter().zip(b) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 + 1e-5 * y.abs(),
+                            "dense path: {x} vs {y}"
+                        );
+                    }
+                }
+            }
+            let (_, dq, dk, dv) = &grads[0];
+            for (isa, a, b, c) in &grads[1..] {
+                assert!(
+                    a == dq && b == dk && c == dv,
+                    "{isa} differs from the scalar path"
+                );
+            }
             let eps = 1e-3f32;
-            for (which, g) in [(0, &dq), (1, &dk), (2, &dv)] {
+            for (which, g) in [(0, dq), (1, dk), (2, dv)] {
                 for idx in 0..rows * hd {
                     let mut t = [q.clone(), k.clone(), v.clone()];
                     t[which][idx] += eps;

@@ -131,7 +131,8 @@ pub fn lora_backward_params(
     }
 }
 
-fn dot(isa: Isa, a: &[f32], x: &[f32]) -> f32 {
+/// `a · x` in [`dot_ref`]'s order, on every ISA.
+pub fn dot(isa: Isa, a: &[f32], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         assert_eq!(a.len(), x.len());

@@ -126,6 +126,24 @@ pub fn matmul_backward_input(
     }
 }
 
+/// `acc (m × k) += a[:, c0..c0+g] · b (g × k)` in f32, for `a` with rows of `lda`
+/// values: the dense product the backward pass is made of. Each element takes its g FMAs
+/// in increasing order on every path (the tiled AVX-512 kernel and [`panel_rows`] give
+/// the same bits).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_acc(
+    acc: &mut [f32],
+    m: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    c0: usize,
+    g: usize,
+    b: &[f32],
+) {
+    panel(acc, m, k, a, lda, c0, g, b)
+}
+
 /// `acc (m × k) += dy[:, r0..r0+g] · panel (g × k)`. Each element takes its g FMAs in
 /// increasing row order on every path, so the tiled AVX-512 kernel and the row-by-row
 /// one give the same bits.

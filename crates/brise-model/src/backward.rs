@@ -18,8 +18,7 @@ use crate::forward::{Forward, SeqBatch};
 use crate::lora::{LoraAdapter, LoraMatrix, Proj};
 use crate::weights::Weight;
 use brise_kernels::attn::{self, HeadRows};
-use brise_kernels::lora::{lora_backward_params, lora_backward_row};
-use brise_kernels::matmul::{GradScratch, matmul_backward_input};
+use brise_kernels::matmul::{GradScratch, gemm_acc, matmul_backward_input};
 use brise_kernels::ops;
 use brise_kernels::pool::ThreadPool;
 
@@ -208,8 +207,23 @@ pub struct BackwardState {
     dv_h: Vec<f32>,
     t: Vec<f32>,
     dt: Vec<f32>,
-    dp: Vec<Vec<f32>>,
+    tt: Vec<f32>,
+    dtt: Vec<f32>,
+    at: Vec<f32>,
+    b: Vec<f32>,
+    heads: Vec<attn::HeadScratch>,
     grad: GradScratch,
+}
+
+/// `out (cols × rows) = inᵀ` for `inp` of `rows × cols`.
+fn transpose(inp: &[f32], rows: usize, cols: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(rows * cols, 0.0);
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = inp[r * cols + c];
+        }
+    }
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -246,6 +260,10 @@ impl Forward<'_> {
 
     /// Backward of the adapter on projection `p` of layer `li` over the adapted rows:
     /// adds its input gradient into `dx` and its parameter gradients into `grads`.
+    /// With `t = scale · X Aᵀ` and `dt = dY B`: `dBᵀ += tᵀ dY`, `dA += scale · dtᵀ X`
+    /// and `dX += scale · dt A`, five dense products (`gemm_acc`); the rows are split
+    /// over threads for the per-row products and the rank rows for the parameter ones,
+    /// so no sum depends on the thread count.
     #[allow(clippy::too_many_arguments)]
     fn lora_grad(
         &self,
@@ -270,60 +288,67 @@ impl Forward<'_> {
         let (k, n) = (*k, *n);
         let rank = ad.rank();
         let scale = ad.scale();
-        let isa = self.kern.isa();
         let nt = pool.n_threads();
+        // Aᵀ (k × rank) and B (n × rank), for the per-row products.
+        transpose(a, rank, k, &mut bs.at);
+        transpose(bt, rank, n, &mut bs.b);
         for &(r0, r1, adapted) in &tape.seqs {
             if !adapted || r1 == r0 {
                 continue;
             }
             let rows = r1 - r0;
-            grow(&mut bs.t, rows * rank);
-            grow(&mut bs.dt, rows * rank);
+            bs.t.clear();
+            bs.t.resize(rows * rank, 0.0);
+            bs.dt.clear();
+            bs.dt.resize(rows * rank, 0.0);
             let (xs, dys) = (&x[r0 * k..r1 * k], &dy[r0 * n..r1 * n]);
             let (tp, dtp, dxp) = (
                 SyncMut(bs.t.as_mut_ptr()),
                 SyncMut(bs.dt.as_mut_ptr()),
                 SyncMut(dx[r0 * k..r1 * k].as_mut_ptr()),
             );
+            let (at, b) = (&bs.at, &bs.b);
             pool.run(|th| {
-                for i in (th..rows).step_by(nt) {
-                    // SAFETY: row i of t, dt (rows·rank values, grown above) and of this
-                    // span of dx belongs to this thread alone.
-                    let (t, dt, dxr) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(tp.get().add(i * rank), rank),
-                            std::slice::from_raw_parts_mut(dtp.get().add(i * rank), rank),
-                            std::slice::from_raw_parts_mut(dxp.get().add(i * k), k),
-                        )
-                    };
-                    lora_backward_row(
-                        isa,
-                        a,
-                        bt,
-                        (k, n),
-                        scale,
-                        &xs[i * k..(i + 1) * k],
-                        &dys[i * n..(i + 1) * n],
-                        t,
-                        dt,
-                        dxr,
-                    );
+                let lo = rows * th / nt;
+                let hi = rows * (th + 1) / nt;
+                if hi == lo {
+                    return;
                 }
-            });
-            let (t, dt) = (&bs.t[..rows * rank], &bs.dt[..rows * rank]);
-            let (dap, dbp) = (SyncMut(da.as_mut_ptr()), SyncMut(dbt.as_mut_ptr()));
-            let per = rank.div_ceil(nt);
-            pool.run(|th| {
-                let js = (th * per).min(rank)..((th + 1) * per).min(rank);
-                // SAFETY: rank rows `js` of dA and dBᵀ belong to this thread alone;
-                // the function only touches those rows.
-                let (da, dbt) = unsafe {
+                // SAFETY: rows lo..hi of t, dt (rows · rank values, sized above) and of
+                // this span of dx belong to this thread alone.
+                let (t, dt, dxr) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(dap.get(), rank * k),
-                        std::slice::from_raw_parts_mut(dbp.get(), rank * n),
+                        std::slice::from_raw_parts_mut(tp.get().add(lo * rank), (hi - lo) * rank),
+                        std::slice::from_raw_parts_mut(dtp.get().add(lo * rank), (hi - lo) * rank),
+                        std::slice::from_raw_parts_mut(dxp.get().add(lo * k), (hi - lo) * k),
                     )
                 };
-                lora_backward_params(isa, (k, n), rank, scale, xs, dys, t, dt, rows, js, da, dbt);
+                let m = hi - lo;
+                gemm_acc(t, m, rank, &xs[lo * k..], k, 0, k, at);
+                t.iter_mut().for_each(|v| *v *= scale);
+                gemm_acc(dt, m, rank, &dys[lo * n..], n, 0, n, b);
+                dt.iter_mut().for_each(|v| *v *= scale);
+                gemm_acc(dxr, m, k, dt, rank, 0, rank, a);
+            });
+            // tᵀ and (scale · dt)ᵀ, rank × rows, for the parameter products.
+            transpose(&bs.t, rows, rank, &mut bs.tt);
+            transpose(&bs.dt, rows, rank, &mut bs.dtt);
+            let (tt, dtt) = (&bs.tt, &bs.dtt);
+            let (dap, dbp) = (SyncMut(da.as_mut_ptr()), SyncMut(dbt.as_mut_ptr()));
+            pool.run(|th| {
+                let (j0, j1) = (rank * th / nt, rank * (th + 1) / nt);
+                if j1 == j0 {
+                    return;
+                }
+                // SAFETY: rank rows j0..j1 of dA and dBᵀ belong to this thread alone.
+                let (da, dbt) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(dap.get().add(j0 * k), (j1 - j0) * k),
+                        std::slice::from_raw_parts_mut(dbp.get().add(j0 * n), (j1 - j0) * n),
+                    )
+                };
+                gemm_acc(dbt, j1 - j0, n, &tt[j0 * rows..], rows, 0, rows, dys);
+                gemm_acc(da, j1 - j0, k, &dtt[j0 * rows..], rows, 0, rows, xs);
             });
         }
     }
@@ -547,7 +572,7 @@ impl Forward<'_> {
         let lt = &tape.layers[li];
         let scale = 1.0 / (hd as f32).sqrt();
         let nt = pool.n_threads();
-        bs.dp.resize_with(nt, Vec::new);
+        bs.heads.resize_with(nt, Default::default);
         bs.dk_h[..r * qd].fill(0.0);
         bs.dv_h[..r * qd].fill(0.0);
         let (dqp, dkp, dvp) = (
@@ -555,7 +580,7 @@ impl Forward<'_> {
             SyncMut(bs.dk_h.as_mut_ptr()),
             SyncMut(bs.dv_h.as_mut_ptr()),
         );
-        let dps = std::sync::Mutex::new(std::mem::take(&mut bs.dp));
+        let dps = std::sync::Mutex::new(std::mem::take(&mut bs.heads));
         let work: Vec<(usize, usize, usize)> = tape
             .seqs
             .iter()
@@ -563,7 +588,7 @@ impl Forward<'_> {
             .filter(|&(r0, r1, _)| r1 > r0)
             .collect();
         pool.run(|th| {
-            let mut dp = std::mem::take(&mut dps.lock().unwrap_or_else(|e| e.into_inner())[th]);
+            let mut hs = std::mem::take(&mut dps.lock().unwrap_or_else(|e| e.into_inner())[th]);
             for &(r0, r1, h) in work.iter().skip(th).step_by(nt) {
                 let kvh = h / group;
                 let rows = r1 - r0;
@@ -588,11 +613,11 @@ impl Forward<'_> {
                         std::slice::from_raw_parts_mut(dvp.get().add(off), rows * hd),
                     )
                 };
-                attn::attention_backward_head(&hr, (dq, hd), dk, dv, &mut dp);
+                attn::attention_backward_head_dense(&hr, (dq, hd), dk, dv, &mut hs);
             }
-            dps.lock().unwrap_or_else(|e| e.into_inner())[th] = dp;
+            dps.lock().unwrap_or_else(|e| e.into_inner())[th] = hs;
         });
-        bs.dp = dps.into_inner().unwrap_or_else(|e| e.into_inner());
+        bs.heads = dps.into_inner().unwrap_or_else(|e| e.into_inner());
         for i in 0..r {
             for h in 0..nh {
                 let src = &bs.dq_h[h * r * hd + i * hd..h * r * hd + (i + 1) * hd];
