@@ -2,7 +2,10 @@
 //! the loss on every token but the first. Prints tokens/s (forward + backward +
 //! optimizer) and peak resident memory.
 //!
-//!   cargo run --release -p brise-train --example train_bench -- MODEL.gguf [seq_len] [steps] [rank] [threads]
+//!   cargo run --release -p brise-train --example train_bench -- MODEL.gguf [seq_len] [steps] [rank] [threads] [--warmup]
+//!
+//! With `--warmup` the first step is not timed, and the last line is JSON
+//! (`tokens_per_s`, `peak_rss_mb`) for bench/train_compare.py.
 
 use brise_kernels::quant::Kernels;
 use brise_model::Model;
@@ -58,7 +61,8 @@ fn main() {
     };
     let ad = init_adapter(&m, &cfg).unwrap();
     let mut tr = Trainer::new(&m, cfg, ad, threads).unwrap();
-    let t0 = Instant::now();
+    let warmup = a.iter().any(|x| x == "--warmup");
+    let mut t0 = Instant::now();
     let mut per = Vec::new();
     tr.train(&items, &mut |r| {
         per.push(r.tokens_per_s);
@@ -66,11 +70,23 @@ fn main() {
             "step {}: loss {:.4}, {:.1} tokens/s",
             r.step, r.loss, r.tokens_per_s
         );
+        if warmup && r.step == 1 {
+            t0 = Instant::now();
+        }
         true
     })
     .unwrap();
     let secs = t0.elapsed().as_secs_f64();
+    let timed = if warmup { steps - 1 } else { steps };
     per.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if warmup {
+        println!(
+            "{{\"tokens_per_s\": {}, \"peak_rss_mb\": {}}}",
+            (timed as usize * len) as f64 / secs,
+            peak_rss_mb()
+        );
+        return;
+    }
     println!(
         "brise: {} steps of {len} tokens, rank {rank}, {threads} threads: {:.1} tokens/s overall, median step {:.1} tokens/s, peak RSS {:.0} MB",
         steps,

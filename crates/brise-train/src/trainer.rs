@@ -382,31 +382,60 @@ impl<'m> Trainer<'m> {
             &mut batch,
             taped.then_some(&mut self.tape),
         );
-        let mut off = 0;
-        let mut logps = Vec::with_capacity(rows.len());
-        for r in rows {
-            let n = r.targets.len();
-            logps.push(loss::seq_logp(
-                &self.st.logits[off * v..(off + n) * v],
-                r.targets,
-                v,
-            ));
-            off += n;
-        }
-        if let Some((coef, first)) = coefs {
+        // Per row: the target's NLL and, for a taped pass, softmax − onehot, in one
+        // pass over the logits, rows split over the pool's threads.
+        let targets: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| r.targets.iter().copied())
+            .collect();
+        let off = targets.len();
+        let mut nll = vec![0f64; off];
+        if taped {
             self.dlogits.resize(off * v, 0.0);
+        }
+        {
+            let nt = self.pool.n_threads();
+            let logits = &self.st.logits;
+            let nllp = SyncPtr(nll.as_mut_ptr());
+            let dlp = SyncPtr(self.dlogits.as_mut_ptr());
+            let targets = &targets;
+            self.pool.run(|th| {
+                for j in (th..off).step_by(nt) {
+                    let z = &logits[j * v..(j + 1) * v];
+                    let t = targets[j] as usize;
+                    let val = if taped {
+                        // SAFETY: row j of dlogits (off · v values, sized above) belongs
+                        // to this thread alone.
+                        let dz = unsafe { std::slice::from_raw_parts_mut(dlp.get().add(j * v), v) };
+                        brise_kernels::ops::cross_entropy(z, t, 1.0, dz) as f64
+                    } else {
+                        -brise_kernels::ops::log_prob(z, t)
+                    };
+                    // SAFETY: element j of nll is this thread's alone.
+                    unsafe { *nllp.get().add(j) = val };
+                }
+            });
+        }
+        let mut o = 0;
+        let logps: Vec<f64> = rows
+            .iter()
+            .map(|r| {
+                let n = r.targets.len();
+                let lp = -nll[o..o + n].iter().sum::<f64>();
+                o += n;
+                lp
+            })
+            .collect();
+        if let Some((coef, first)) = coefs {
+            // ∂loss/∂z = c · ∂logp/∂z = −c · (softmax − onehot).
             let cs = coef(first, &logps);
             let mut o = 0;
             for (k, r) in rows.iter().enumerate() {
                 let n = r.targets.len();
-                let c = cs[k];
-                loss::seq_dlogits(
-                    &self.st.logits[o * v..(o + n) * v],
-                    r.targets,
-                    v,
-                    c,
-                    &mut self.dlogits[o * v..(o + n) * v],
-                );
+                let c = -cs[k] as f32;
+                for d in &mut self.dlogits[o * v..(o + n) * v] {
+                    *d *= c;
+                }
                 o += n;
             }
             fwd.backward(
@@ -728,6 +757,24 @@ impl<'m> Trainer<'m> {
         }
         tr.step = step;
         Ok(tr)
+    }
+}
+
+/// A pointer the pool's threads write disjoint elements through.
+struct SyncPtr<T>(*mut T);
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
+// SAFETY: each thread writes only its own rows while the owning borrow is held by the
+// dispatching call.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
     }
 }
 
