@@ -980,7 +980,12 @@ mod tests {
                     (Format::TrlSft, corr.id.as_str(), vec!["a"], Some("alice")),
                     (Format::TrlDpo, corr.id.as_str(), vec!["a"], Some("alice")),
                     (Format::TrlKto, corr.id.as_str(), vec!["a"], Some("alice")),
-                    (Format::TrlDpo, pair.id.as_str(), vec!["b", "c"], Some("bob")),
+                    (
+                        Format::TrlDpo,
+                        pair.id.as_str(),
+                        vec!["b", "c"],
+                        Some("bob")
+                    ),
                 ]
             );
             // The rows are the export's, byte for byte.
