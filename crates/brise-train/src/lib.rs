@@ -5,4 +5,5 @@
 //! and the evaluation gate (`eval`) that decides whether a trained version is promoted.
 
 pub mod data;
+pub mod eval;
 pub mod optim;
