@@ -154,6 +154,20 @@ fn items(fb: &Feedback, rec: &CompletionRecord, rejected: Option<&CompletionReco
     it
 }
 
+/// One training row with where it came from, for brise's own trainer: the registry
+/// keeps these ids so that erasure can find the versions trained on them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingRow {
+    pub format: Format,
+    /// The row exactly as `export` writes it (redacted).
+    pub row: Value,
+    pub feedback_id: String,
+    /// The completion the feedback is on, then the rejected one of a pairwise choice.
+    pub record_ids: Vec<String>,
+    pub tenant: String,
+    pub subject: Option<String>,
+}
+
 impl Ledger {
     /// Writes the training rows of `format` to `out`, one JSON object per line, and
     /// audits the export (who, which format and filter, what the report counted).
@@ -163,6 +177,53 @@ impl Ledger {
         format: Format,
         filter: &ExportFilter,
         out: &mut (dyn Write + Send),
+    ) -> Result<ExportReport> {
+        let mut write = |r: TrainingRow| {
+            writeln!(out, "{}", r.row)
+                .map_err(|e| crate::LedgerError::Invalid(format!("writing the export: {e}")))
+        };
+        let rep = self.collect_rows(&[format], filter, &mut write).await?;
+        self.audit(
+            actor,
+            "training_export",
+            json!({"format": format.name(), "since_ms": filter.since_ms, "model": filter.model, "report": rep}),
+        )
+        .await?;
+        Ok(rep)
+    }
+
+    /// The rows of several formats in one pass, each with its feedback and record ids,
+    /// under the same consent, objection and redaction rules as `export`, and audited as
+    /// a training export. `rows` and `not_applicable` in the report count over all
+    /// `formats` (a feedback item is not applicable when it gives no row in any).
+    pub async fn training_rows(
+        &self,
+        actor: &str,
+        formats: &[Format],
+        filter: &ExportFilter,
+    ) -> Result<(Vec<TrainingRow>, ExportReport)> {
+        let mut rows = Vec::new();
+        let mut keep = |r: TrainingRow| {
+            rows.push(r);
+            Ok(())
+        };
+        let rep = self.collect_rows(formats, filter, &mut keep).await?;
+        let names: Vec<&str> = formats.iter().map(|f| f.name()).collect();
+        self.audit(
+            actor,
+            "training_export",
+            json!({"formats": names, "since_ms": filter.since_ms, "model": filter.model, "report": rep}),
+        )
+        .await?;
+        Ok((rows, rep))
+    }
+
+    /// Hands each row to `sink` as it is made (an export need not fit in memory).
+    async fn collect_rows(
+        &self,
+        formats: &[Format],
+        filter: &ExportFilter,
+        sink: &mut (dyn FnMut(TrainingRow) -> Result<()> + Send),
     ) -> Result<ExportReport> {
         let mut rep = ExportReport::default();
         // Conditions are added only when set (portable: no typed NULL parameters).
@@ -219,57 +280,65 @@ impl Ledger {
                 continue;
             };
             let it = items(&fb, &rec, rejected.as_ref());
-            let mut lines: Vec<Value> = Vec::new();
+            let mut lines: Vec<(Format, Value)> = Vec::new();
             let with = |a: &str| {
                 let mut m = prompt.clone();
                 m.push(assistant(a));
                 m
             };
-            match format {
-                Format::OpenaiSft | Format::MistralSft | Format::TrlSft => {
-                    for a in &it.sft {
-                        lines.push(json!({"messages": with(a)}));
+            for &format in formats {
+                match format {
+                    Format::OpenaiSft | Format::MistralSft | Format::TrlSft => {
+                        for a in &it.sft {
+                            lines.push((format, json!({"messages": with(a)})));
+                        }
                     }
-                }
-                Format::OpenaiDpo => {
-                    for (c, r) in &it.dpo {
-                        lines.push(json!({
-                            "input": {"messages": prompt},
-                            "preferred_output": [assistant(c)],
-                            "non_preferred_output": [assistant(r)],
-                        }));
+                    Format::OpenaiDpo => {
+                        for (c, r) in &it.dpo {
+                            lines.push((
+                                format,
+                                json!({
+                                    "input": {"messages": prompt},
+                                    "preferred_output": [assistant(c)],
+                                    "non_preferred_output": [assistant(r)],
+                                }),
+                            ));
+                        }
                     }
-                }
-                Format::TrlDpo => {
-                    for (c, r) in &it.dpo {
-                        lines.push(json!({"prompt": prompt, "chosen": [assistant(c)], "rejected": [assistant(r)]}));
+                    Format::TrlDpo => {
+                        for (c, r) in &it.dpo {
+                            lines.push((format, json!({"prompt": prompt, "chosen": [assistant(c)], "rejected": [assistant(r)]})));
+                        }
                     }
-                }
-                Format::TrlKto => {
-                    for (a, label) in &it.kto {
-                        lines.push(
+                    Format::TrlKto => {
+                        for (a, label) in &it.kto {
+                            lines.push((
+                            format,
                             json!({"prompt": prompt, "completion": [assistant(a)], "label": label}),
-                        );
+                        ));
+                        }
                     }
                 }
             }
             if lines.is_empty() {
                 rep.not_applicable += 1;
             }
-            for l in lines {
+            let mut record_ids = vec![rec.id.clone()];
+            record_ids.extend(rejected.as_ref().map(|r| r.id.clone()));
+            for (format, l) in lines {
                 // PII never leaves in a training export.
-                let l = crate::governance::redact_json(&l, &mut rep.redacted);
-                writeln!(out, "{l}")
-                    .map_err(|e| crate::LedgerError::Invalid(format!("writing the export: {e}")))?;
+                let row = crate::governance::redact_json(&l, &mut rep.redacted);
+                sink(TrainingRow {
+                    format,
+                    row,
+                    feedback_id: fb.id.clone(),
+                    record_ids: record_ids.clone(),
+                    tenant: rec.tenant.clone(),
+                    subject: rec.subject.clone(),
+                })?;
                 rep.rows += 1;
             }
         }
-        self.audit(
-            actor,
-            "training_export",
-            json!({"format": format.name(), "since_ms": filter.since_ms, "model": filter.model, "report": rep}),
-        )
-        .await?;
         Ok(rep)
     }
 

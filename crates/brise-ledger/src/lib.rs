@@ -938,6 +938,76 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn training_rows_carry_ids_and_equal_the_export() {
+        use crate::export::{ExportFilter, Format};
+        for db in testdb::all().await {
+            let l = db.open().await;
+            for (id, subject) in [("a", "alice"), ("b", "bob"), ("c", "carol")] {
+                let mut r = rec(id, "acme");
+                r.subject = Some(subject.into());
+                l.record(r).await.unwrap();
+            }
+            let mut f = fb("a", "acme", -1);
+            f.correction = Some("Better.".into());
+            let corr = l.add_feedback(f).await.unwrap();
+            let mut pair = fb("b", "acme", 1);
+            // Rows come in feedback order.
+            pair.created_at_ms = corr.created_at_ms + 1;
+            pair.kind = "preference".into();
+            pair.rating = None;
+            pair.rejected_id = Some("c".into());
+            let pair = l.add_feedback(pair).await.unwrap();
+            let filter = ExportFilter::default();
+            let formats = [Format::TrlSft, Format::TrlDpo, Format::TrlKto];
+            let (rows, rep) = l.training_rows("t", &formats, &filter).await.unwrap();
+            // The correction: SFT, DPO and a KTO thumbs down; the choice: DPO.
+            assert_eq!((rep.rows, rep.feedback_seen), (4, 2));
+            let ids: Vec<(Format, &str, Vec<&str>, Option<&str>)> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.format,
+                        r.feedback_id.as_str(),
+                        r.record_ids.iter().map(String::as_str).collect(),
+                        r.subject.as_deref(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                ids,
+                [
+                    (Format::TrlSft, corr.id.as_str(), vec!["a"], Some("alice")),
+                    (Format::TrlDpo, corr.id.as_str(), vec!["a"], Some("alice")),
+                    (Format::TrlKto, corr.id.as_str(), vec!["a"], Some("alice")),
+                    (
+                        Format::TrlDpo,
+                        pair.id.as_str(),
+                        vec!["b", "c"],
+                        Some("bob")
+                    ),
+                ]
+            );
+            // The rows are the export's, byte for byte.
+            let mut out = Vec::new();
+            l.export("t", Format::TrlDpo, &filter, &mut out)
+                .await
+                .unwrap();
+            let dpo: String = rows
+                .iter()
+                .filter(|r| r.format == Format::TrlDpo)
+                .map(|r| format!("{}\n", r.row))
+                .collect();
+            assert_eq!(String::from_utf8(out).unwrap(), dpo);
+            let e = l.audit_entries().await.unwrap();
+            assert_eq!(
+                e[0].details["formats"],
+                json!(["trl-sft", "trl-dpo", "trl-kto"])
+            );
+            db.drop_db(l).await;
+        }
+    }
+
     async fn rec_like(l: &Ledger, id: &str) -> CompletionRecord {
         let got = l.get(id, None).await.unwrap().unwrap();
         CompletionRecord {

@@ -7,6 +7,7 @@
 //! log-probabilities DPO and KTO need come from the same forward with the adapter off,
 //! so no second model copy exists.
 
+pub use crate::data::Method;
 use crate::data::{Item, Seq};
 use crate::loss::{self, KtoConfig, PairLogps};
 use crate::optim::{AdamWConfig, AdamWState, adamw_step, clip_factor, cosine_with_warmup};
@@ -18,34 +19,6 @@ use brise_model::lora::{LoraAdapter, LoraConfig, PeftMatrix, Proj};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Sft,
-    Dpo,
-    Kto,
-}
-
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Sft => "sft",
-            Method::Dpo => "dpo",
-            Method::Kto => "kto",
-        }
-    }
-
-    /// Whether `item` is data for this method.
-    pub fn takes(self, item: &Item) -> bool {
-        matches!(
-            (self, item),
-            (Method::Sft, Item::Sft(_))
-                | (Method::Dpo, Item::Pref { .. })
-                | (Method::Kto, Item::Kto { .. })
-        )
-    }
-}
 
 /// Hyperparameters of a run. Defaults follow TRL and PEFT where they have one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -455,7 +428,7 @@ impl<'m> Trainer<'m> {
     pub fn loss_and_grads(&mut self, batch: &[&Item]) -> Result<(f64, usize, usize), String> {
         self.grads.zero();
         let method = self.cfg.method;
-        if let Some(bad) = batch.iter().find(|it| !method.takes(it)) {
+        if let Some(bad) = batch.iter().find(|it| it.method() != method) {
             return Err(format!(
                 "{} training got a {} item",
                 method.name(),
@@ -634,7 +607,7 @@ impl<'m> Trainer<'m> {
     ) -> Result<TrainSummary, String> {
         let items: Vec<&Item> = items
             .iter()
-            .filter(|it| self.cfg.method.takes(it))
+            .filter(|it| it.method() == self.cfg.method)
             .collect();
         if items.is_empty() {
             return Err(format!("no {} items to train on", self.cfg.method.name()));
