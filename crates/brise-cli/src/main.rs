@@ -5,6 +5,7 @@ mod ledger;
 mod registry;
 mod run;
 mod serve;
+mod train;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -45,6 +46,9 @@ enum Cmd {
     /// Inspect the ledger of completions and feedback
     #[command(subcommand)]
     Ledger(ledger::LedgerCmd),
+    /// Train a LoRA adapter from the ledger's feedback or a dataset, evaluate it on
+    /// held-out feedback, and promote it when it is better
+    Train(Box<train::TrainArgs>),
     /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench
     Bench(bench::BenchArgs),
     /// Print the token ids of TEXT
@@ -68,6 +72,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Train(a) => train::train(*a),
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Ledger(c) => ledger::run(c),
         Cmd::Export(a) => ledger::export(a),

@@ -171,6 +171,23 @@ pub fn resolve(arg: &str) -> Result<Resolved> {
     )
 }
 
+/// The id `brise serve` gives a model (its known name, else the file's stem) and the
+/// other names it answers to. The ledger records completions under this id.
+pub fn model_id(arg: &str, r: &Resolved) -> (String, Vec<String>) {
+    match r {
+        Resolved::Known(k, _) => (
+            k.name.to_string(),
+            k.aliases.iter().map(|s| s.to_string()).collect(),
+        ),
+        Resolved::Path(p) => (
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| arg.to_string()),
+            vec![arg.to_string()],
+        ),
+    }
+}
+
 /// The path of a resolved model, pulling a known one first if it is missing.
 pub fn ensure_local(r: Resolved) -> Result<PathBuf> {
     match r {

@@ -168,18 +168,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let mut paths = Vec::new();
     for m in &a.models {
         let r = registry::resolve(m)?;
-        let (id, aliases) = match &r {
-            registry::Resolved::Known(k, _) => (
-                k.name.to_string(),
-                k.aliases.iter().map(|s| s.to_string()).collect(),
-            ),
-            registry::Resolved::Path(p) => (
-                p.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| m.clone()),
-                vec![m.clone()],
-            ),
-        };
+        let (id, aliases) = registry::model_id(m, &r);
         paths.push((id, aliases, registry::ensure_local(r)?));
     }
     let kern = kernels(a.cpu)?;

@@ -140,6 +140,22 @@ impl Ledger {
         })
     }
 
+    /// Feedback items given since `since_ms` (every tenant), by the model of the
+    /// completion they are about: which models have new feedback to learn from.
+    pub async fn feedback_counts(&self, since_ms: i64) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT c.model AS model, COUNT(f.id) AS n FROM feedback f \
+             JOIN completions c ON c.id = f.completion_id \
+             WHERE f.created_at_ms >= $1 GROUP BY c.model ORDER BY c.model",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get("model")?, r.try_get("n")?)))
+            .collect()
+    }
+
     /// Feedback on `tenant`'s completions of `[from_ms, to_ms)`, by model and adapter.
     /// A pairwise choice or a tie involves two completions, so it joins on either side.
     pub async fn feedback_by_version(
@@ -284,6 +300,11 @@ mod tests {
             l.add_feedback(fb("globex", "other", "rating", Some(1), None))
                 .await
                 .unwrap();
+
+            // Every tenant's feedback counts for its completion's model.
+            assert_eq!(l.feedback_counts(0).await.unwrap(), [("m".to_string(), 5)]);
+            let later = crate::now_ms() + 60_000;
+            assert!(l.feedback_counts(later).await.unwrap().is_empty());
 
             let u = l.usage("acme", t0, t0 + 3 * min, min).await.unwrap();
             assert_eq!(u.series.len(), 3);

@@ -9,4 +9,5 @@ pub mod data;
 pub mod eval;
 pub mod loss;
 pub mod optim;
+pub mod pipeline;
 pub mod trainer;

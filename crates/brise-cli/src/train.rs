@@ -1,0 +1,310 @@
+//! `brise train`: LoRA training from the ledger's feedback or a dataset file, then the
+//! evaluation gate, then (when it passes) promotion.
+
+use crate::registry;
+use anyhow::{Context, Result, bail};
+use brise_kernels::quant::Kernels;
+use brise_ledger::Ledger;
+use brise_ledger::export::Format;
+use brise_model::{LoraAdapter, Model};
+use brise_train::data::{DEFAULT_HELD_OUT, Dataset, LedgerQuery, LoadOptions, Method};
+use brise_train::eval::GateConfig;
+use brise_train::pipeline::{RunOutcome, RunSpec};
+use brise_train::trainer::TrainConfig;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  brise train --from-ledger --model smollm2:135m      learn from the feedback brise serve recorded
+  brise train --from-ledger                           every model with feedback
+  brise train --model smollm2:135m --data pairs.jsonl --format trl-dpo
+
+The run freezes a held-out split (by subject, else by prompt), trains a fresh adapter on
+the rest, and evaluates it against the current version: held-out NLL on preferred
+answers must fall, preference accuracy must rise, and perplexity on a fixed general
+text must not rise more than 5%. The adapter and its reports (eval.md, eval.json,
+run.json) go to $BRISE_HOME/adapters/MODEL/VERSION/.")]
+pub struct TrainArgs {
+    /// The model to train for (a name, .gguf file or directory). With --from-ledger and
+    /// no --model: every model with feedback in the ledger
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Build the dataset from the ledger's feedback (consent, objections, redaction and
+    /// retention applied)
+    #[arg(long, conflicts_with = "data")]
+    pub from_ledger: bool,
+    /// A JSONL dataset (an export of brise's, or TRL/OpenAI/Mistral data)
+    #[arg(long, requires = "format")]
+    pub data: Option<PathBuf>,
+    /// Format of --data: trl-sft, trl-dpo, trl-kto, openai-sft, openai-dpo, mistral-sft
+    #[arg(long)]
+    pub format: Option<String>,
+    /// sft, dpo, kto, or auto (with --from-ledger: DPO when there are pairs or
+    /// corrections, else KTO when there are thumbs-down, else SFT)
+    #[arg(long, default_value = "auto")]
+    pub method: String,
+    /// The ledger: a SQLite file or a postgres:// URL [default: $BRISE_HOME/ledger.sqlite]
+    #[arg(long)]
+    pub ledger: Option<String>,
+    /// Only feedback on completions since this time (unix seconds or YYYY-MM-DD)
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// LoRA alpha [default: 2 × rank]
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Examples per optimizer step
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// DPO's and KTO's beta
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Share of examples held out for the gate
+    #[arg(long, default_value_t = DEFAULT_HELD_OUT)]
+    pub held_out: f64,
+    /// The gate's perplexity limit: the largest rise allowed on the general text
+    #[arg(long, default_value_t = 0.05)]
+    pub max_ppl_increase: f64,
+    /// Train and evaluate, but do not promote even when the gate passes
+    #[arg(long)]
+    pub no_promote: bool,
+    /// Worker threads [default: all cores]
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Print the run as JSON instead of the Markdown report
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn train_config(a: &TrainArgs, method: Method) -> TrainConfig {
+    TrainConfig {
+        method,
+        rank: a.rank,
+        alpha: a.alpha.unwrap_or(2.0 * a.rank as f64),
+        learning_rate: a.lr,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        beta: a.beta,
+        seed: a.seed,
+        ..TrainConfig::default()
+    }
+}
+
+/// Where a new version of `model_id`'s adapter goes.
+pub fn version_dir(model_id: &str) -> PathBuf {
+    let safe: String = model_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let stamp = chrono_stamp();
+    crate::registry::brise_home()
+        .join("adapters")
+        .join(safe)
+        .join(stamp)
+}
+
+fn chrono_stamp() -> String {
+    let ms = brise_ledger::now_ms();
+    format!("v{ms}")
+}
+
+pub fn progress_bar(total: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "training {bar:30} {pos}/{len} steps  loss {msg}  [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("a valid template"),
+    );
+    pb
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    if !a.from_ledger && a.data.is_none() {
+        bail!("give --from-ledger, or --data FILE --format F");
+    }
+    if !(0.0..1.0).contains(&a.held_out) {
+        bail!("--held-out must be in [0, 1)");
+    }
+    let method = match a.method.as_str() {
+        "auto" => None,
+        m => Some(m.parse::<Method>().map_err(anyhow::Error::msg)?),
+    };
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let ledger = if a.from_ledger {
+        let spec = crate::serve::ledger_spec(a.ledger.as_deref())
+            .context("--ledger off: --from-ledger needs a ledger")?;
+        Some(
+            rt.block_on(Ledger::open(&spec))
+                .with_context(|| format!("opening {}", brise_ledger::redact_url(&spec)))?,
+        )
+    } else {
+        None
+    };
+    let since_ms = a
+        .since
+        .as_deref()
+        .map(brise_ledger::export::parse_since)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let models: Vec<String> = match (&a.model, &ledger) {
+        (Some(m), _) => vec![m.clone()],
+        (None, Some(l)) => {
+            let counts = rt.block_on(l.feedback_counts(since_ms.unwrap_or(0)))?;
+            if counts.is_empty() {
+                bail!("the ledger has no feedback to learn from");
+            }
+            counts.into_iter().map(|(m, _)| m).collect()
+        }
+        (None, None) => vec![registry::DEFAULT_MODEL.to_string()],
+    };
+    for m in models {
+        let r = registry::resolve(&m)?;
+        let (id, _) = registry::model_id(&m, &r);
+        let path = registry::ensure_local(r)?;
+        let model = Model::load(&path, Kernels::best())
+            .with_context(|| format!("loading {}", path.display()))?;
+        let opts = LoadOptions::default();
+        let data = match (&ledger, &a.data) {
+            (Some(l), _) => rt.block_on(Dataset::from_ledger(
+                l,
+                &model,
+                &LedgerQuery {
+                    model: Some(id.clone()),
+                    since_ms,
+                    method,
+                    actor: "brise train".into(),
+                },
+                &opts,
+            ))?,
+            (None, Some(file)) => {
+                let f: Format = a
+                    .format
+                    .as_deref()
+                    .unwrap_or_default()
+                    .parse()
+                    .map_err(anyhow::Error::msg)?;
+                let mut d = Dataset::from_jsonl(file, f, &model, &opts)?;
+                if let Some(m) = method
+                    && m != d.method
+                {
+                    bail!(
+                        "{} holds {} data; --method {} does not fit it",
+                        file.display(),
+                        d.method.name(),
+                        m.name()
+                    );
+                }
+                d.method = method.unwrap_or(d.method);
+                d
+            }
+            (None, None) => unreachable!("checked above"),
+        };
+        for s in &data.skipped {
+            eprintln!("skipped {}: {}", s.at, s.reason);
+        }
+        if data.examples.is_empty() {
+            eprintln!(
+                "{id}: no usable examples ({}); nothing to train",
+                data.source
+            );
+            continue;
+        }
+        eprintln!(
+            "{id}: {} {} examples from {}",
+            data.examples.len(),
+            data.method.name(),
+            data.source
+        );
+        let out = run_one(&model, &id, &data, &a, threads)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            println!("{}", out.report.to_markdown());
+            println!("adapter: {}", out.adapter_dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn run_one(
+    model: &Model,
+    id: &str,
+    data: &Dataset,
+    a: &TrainArgs,
+    threads: usize,
+) -> Result<RunOutcome> {
+    let cfg = train_config(a, data.method);
+    let current: Option<(String, LoraAdapter)> = None;
+    let gate = GateConfig {
+        ppl_max_increase: a.max_ppl_increase,
+        ..GateConfig::default()
+    };
+    let out_dir = version_dir(id);
+    let pb = progress_bar(0);
+    let res = brise_train::pipeline::run(
+        RunSpec {
+            model,
+            data,
+            train: cfg,
+            gate,
+            held_out_fraction: a.held_out,
+            current: current.as_ref().map(|(n, ad)| (n.as_str(), ad)),
+            out_dir,
+            threads,
+            cancel: None,
+        },
+        &mut |r| {
+            pb.set_length(r.total_steps);
+            pb.set_position(r.step);
+            pb.set_message(format!("{:.4}  {:.0} tok/s", r.loss, r.tokens_per_s));
+        },
+    );
+    pb.finish_and_clear();
+    let out = res.map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "trained {} steps on {} examples ({} held out) in {:.1} s, {:.0} tokens/s; loss {:.4} -> {:.4}",
+        out.summary.steps,
+        out.train_examples,
+        out.held_out_examples,
+        out.summary.seconds,
+        out.summary.tokens_per_s,
+        out.summary.first_loss.unwrap_or(f64::NAN),
+        out.summary.last_loss.unwrap_or(f64::NAN),
+    );
+    if out.summary.truncated > 0 {
+        eprintln!(
+            "note: {} sequences were longer than {} tokens and were cut",
+            out.summary.truncated, out.config.max_len
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,134 @@
+//! One learning run, as `brise train`, `brise serve --learn` and the fine-tuning jobs
+//! API all do it: freeze the held-out split, train a fresh adapter on the rest, evaluate
+//! it against the current version with the gate, and write the adapter with its reports.
+//! Registering (and promoting) the result is the caller's: it owns the ledger.
+
+use crate::data::{Dataset, Example};
+use crate::eval::{GateConfig, GateReport, Scorer, Version, evaluate};
+use crate::trainer::{StepReport, TrainConfig, TrainSummary, Trainer, init_adapter};
+use brise_model::{LoraAdapter, Model};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub struct RunSpec<'a> {
+    pub model: &'a Model,
+    pub data: &'a Dataset,
+    pub train: TrainConfig,
+    pub gate: GateConfig,
+    pub held_out_fraction: f64,
+    /// The version serving now (its name and adapter), or the base.
+    pub current: Option<(&'a str, &'a LoraAdapter)>,
+    /// Where the adapter and its reports go (created).
+    pub out_dir: PathBuf,
+    pub threads: usize,
+    /// Set to stop between steps (the run then ends with an error saying so).
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+/// The record of a run, kept next to the adapter as `run.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunOutcome {
+    pub adapter_dir: PathBuf,
+    pub method: String,
+    pub train_examples: usize,
+    pub held_out_examples: usize,
+    /// Trained-side examples left out because their prompt is held out elsewhere.
+    pub excluded_examples: usize,
+    pub summary: TrainSummary,
+    pub report: GateReport,
+    pub config: TrainConfig,
+    pub dataset_sha256: String,
+    /// Record and feedback ids of the training examples (lineage).
+    pub record_ids: Vec<String>,
+    pub feedback_ids: Vec<String>,
+}
+
+fn ids(ex: &[&Example]) -> (Vec<String>, Vec<String>) {
+    let mut r = std::collections::BTreeSet::new();
+    let mut f = std::collections::BTreeSet::new();
+    for e in ex {
+        r.extend(e.record_ids.iter().cloned());
+        f.extend(e.feedback_ids.iter().cloned());
+    }
+    (r.into_iter().collect(), f.into_iter().collect())
+}
+
+fn write(path: &Path, data: &str) -> Result<(), String> {
+    std::fs::write(path, data).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs the whole thing; `on_step` sees each optimizer step.
+pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOutcome, String> {
+    let mut train = spec.train.clone();
+    train.method = spec.data.method;
+    let split = spec
+        .data
+        .split(spec.held_out_fraction)
+        .map_err(|e| e.to_string())?;
+    let ex = &spec.data.examples;
+    let train_ex: Vec<&Example> = split.train.iter().map(|&i| &ex[i]).collect();
+    let held: Vec<&Example> = split.held_out.iter().map(|&i| &ex[i]).collect();
+    if train_ex.is_empty() {
+        return Err(format!(
+            "nothing to train on: {} examples, {} held out, {} excluded",
+            ex.len(),
+            held.len(),
+            split.excluded.len()
+        ));
+    }
+    let items: Vec<_> = train_ex.iter().map(|e| e.item.clone()).collect();
+    let adapter = init_adapter(spec.model, &train)?;
+    let mut tr = Trainer::new(spec.model, train.clone(), adapter, spec.threads)?;
+    let summary = tr.train(&items, &mut |r| {
+        on_step(r);
+        !spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    })?;
+    if summary.stopped {
+        return Err("cancelled".into());
+    }
+    let candidate = tr.adapter;
+    let mut scorer = Scorer::new(spec.model, spec.threads);
+    let (cur_name, cur_ad) = match spec.current {
+        Some((n, a)) => (n, Some(a)),
+        None => ("base", None),
+    };
+    let report = evaluate(
+        &mut scorer,
+        Version {
+            name: "candidate",
+            adapter: Some(&candidate),
+        },
+        Version {
+            name: cur_name,
+            adapter: cur_ad,
+        },
+        &held,
+        &spec.gate,
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&spec.out_dir)
+        .map_err(|e| format!("{}: {e}", spec.out_dir.display()))?;
+    candidate.save(&spec.out_dir).map_err(|e| e.to_string())?;
+    let (record_ids, feedback_ids) = ids(&train_ex);
+    let out = RunOutcome {
+        adapter_dir: spec.out_dir.clone(),
+        method: train.method.name().into(),
+        train_examples: train_ex.len(),
+        held_out_examples: held.len(),
+        excluded_examples: split.excluded.len(),
+        summary,
+        report,
+        config: train,
+        dataset_sha256: spec.data.snapshot_sha256.clone(),
+        record_ids,
+        feedback_ids,
+    };
+    write(&spec.out_dir.join("eval.json"), &out.report.to_json())?;
+    write(&spec.out_dir.join("eval.md"), &out.report.to_markdown())?;
+    write(
+        &spec.out_dir.join("run.json"),
+        &serde_json::to_string_pretty(&out).expect("plain data"),
+    )?;
+    Ok(out)
+}
