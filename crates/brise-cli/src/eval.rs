@@ -33,7 +33,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub since: Option<String>,
     /// sft, dpo or kto for ledger data [default: auto — DPO with pairs, else KTO with thumbs-down, else SFT]
-    #[arg(long)]
+    #[arg(long, value_parser = data::parse_method)]
     pub method: Option<Method>,
     /// The ledger: a SQLite file or a postgres:// URL [default: $BRISE_HOME/ledger.sqlite]
     #[arg(long, env = "BRISE_LEDGER")]

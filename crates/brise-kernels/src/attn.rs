@@ -9,6 +9,7 @@
 //! kernel reproduces the lane assignment, the FMA order and the horizontal-sum tree, so
 //! the results are bit-identical.
 
+use crate::lora;
 use crate::ops::expf;
 use half::f16;
 
@@ -248,6 +249,152 @@ mod x86 {
             reduce(acc)
         }
     }
+}
+
+/// One head of one sequence for [`attention_backward_head`]: the rows are positions
+/// `0..lo.len()` of a cache that started empty, row `i` attends `lo[i]..=i`, and its
+/// probabilities (the forward's softmax output, before any f16 rounding) are
+/// `probs[p_off[i]..p_off[i] + i + 1 - lo[i]]`. Row `i`'s vectors start at `i · stride`
+/// in `q`, `k`, `v` and `dout` (each its own stride), `hd` values each.
+pub struct HeadRows<'a> {
+    pub hd: usize,
+    pub scale: f32,
+    pub lo: &'a [usize],
+    pub p_off: &'a [usize],
+    pub probs: &'a [f32],
+    pub q: (&'a [f32], usize),
+    pub k: (&'a [f32], usize),
+    pub v: (&'a [f32], usize),
+    pub dout: (&'a [f32], usize),
+}
+
+/// Backward of softmax attention for one head: with `s_ij = scale · q_i·k_j`,
+/// `p_i = softmax(s_i)` and `out_i = Σ_j p_ij v_j`, writes `dq` (row `i` at
+/// `i · dq_stride`) and adds into `dk` and `dv` (`rows × hd`, contiguous). `dp` is
+/// scratch. Sums over `j` run in increasing order, in f32; the dot products are
+/// `lora::dot`'s (the same bits on every ISA).
+pub fn attention_backward_head(
+    isa: crate::cpu::Isa,
+    h: &HeadRows,
+    dq: (&mut [f32], usize),
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dp: &mut Vec<f32>,
+) {
+    let hd = h.hd;
+    let rows = h.lo.len();
+    let (dq, dqs) = dq;
+    fn vec(b: (&[f32], usize), i: usize, hd: usize) -> &[f32] {
+        &b.0[i * b.1..i * b.1 + hd]
+    }
+    for i in 0..rows {
+        let lo = h.lo[i];
+        let n = i + 1 - lo;
+        let p = &h.probs[h.p_off[i]..h.p_off[i] + n];
+        let dout = vec(h.dout, i, hd);
+        dp.clear();
+        dp.resize(n, 0.0);
+        for (jj, d) in dp.iter_mut().enumerate() {
+            let vj = vec(h.v, lo + jj, hd);
+            *d = lora::dot(isa, dout, vj);
+            lora::axpy(
+                isa,
+                &mut dv[(lo + jj) * hd..(lo + jj + 1) * hd],
+                p[jj],
+                dout,
+            );
+        }
+        let dot = lora::dot(isa, p, dp);
+        let qi = vec(h.q, i, hd);
+        let dqi = &mut dq[i * dqs..i * dqs + hd];
+        dqi.fill(0.0);
+        for jj in 0..n {
+            let ds = p[jj] * (dp[jj] - dot) * h.scale;
+            lora::axpy(isa, dqi, ds, vec(h.k, lo + jj, hd));
+            lora::axpy(isa, &mut dk[(lo + jj) * hd..(lo + jj + 1) * hd], ds, qi);
+        }
+    }
+}
+
+/// Buffers of [`attention_backward_head_dense`].
+#[derive(Default)]
+pub struct HeadScratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    vt: Vec<f32>,
+    dout: Vec<f32>,
+    p: Vec<f32>,
+    pt: Vec<f32>,
+    ds: Vec<f32>,
+    dst: Vec<f32>,
+}
+
+/// [`attention_backward_head`] as dense products (`gemm_acc`) over the sequence's
+/// `rows × rows` score matrix, masked entries zero: `dP = dO·Vᵀ`, `dS = P ∘ (dP − rowsum)`,
+/// `dQ = s·dS·K`, `dK = s·dSᵀ·Q`, `dV = Pᵀ·dO`. It does twice the causal work but at
+/// matrix-product speed; the per-row version is its reference.
+pub fn attention_backward_head_dense(
+    h: &HeadRows,
+    dq: (&mut [f32], usize),
+    dk: &mut [f32],
+    dv: &mut [f32],
+    sc: &mut HeadScratch,
+) {
+    use crate::matmul::gemm_acc;
+    let hd = h.hd;
+    let r = h.lo.len();
+    let gather = |src: (&[f32], usize), out: &mut Vec<f32>| {
+        out.clear();
+        for i in 0..r {
+            out.extend_from_slice(&src.0[i * src.1..i * src.1 + hd]);
+        }
+    };
+    gather(h.q, &mut sc.q);
+    gather(h.k, &mut sc.k);
+    gather(h.dout, &mut sc.dout);
+    sc.vt.clear();
+    sc.vt.resize(hd * r, 0.0);
+    for i in 0..r {
+        for d in 0..hd {
+            sc.vt[d * r + i] = h.v.0[i * h.v.1 + d];
+        }
+    }
+    sc.p.clear();
+    sc.p.resize(r * r, 0.0);
+    for i in 0..r {
+        let lo = h.lo[i];
+        sc.p[i * r + lo..i * r + i + 1]
+            .copy_from_slice(&h.probs[h.p_off[i]..h.p_off[i] + i + 1 - lo]);
+    }
+    // dP, then dS in place.
+    sc.ds.clear();
+    sc.ds.resize(r * r, 0.0);
+    gemm_acc(&mut sc.ds, r, r, &sc.dout, hd, 0, hd, &sc.vt);
+    for i in 0..r {
+        let (p, ds) = (&sc.p[i * r..(i + 1) * r], &mut sc.ds[i * r..(i + 1) * r]);
+        let dot: f32 = p.iter().zip(ds.iter()).map(|(a, b)| a * b).sum();
+        for (d, pv) in ds.iter_mut().zip(p) {
+            *d = pv * (*d - dot) * h.scale;
+        }
+    }
+    let (dq, dqs) = dq;
+    let mut tmp = vec![0f32; r * hd];
+    gemm_acc(&mut tmp, r, hd, &sc.ds, r, 0, r, &sc.k);
+    for i in 0..r {
+        dq[i * dqs..i * dqs + hd].copy_from_slice(&tmp[i * hd..(i + 1) * hd]);
+    }
+    sc.dst.clear();
+    sc.dst.resize(r * r, 0.0);
+    sc.pt.clear();
+    sc.pt.resize(r * r, 0.0);
+    for i in 0..r {
+        for j in 0..r {
+            sc.dst[j * r + i] = sc.ds[i * r + j];
+            sc.pt[j * r + i] = sc.p[i * r + j];
+        }
+    }
+    gemm_acc(dk, r, hd, &sc.dst, r, 0, r, &sc.q);
+    gemm_acc(dv, r, hd, &sc.pt, r, 0, r, &sc.dout);
 }
 
 #[cfg(test)]
@@ -738,6 +885,147 @@ mod block16_tests {
                         a.map(f32::to_bits),
                         b.map(f32::to_bits),
                         "{order:?} [{lo},{hi}) n_kv={n_kv} d0={d0}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod backward_tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Σ w · out for causal attention over `rows` rows with window `win`, in f64.
+    fn objective(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        w: &[f32],
+        hd: usize,
+        win: usize,
+        sc: f64,
+    ) -> f64 {
+        let rows = q.len() / hd;
+        let mut f = 0f64;
+        for i in 0..rows {
+            let lo = (i + 1).saturating_sub(win);
+            let s: Vec<f64> = (lo..=i)
+                .map(|j| {
+                    sc * (0..hd)
+                        .map(|d| q[i * hd + d] as f64 * k[j * hd + d] as f64)
+                        .sum::<f64>()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for (jj, j) in (lo..=i).enumerate() {
+                let p = (s[jj] - m).exp() / z;
+                for d in 0..hd {
+                    f += w[i * hd + d] as f64 * p * v[j * hd + d] as f64;
+                }
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn matches_finite_differences_with_and_without_a_window() {
+        let (rows, hd) = (7, 6);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let q: Vec<f32> = data(rows * hd, 1).iter().map(|x| x * 3.0).collect();
+        let k: Vec<f32> = data(rows * hd, 2).iter().map(|x| x * 3.0).collect();
+        let v = data(rows * hd, 3);
+        let w = data(rows * hd, 4);
+        for win in [usize::MAX, 3] {
+            let lo: Vec<usize> = (0..rows).map(|i| (i + 1).saturating_sub(win)).collect();
+            let mut p_off = Vec::new();
+            let mut probs = Vec::new();
+            for i in 0..rows {
+                p_off.push(probs.len());
+                let s: Vec<f32> = (lo[i]..=i)
+                    .map(|j| scale * (0..hd).map(|d| q[i * hd + d] * k[j * hd + d]).sum::<f32>())
+                    .collect();
+                let mut p = s.clone();
+                crate::ops::softmax(&mut p);
+                probs.extend(p);
+            }
+            let h = HeadRows {
+                hd,
+                scale,
+                lo: &lo,
+                p_off: &p_off,
+                probs: &probs,
+                q: (&q, hd),
+                k: (&k, hd),
+                v: (&v, hd),
+                dout: (&w, hd),
+            };
+            let mut grads = Vec::new();
+            for isa in crate::cpu::Isa::supported() {
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0f32; rows * hd],
+                    vec![0f32; rows * hd],
+                    vec![0f32; rows * hd],
+                );
+                attention_backward_head(isa, &h, (&mut dq, hd), &mut dk, &mut dv, &mut Vec::new());
+                grads.push((isa, dq, dk, dv));
+            }
+            {
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0f32; rows * hd],
+                    vec![0f32; rows * hd],
+                    vec![0f32; rows * hd],
+                );
+                attention_backward_head_dense(
+                    &h,
+                    (&mut dq, hd),
+                    &mut dk,
+                    &mut dv,
+                    &mut HeadScratch::default(),
+                );
+                let (_, q0, k0, v0) = &grads[0];
+                for (a, b) in [(&dq, q0), (&dk, k0), (&dv, v0)] {
+                    for (x, y) in a.iter().zip(b) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 + 1e-5 * y.abs(),
+                            "dense path: {x} vs {y}"
+                        );
+                    }
+                }
+            }
+            let (_, dq, dk, dv) = &grads[0];
+            for (isa, a, b, c) in &grads[1..] {
+                assert!(
+                    a == dq && b == dk && c == dv,
+                    "{isa} differs from the scalar path"
+                );
+            }
+            let eps = 1e-3f32;
+            for (which, g) in [(0, dq), (1, dk), (2, dv)] {
+                for idx in 0..rows * hd {
+                    let mut t = [q.clone(), k.clone(), v.clone()];
+                    t[which][idx] += eps;
+                    let fp = objective(&t[0], &t[1], &t[2], &w, hd, win, scale as f64);
+                    t[which][idx] -= 2.0 * eps;
+                    let fm = objective(&t[0], &t[1], &t[2], &w, hd, win, scale as f64);
+                    let want = (fp - fm) / (2.0 * eps as f64);
+                    assert!(
+                        (g[idx] as f64 - want).abs() < 1e-4 + 1e-3 * want.abs(),
+                        "window {win}, grad {which}[{idx}]: {} vs finite difference {want}",
+                        g[idx]
                     );
                 }
             }

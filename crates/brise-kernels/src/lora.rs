@@ -71,7 +71,68 @@ pub fn lora_up(isa: Isa, bt: &[f32], n: usize, t: &[f32], y: &mut [f32]) {
     axpy_rows_ref(bt, n, t, y)
 }
 
-fn dot(isa: Isa, a: &[f32], x: &[f32]) -> f32 {
+/// `y += a · x`, elementwise (one FMA per element, as [`lora_up`] with one row).
+pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
+    let n = y.len();
+    lora_up(isa, &x[..n], n, &[a], y);
+}
+
+/// Backward of `y += scale · B (A x)` for one row, the part that needs only this row:
+/// `t = scale · A x` (recomputed), `dt = Bᵀ-rows · dy`, and `dx += scale · Aᵀ dt`.
+/// `t` and `dt` hold `rank` values and are kept for [`lora_backward_params`].
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_row(
+    isa: Isa,
+    a: &[f32],
+    bt: &[f32],
+    (k, n): (usize, usize),
+    scale: f32,
+    x: &[f32],
+    dy: &[f32],
+    t: &mut [f32],
+    dt: &mut [f32],
+    dx: &mut [f32],
+) {
+    lora_down(isa, a, k, x, scale, t);
+    for (j, d) in dt.iter_mut().enumerate() {
+        *d = dot(isa, &bt[j * n..(j + 1) * n], &dy[..n]);
+    }
+    for (j, &d) in dt.iter().enumerate() {
+        axpy(isa, &mut dx[..k], scale * d, &a[j * k..(j + 1) * k]);
+    }
+}
+
+/// The parameter gradients of `y += scale · B (A x)` over `m` rows, for the rank rows
+/// `js`: `dbt[j] += Σ_i t[i][j] · dy[i]` and `da[j] += scale · Σ_i dt[i][j] · x[i]`,
+/// with `t` and `dt` (`m × rank`) from [`lora_backward_row`]. Rows are summed in
+/// increasing `i`, so the result does not depend on how `js` is split over threads.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_params(
+    isa: Isa,
+    (k, n): (usize, usize),
+    rank: usize,
+    scale: f32,
+    x: &[f32],
+    dy: &[f32],
+    t: &[f32],
+    dt: &[f32],
+    m: usize,
+    js: std::ops::Range<usize>,
+    da: &mut [f32],
+    dbt: &mut [f32],
+) {
+    for j in js {
+        let dbj = &mut dbt[j * n..(j + 1) * n];
+        let daj = &mut da[j * k..(j + 1) * k];
+        for i in 0..m {
+            axpy(isa, dbj, t[i * rank + j], &dy[i * n..(i + 1) * n]);
+            axpy(isa, daj, scale * dt[i * rank + j], &x[i * k..(i + 1) * k]);
+        }
+    }
+}
+
+/// `a · x` in [`dot_ref`]'s order, on every ISA.
+pub fn dot(isa: Isa, a: &[f32], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         assert_eq!(a.len(), x.len());
@@ -162,6 +223,100 @@ mod tests {
                 u * if s & 3 == 0 { 100.0 } else { 1.0 }
             })
             .collect()
+    }
+
+    /// f(A, B, x) = Σ_o w_o · y_o with y = y0 + scale · B (A x), in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_objective(
+        a: &[f32],
+        bt: &[f32],
+        x: &[f32],
+        w: &[f32],
+        (k, n, r): (usize, usize, usize),
+        scale: f32,
+        m: usize,
+    ) -> f64 {
+        let mut f = 0f64;
+        for i in 0..m {
+            for o in 0..n {
+                let mut y = 0f64;
+                for j in 0..r {
+                    let t: f64 = (0..k)
+                        .map(|c| a[j * k + c] as f64 * x[i * k + c] as f64)
+                        .sum();
+                    y += scale as f64 * t * bt[j * n + o] as f64;
+                }
+                f += w[i * n + o] as f64 * y;
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (m, k, n, r, scale) = (3, 19, 13, 4, 0.75f32);
+        let a: Vec<f32> = data(r * k, 21).iter().map(|v| v * 0.1).collect();
+        let bt: Vec<f32> = data(r * n, 22).iter().map(|v| v * 0.1).collect();
+        let x: Vec<f32> = data(m * k, 23).iter().map(|v| v * 0.1).collect();
+        let w: Vec<f32> = data(m * n, 24).iter().map(|v| v * 0.1).collect();
+        for isa in Isa::supported() {
+            let (mut t, mut dt) = (vec![0f32; m * r], vec![0f32; m * r]);
+            let mut dx = vec![0f32; m * k];
+            for i in 0..m {
+                lora_backward_row(
+                    isa,
+                    &a,
+                    &bt,
+                    (k, n),
+                    scale,
+                    &x[i * k..(i + 1) * k],
+                    &w[i * n..(i + 1) * n],
+                    &mut t[i * r..(i + 1) * r],
+                    &mut dt[i * r..(i + 1) * r],
+                    &mut dx[i * k..(i + 1) * k],
+                );
+            }
+            let (mut da, mut dbt) = (vec![0f32; r * k], vec![0f32; r * n]);
+            // Split over two "threads" to check the split does not matter.
+            for js in [0..1, 1..r] {
+                lora_backward_params(
+                    isa,
+                    (k, n),
+                    r,
+                    scale,
+                    &x,
+                    &w,
+                    &t,
+                    &dt,
+                    m,
+                    js,
+                    &mut da,
+                    &mut dbt,
+                );
+            }
+            let h = 1e-2f32;
+            let fd = |which: u8, idx: usize| {
+                let (mut ap, mut bp, mut xp) = (a.clone(), bt.clone(), x.clone());
+                let (mut am, mut bm, mut xm) = (a.clone(), bt.clone(), x.clone());
+                match which {
+                    0 => (ap[idx] += h, am[idx] -= h),
+                    1 => (bp[idx] += h, bm[idx] -= h),
+                    _ => (xp[idx] += h, xm[idx] -= h),
+                };
+                let fp = lora_objective(&ap, &bp, &xp, &w, (k, n, r), scale, m);
+                let fm = lora_objective(&am, &bm, &xm, &w, (k, n, r), scale, m);
+                (fp - fm) / (2.0 * h as f64)
+            };
+            for (which, g) in [(0u8, &da), (1, &dbt), (2, &dx)] {
+                for (idx, &gv) in g.iter().enumerate() {
+                    let want = fd(which, idx);
+                    assert!(
+                        (gv as f64 - want).abs() <= 1e-4 + 1e-3 * want.abs(),
+                        "{isa} grad {which}[{idx}]: {gv} vs finite difference {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,8 @@ use brise_kernels::ops;
 use brise_kernels::pool::ThreadPool;
 use brise_kernels::quant::Kernels;
 
+pub use crate::backward::{BackwardState, LoraGrads, Tape};
+
 /// One sequence's part of a batch: its cache, the new tokens (appended at the cache's
 /// current length), whether to return logits for every new token or only the last, and
 /// the LoRA adapter its projections use, if any.
@@ -26,6 +28,9 @@ pub enum LogitsWanted {
     None,
     Last,
     All,
+    /// The rows from this index of the sequence's new tokens on (training: the
+    /// completion's, skipping the prompt's output matrix product).
+    From(usize),
 }
 
 /// A debugging hook: (tensor name, layer, values).
@@ -87,6 +92,10 @@ struct Row {
     /// Position of its sequence's first token in this step.
     first: usize,
 }
+
+/// Where the attention writes a taped forward's probabilities: the buffer, each row's
+/// offset, and one head's size.
+type TapeProbs<'a> = (SyncMut<f32>, (&'a [usize], usize));
 
 #[derive(Clone, Copy)]
 struct SyncMut<T>(*mut T);
@@ -181,6 +190,19 @@ impl Forward<'_> {
     /// Runs the batch, appends its keys and values to the caches, and leaves logits in
     /// `st.logits` for the rows that asked for them. Callers check room in each cache.
     pub fn run(&self, pool: &ThreadPool, st: &mut ForwardState, batch: &mut [SeqBatch]) {
+        self.run_taped(pool, st, batch, None)
+    }
+
+    /// [`Forward::run`], recording in `tape` what [`Forward::backward`] needs. A taped
+    /// batch starts every sequence at an empty cache, and its adapted sequences all use
+    /// the one adapter being trained.
+    pub fn run_taped(
+        &self,
+        pool: &ThreadPool,
+        st: &mut ForwardState,
+        batch: &mut [SeqBatch],
+        mut tape: Option<&mut Tape>,
+    ) {
         let cfg = self.cfg;
         let (e, hd) = (cfg.n_embd, cfg.head_dim);
         let (nh, nkv) = (cfg.n_head, cfg.n_head_kv);
@@ -207,6 +229,7 @@ impl Forward<'_> {
                     LogitsWanted::All => true,
                     LogitsWanted::Last => i + 1 == sb.tokens.len(),
                     LogitsWanted::None => false,
+                    LogitsWanted::From(f) => i >= f,
                 });
             }
         }
@@ -234,6 +257,16 @@ impl Forward<'_> {
                 idx: row.pos - row.first,
             })
             .collect();
+        if let Some(t) = tape.as_deref_mut() {
+            let lo: Vec<usize> = rows
+                .iter()
+                .map(|row| match cfg.sliding_window {
+                    Some(w) => (row.pos + 1).saturating_sub(w),
+                    None => 0,
+                })
+                .collect();
+            t.begin(cfg, batch, &lo, &want);
+        }
         if r == 0 {
             st.logits.clear();
             return;
@@ -285,7 +318,14 @@ impl Forward<'_> {
             st.qh16.resize(nt * (hd + max_ctx) * 2, 0);
         }
 
+        if let Some(t) = tape.as_deref_mut() {
+            t.rope.extend_from_slice(&st.rope[..r * cfg.n_rot]);
+        }
         for (li, lw) in self.w.layers.iter().enumerate() {
+            let mut lt = tape.as_deref_mut().map(|t| t.layer(li));
+            if let Some(lt) = lt.as_deref_mut() {
+                lt.x_in.extend_from_slice(&st.x[..r * e]);
+            }
             for i in 0..r {
                 ops::rms_norm(
                     &st.x[i * e..(i + 1) * e],
@@ -363,12 +403,40 @@ impl Forward<'_> {
             }
             trace(st, "Qcur", li, |s| &s.q, r * qd);
             trace(st, "Kcur", li, |s| &s.k, r * kvd);
-            self.attention(pool, st, batch, &rows, li, scale, max_ctx);
+            if let Some(lt) = lt.as_deref_mut() {
+                lt.q.extend_from_slice(&st.q[..r * qd]);
+                // As the cache holds them: the attention saw f16 keys and values.
+                let f16r = |v: &f32| half::f16::from_f32(*v).to_f32();
+                lt.k.extend(st.k[..r * kvd].iter().map(f16r));
+                lt.v.extend(st.v[..r * kvd].iter().map(f16r));
+            }
+            let probs_out = lt.map(|lt| {
+                lt.probs.resize(lt.n_probs, 0.0);
+                SyncMut(lt.probs.as_mut_ptr())
+            });
+            let tape_probs = tape.as_deref().map(|t| (t.p_off.as_slice(), t.p_total));
+            self.attention(
+                pool,
+                st,
+                batch,
+                &rows,
+                li,
+                scale,
+                max_ctx,
+                probs_out.zip(tape_probs),
+            );
             trace(st, "kqv_out", li, |s| &s.attn, r * qd);
+            let mut lt = tape.as_deref_mut().map(|t| t.layer(li));
+            if let Some(lt) = lt.as_deref_mut() {
+                lt.attn.extend_from_slice(&st.attn[..r * qd]);
+            }
             self.mm(pool, &mut st.mm, &lw.wo, &st.attn, r, &steps, &mut st.tmp);
             self.lora(pool, &spans, li, Proj::O, &st.attn, &mut st.tmp);
             ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
             trace(st, "ffn_inp", li, |s| &s.x, r * e);
+            if let Some(lt) = lt.as_deref_mut() {
+                lt.x_mid.extend_from_slice(&st.x[..r * e]);
+            }
 
             for i in 0..r {
                 ops::rms_norm(
@@ -391,6 +459,10 @@ impl Forward<'_> {
             self.lora(pool, &spans, li, Proj::Gate, &st.xn, &mut st.gate);
             self.lora(pool, &spans, li, Proj::Up, &st.xn, &mut st.up);
             let nf = cfg.n_ff;
+            if let Some(lt) = lt {
+                lt.gate.extend_from_slice(&st.gate[..r * nf]);
+                lt.up.extend_from_slice(&st.up[..r * nf]);
+            }
             ops::swiglu(&st.gate[..r * nf], &st.up[..r * nf], &mut st.tmp[..r * nf]);
             std::mem::swap(&mut st.tmp, &mut st.gate);
             trace(st, "ffn_swiglu", li, |s| &s.gate, r * nf);
@@ -410,6 +482,9 @@ impl Forward<'_> {
         }
         for sb in batch.iter_mut() {
             sb.cache.advance(sb.tokens.len());
+        }
+        if let Some(t) = tape {
+            t.x_out.extend_from_slice(&st.x[..r * e]);
         }
 
         let n_out = want.iter().filter(|w| **w).count();
@@ -466,6 +541,8 @@ impl Forward<'_> {
         li: usize,
         scale: f32,
         max_ctx: usize,
+        // The tape's probabilities: its buffer, each row's offset, and one head's size.
+        tape_probs: Option<TapeProbs>,
     ) {
         let cfg = self.cfg;
         let hd = cfg.head_dim;
@@ -541,6 +618,15 @@ impl Forward<'_> {
                     }
                 }
                 attn::softmax_masked(sc, lo, hi, row.n_kv, pr);
+                if let Some((buf, (p_off, total))) = tape_probs {
+                    // SAFETY: (row i, head h) owns these hi − lo values of the tape's
+                    // buffer (sized to nh · total by the caller); no other work item
+                    // writes them.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(buf.get().add(h * total + p_off[i]), hi - lo)
+                    };
+                    dst.copy_from_slice(&pr[lo..hi]);
+                }
                 ops::f32_to_f16_bytes(&pr[lo..hi], &mut p16[lo * 2..hi * 2]);
                 // SAFETY: this (row, head) output belongs to this thread alone.
                 let out =

@@ -5,6 +5,7 @@ pub mod error;
 pub mod gguf;
 
 pub use error::{ModelError, Result};
+pub mod backward;
 pub mod chat;
 pub mod config;
 pub mod forward;

@@ -435,6 +435,30 @@ impl LoraAdapter {
         out
     }
 
+    /// Every matrix, mutable, in (layer, projection) order. The adapter gets a new
+    /// [`LoraAdapter::id`]: its values change, so KV computed with the old ones must not
+    /// be reused.
+    pub fn matrices_mut(&mut self) -> impl Iterator<Item = (usize, Proj, &mut LoraMatrix)> {
+        self.id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        self.layers.iter_mut().enumerate().flat_map(|(l, ms)| {
+            ms.iter_mut()
+                .zip(Proj::ALL)
+                .filter_map(move |(m, p)| m.as_mut().map(|m| (l, p, m)))
+        })
+    }
+
+    /// A copy with its own id.
+    pub fn duplicate(&self) -> LoraAdapter {
+        LoraAdapter {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            config: self.config.clone(),
+            scale: self.scale,
+            targets: self.targets.clone(),
+            layers: self.layers.clone(),
+            shape: self.shape.clone(),
+        }
+    }
+
     /// Process-unique identity of this adapter (version), for cache keys.
     pub fn id(&self) -> u64 {
         self.id

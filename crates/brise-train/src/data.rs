@@ -45,7 +45,9 @@ impl Seq {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// What one example trains: a target answer (SFT), a preference (DPO), or a binary
+/// judgement of one answer (KTO).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item {
     Sft(Seq),
     Pref { chosen: Seq, rejected: Seq },
@@ -97,33 +99,16 @@ impl Example {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Sft,
-    Dpo,
-    Kto,
-}
+/// The trainer's methods: one enum for datasets and training.
+pub use crate::trainer::Method;
 
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Sft => "sft",
-            Method::Dpo => "dpo",
-            Method::Kto => "kto",
-        }
-    }
-}
-
-impl std::str::FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Method, String> {
-        match s {
-            "sft" => Ok(Method::Sft),
-            "dpo" => Ok(Method::Dpo),
-            "kto" => Ok(Method::Kto),
-            _ => Err(format!("unknown method {s:?}: one of sft, dpo, kto")),
-        }
+/// `sft`, `dpo` or `kto` (command-line values).
+pub fn parse_method(s: &str) -> std::result::Result<Method, String> {
+    match s {
+        "sft" => Ok(Method::Sft),
+        "dpo" => Ok(Method::Dpo),
+        "kto" => Ok(Method::Kto),
+        _ => Err(format!("unknown method {s:?}: one of sft, dpo, kto")),
     }
 }
 

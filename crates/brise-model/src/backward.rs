@@ -1,0 +1,639 @@
+//! The backward pass of the one forward ([`Forward::run_taped`]), for LoRA training.
+//!
+//! The forward records a [`Tape`]: per layer, the residual stream entering the layer and
+//! entering the FFN, the queries and the f16-rounded keys and values (as the KV cache
+//! holds them), the attention probabilities, the attention output, and the gate and up
+//! activations. [`Forward::backward`] then walks the layers in reverse and produces the
+//! gradient of every LoRA matrix. The base stays frozen and quantized: the input
+//! gradients through the base projections come from `matmul_backward_input`, which
+//! dequantizes W a block of rows at a time. The norms' inputs are kept and their outputs
+//! recomputed, which costs a few row operations and saves two activations per layer.
+//!
+//! The gradient is that of the function the forward computed, up to the roundings the
+//! forward makes on the way (activations quantized for the integer kernels, K/V and
+//! probabilities rounded to f16), whose derivatives are taken as the identity.
+
+use crate::config::ModelConfig;
+use crate::forward::{Forward, SeqBatch};
+use crate::lora::{LoraAdapter, LoraMatrix, Proj};
+use crate::weights::Weight;
+use brise_kernels::attn::{self, HeadRows};
+use brise_kernels::matmul::{GradScratch, gemm_acc, matmul_backward_input};
+use brise_kernels::ops;
+use brise_kernels::pool::ThreadPool;
+
+/// What one layer's backward needs, `rows ×` width each, in batch row order.
+#[derive(Default)]
+pub(crate) struct LayerTape {
+    pub(crate) x_in: Vec<f32>,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    /// Head-major: head `h`'s probabilities of row `i` at `h · p_total + p_off[i]`.
+    pub(crate) probs: Vec<f32>,
+    pub(crate) n_probs: usize,
+    pub(crate) attn: Vec<f32>,
+    pub(crate) x_mid: Vec<f32>,
+    pub(crate) gate: Vec<f32>,
+    pub(crate) up: Vec<f32>,
+}
+
+/// The activations of one taped forward (see the module's documentation). Reused across
+/// steps: buffers keep their capacity.
+#[derive(Default)]
+pub struct Tape {
+    /// Per row: first attended position (positions are row offsets in the sequence).
+    pub(crate) lo: Vec<usize>,
+    /// Per sequence: its first row and whether its rows used the adapter.
+    pub(crate) seqs: Vec<(usize, usize, bool)>,
+    pub(crate) want: Vec<bool>,
+    pub(crate) p_off: Vec<usize>,
+    pub(crate) p_total: usize,
+    pub(crate) rope: Vec<f32>,
+    pub(crate) layers: Vec<LayerTape>,
+    pub(crate) x_out: Vec<f32>,
+    pub(crate) adapter: Option<u64>,
+}
+
+impl Tape {
+    pub fn new() -> Tape {
+        Tape::default()
+    }
+
+    /// Rows of the recorded batch.
+    pub fn rows(&self) -> usize {
+        self.lo.len()
+    }
+
+    /// Rows whose logits the forward returned (so `dlogits` has this many rows).
+    pub fn n_out(&self) -> usize {
+        self.want.iter().filter(|w| **w).count()
+    }
+
+    pub(crate) fn begin(
+        &mut self,
+        cfg: &ModelConfig,
+        batch: &[SeqBatch],
+        lo: &[usize],
+        want: &[bool],
+    ) {
+        self.lo.clear();
+        self.lo.extend_from_slice(lo);
+        self.want.clear();
+        self.want.extend_from_slice(want);
+        self.seqs.clear();
+        self.adapter = None;
+        let mut start = 0;
+        for sb in batch {
+            assert!(
+                sb.cache.is_empty(),
+                "a taped batch starts every sequence at an empty cache"
+            );
+            if let Some(a) = sb.lora {
+                assert!(
+                    self.adapter.is_none_or(|id| id == a.id()),
+                    "a taped batch trains one adapter"
+                );
+                self.adapter = Some(a.id());
+            }
+            self.seqs
+                .push((start, start + sb.tokens.len(), sb.lora.is_some()));
+            start += sb.tokens.len();
+        }
+        self.p_off.clear();
+        let mut total = 0;
+        for (i, &l) in lo.iter().enumerate() {
+            let (s0, _, _) = self.seqs[self.seq_of(i)];
+            self.p_off.push(total);
+            total += i - s0 + 1 - l;
+        }
+        self.p_total = total;
+        self.rope.clear();
+        self.x_out.clear();
+        self.layers.resize_with(cfg.n_layer, Default::default);
+        for lt in &mut self.layers {
+            lt.x_in.clear();
+            lt.q.clear();
+            lt.k.clear();
+            lt.v.clear();
+            lt.probs.clear();
+            lt.n_probs = cfg.n_head * total;
+            lt.attn.clear();
+            lt.x_mid.clear();
+            lt.gate.clear();
+            lt.up.clear();
+        }
+    }
+
+    fn seq_of(&self, row: usize) -> usize {
+        self.seqs
+            .iter()
+            .position(|&(a, b, _)| row >= a && row < b)
+            .expect("row in a sequence")
+    }
+
+    pub(crate) fn layer(&mut self, li: usize) -> &mut LayerTape {
+        &mut self.layers[li]
+    }
+}
+
+pub type GradPair = (Vec<f32>, Vec<f32>);
+
+/// Gradients of one adapter's matrices, in its compute layout: `da` is `r × k` like A,
+/// `dbt` is `r × n` like the stored Bᵀ.
+pub struct LoraGrads {
+    /// `layers[l][p as usize]`: (dA, dBᵀ) of each matrix the adapter has.
+    pub layers: Vec<[Option<GradPair>; 7]>,
+}
+
+impl LoraGrads {
+    /// Zero gradients shaped like `ad`'s matrices.
+    pub fn zeros_like(ad: &LoraAdapter, n_layer: usize) -> LoraGrads {
+        let layers = (0..n_layer)
+            .map(|l| {
+                Proj::ALL.map(|p| {
+                    ad.matrix(l, p)
+                        .map(|m| (vec![0f32; m.a.len()], vec![0f32; m.bt.len()]))
+                })
+            })
+            .collect();
+        LoraGrads { layers }
+    }
+
+    pub fn zero(&mut self) {
+        for (a, b) in self.layers.iter_mut().flatten().flatten() {
+            a.fill(0.0);
+            b.fill(0.0);
+        }
+    }
+
+    /// Every gradient buffer, in a fixed order (layer, projection, A then Bᵀ).
+    pub fn slices(&self) -> Vec<&[f32]> {
+        let mut out = Vec::new();
+        for (a, b) in self.layers.iter().flatten().flatten() {
+            out.push(a.as_slice());
+            out.push(b.as_slice());
+        }
+        out
+    }
+
+    pub fn slices_mut(&mut self) -> Vec<&mut [f32]> {
+        let mut out = Vec::new();
+        for (a, b) in self.layers.iter_mut().flatten().flatten() {
+            out.push(a.as_mut_slice());
+            out.push(b.as_mut_slice());
+        }
+        out
+    }
+}
+
+/// Reusable buffers of the backward.
+#[derive(Default)]
+pub struct BackwardState {
+    dx: Vec<f32>,
+    xn: Vec<f32>,
+    dxn: Vec<f32>,
+    tmp: Vec<f32>,
+    act: Vec<f32>,
+    dact: Vec<f32>,
+    dgate: Vec<f32>,
+    dup: Vec<f32>,
+    dattn: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dq_h: Vec<f32>,
+    dk_h: Vec<f32>,
+    dv_h: Vec<f32>,
+    t: Vec<f32>,
+    dt: Vec<f32>,
+    tt: Vec<f32>,
+    dtt: Vec<f32>,
+    at: Vec<f32>,
+    b: Vec<f32>,
+    heads: Vec<attn::HeadScratch>,
+    grad: GradScratch,
+}
+
+/// `out (cols × rows) = inᵀ` for `inp` of `rows × cols`.
+fn transpose(inp: &[f32], rows: usize, cols: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(rows * cols, 0.0);
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = inp[r * cols + c];
+        }
+    }
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncMut(*mut f32);
+// SAFETY: shared between the pool's threads, each writing a disjoint range while the
+// owning borrow is held by the dispatching call.
+unsafe impl Send for SyncMut {}
+unsafe impl Sync for SyncMut {}
+impl SyncMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Forward<'_> {
+    /// `dx[..rows·k] = dy · W` through the frozen, quantized base matrix `w`.
+    fn base_grad(
+        &self,
+        pool: &ThreadPool,
+        g: &mut GradScratch,
+        w: &Weight,
+        dy: &[f32],
+        rows: usize,
+        dx: &mut [f32],
+    ) {
+        matmul_backward_input(pool, &w.as_ref(), dy, rows, g, dx);
+    }
+
+    /// Backward of the adapter on projection `p` of layer `li` over the adapted rows:
+    /// adds its input gradient into `dx` and its parameter gradients into `grads`.
+    /// With `t = scale · X Aᵀ` and `dt = dY B`: `dBᵀ += tᵀ dY`, `dA += scale · dtᵀ X`
+    /// and `dX += scale · dt A`, five dense products (`gemm_acc`); the rows are split
+    /// over threads for the per-row products and the rank rows for the parameter ones,
+    /// so no sum depends on the thread count.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_grad(
+        &self,
+        pool: &ThreadPool,
+        bs: &mut BackwardState,
+        tape: &Tape,
+        ad: &LoraAdapter,
+        grads: &mut LoraGrads,
+        li: usize,
+        p: Proj,
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+    ) {
+        let Some(m) = ad.matrix(li, p) else {
+            return;
+        };
+        let Some((da, dbt)) = grads.layers[li][p as usize].as_mut() else {
+            return;
+        };
+        let LoraMatrix { a, bt, k, n } = m;
+        let (k, n) = (*k, *n);
+        let rank = ad.rank();
+        let scale = ad.scale();
+        let nt = pool.n_threads();
+        // Aᵀ (k × rank) and B (n × rank), for the per-row products.
+        transpose(a, rank, k, &mut bs.at);
+        transpose(bt, rank, n, &mut bs.b);
+        for &(r0, r1, adapted) in &tape.seqs {
+            if !adapted || r1 == r0 {
+                continue;
+            }
+            let rows = r1 - r0;
+            bs.t.clear();
+            bs.t.resize(rows * rank, 0.0);
+            bs.dt.clear();
+            bs.dt.resize(rows * rank, 0.0);
+            let (xs, dys) = (&x[r0 * k..r1 * k], &dy[r0 * n..r1 * n]);
+            let (tp, dtp, dxp) = (
+                SyncMut(bs.t.as_mut_ptr()),
+                SyncMut(bs.dt.as_mut_ptr()),
+                SyncMut(dx[r0 * k..r1 * k].as_mut_ptr()),
+            );
+            let (at, b) = (&bs.at, &bs.b);
+            pool.run(|th| {
+                let lo = rows * th / nt;
+                let hi = rows * (th + 1) / nt;
+                if hi == lo {
+                    return;
+                }
+                // SAFETY: rows lo..hi of t, dt (rows · rank values, sized above) and of
+                // this span of dx belong to this thread alone.
+                let (t, dt, dxr) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(tp.get().add(lo * rank), (hi - lo) * rank),
+                        std::slice::from_raw_parts_mut(dtp.get().add(lo * rank), (hi - lo) * rank),
+                        std::slice::from_raw_parts_mut(dxp.get().add(lo * k), (hi - lo) * k),
+                    )
+                };
+                let m = hi - lo;
+                gemm_acc(t, m, rank, &xs[lo * k..], k, 0, k, at);
+                t.iter_mut().for_each(|v| *v *= scale);
+                gemm_acc(dt, m, rank, &dys[lo * n..], n, 0, n, b);
+                dt.iter_mut().for_each(|v| *v *= scale);
+                gemm_acc(dxr, m, k, dt, rank, 0, rank, a);
+            });
+            // tᵀ and (scale · dt)ᵀ, rank × rows, for the parameter products.
+            transpose(&bs.t, rows, rank, &mut bs.tt);
+            transpose(&bs.dt, rows, rank, &mut bs.dtt);
+            let (tt, dtt) = (&bs.tt, &bs.dtt);
+            let (dap, dbp) = (SyncMut(da.as_mut_ptr()), SyncMut(dbt.as_mut_ptr()));
+            pool.run(|th| {
+                let (j0, j1) = (rank * th / nt, rank * (th + 1) / nt);
+                if j1 == j0 {
+                    return;
+                }
+                // SAFETY: rank rows j0..j1 of dA and dBᵀ belong to this thread alone.
+                let (da, dbt) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(dap.get().add(j0 * k), (j1 - j0) * k),
+                        std::slice::from_raw_parts_mut(dbp.get().add(j0 * n), (j1 - j0) * n),
+                    )
+                };
+                gemm_acc(dbt, j1 - j0, n, &tt[j0 * rows..], rows, 0, rows, dys);
+                gemm_acc(da, j1 - j0, k, &dtt[j0 * rows..], rows, 0, rows, xs);
+            });
+        }
+    }
+
+    /// Backward of a taped forward: given `dlogits`, the loss gradient for the rows whose
+    /// logits the forward returned (`tape.n_out() × n_vocab`, batch order), adds the
+    /// gradient of every matrix of `lora` (the adapter the taped batch used) into
+    /// `grads`. Rows of sequences without the adapter contribute nothing.
+    pub fn backward(
+        &self,
+        pool: &ThreadPool,
+        tape: &Tape,
+        dlogits: &[f32],
+        lora: &LoraAdapter,
+        grads: &mut LoraGrads,
+        bs: &mut BackwardState,
+    ) {
+        assert_eq!(
+            tape.adapter,
+            Some(lora.id()),
+            "backward of the adapter the tape was recorded with"
+        );
+        let cfg = self.cfg;
+        let r = tape.rows();
+        let (e, hd, nf) = (cfg.n_embd, cfg.head_dim, cfg.n_ff);
+        let (nh, nkv) = (cfg.n_head, cfg.n_head_kv);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let n_out = tape.n_out();
+        assert!(dlogits.len() >= n_out * cfg.n_vocab);
+        for v in [&mut bs.dx, &mut bs.xn, &mut bs.dxn, &mut bs.tmp] {
+            grow(v, r * e.max(qd));
+        }
+        for v in [&mut bs.act, &mut bs.dact, &mut bs.dgate, &mut bs.dup] {
+            grow(v, r * nf);
+        }
+        for v in [
+            &mut bs.dattn,
+            &mut bs.dq,
+            &mut bs.dq_h,
+            &mut bs.dk_h,
+            &mut bs.dv_h,
+        ] {
+            grow(v, r * qd);
+        }
+        grow(&mut bs.dk, r * kvd);
+        grow(&mut bs.dv, r * kvd);
+
+        // The output norm and matrix.
+        self.base_grad(
+            pool,
+            &mut bs.grad,
+            &self.w.output,
+            dlogits,
+            n_out,
+            &mut bs.tmp,
+        );
+        bs.dx[..r * e].fill(0.0);
+        let mut j = 0;
+        for (i, w) in tape.want.iter().enumerate() {
+            if *w {
+                ops::rms_norm_backward(
+                    &tape.x_out[i * e..(i + 1) * e],
+                    &self.w.output_norm,
+                    cfg.rms_eps,
+                    &bs.tmp[j * e..(j + 1) * e],
+                    &mut bs.dx[i * e..(i + 1) * e],
+                );
+                j += 1;
+            }
+        }
+
+        for li in (0..cfg.n_layer).rev() {
+            let lw = &self.w.layers[li];
+            let lt = &tape.layers[li];
+
+            // FFN: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))), xn2 = norm(x_mid).
+            ops::swiglu(&lt.gate[..r * nf], &lt.up[..r * nf], &mut bs.act[..r * nf]);
+            let mut dact = std::mem::take(&mut bs.dact);
+            self.base_grad(pool, &mut bs.grad, &lw.w_down, &bs.dx, r, &mut dact);
+            let (act, dx) = (std::mem::take(&mut bs.act), std::mem::take(&mut bs.dx));
+            self.lora_grad(
+                pool,
+                bs,
+                tape,
+                lora,
+                grads,
+                li,
+                Proj::Down,
+                &act,
+                &dx,
+                &mut dact,
+            );
+            (bs.act, bs.dx) = (act, dx);
+            ops::swiglu_backward(
+                &lt.gate[..r * nf],
+                &lt.up[..r * nf],
+                &dact[..r * nf],
+                &mut bs.dgate[..r * nf],
+                &mut bs.dup[..r * nf],
+            );
+            bs.dact = dact;
+            self.norm_rows(&lt.x_mid, &lw.ffn_norm, r, &mut bs.xn);
+            let mut dxn = std::mem::take(&mut bs.dxn);
+            self.base_grad(pool, &mut bs.grad, &lw.w_gate, &bs.dgate, r, &mut dxn);
+            self.base_grad(pool, &mut bs.grad, &lw.w_up, &bs.dup, r, &mut bs.tmp);
+            ops::add_assign(&mut dxn[..r * e], &bs.tmp[..r * e]);
+            let (xn, dgate, dup) = (
+                std::mem::take(&mut bs.xn),
+                std::mem::take(&mut bs.dgate),
+                std::mem::take(&mut bs.dup),
+            );
+            for (p, dy) in [(Proj::Gate, &dgate), (Proj::Up, &dup)] {
+                self.lora_grad(pool, bs, tape, lora, grads, li, p, &xn, dy, &mut dxn);
+            }
+            (bs.xn, bs.dgate, bs.dup) = (xn, dgate, dup);
+            self.norm_backward_add(&lt.x_mid, &lw.ffn_norm, r, &dxn, bs);
+            bs.dxn = dxn;
+
+            // Attention: x_mid = x_in + o(attention(q, k, v)), q/k/v from xn1 = norm(x_in).
+            let mut dattn = std::mem::take(&mut bs.dattn);
+            self.base_grad(pool, &mut bs.grad, &lw.wo, &bs.dx, r, &mut dattn);
+            let dx = std::mem::take(&mut bs.dx);
+            self.lora_grad(
+                pool,
+                bs,
+                tape,
+                lora,
+                grads,
+                li,
+                Proj::O,
+                &lt.attn,
+                &dx,
+                &mut dattn,
+            );
+            bs.dx = dx;
+            self.attention_backward(pool, tape, li, &dattn, bs);
+            bs.dattn = dattn;
+            for i in 0..r {
+                let rc = &tape.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
+                for h in 0..nh {
+                    let d = &mut bs.dq[i * qd + h * hd..i * qd + (h + 1) * hd];
+                    ops::rope_backward(cfg.rope_style, d, cfg.n_rot, rc);
+                }
+                for h in 0..nkv {
+                    let d = &mut bs.dk[i * kvd + h * hd..i * kvd + (h + 1) * hd];
+                    ops::rope_backward(cfg.rope_style, d, cfg.n_rot, rc);
+                }
+            }
+            self.norm_rows(&lt.x_in, &lw.attn_norm, r, &mut bs.xn);
+            let mut dxn = std::mem::take(&mut bs.dxn);
+            self.base_grad(pool, &mut bs.grad, &lw.wq, &bs.dq, r, &mut dxn);
+            self.base_grad(pool, &mut bs.grad, &lw.wk, &bs.dk, r, &mut bs.tmp);
+            ops::add_assign(&mut dxn[..r * e], &bs.tmp[..r * e]);
+            self.base_grad(pool, &mut bs.grad, &lw.wv, &bs.dv, r, &mut bs.tmp);
+            ops::add_assign(&mut dxn[..r * e], &bs.tmp[..r * e]);
+            let (xn, dq, dk, dv) = (
+                std::mem::take(&mut bs.xn),
+                std::mem::take(&mut bs.dq),
+                std::mem::take(&mut bs.dk),
+                std::mem::take(&mut bs.dv),
+            );
+            for (p, dy) in [(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)] {
+                self.lora_grad(pool, bs, tape, lora, grads, li, p, &xn, dy, &mut dxn);
+            }
+            (bs.xn, bs.dq, bs.dk, bs.dv) = (xn, dq, dk, dv);
+            self.norm_backward_add(&lt.x_in, &lw.attn_norm, r, &dxn, bs);
+            bs.dxn = dxn;
+        }
+    }
+
+    fn norm_rows(&self, x: &[f32], w: &[f32], r: usize, out: &mut [f32]) {
+        let e = self.cfg.n_embd;
+        for i in 0..r {
+            ops::rms_norm(
+                &x[i * e..(i + 1) * e],
+                w,
+                self.cfg.rms_eps,
+                &mut out[i * e..(i + 1) * e],
+            );
+        }
+    }
+
+    /// `bs.dx += ∂norm(x)/∂x · dxn`, row by row.
+    fn norm_backward_add(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        r: usize,
+        dxn: &[f32],
+        bs: &mut BackwardState,
+    ) {
+        let e = self.cfg.n_embd;
+        for i in 0..r {
+            let row = i * e..(i + 1) * e;
+            ops::rms_norm_backward(
+                &x[row.clone()],
+                w,
+                self.cfg.rms_eps,
+                &dxn[row.clone()],
+                &mut bs.tmp[row.clone()],
+            );
+            ops::add_assign(&mut bs.dx[row.clone()], &bs.tmp[row]);
+        }
+    }
+
+    /// dq, dk, dv (rows × width, in `bs`) from the attention output's gradient.
+    fn attention_backward(
+        &self,
+        pool: &ThreadPool,
+        tape: &Tape,
+        li: usize,
+        dattn: &[f32],
+        bs: &mut BackwardState,
+    ) {
+        let cfg = self.cfg;
+        let r = tape.rows();
+        let hd = cfg.head_dim;
+        let (nh, nkv) = (cfg.n_head, cfg.n_head_kv);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let group = nh / nkv;
+        let lt = &tape.layers[li];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let nt = pool.n_threads();
+        bs.heads.resize_with(nt, Default::default);
+        bs.dk_h[..r * qd].fill(0.0);
+        bs.dv_h[..r * qd].fill(0.0);
+        let (dqp, dkp, dvp) = (
+            SyncMut(bs.dq_h.as_mut_ptr()),
+            SyncMut(bs.dk_h.as_mut_ptr()),
+            SyncMut(bs.dv_h.as_mut_ptr()),
+        );
+        let dps = std::sync::Mutex::new(std::mem::take(&mut bs.heads));
+        let work: Vec<(usize, usize, usize)> = tape
+            .seqs
+            .iter()
+            .flat_map(|&(r0, r1, _)| (0..nh).map(move |h| (r0, r1, h)))
+            .filter(|&(r0, r1, _)| r1 > r0)
+            .collect();
+        pool.run(|th| {
+            let mut hs = std::mem::take(&mut dps.lock().unwrap_or_else(|e| e.into_inner())[th]);
+            for &(r0, r1, h) in work.iter().skip(th).step_by(nt) {
+                let kvh = h / group;
+                let rows = r1 - r0;
+                let hr = HeadRows {
+                    hd,
+                    scale,
+                    lo: &tape.lo[r0..r1],
+                    p_off: &tape.p_off[r0..r1],
+                    probs: &lt.probs[h * tape.p_total..(h + 1) * tape.p_total],
+                    q: (&lt.q[r0 * qd + h * hd..], qd),
+                    k: (&lt.k[r0 * kvd + kvh * hd..], kvd),
+                    v: (&lt.v[r0 * kvd + kvh * hd..], kvd),
+                    dout: (&dattn[r0 * qd + h * hd..], qd),
+                };
+                let off = h * r * hd + r0 * hd;
+                // SAFETY: (sequence, head) owns rows r0..r1 of head h's block in each of
+                // the three head-major buffers (r · qd values, grown by the caller).
+                let (dq, dk, dv) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(dqp.get().add(off), rows * hd),
+                        std::slice::from_raw_parts_mut(dkp.get().add(off), rows * hd),
+                        std::slice::from_raw_parts_mut(dvp.get().add(off), rows * hd),
+                    )
+                };
+                attn::attention_backward_head_dense(&hr, (dq, hd), dk, dv, &mut hs);
+            }
+            dps.lock().unwrap_or_else(|e| e.into_inner())[th] = hs;
+        });
+        bs.heads = dps.into_inner().unwrap_or_else(|e| e.into_inner());
+        for i in 0..r {
+            for h in 0..nh {
+                let src = &bs.dq_h[h * r * hd + i * hd..h * r * hd + (i + 1) * hd];
+                bs.dq[i * qd + h * hd..i * qd + (h + 1) * hd].copy_from_slice(src);
+            }
+            for g in 0..nkv {
+                let dk = &mut bs.dk[i * kvd + g * hd..i * kvd + (g + 1) * hd];
+                let dv = &mut bs.dv[i * kvd + g * hd..i * kvd + (g + 1) * hd];
+                dk.fill(0.0);
+                dv.fill(0.0);
+                for h in g * group..(g + 1) * group {
+                    let o = h * r * hd + i * hd;
+                    ops::add_assign(dk, &bs.dk_h[o..o + hd]);
+                    ops::add_assign(dv, &bs.dv_h[o..o + hd]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,793 @@
+//! The training loop: LoRA on a frozen, quantized base, on the CPU.
+//!
+//! Each optimizer step takes `batch_size` items. Their sequences run through the
+//! engine's own forward with a tape ([`Forward::run_taped`]), packed into forward
+//! batches of up to `batch_tokens` rows, then back through [`Forward::backward`]; the
+//! gradients accumulate over the whole batch before clipping and AdamW. The reference
+//! log-probabilities DPO and KTO need come from the same forward with the adapter off,
+//! so no second model copy exists.
+
+use crate::data::{Item, Seq};
+use crate::loss::{self, KtoConfig, PairLogps};
+use crate::optim::{AdamWConfig, AdamWState, adamw_step, clip_factor, cosine_with_warmup};
+use brise_kernels::pool::ThreadPool;
+use brise_model::Model;
+use brise_model::forward::{BackwardState, ForwardState, LogitsWanted, LoraGrads, SeqBatch, Tape};
+use brise_model::kv::KvCache;
+use brise_model::lora::{LoraAdapter, LoraConfig, PeftMatrix, Proj};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Sft,
+    Dpo,
+    Kto,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sft => "sft",
+            Method::Dpo => "dpo",
+            Method::Kto => "kto",
+        }
+    }
+
+    /// Whether `item` is data for this method.
+    pub fn takes(self, item: &Item) -> bool {
+        matches!(
+            (self, item),
+            (Method::Sft, Item::Sft(_))
+                | (Method::Dpo, Item::Pref { .. })
+                | (Method::Kto, Item::Kto { .. })
+        )
+    }
+}
+
+/// Hyperparameters of a run. Defaults follow TRL and PEFT where they have one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub method: Method,
+    pub rank: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    /// PEFT module names (`q_proj`, …, `down_proj`).
+    pub targets: Vec<String>,
+    pub learning_rate: f64,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps, if set (otherwise `epochs` decide).
+    pub max_steps: Option<u64>,
+    /// Items per optimizer step (gradients accumulate over them).
+    pub batch_size: usize,
+    pub warmup_ratio: f64,
+    pub max_grad_norm: f32,
+    pub weight_decay: f32,
+    pub seed: u64,
+    /// DPO's and KTO's β.
+    pub beta: f64,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+    /// Longest sequence (prompt + completion) trained on; longer completions are cut
+    /// and counted in the summary.
+    pub max_len: usize,
+    /// Rows per forward batch.
+    pub batch_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            method: Method::Sft,
+            rank: 16,
+            alpha: 32.0,
+            use_rslora: false,
+            targets: Proj::ALL
+                .iter()
+                .map(|p| p.peft_name().to_string())
+                .collect(),
+            learning_rate: 2e-4,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 8,
+            warmup_ratio: 0.1,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            seed: 42,
+            beta: 0.1,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            max_len: 1024,
+            batch_tokens: 1024,
+        }
+    }
+}
+
+impl TrainConfig {
+    fn projs(&self) -> Result<Vec<Proj>, String> {
+        self.targets
+            .iter()
+            .map(|t| {
+                Proj::ALL
+                    .into_iter()
+                    .find(|p| p.peft_name() == t)
+                    .ok_or_else(|| format!("unknown target module {t:?} (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"))
+            })
+            .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rank == 0 {
+            return Err("rank must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.batch_tokens == 0 || self.max_len < 2 {
+            return Err("batch_size, batch_tokens and max_len must be positive".into());
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(format!(
+                "learning_rate {} must be positive",
+                self.learning_rate
+            ));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err("warmup_ratio must be in [0, 1)".into());
+        }
+        if self.projs()?.is_empty() {
+            return Err("no target modules".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a step did, for progress bars and job events.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: usize,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f32,
+    /// Tokens (prompt and completion) through forward and backward in this step.
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    /// DPO: pairs the policy ranks right; KTO: items on the right side of the
+    /// reference point.
+    pub correct: usize,
+    pub items: usize,
+}
+
+/// The end of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub items: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    /// Sequences whose completion was cut at `max_len`.
+    pub truncated: usize,
+    pub stopped: bool,
+}
+
+/// splitmix64: a seeded, platform-independent generator for init and shuffling.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// A fresh adapter as PEFT initialises one: A uniform in ±1/√in (Kaiming-uniform with
+/// a = √5), B zero, so the adapted model starts equal to the base.
+pub fn init_adapter(model: &Model, cfg: &TrainConfig) -> Result<LoraAdapter, String> {
+    cfg.validate()?;
+    let projs = cfg.projs()?;
+    let mut rng = Rng(cfg.seed);
+    let mut mats = Vec::new();
+    for layer in 0..model.cfg.n_layer {
+        for &p in &projs {
+            let (k, n) = p.dims(&model.cfg);
+            let bound = 1.0 / (k as f32).sqrt();
+            let a = (0..cfg.rank * k).map(|_| rng.unit() * bound).collect();
+            mats.push(PeftMatrix {
+                layer,
+                proj: p,
+                a,
+                b: vec![0.0; n * cfg.rank],
+            });
+        }
+    }
+    let lc = LoraConfig {
+        r: cfg.rank,
+        lora_alpha: cfg.alpha,
+        use_rslora: cfg.use_rslora,
+        lora_dropout: 0.0,
+        base_model_name_or_path: Some(model.name.clone()),
+    };
+    LoraAdapter::from_peft(lc, mats, &model.cfg).map_err(|e| e.to_string())
+}
+
+/// One sequence of a forward batch: its tokens (all but the last) and completion
+/// targets.
+struct Row<'a> {
+    tokens: &'a [u32],
+    targets: &'a [u32],
+    from: usize,
+}
+
+fn row_of(s: &Seq, max_len: usize, buf: &mut Vec<u32>) -> (usize, bool) {
+    buf.clear();
+    buf.extend_from_slice(&s.prompt);
+    buf.extend_from_slice(&s.completion);
+    let cut = buf.len() > max_len;
+    buf.truncate(max_len);
+    (s.prompt.len(), cut)
+}
+
+pub struct Trainer<'m> {
+    model: &'m Model,
+    pub cfg: TrainConfig,
+    pool: ThreadPool,
+    /// The adapter being trained.
+    pub adapter: LoraAdapter,
+    pub grads: LoraGrads,
+    opt: Vec<AdamWState>,
+    adamw: AdamWConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+    st: ForwardState,
+    tape: Tape,
+    bs: BackwardState,
+    dlogits: Vec<f32>,
+    truncated: usize,
+}
+
+impl<'m> Trainer<'m> {
+    /// A trainer for `adapter` (a fresh one from [`init_adapter`], or one to continue).
+    pub fn new(
+        model: &'m Model,
+        cfg: TrainConfig,
+        adapter: LoraAdapter,
+        threads: usize,
+    ) -> Result<Trainer<'m>, String> {
+        cfg.validate()?;
+        if !adapter.fits(&model.cfg) {
+            return Err("the adapter was made for another model shape".into());
+        }
+        let grads = LoraGrads::zeros_like(&adapter, model.cfg.n_layer);
+        let n_buf = grads.slices().len();
+        Ok(Trainer {
+            model,
+            adamw: AdamWConfig {
+                weight_decay: cfg.weight_decay,
+                ..AdamWConfig::default()
+            },
+            cfg,
+            pool: ThreadPool::new(threads.max(1)),
+            adapter,
+            grads,
+            opt: vec![AdamWState::default(); n_buf],
+            step: 0,
+            st: ForwardState::default(),
+            tape: Tape::new(),
+            bs: BackwardState::default(),
+            dlogits: Vec::new(),
+            truncated: 0,
+        })
+    }
+
+    /// Sum of completion log-probabilities of each sequence, with the adapter or
+    /// without. With `coefs`, also runs the backward with those ∂loss/∂logp values
+    /// (adds into `self.grads`). Sequences are packed into forward batches.
+    /// Forward batches never split a group of `unit` consecutive sequences, so a
+    /// coefficient can depend on its group's logps (a DPO pair's two sequences).
+    fn logps(
+        &mut self,
+        seqs: &[&Seq],
+        unit: usize,
+        adapted: bool,
+        coefs: Option<&CoefFn>,
+    ) -> Vec<f64> {
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut i = 0;
+        let mut bufs: Vec<Vec<u32>> = Vec::new();
+        while i < seqs.len() {
+            // A forward batch: as many whole sequences as fit in batch_tokens (≥ 1).
+            let mut j = i;
+            let mut rows = 0;
+            while j < seqs.len() {
+                let g = unit.min(seqs.len() - j);
+                let l: usize = seqs[j..j + g]
+                    .iter()
+                    .map(|s| s.len().min(self.cfg.max_len))
+                    .sum();
+                if j > i && rows + l > self.cfg.batch_tokens {
+                    break;
+                }
+                rows += l;
+                j += g;
+            }
+            bufs.resize_with(j - i, Vec::new);
+            let mut meta = Vec::new();
+            for (b, s) in bufs.iter_mut().zip(&seqs[i..j]) {
+                let (p, cut) = row_of(s, self.cfg.max_len, b);
+                if cut && coefs.is_some() {
+                    self.truncated += 1;
+                }
+                meta.push(p);
+            }
+            let batch_rows: Vec<Row> = bufs
+                .iter()
+                .zip(&meta)
+                .map(|(b, &p)| {
+                    let from = p.max(1) - 1;
+                    Row {
+                        tokens: &b[..b.len() - 1],
+                        targets: &b[from + 1..],
+                        from,
+                    }
+                })
+                .collect();
+            let logps = self.run_batch(&batch_rows, adapted, coefs.map(|c| (c, i)));
+            out.extend(logps);
+            i = j;
+        }
+        out
+    }
+
+    fn run_batch(
+        &mut self,
+        rows: &[Row],
+        adapted: bool,
+        coefs: Option<(&CoefFn, usize)>,
+    ) -> Vec<f64> {
+        let cfg = &self.model.cfg;
+        let v = cfg.n_vocab;
+        let mut caches: Vec<KvCache> = rows
+            .iter()
+            .map(|r| KvCache::new(cfg, r.tokens.len().max(1)))
+            .collect();
+        let lora = adapted.then_some(&self.adapter);
+        let mut batch: Vec<SeqBatch> = caches
+            .iter_mut()
+            .zip(rows)
+            .map(|(c, r)| SeqBatch {
+                cache: c,
+                tokens: r.tokens,
+                logits: LogitsWanted::From(r.from),
+                lora,
+            })
+            .collect();
+        let fwd = self.model.forward();
+        let taped = coefs.is_some();
+        fwd.run_taped(
+            &self.pool,
+            &mut self.st,
+            &mut batch,
+            taped.then_some(&mut self.tape),
+        );
+        // Per row: the target's NLL and, for a taped pass, softmax − onehot, in one
+        // pass over the logits, rows split over the pool's threads.
+        let targets: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| r.targets.iter().copied())
+            .collect();
+        let off = targets.len();
+        let mut nll = vec![0f64; off];
+        if taped {
+            self.dlogits.resize(off * v, 0.0);
+        }
+        {
+            let nt = self.pool.n_threads();
+            let logits = &self.st.logits;
+            let nllp = SyncPtr(nll.as_mut_ptr());
+            let dlp = SyncPtr(self.dlogits.as_mut_ptr());
+            let targets = &targets;
+            self.pool.run(|th| {
+                for j in (th..off).step_by(nt) {
+                    let z = &logits[j * v..(j + 1) * v];
+                    let t = targets[j] as usize;
+                    let val = if taped {
+                        // SAFETY: row j of dlogits (off · v values, sized above) belongs
+                        // to this thread alone.
+                        let dz = unsafe { std::slice::from_raw_parts_mut(dlp.get().add(j * v), v) };
+                        brise_kernels::ops::cross_entropy(z, t, 1.0, dz) as f64
+                    } else {
+                        -brise_kernels::ops::log_prob(z, t)
+                    };
+                    // SAFETY: element j of nll is this thread's alone.
+                    unsafe { *nllp.get().add(j) = val };
+                }
+            });
+        }
+        let mut o = 0;
+        let logps: Vec<f64> = rows
+            .iter()
+            .map(|r| {
+                let n = r.targets.len();
+                let lp = -nll[o..o + n].iter().sum::<f64>();
+                o += n;
+                lp
+            })
+            .collect();
+        if let Some((coef, first)) = coefs {
+            // ∂loss/∂z = c · ∂logp/∂z = −c · (softmax − onehot).
+            let cs = coef(first, &logps);
+            let mut o = 0;
+            for (k, r) in rows.iter().enumerate() {
+                let n = r.targets.len();
+                let c = -cs[k] as f32;
+                for d in &mut self.dlogits[o * v..(o + n) * v] {
+                    *d *= c;
+                }
+                o += n;
+            }
+            fwd.backward(
+                &self.pool,
+                &self.tape,
+                &self.dlogits[..off * v],
+                &self.adapter,
+                &mut self.grads,
+                &mut self.bs,
+            );
+        }
+        logps
+    }
+
+    /// The loss of `batch` and its gradient, left in `self.grads` (zeroed first).
+    /// Returns (loss, tokens, correct).
+    pub fn loss_and_grads(&mut self, batch: &[&Item]) -> Result<(f64, usize, usize), String> {
+        self.grads.zero();
+        let method = self.cfg.method;
+        if let Some(bad) = batch.iter().find(|it| !method.takes(it)) {
+            return Err(format!(
+                "{} training got a {} item",
+                method.name(),
+                match bad {
+                    Item::Sft(_) => "SFT",
+                    Item::Pref { .. } => "preference",
+                    Item::Kto { .. } => "KTO",
+                }
+            ));
+        }
+        let mut tokens = 0;
+        match method {
+            Method::Sft => {
+                let seqs: Vec<&Seq> = batch
+                    .iter()
+                    .map(|it| match it {
+                        Item::Sft(s) => s,
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect();
+                let lens: Vec<usize> = seqs
+                    .iter()
+                    .map(|s| {
+                        let l = s.len().min(self.cfg.max_len);
+                        l - s.prompt.len().max(1).min(l)
+                    })
+                    .collect();
+                tokens += seqs
+                    .iter()
+                    .map(|s| s.len().min(self.cfg.max_len))
+                    .sum::<usize>();
+                let (_, c) = loss::sft(&vec![0.0; seqs.len()], &lens);
+                let coef = c.first().copied().unwrap_or(0.0);
+                let f = move |_: usize, lp: &[f64]| vec![coef; lp.len()];
+                let logps = self.logps(&seqs, 1, true, Some(&f));
+                Ok((loss::sft(&logps, &lens).0, tokens, 0))
+            }
+            Method::Dpo => {
+                let mut seqs: Vec<&Seq> = Vec::new();
+                for it in batch {
+                    if let Item::Pref { chosen, rejected } = it {
+                        seqs.push(chosen);
+                        seqs.push(rejected);
+                    }
+                }
+                tokens += seqs
+                    .iter()
+                    .map(|s| s.len().min(self.cfg.max_len))
+                    .sum::<usize>();
+                let refs = self.logps(&seqs, 2, false, None);
+                let beta = self.cfg.beta;
+                let n = batch.len();
+                let pair = |first: usize, pol: &[f64], k: usize| PairLogps {
+                    chosen: pol[2 * k],
+                    rejected: pol[2 * k + 1],
+                    ref_chosen: refs[first + 2 * k],
+                    ref_rejected: refs[first + 2 * k + 1],
+                };
+                // A forward batch holds whole pairs (first is even): each pair's
+                // coefficients need both of its logps. The mean is over the whole batch.
+                let f = |first: usize, pol: &[f64]| {
+                    let pairs: Vec<PairLogps> =
+                        (0..pol.len() / 2).map(|k| pair(first, pol, k)).collect();
+                    let (_, c, _) = loss::dpo(&pairs, beta);
+                    let scale = pairs.len() as f64 / n as f64;
+                    c.iter().flat_map(|(a, b)| [a * scale, b * scale]).collect()
+                };
+                let pol = self.logps(&seqs, 2, true, Some(&f));
+                let pairs: Vec<PairLogps> = (0..n).map(|k| pair(0, &pol, k)).collect();
+                let (l, _, right) = loss::dpo(&pairs, beta);
+                Ok((l, tokens, right))
+            }
+            Method::Kto => {
+                let mut seqs: Vec<&Seq> = Vec::new();
+                let mut good = Vec::new();
+                for it in batch {
+                    if let Item::Kto { seq, desirable } = it {
+                        seqs.push(seq);
+                        good.push(*desirable);
+                    }
+                }
+                // Mismatched pairs for the KL estimate: item i's prompt with item
+                // i−1's completion (TRL rotates the batch's completions by one).
+                let n = seqs.len();
+                let kl_seqs: Vec<Seq> = (0..n)
+                    .map(|i| Seq {
+                        prompt: seqs[i].prompt.clone(),
+                        completion: seqs[(i + n - 1) % n].completion.clone(),
+                    })
+                    .collect();
+                let kl_refs: Vec<&Seq> = kl_seqs.iter().collect();
+                let kl_pol = self.logps(&kl_refs, 1, true, None);
+                let kl_ref = self.logps(&kl_refs, 1, false, None);
+                let kl_pairs: Vec<(f64, f64)> =
+                    kl_pol.iter().zip(&kl_ref).map(|(a, b)| (*a, *b)).collect();
+                let kl = loss::kto_kl(&kl_pairs);
+                let refs = self.logps(&seqs, 1, false, None);
+                tokens += seqs
+                    .iter()
+                    .map(|s| s.len().min(self.cfg.max_len))
+                    .sum::<usize>();
+                let kcfg = KtoConfig {
+                    beta: self.cfg.beta,
+                    desirable_weight: self.cfg.desirable_weight,
+                    undesirable_weight: self.cfg.undesirable_weight,
+                };
+                // Each item's coefficient needs only its own logp (KL is a constant);
+                // kto() averages over what it is given, so rescale to the batch.
+                let f = |first: usize, pol: &[f64]| {
+                    let its: Vec<(f64, f64, bool)> = (0..pol.len())
+                        .map(|k| (pol[k], refs[first + k], good[first + k]))
+                        .collect();
+                    let scale = its.len() as f64 / n as f64;
+                    loss::kto(&its, kl, &kcfg)
+                        .1
+                        .iter()
+                        .map(|c| c * scale)
+                        .collect()
+                };
+                let pol = self.logps(&seqs, 1, true, Some(&f));
+                let items: Vec<(f64, f64, bool)> =
+                    (0..n).map(|k| (pol[k], refs[k], good[k])).collect();
+                let (l, _) = loss::kto(&items, kl, &kcfg);
+                let right = items
+                    .iter()
+                    .filter(|(p, r, g)| if *g { p - r > kl } else { p - r < kl })
+                    .count();
+                Ok((l, tokens, right))
+            }
+        }
+    }
+
+    /// One optimizer step on `batch` at learning-rate multiplier `lr_mult`.
+    pub fn step(&mut self, batch: &[&Item], total_steps: u64) -> Result<StepReport, String> {
+        let t0 = Instant::now();
+        let (l, tokens, correct) = self.loss_and_grads(batch)?;
+        if !l.is_finite() {
+            return Err(format!("the loss is {l} at step {}", self.step + 1));
+        }
+        let (norm, clip) = clip_factor(&self.grads.slices(), self.cfg.max_grad_norm);
+        let warmup = (self.cfg.warmup_ratio * total_steps as f64).ceil() as u64;
+        let lr = self.cfg.learning_rate * cosine_with_warmup(self.step, warmup, total_steps);
+        self.step += 1;
+        let t = self.step;
+        let grads = self.grads.slices_mut();
+        let params = adapter_params(&mut self.adapter);
+        for ((g, p), st) in grads.into_iter().zip(params).zip(&mut self.opt) {
+            if clip < 1.0 {
+                for v in g.iter_mut() {
+                    *v *= clip;
+                }
+            }
+            adamw_step(&self.adamw, st, t, lr as f32, p, g);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(StepReport {
+            step: self.step,
+            total_steps,
+            epoch: 0,
+            loss: l,
+            learning_rate: lr,
+            grad_norm: norm,
+            tokens,
+            tokens_per_s: tokens as f64 / secs.max(1e-9),
+            correct,
+            items: batch.len(),
+        })
+    }
+
+    /// Trains on `items` for the configured epochs (or `max_steps`), in a seeded order.
+    /// `on_step` sees every step and may stop the run by returning false.
+    pub fn train(
+        &mut self,
+        items: &[Item],
+        on_step: &mut dyn FnMut(&StepReport) -> bool,
+    ) -> Result<TrainSummary, String> {
+        let items: Vec<&Item> = items
+            .iter()
+            .filter(|it| self.cfg.method.takes(it))
+            .collect();
+        if items.is_empty() {
+            return Err(format!("no {} items to train on", self.cfg.method.name()));
+        }
+        let per_epoch = items.len().div_ceil(self.cfg.batch_size) as u64;
+        let total = self
+            .cfg
+            .max_steps
+            .unwrap_or(per_epoch * self.cfg.epochs as u64)
+            .max(1);
+        let t0 = Instant::now();
+        let mut sum = TrainSummary {
+            steps: 0,
+            items: 0,
+            tokens: 0,
+            seconds: 0.0,
+            tokens_per_s: 0.0,
+            first_loss: None,
+            last_loss: None,
+            truncated: 0,
+            stopped: false,
+        };
+        let mut global = 0u64;
+        'outer: for epoch in 0.. {
+            let mut order: Vec<usize> = (0..items.len()).collect();
+            let mut rng = Rng(self.cfg.seed ^ (epoch as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+            for i in (1..order.len()).rev() {
+                order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            }
+            for chunk in order.chunks(self.cfg.batch_size) {
+                if global >= total {
+                    break 'outer;
+                }
+                global += 1;
+                if global <= self.step {
+                    // Resumed: this step was taken before the checkpoint.
+                    continue;
+                }
+                let batch: Vec<&Item> = chunk.iter().map(|&i| items[i]).collect();
+                let mut rep = self.step(&batch, total)?;
+                rep.epoch = epoch;
+                sum.steps += 1;
+                sum.items += batch.len();
+                sum.tokens += rep.tokens;
+                sum.first_loss.get_or_insert(rep.loss);
+                sum.last_loss = Some(rep.loss);
+                if !on_step(&rep) {
+                    sum.stopped = true;
+                    break 'outer;
+                }
+            }
+        }
+        sum.seconds = t0.elapsed().as_secs_f64();
+        sum.tokens_per_s = sum.tokens as f64 / sum.seconds.max(1e-9);
+        sum.truncated = self.truncated;
+        Ok(sum)
+    }
+
+    /// Saves the adapter (PEFT format), the optimizer state and the step under `dir`.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<(), String> {
+        self.adapter
+            .save(&dir.join("adapter"))
+            .map_err(|e| e.to_string())?;
+        let mut bufs: Vec<(String, Vec<u8>, usize)> = Vec::new();
+        for (i, st) in self.opt.iter().enumerate() {
+            for (name, v) in [("m", &st.m), ("v", &st.v)] {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                bufs.push((format!("{name}.{i}"), bytes, v.len()));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
+            .iter()
+            .map(|(n, b, len)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b)
+                        .map_err(|e| e.to_string())?;
+                Ok((n.clone(), view))
+            })
+            .collect::<Result<_, String>>()?;
+        let st = safetensors::serialize(views, None).map_err(|e| e.to_string())?;
+        let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+        std::fs::write(dir.join("optimizer.safetensors"), st).map_err(io)?;
+        let state = serde_json::json!({"step": self.step, "config": self.cfg});
+        std::fs::write(
+            dir.join("trainer_state.json"),
+            serde_json::to_string_pretty(&state).expect("plain data"),
+        )
+        .map_err(io)?;
+        Ok(())
+    }
+
+    /// Continues from a checkpoint written by [`Trainer::save_checkpoint`].
+    pub fn resume(model: &'m Model, dir: &Path, threads: usize) -> Result<Trainer<'m>, String> {
+        let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json")).map_err(io)?)
+                .map_err(|e| format!("{}: trainer_state.json: {e}", dir.display()))?;
+        let cfg: TrainConfig = serde_json::from_value(state["config"].clone())
+            .map_err(|e| format!("trainer_state.json config: {e}"))?;
+        let step = state["step"]
+            .as_u64()
+            .ok_or("trainer_state.json has no step")?;
+        let adapter =
+            LoraAdapter::load(&dir.join("adapter"), &model.cfg).map_err(|e| e.to_string())?;
+        let mut tr = Trainer::new(model, cfg, adapter, threads)?;
+        let bytes = std::fs::read(dir.join("optimizer.safetensors")).map_err(io)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| format!("optimizer.safetensors: {e}"))?;
+        for (i, o) in tr.opt.iter_mut().enumerate() {
+            for (name, dst) in [("m", &mut o.m), ("v", &mut o.v)] {
+                let t = st
+                    .tensor(&format!("{name}.{i}"))
+                    .map_err(|e| format!("optimizer.safetensors: {e}"))?;
+                *dst = t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+            }
+        }
+        tr.step = step;
+        Ok(tr)
+    }
+}
+
+/// A pointer the pool's threads write disjoint elements through.
+struct SyncPtr<T>(*mut T);
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
+// SAFETY: each thread writes only its own rows while the owning borrow is held by the
+// dispatching call.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// ∂loss/∂logp of each sequence of a forward batch, given the index of its first
+/// sequence in the pass and the batch's logps.
+type CoefFn<'a> = dyn Fn(usize, &[f64]) -> Vec<f64> + 'a;
+
+/// The adapter's parameter buffers in [`LoraGrads::slices`] order.
+fn adapter_params(ad: &mut LoraAdapter) -> Vec<&mut [f32]> {
+    let mut out = Vec::new();
+    for (_, _, m) in ad.matrices_mut() {
+        out.push(m.a.as_mut_slice());
+        out.push(m.bt.as_mut_slice());
+    }
+    out
+}
