@@ -90,7 +90,7 @@ pub enum LedgerCmd {
     },
 }
 
-fn open(arg: Option<&str>) -> Result<(tokio::runtime::Runtime, Ledger)> {
+pub(crate) fn open(arg: Option<&str>) -> Result<(tokio::runtime::Runtime, Ledger)> {
     let Some(spec) = ledger_spec(arg) else {
         bail!("--ledger off: there is no ledger to read");
     };

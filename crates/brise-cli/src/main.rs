@@ -1,6 +1,7 @@
 //! The `brise` command: thin wrappers over the model, engine and server crates.
 
 mod bench;
+mod eval;
 mod ledger;
 mod registry;
 mod run;
@@ -43,6 +44,9 @@ enum Cmd {
     Erase(ledger::EraseArgs),
     /// Export feedback from the ledger as a training dataset (JSONL)
     Export(ledger::ExportArgs),
+    /// Evaluate an adapter against the current version on held-out feedback and a
+    /// general text: prints the gate's report (exit status 3 when the gate fails)
+    Eval(eval::EvalArgs),
     /// Inspect the ledger of completions and feedback
     #[command(subcommand)]
     Ledger(ledger::LedgerCmd),
@@ -76,6 +80,7 @@ fn main() {
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Ledger(c) => ledger::run(c),
         Cmd::Export(a) => ledger::export(a),
+        Cmd::Eval(a) => eval::eval(a),
         Cmd::Erase(a) => ledger::erase(a),
         Cmd::Pull { name } => pull(&name),
         Cmd::List => list(),

@@ -208,3 +208,64 @@ fn list_shows_pulled_models() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("smollm2:135m"), "{s}");
 }
+
+#[test]
+fn eval_prints_the_gate_report_and_exits_by_its_verdict() {
+    let dir = std::env::temp_dir().join(format!("brise-cli-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("pairs.jsonl");
+    let rows: String = (0..6)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({
+                    "prompt": [{"role": "user", "content": format!("Question {i}: what colour is the sky?")}],
+                    "chosen": [{"role": "assistant", "content": "Blue, on a clear day."}],
+                    "rejected": [{"role": "assistant", "content": "Seven."}],
+                })
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let json = dir.join("report.json");
+    let model = fixture("tiny-mistral/tiny-mistral-f16.gguf");
+    let adapter = fixture("lora/tiny-mistral-r4");
+    let out = brise()
+        .arg("eval")
+        .arg("--model")
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--data")
+        .arg(&data)
+        .args(["--format", "trl-dpo", "--all", "-t", "2", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("# Evaluation gate: "), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["held_out"]["pairs"], 6);
+    let passed = report["passed"].as_bool().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(if passed { 0 } else { 3 }),
+        "{stdout}"
+    );
+    assert!(stdout.contains(if passed { "PASSED" } else { "FAILED" }));
+    // A malformed row is an error naming the file and line.
+    std::fs::write(&data, "{\"prompt\": []}\n").unwrap();
+    let out = brise()
+        .arg("eval")
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .args(["--format", "trl-dpo"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("pairs.jsonl:1: not a trl-dpo row"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -310,7 +310,13 @@ impl Forward<'_> {
         }
 
         let scale = 1.0 / (hd as f32).sqrt();
-        let max_ctx = batch.iter().map(|b| b.cache.n_ctx()).max().unwrap_or(0);
+        // At least head_dim: the attention reuses a thread's probability row for its query.
+        let max_ctx = batch
+            .iter()
+            .map(|b| b.cache.n_ctx())
+            .max()
+            .unwrap_or(0)
+            .max(hd);
         let nt = pool.n_threads();
         grow(&mut st.scores, nt * max_ctx);
         grow(&mut st.probs, nt * max_ctx);

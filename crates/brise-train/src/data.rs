@@ -45,7 +45,9 @@ impl Seq {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// What one example trains: a target answer (SFT), a preference (DPO), or a binary
+/// judgement of one answer (KTO).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item {
     Sft(Seq),
     Pref { chosen: Seq, rejected: Seq },
@@ -97,6 +99,7 @@ impl Example {
     }
 }
 
+/// The training methods: one enum for datasets and training.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
@@ -118,12 +121,17 @@ impl Method {
 impl std::str::FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Method, String> {
-        match s {
-            "sft" => Ok(Method::Sft),
-            "dpo" => Ok(Method::Dpo),
-            "kto" => Ok(Method::Kto),
-            _ => Err(format!("unknown method {s:?}: one of sft, dpo, kto")),
-        }
+        parse_method(s)
+    }
+}
+
+/// `sft`, `dpo` or `kto` (command-line values).
+pub fn parse_method(s: &str) -> std::result::Result<Method, String> {
+    match s {
+        "sft" => Ok(Method::Sft),
+        "dpo" => Ok(Method::Dpo),
+        "kto" => Ok(Method::Kto),
+        _ => Err(format!("unknown method {s:?}: one of sft, dpo, kto")),
     }
 }
 

@@ -98,7 +98,10 @@ impl<'m> Scorer<'m> {
             return Ok(vec![]);
         }
         let tokens = seq.tokens();
-        let mut cache = KvCache::new(cfg, tokens.len());
+        // Sized as llama.cpp pads the KV length (256s), which is what a served slot
+        // gives: the padded length picks the attention's arithmetic, so this scores
+        // the sequence exactly as serving computes it.
+        let mut cache = KvCache::new(cfg, tokens.len().div_ceil(256) * 256);
         self.model.forward().run(
             &self.pool,
             &mut self.st,

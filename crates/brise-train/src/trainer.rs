@@ -334,7 +334,9 @@ impl<'m> Trainer<'m> {
         let v = cfg.n_vocab;
         let mut caches: Vec<KvCache> = rows
             .iter()
-            .map(|r| KvCache::new(cfg, r.tokens.len().max(1)))
+            // Padded as the gate's scorer and a served slot pad theirs: the padded
+            // length picks the attention's arithmetic, so losses match the gate's.
+            .map(|r| KvCache::new(cfg, r.tokens.len().max(1).div_ceil(256) * 256))
             .collect();
         let lora = adapted.then_some(&self.adapter);
         let mut batch: Vec<SeqBatch> = caches

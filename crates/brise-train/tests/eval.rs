@@ -73,7 +73,8 @@ fn plain_logprobs(m: &Model, lora: Option<&LoraAdapter>, seq: &Seq) -> Vec<f64> 
     let pool = ThreadPool::new(2);
     let mut st = ForwardState::default();
     let toks = seq.tokens();
-    let mut cache = KvCache::new(&m.cfg, toks.len());
+    // A served slot's size (the engine's default is 2048 or more).
+    let mut cache = KvCache::new(&m.cfg, 2048);
     m.forward().run(
         &pool,
         &mut st,
