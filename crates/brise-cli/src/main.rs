@@ -1,5 +1,6 @@
 //! The `brise` command: thin wrappers over the model, engine and server crates.
 
+mod adapters;
 mod bench;
 mod ledger;
 mod registry;
@@ -45,6 +46,10 @@ enum Cmd {
     /// Inspect the ledger of completions and feedback
     #[command(subcommand)]
     Ledger(ledger::LedgerCmd),
+    /// The registry of LoRA adapter versions: list, show (lineage), register, promote,
+    /// rollback, reject; a running `brise serve` follows promotions by itself
+    #[command(subcommand)]
+    Adapters(adapters::AdaptersCmd),
     /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench
     Bench(bench::BenchArgs),
     /// Print the token ids of TEXT
@@ -70,6 +75,7 @@ fn main() {
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Ledger(c) => ledger::run(c),
+        Cmd::Adapters(c) => adapters::run(c),
         Cmd::Export(a) => ledger::export(a),
         Cmd::Erase(a) => ledger::erase(a),
         Cmd::Pull { name } => pull(&name),
