@@ -91,11 +91,20 @@ pub enum LedgerCmd {
 }
 
 pub(crate) fn open(arg: Option<&str>) -> Result<(tokio::runtime::Runtime, Ledger)> {
+    open_ledger(arg, false)
+}
+
+/// Opens the ledger `--ledger` names; a SQLite file that does not exist is an error
+/// unless `create`.
+pub(crate) fn open_ledger(
+    arg: Option<&str>,
+    create: bool,
+) -> Result<(tokio::runtime::Runtime, Ledger)> {
     let Some(spec) = ledger_spec(arg) else {
         bail!("--ledger off: there is no ledger to read");
     };
     let shown = brise_ledger::redact_url(&spec);
-    if !brise_ledger::is_postgres_url(&spec) && !Path::new(&spec).exists() {
+    if !create && !brise_ledger::is_postgres_url(&spec) && !Path::new(&spec).exists() {
         bail!("no ledger at {shown} (brise serve creates it)");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -342,5 +351,17 @@ pub fn erase(a: EraseArgs) -> Result<()> {
     let (rt, l) = open(a.ledger.as_deref())?;
     let r = rt.block_on(l.erase_subject("cli", a.tenant.as_deref(), &a.subject))?;
     println!("{}", serde_json::to_string_pretty(&r)?);
+    for v in &r.adapters_tainted {
+        eprintln!(
+            "warning: adapter version {} of {} was trained on the erased data: it is marked tainted and will not be promoted",
+            v.id, v.model
+        );
+        if v.status == brise_ledger::adapters::AdapterStatus::Promoted {
+            eprintln!(
+                "WARNING: {} IS SERVING {} NOW. Roll it back (brise adapters rollback --model {}) or promote a version trained without the erased data.",
+                v.id, v.model, v.model
+            );
+        }
+    }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `brise` command: thin wrappers over the model, engine and server crates.
 
+mod adapters;
 mod bench;
 mod eval;
 mod ledger;
@@ -53,6 +54,10 @@ enum Cmd {
     /// Train a LoRA adapter from the ledger's feedback or a dataset, evaluate it on
     /// held-out feedback, and promote it when it is better
     Train(Box<train::TrainArgs>),
+    /// The registry of LoRA adapter versions: list, show (lineage), register, promote,
+    /// rollback, reject; a running `brise serve` follows promotions by itself
+    #[command(subcommand)]
+    Adapters(adapters::AdaptersCmd),
     /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench
     Bench(bench::BenchArgs),
     /// Print the token ids of TEXT
@@ -79,6 +84,7 @@ fn main() {
         Cmd::Train(a) => train::train(*a),
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Ledger(c) => ledger::run(c),
+        Cmd::Adapters(c) => adapters::run(c),
         Cmd::Export(a) => ledger::export(a),
         Cmd::Eval(a) => eval::eval(a),
         Cmd::Erase(a) => ledger::erase(a),

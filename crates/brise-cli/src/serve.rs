@@ -73,10 +73,17 @@ pub struct ServeArgs {
     /// replicas sharing one ledger), or `off` [default: $BRISE_HOME/ledger.sqlite]
     #[arg(long, env = "BRISE_LEDGER")]
     pub ledger: Option<String>,
-    /// The key of the admin routes (erasure, objections, subject export, audit log);
-    /// without it they answer 403
+    /// The key of the admin routes (erasure, objections, subject export, audit log,
+    /// adapter registry); without it they answer 403
     #[arg(long, env = "BRISE_ADMIN_KEY")]
     pub admin_key: Option<String>,
+    /// Seconds between looks at the ledger's adapter registry: when a model's promoted
+    /// version changes (`brise adapters promote|rollback`, or another server's admin
+    /// API), it is loaded and swapped in for the model's plain name; requests in flight
+    /// finish on their version. 0: only at start and after promotions through this
+    /// server's own admin API
+    #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+    pub adapter_poll: f64,
 }
 
 /// `--ledger`: a SQLite path, a PostgreSQL URL, `off`, or the default under $BRISE_HOME.
@@ -106,6 +113,11 @@ fn parse_lora(s: &str) -> std::result::Result<(String, PathBuf), String> {
     {
         return Err(format!(
             "adapter name {name:?}: use letters, digits, '_', '.' or '-'"
+        ));
+    }
+    if name == brise_server::BASE {
+        return Err(format!(
+            "adapter name {name:?} is reserved: MODEL:{name} is the model without an adapter"
         ));
     }
     if dir.is_empty() {
@@ -161,6 +173,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if a.parallel == 0 {
         bail!("--parallel must be at least 1");
     }
+    if !a.adapter_poll.is_finite() || !(0.0..=86_400.0).contains(&a.adapter_poll) {
+        bail!("--adapter-poll must be between 0 and 86400 seconds");
+    }
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -181,6 +196,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
         ledger: ledger_spec(a.ledger.as_deref()),
         admin_key: a.admin_key.clone().filter(|k| !k.is_empty()),
+        adapter_poll: (a.adapter_poll > 0.0).then(|| Duration::from_secs_f64(a.adapter_poll)),
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
     let loras = a.lora.clone();
@@ -247,10 +263,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                             m.id,
                             m.id
                         );
-                        m.adapters.push(brise_server::ServedAdapter {
+                        m.adapters.push(Arc::new(brise_server::ServedAdapter {
                             name: name.clone(),
                             lora: Arc::new(ad),
-                        });
+                            version: None,
+                        }));
                         placed = true;
                         break;
                     }

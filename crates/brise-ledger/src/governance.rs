@@ -21,6 +21,10 @@ pub struct ErasureReceipt {
     pub feedback_erased: u64,
     /// Sequence number of the audit entry that records it.
     pub audit_seq: i64,
+    /// The adapter versions trained on any of the erased records or feedback items,
+    /// now marked tainted (a `promoted` one is serving: roll it back or promote a clean
+    /// version).
+    pub adapters_tainted: Vec<crate::adapters::TaintedVersion>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -176,15 +180,39 @@ impl Ledger {
                     .await?
             }
         };
+        // Every feedback item that goes with them (on either side of a pair), for the
+        // adapter versions trained on it.
+        let mut feedback_ids: Vec<String> = Vec::new();
+        for id in &ids {
+            let f: Vec<String> = sqlx::query_scalar(
+                "SELECT id FROM feedback WHERE completion_id = $1 OR rejected_id = $1",
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+            feedback_ids.extend(f);
+        }
+        feedback_ids.sort();
+        feedback_ids.dedup();
         let feedback = crate::delete_completions(&mut tx, &ids).await?;
         tx.commit().await?;
         let receipt_id = format!("erasure-{}", uuid::Uuid::new_v4().simple());
+        // After the commit: a version registered meanwhile either is seen here or finds
+        // its ids gone when it checks them (`register_adapter`).
+        let tainted = self
+            .taint_trained_on(
+                &ids,
+                &feedback_ids,
+                &format!("trained on data erased by {receipt_id}"),
+            )
+            .await?;
         let seq = self
             .audit(
                 actor,
                 "erase_subject",
                 json!({"receipt_id": receipt_id, "tenant": tenant, "subject": subject,
-                       "completions_erased": ids.len(), "feedback_erased": feedback}),
+                       "completions_erased": ids.len(), "feedback_erased": feedback,
+                       "adapters_tainted": tainted}),
             )
             .await?;
         Ok(ErasureReceipt {
@@ -195,6 +223,7 @@ impl Ledger {
             completions_erased: ids.len() as u64,
             feedback_erased: feedback,
             audit_seq: seq,
+            adapters_tainted: tainted,
         })
     }
 

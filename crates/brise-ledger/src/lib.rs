@@ -8,6 +8,7 @@
 //! `$N` placeholders, BIGINT columns, casts around aggregates, and booleans read as
 //! integers (the `Any` driver cannot decode SQLite's BOOLEAN columns).
 
+pub mod adapters;
 pub mod export;
 pub mod governance;
 pub mod retention;
@@ -40,6 +41,12 @@ pub enum LedgerError {
     ContentNotKept(String),
     #[error("the ledger writer has stopped")]
     Closed,
+    #[error("no adapter version {0}")]
+    UnknownAdapter(String),
+    /// A registry operation that the versions' state forbids (promoting a tainted or
+    /// rejected version, rolling back a base model, …).
+    #[error("{0}")]
+    AdapterRefused(String),
 }
 
 pub type Result<T> = std::result::Result<T, LedgerError>;
@@ -647,7 +654,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn rec(id: &str, tenant: &str) -> CompletionRecord {
+    pub(crate) fn rec(id: &str, tenant: &str) -> CompletionRecord {
         CompletionRecord {
             id: id.into(),
             created_at_ms: now_ms(),
@@ -671,7 +678,7 @@ mod tests {
         }
     }
 
-    fn fb(id: &str, tenant: &str, rating: i64) -> Feedback {
+    pub(crate) fn fb(id: &str, tenant: &str, rating: i64) -> Feedback {
         Feedback {
             id: String::new(),
             created_at_ms: now_ms(),

@@ -752,7 +752,11 @@
       const r = await apiJson('/v1/admin/erase', {method: 'POST', admin: true, body: tenant ? {subject, tenant} : {subject}});
       const rows = [['Receipt', r.receipt_id], ['Subject', r.subject], ['Tenant', r.tenant ?? 'every tenant'],
         ['Records erased', r.completions_erased], ['Feedback erased', r.feedback_erased], ['Audit entry', r.audit_seq],
-        ['At', new Date(r.at_ms).toLocaleString()]];
+        ['At', new Date(r.at_ms).toLocaleString()],
+        // Adapter versions trained on the erased data (marked tainted); one that is
+        // serving needs a rollback or a clean version.
+        ['Adapter versions marked', (r.adapters_tainted || []).map((v) =>
+          v.status === 'promoted' ? `${v.id} (SERVING ${v.model}: roll it back)` : v.id).join(', ') || 'none']];
       out.replaceChildren(h('h3', {}, 'Erasure receipt'), h('dl', {}, rows.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, String(v))])));
     } catch (e) {
       out.replaceChildren(h('p', {class: 'error-text'}, 'Not erased: ' + e.message));

@@ -143,7 +143,22 @@ impl IntoResponse for ApiError {
 /// A ledger failure the route does not map itself is the server's fault.
 impl From<brise_ledger::LedgerError> for ApiError {
     fn from(e: brise_ledger::LedgerError) -> ApiError {
-        ApiError::internal(e.to_string())
+        use brise_ledger::LedgerError as L;
+        match e {
+            L::UnknownAdapter(_) => ApiError {
+                code: Some("adapter_not_found"),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    e.to_string(),
+                )
+            },
+            L::AdapterRefused(_) => ApiError {
+                code: Some("adapter_refused"),
+                ..ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())
+            },
+            _ => ApiError::internal(e.to_string()),
+        }
     }
 }
 

@@ -7,13 +7,14 @@ pub mod metrics;
 mod record;
 pub mod request;
 mod routes;
+pub mod versions;
 
 use brise_engine::SamplingParams;
 use brise_engine::scheduler::{Scheduler, SchedulerConfig};
 use brise_model::Model;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 /// A model as the server offers it.
@@ -31,16 +32,27 @@ pub struct ServedModel {
     pub metrics: metrics::ModelMetrics,
     /// sha256 of the model file, when known (recorded with each completion).
     pub sha256: Option<String>,
-    /// LoRA adapters served on this model: a request names one with `model` =
-    /// `id:name` or the `adapter` field.
-    pub adapters: Vec<ServedAdapter>,
+    /// LoRA adapters served on this model by name (`--lora NAME=DIR`): a request names
+    /// one with `model` = `id:name` or the `adapter` field.
+    pub adapters: Vec<Arc<ServedAdapter>>,
+    /// The registry's promoted version (`None`: the base model), served for the plain
+    /// model name and as `id:VERSION-ID`. Swapped whole by the registry poller
+    /// (`versions.rs`); a request takes the `Arc` once, so requests in flight finish on
+    /// the version they started with.
+    pub promoted: RwLock<Option<Arc<ServedAdapter>>>,
 }
 
 /// A LoRA adapter offered on a model.
 pub struct ServedAdapter {
+    /// The name requests use: `--lora`'s NAME, or the registry version's id.
     pub name: String,
     pub lora: Arc<brise_model::lora::LoraAdapter>,
+    /// The registry's record of it, for a promoted version (`None`: a `--lora` adapter).
+    pub version: Option<brise_ledger::adapters::AdapterVersion>,
 }
+
+/// The name that addresses a model without any adapter (`MODEL:base`, `"adapter": "base"`).
+pub const BASE: &str = "base";
 
 impl ServedModel {
     pub fn new(
@@ -61,49 +73,88 @@ impl ServedModel {
             metrics: Default::default(),
             sha256: None,
             adapters: Vec::new(),
+            promoted: RwLock::new(None),
         }
     }
 
-    /// The adapter a request asks for, from its `model` (`id:name`) and `adapter`
-    /// fields; `Err` names the problem (an unknown adapter, or two that disagree).
-    pub fn adapter_for(
+    /// The promoted version now (`None`: the plain name serves the base model).
+    pub fn promoted(&self) -> Option<Arc<ServedAdapter>> {
+        self.promoted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps the promoted version: requests from now on get `a`; those in flight keep
+    /// what they had.
+    pub fn set_promoted(&self, a: Option<Arc<ServedAdapter>>) {
+        *self.promoted.write().unwrap_or_else(|e| e.into_inner()) = a;
+    }
+
+    /// A `--lora` adapter by name, else the promoted version by its id.
+    pub fn adapter_named(&self, name: &str) -> Option<Arc<ServedAdapter>> {
+        if let Some(a) = self.adapters.iter().find(|a| a.name == name) {
+            return Some(a.clone());
+        }
+        self.promoted().filter(|a| a.name == name)
+    }
+
+    /// Whether `name` addresses something on this model: `base` or an adapter.
+    pub fn knows(&self, name: &str) -> bool {
+        name == BASE || self.adapter_named(name).is_some()
+    }
+
+    /// The names a request may use, for error messages.
+    pub fn adapter_names(&self) -> Vec<String> {
+        let mut v = vec![BASE.to_string()];
+        v.extend(self.adapters.iter().map(|a| a.name.clone()));
+        v.extend(self.promoted().map(|a| a.name.clone()));
+        v
+    }
+
+    /// The adapter name a request gives explicitly, in its `model` (`id:name`) or its
+    /// `adapter` field (`base` included); `Err` when the two disagree.
+    pub fn named_adapter<'a>(
         &self,
-        model: &str,
-        field: Option<&str>,
-    ) -> Result<Option<&ServedAdapter>, String> {
+        model: &'a str,
+        field: Option<&'a str>,
+    ) -> Result<Option<&'a str>, String> {
         let by_model = if model == self.id || self.aliases.iter().any(|a| a == model) {
             None
         } else {
             model.rsplit_once(':').map(|(_, a)| a)
         };
-        let name = match (by_model, field) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(format!(
-                    "model names adapter {a:?} but adapter is {b:?}: give one"
-                ));
-            }
-            (a, b) => a.or(b),
-        };
-        let Some(name) = name else { return Ok(None) };
-        match self.adapters.iter().find(|a| a.name == name) {
-            Some(a) => Ok(Some(a)),
-            None => Err(format!(
-                "model {} has no adapter {name:?} (it has: {})",
-                self.id,
-                if self.adapters.is_empty() {
-                    "none".to_string()
-                } else {
-                    self.adapters
-                        .iter()
-                        .map(|a| a.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                }
+        match (by_model, field) {
+            (Some(a), Some(b)) if a != b => Err(format!(
+                "model names adapter {a:?} but adapter is {b:?}: give one"
             )),
+            (a, b) => Ok(a.or(b)),
         }
     }
 
-    /// The name responses report: the model's id, with `:adapter` when one is used.
+    /// The adapter a request gets, resolved once per request: the one it names, none
+    /// for `base`, and the promoted version (if any) when it names none. `Err` names
+    /// the problem (an unknown adapter, or two that disagree).
+    pub fn adapter_for(
+        &self,
+        model: &str,
+        field: Option<&str>,
+    ) -> Result<Option<Arc<ServedAdapter>>, String> {
+        match self.named_adapter(model, field)? {
+            None => Ok(self.promoted()),
+            Some(BASE) => Ok(None),
+            Some(name) => self.adapter_named(name).map(Some).ok_or_else(|| {
+                format!(
+                    "model {} has no adapter {name:?} (it has: {})",
+                    self.id,
+                    self.adapter_names().join(", ")
+                )
+            }),
+        }
+    }
+
+    /// The name responses report: the model's id, with `:adapter` when one is used (so
+    /// an answer for the plain name says which promoted version gave it).
     pub fn served_name(&self, adapter: Option<&ServedAdapter>) -> String {
         match adapter {
             Some(a) => format!("{}:{}", self.id, a.name),
@@ -140,6 +191,9 @@ pub struct ServerConfig {
     pub ledger: Option<String>,
     /// The key of the admin routes (`/v1/admin/…`); `None` turns them off.
     pub admin_key: Option<String>,
+    /// How often to look for a newly promoted adapter version in the ledger's registry
+    /// (`None`: only at start and after a promotion through this server's API).
+    pub adapter_poll: Option<Duration>,
 }
 
 pub struct AppState {
@@ -148,6 +202,11 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     pub shutting_down: AtomicBool,
     pub ledger: Option<brise_ledger::Ledger>,
+    /// Serializes the swaps of promoted versions (the poller's and the admin routes'),
+    /// and remembers versions that failed to load (and when) so they are retried slowly.
+    pub registry_sync: tokio::sync::Mutex<versions::SyncState>,
+    /// Wakes the poller (after a promotion or rollback through this server).
+    pub registry_changed: tokio::sync::Notify,
 }
 
 impl AppState {
@@ -155,8 +214,8 @@ impl AppState {
         self.models.get().map(|v| v.as_slice()).unwrap_or(&[])
     }
 
-    /// The model a request's `model` names: a model's id or alias, or `id:adapter` for
-    /// one of its adapters.
+    /// The model a request's `model` names: a model's id or alias, `id:adapter` for one
+    /// of its adapters (or its promoted version), or `id:base`.
     pub fn find(&self, name: &str) -> Option<&ServedModel> {
         let by_name = |n: &str| {
             self.models()
@@ -165,7 +224,7 @@ impl AppState {
         };
         by_name(name).or_else(|| {
             let (base, adapter) = name.rsplit_once(':')?;
-            by_name(base).filter(|m| m.adapters.iter().any(|a| a.name == adapter))
+            by_name(base).filter(|m| m.knows(adapter))
         })
     }
 }
@@ -203,6 +262,8 @@ where
         metrics: Default::default(),
         shutting_down: AtomicBool::new(false),
         ledger,
+        registry_sync: Default::default(),
+        registry_changed: Default::default(),
     });
     let app = routes::router(state.clone());
     if let Some(l) = state.ledger.clone() {
@@ -221,6 +282,9 @@ where
             }
         });
     }
+    if let Some(l) = state.ledger.clone() {
+        tokio::spawn(versions::poll(state.clone(), l, state.cfg.adapter_poll));
+    }
     eprintln!("brise: listening on http://{addr} (loading models)");
 
     let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
@@ -228,6 +292,15 @@ where
     tokio::task::spawn_blocking(move || match load() {
         Ok(models) => {
             let names: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
+            if let Some(l) = &st.ledger {
+                // The promoted versions are in service before the server says it is
+                // ready, so the plain names never answer with a stale version.
+                let rt = tokio::runtime::Handle::current();
+                rt.block_on(async {
+                    let mut g = st.registry_sync.lock().await;
+                    versions::sync(&models, l, &mut g).await;
+                });
+            }
             let _ = st.models.set(models);
             eprintln!("brise: ready: {} at http://{addr}/v1", names.join(", "));
         }

@@ -4,7 +4,7 @@
 
 use crate::error::ApiError;
 use crate::request::GenParams;
-use crate::{AppState, ServedModel, Tenant};
+use crate::{AppState, ServedAdapter, ServedModel, Tenant};
 use axum::http::HeaderMap;
 use brise_ledger::governance::{ContentLevel, Redactions, redact_json};
 use brise_ledger::{CompletionRecord, Ledger};
@@ -28,6 +28,7 @@ impl Recorder {
     pub fn new(
         s: &AppState,
         m: &ServedModel,
+        adapter: Option<&ServedAdapter>,
         endpoint: &str,
         headers: &HeaderMap,
         tenant: &Tenant,
@@ -114,11 +115,8 @@ impl Recorder {
                 subject,
                 model: m.id.clone(),
                 model_sha256: m.sha256.clone(),
-                adapter: m
-                    .adapter_for(&p.model, p.adapter.as_deref())
-                    .ok()
-                    .flatten()
-                    .map(|a| a.name.clone()),
+                // The version that answers: a `--lora` name or a registry version's id.
+                adapter: adapter.map(|a| a.name.clone()),
                 endpoint: endpoint.into(),
                 params,
                 messages,

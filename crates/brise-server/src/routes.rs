@@ -68,6 +68,11 @@ pub fn router(state: Arc<AppState>) -> Router {
                     "/v1/admin/tenants/{tenant}",
                     get(admin_get_tenant).post(admin_set_tenant),
                 )
+                .route("/v1/admin/adapters", get(admin_adapters))
+                .route("/v1/admin/adapters/rollback", post(admin_rollback))
+                .route("/v1/admin/adapters/{id}", get(admin_adapter))
+                .route("/v1/admin/adapters/{id}/promote", post(admin_promote))
+                .route("/v1/admin/adapters/{id}/reject", post(admin_reject))
                 .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth)),
         )
         .fallback(not_found)
@@ -152,6 +157,19 @@ async fn admin_erase(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiRe
     let r = l
         .erase_subject("admin-api", tenant.as_deref(), &subject)
         .await?;
+    for v in r
+        .adapters_tainted
+        .iter()
+        .filter(|v| v.status == brise_ledger::adapters::AdapterStatus::Promoted)
+    {
+        eprintln!(
+            "brise: WARNING: erasure {} erased data that {} (serving {}) was trained on; \
+             roll it back or promote a clean version",
+            r.receipt_id, v.id, v.model
+        );
+    }
+    // The served versions' records (their taint) are refreshed at once.
+    s.registry_changed.notify_one();
     Ok(axum::Json(serde_json::to_value(&r).unwrap_or(Value::Null)).into_response())
 }
 
@@ -347,6 +365,176 @@ async fn admin_audit(State(s): St) -> ApiResult<Response> {
     .into_response())
 }
 
+/// A registry version as the admin routes show it.
+fn version_json(v: &brise_ledger::adapters::AdapterVersion) -> Value {
+    let mut j = json!(v);
+    j["object"] = json!("adapter.version");
+    j
+}
+
+/// A body that may be empty (no fields).
+fn fields_or_empty(body: &[u8]) -> ApiResult<request::Fields> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        request::Fields::parse(b"{}")
+    } else {
+        request::Fields::parse(body)
+    }
+}
+
+/// `GET /v1/admin/adapters[?model=M]`: the registry's versions.
+async fn admin_adapters(
+    State(s): St,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    if let Some(k) = q.keys().find(|k| k.as_str() != "model") {
+        return Err(ApiError::unknown_param(k));
+    }
+    let vs = l.adapters(q.get("model").map(String::as_str)).await?;
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": vs.iter().map(version_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/admin/adapters/{id}`: one version, its lineage (its id, its parent's, …)
+/// and its model's promotion history.
+async fn admin_adapter(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
+    let l = ledger(&s)?;
+    let v = l
+        .adapter(&id)
+        .await?
+        .ok_or(brise_ledger::LedgerError::UnknownAdapter(id.clone()))?;
+    let lineage: Vec<String> = l
+        .adapter_lineage(&id)
+        .await?
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    let mut j = version_json(&v);
+    j["lineage"] = json!(lineage);
+    j["history"] = json!(l.adapter_history(&v.model).await?);
+    Ok(axum::Json(j).into_response())
+}
+
+/// What a served model serves for its plain name after a registry change.
+fn serving_json(s: &AppState, model: &str) -> Value {
+    match s.models().iter().find(|m| m.id == model) {
+        Some(m) => json!(
+            m.promoted()
+                .map(|a| a.name.clone())
+                .unwrap_or_else(|| crate::BASE.into())
+        ),
+        None => Value::Null,
+    }
+}
+
+/// `POST /v1/admin/adapters/{id}/promote`: makes the version the one its model serves.
+/// When this server serves the model, the version must load first (else a 409 and
+/// nothing changes), and it is in service when the answer comes; other servers sharing
+/// the ledger pick it up at their next poll.
+async fn admin_promote(
+    State(s): St,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    fields_or_empty(&body)?.finish()?;
+    let l = ledger(&s)?;
+    let v = l
+        .adapter(&id)
+        .await?
+        .ok_or(brise_ledger::LedgerError::UnknownAdapter(id.clone()))?;
+    let served = s.models().iter().find(|m| m.id == v.model);
+    let mut g = s.registry_sync.lock().await;
+    let mut loaded = None;
+    if let Some(m) = served
+        && v.status != brise_ledger::adapters::AdapterStatus::Promoted
+        && v.tainted.is_none()
+        && v.status != brise_ledger::adapters::AdapterStatus::Rejected
+    {
+        // Loaded before the registry changes, so a directory that does not load is
+        // refused instead of promoted.
+        loaded = Some(crate::versions::load(m, &v).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                format!("{id} does not load on {}: {e}", m.id),
+            )
+        })?);
+    }
+    let p = l.promote_adapter(&id, "admin-api").await?;
+    if let Some(m) = served {
+        let now = l.current_adapter(&m.id).await?;
+        let _ = crate::versions::install(m, now.as_ref(), &mut g, loaded.as_deref()).await;
+    }
+    drop(g);
+    s.registry_changed.notify_one();
+    Ok(axum::Json(json!({
+        "object": "adapter.promotion",
+        "model": p.model,
+        "from": p.from,
+        "to": p.to,
+        "audit_seq": p.audit_seq,
+        "serving": serving_json(&s, &p.model),
+    }))
+    .into_response())
+}
+
+/// `POST /v1/admin/adapters/rollback {"model"}`: back to the version that served before
+/// the current one (or to the base model).
+async fn admin_rollback(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let l = ledger(&s)?;
+    let mut f = request::Fields::parse(&body)?;
+    let model = f
+        .string("model")?
+        .filter(|x| !x.is_empty())
+        .ok_or_else(|| ApiError::param("model", "you must provide the model to roll back"))?;
+    f.finish()?;
+    // A served model's alias names it too.
+    let model = s.find(&model).map(|m| m.id.clone()).unwrap_or(model);
+    let mut g = s.registry_sync.lock().await;
+    let p = l.rollback_adapter(&model, "admin-api").await?;
+    let mut warning = None;
+    if let Some(m) = s.models().iter().find(|m| m.id == model) {
+        let now = l.current_adapter(&m.id).await?;
+        warning = crate::versions::install(m, now.as_ref(), &mut g, None)
+            .await
+            .err();
+    }
+    drop(g);
+    s.registry_changed.notify_one();
+    Ok(axum::Json(json!({
+        "object": "adapter.rollback",
+        "model": p.model,
+        "from": p.from,
+        "to": p.to,
+        "audit_seq": p.audit_seq,
+        "serving": serving_json(&s, &p.model),
+        "warning": warning,
+    }))
+    .into_response())
+}
+
+/// `POST /v1/admin/adapters/{id}/reject {"reason"?}`: the version is never promoted.
+async fn admin_reject(
+    State(s): St,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body_bytes(body)?;
+    let l = ledger(&s)?;
+    let mut f = fields_or_empty(&body)?;
+    let reason = f.string("reason")?;
+    f.finish()?;
+    let v = l
+        .reject_adapter(&id, "admin-api", reason.as_deref())
+        .await?;
+    Ok(axum::Json(version_json(&v)).into_response())
+}
+
 async fn not_found(req: Request) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -429,6 +617,8 @@ fn model_card(m: &ServedModel) -> Value {
             "classification": false,
         },
         "default_model_temperature": m.defaults.temperature,
+        // The registry's version served for this name (null: the base model itself).
+        "current_version": m.promoted().map(|a| a.name.clone()),
     })
 }
 
@@ -439,6 +629,20 @@ fn adapter_card(m: &ServedModel, a: &ServedAdapter) -> Value {
     c["parent"] = json!(m.id);
     c["root"] = json!(m.id);
     c["adapter"] = json!({"name": a.name, "rank": a.lora.rank()});
+    if let Some(o) = c.as_object_mut() {
+        o.remove("current_version");
+    }
+    if let Some(v) = &a.version {
+        // A registry version: its number and lineage (`parent` above is the model it
+        // adapts, as vLLM lists LoRA modules; `adapter.parent` the version it was
+        // trained from, null for the base model).
+        c["adapter"]["version"] = json!(v.version);
+        c["adapter"]["parent"] = json!(v.parent);
+        c["adapter"]["method"] = json!(v.method);
+        c["adapter"]["status"] = json!(v.status);
+        c["adapter"]["promoted_at"] = json!(v.promoted_at_ms.map(|t| t / 1000));
+        c["adapter"]["tainted"] = json!(v.tainted.is_some());
+    }
     c
 }
 
@@ -448,21 +652,29 @@ async fn list_models(State(s): St) -> ApiResult<Response> {
     for m in models {
         data.push(model_card(m));
         data.extend(m.adapters.iter().map(|a| adapter_card(m, a)));
+        data.extend(m.promoted().map(|a| adapter_card(m, &a)));
     }
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn get_model(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
     let m = find(&s, &id)?;
-    let card = match m.adapter_for(&id, None) {
-        Ok(Some(a)) => adapter_card(m, a),
-        _ => model_card(m),
+    // `MODEL:NAME` is the adapter's card; the plain name (and `MODEL:base`) the model's.
+    let named = m.named_adapter(&id, None).ok().flatten();
+    let card = match named
+        .filter(|n| *n != crate::BASE)
+        .and_then(|n| m.adapter_named(n))
+    {
+        Some(a) => adapter_card(m, &a),
+        None => model_card(m),
     };
     Ok(axum::Json(card).into_response())
 }
 
-/// The LoRA adapter a request asks for (by `model` = `id:name` or `adapter`).
-fn adapter_of<'a>(m: &'a ServedModel, p: &GenParams) -> ApiResult<Option<&'a ServedAdapter>> {
+/// The LoRA adapter a request gets (by `model` = `id:name` or `adapter`; else the
+/// promoted version, if any). Resolved once per request: the version it starts with is
+/// the one it finishes with, whatever is promoted meanwhile.
+fn adapter_of(m: &ServedModel, p: &GenParams) -> ApiResult<Option<Arc<ServedAdapter>>> {
     m.adapter_for(&p.model, p.adapter.as_deref())
         .map_err(|e| ApiError::param("adapter", e))
 }
@@ -471,6 +683,7 @@ fn adapter_of<'a>(m: &'a ServedModel, p: &GenParams) -> ApiResult<Option<&'a Ser
 fn options(
     m: &ServedModel,
     p: &GenParams,
+    ad: Option<&ServedAdapter>,
     n_prompt: usize,
     choice: usize,
     json: Option<Arc<Schema>>,
@@ -526,7 +739,7 @@ fn options(
         json,
         logprobs: p.logprobs,
         min_tokens: p.min_tokens,
-        lora: adapter_of(m, p)?.map(|a| a.lora.clone()),
+        lora: ad.map(|a| a.lora.clone()),
         ..Default::default()
     })
 }
@@ -788,9 +1001,11 @@ async fn chat(
     ready(&s)?;
     let req = request::parse_chat(&body, n_vocab_of(&s))?;
     let m = find(&s, &req.params.model)?;
+    let ad = adapter_of(m, &req.params)?;
     let rec = Recorder::new(
         &s,
         m,
+        ad.as_deref(),
         "/v1/chat/completions",
         &headers,
         &tenant,
@@ -828,7 +1043,18 @@ async fn chat(
         }
         _ => req.json.clone(),
     };
-    chat_like(&s, m, &req.params, prompt, constraint, "chatcmpl", tf, rec).await
+    chat_like(
+        &s,
+        m,
+        &req.params,
+        ad,
+        prompt,
+        constraint,
+        "chatcmpl",
+        tf,
+        rec,
+    )
+    .await
 }
 
 /// Runs `p.n` choices of `prompt` and answers in chat-completion shape (chat and
@@ -837,6 +1063,7 @@ async fn chat_like(
     s: &Arc<AppState>,
     m: &ServedModel,
     p: &GenParams,
+    ad: Option<Arc<ServedAdapter>>,
     prompt: Vec<u32>,
     json: Option<Arc<Schema>>,
     id_prefix: &str,
@@ -847,7 +1074,7 @@ async fn chat_like(
         .map(|c| {
             Ok((
                 prompt.clone(),
-                options(m, p, prompt.len(), c, json.clone())?,
+                options(m, p, ad.as_deref(), prompt.len(), c, json.clone())?,
             ))
         })
         .collect::<ApiResult<Vec<_>>>()?;
@@ -857,7 +1084,8 @@ async fn chat_like(
     if p.stream {
         return Ok(stream(
             s.clone(),
-            m.served_name(adapter_of(m, p)?),
+            m.id.clone(),
+            m.served_name(ad.as_deref()),
             id,
             created,
             run,
@@ -925,7 +1153,7 @@ async fn chat_like(
         "id": id,
         "object": "chat.completion",
         "created": created,
-        "model": m.served_name(adapter_of(m, p)?),
+        "model": m.served_name(ad.as_deref()),
         "choices": out,
         "usage": usage(prompt.len(), completion),
     }))
@@ -957,9 +1185,11 @@ async fn fim_inner(
     ready(s)?;
     let req = request::parse_fim(&body, n_vocab_of(s))?;
     let m = find(s, &req.params.model)?;
+    let ad = adapter_of(m, &req.params)?;
     let rec = Recorder::new(
         s,
         m,
+        ad.as_deref(),
         "/v1/fim/completions",
         headers,
         tenant,
@@ -975,7 +1205,7 @@ async fn fim_inner(
             ),
         )
     })?;
-    chat_like(s, m, &req.params, prompt, None, "fim", None, rec).await
+    chat_like(s, m, &req.params, ad, prompt, None, "fim", None, rec).await
 }
 
 async fn completions(
@@ -988,9 +1218,11 @@ async fn completions(
     ready(&s)?;
     let req = request::parse_completion(&body, n_vocab_of(&s))?;
     let m = find(&s, &req.params.model)?;
+    let ad = adapter_of(m, &req.params)?;
     let rec = Recorder::new(
         &s,
         m,
+        ad.as_deref(),
         "/v1/completions",
         &headers,
         &tenant,
@@ -1032,7 +1264,10 @@ async fn completions(
     let mut jobs = Vec::new();
     for (ids, _) in &prompts {
         for c in 0..p.n {
-            jobs.push((ids.clone(), options(m, p, ids.len(), c, None)?));
+            jobs.push((
+                ids.clone(),
+                options(m, p, ad.as_deref(), ids.len(), c, None)?,
+            ));
         }
     }
     let n_jobs = jobs.len();
@@ -1045,7 +1280,8 @@ async fn completions(
         }
         return Ok(stream(
             s.clone(),
-            m.served_name(adapter_of(m, p)?),
+            m.id.clone(),
+            m.served_name(ad.as_deref()),
             id,
             created,
             run,
@@ -1111,7 +1347,7 @@ async fn completions(
         "id": id,
         "object": "text_completion",
         "created": created,
-        "model": m.served_name(adapter_of(m, p)?),
+        "model": m.served_name(ad.as_deref()),
         "choices": out,
         "usage": usage(prompt_tokens, completion),
     }))
@@ -1123,6 +1359,7 @@ async fn completions(
 #[allow(clippy::too_many_arguments)]
 fn stream(
     s: Arc<AppState>,
+    model_id: String,
     model: String,
     id: String,
     created: u64,
@@ -1137,6 +1374,8 @@ fn stream(
 ) -> impl IntoResponse {
     struct S {
         s: Arc<AppState>,
+        /// The served model's id (`model` is the name reported, adapter included).
+        model_id: String,
         model: String,
         id: String,
         created: u64,
@@ -1237,6 +1476,7 @@ fn stream(
     }
     let st = S {
         s,
+        model_id,
         model,
         id,
         created,
@@ -1268,7 +1508,7 @@ fn stream(
             }
         }
         let app = st.s.clone();
-        let m = app.find(&st.model)?;
+        let m = app.models().iter().find(|m| m.id == st.model_id)?;
         match st.run.rx.recv().await {
             None => {
                 st.done = true;
@@ -1426,15 +1666,21 @@ async fn compare(
     let req = request::parse_chat(&chat_body, n_vocab_of(&s))?;
     let m = find(&s, &req.params.model)?;
     let p = &req.params;
-    if p.adapter.is_some() || m.adapter_for(&p.model, None).ok().flatten().is_some() {
+    if p.adapter.is_some() || m.named_adapter(&p.model, None).ok().flatten().is_some() {
         return Err(ApiError::param(
             "adapter",
             "a comparison names its versions in `versions` (e.g. [\"base\", \"NAME\"]), not in model or adapter",
         ));
     }
-    // Each candidate's version: "base" (no adapter) or one of the model's adapters.
+    // Each candidate's version: "base" (no adapter) or one of the model's adapters (the
+    // promoted version included). Without `versions`: twice the version the plain name
+    // serves.
+    let current = m
+        .promoted()
+        .map(|a| a.name.clone())
+        .unwrap_or_else(|| crate::BASE.into());
     let versions: Vec<String> = match versions {
-        None => vec!["base".into(), "base".into()],
+        None => vec![current.clone(), current],
         Some(Value::Array(v)) if v.len() == 2 && v.iter().all(Value::is_string) => v
             .iter()
             .map(|x| x.as_str().unwrap_or_default().to_string())
@@ -1452,18 +1698,15 @@ async fn compare(
             loras.push(None);
             continue;
         }
-        match m.adapter_for(&m.id, Some(v)) {
-            Ok(Some(a)) => loras.push(Some(a)),
-            _ => {
+        match m.adapter_named(v) {
+            Some(a) => loras.push(Some(a)),
+            None => {
                 return Err(ApiError::param(
                     "versions",
                     format!(
-                        "model {} has no version {v:?} (it has: base{})",
+                        "model {} has no version {v:?} (it has: {})",
                         m.id,
-                        m.adapters
-                            .iter()
-                            .map(|a| format!(", {}", a.name))
-                            .collect::<String>()
+                        m.adapter_names().join(", ")
                     ),
                 ));
             }
@@ -1499,13 +1742,12 @@ async fn compare(
         .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0);
     let jobs = (0..2)
         .map(|c| {
-            let mut o = options(m, p, prompt.len(), c, req.json.clone())?;
+            let mut o = options(m, p, loras[c].as_deref(), prompt.len(), c, req.json.clone())?;
             o.sampling.seed = Some(base_seed.wrapping_add(c as u64));
-            o.lora = loras[c].map(|a| a.lora.clone());
             Ok((prompt.clone(), o))
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    let rec = Recorder::new(&s, m, "/v1/compare", &headers, &tenant, &body, p)?;
+    let rec = Recorder::new(&s, m, None, "/v1/compare", &headers, &tenant, &body, p)?;
     let run = submit(&s, m, jobs)?;
     let choices = match collect(m, run, 2).await {
         Ok(c) => c,
@@ -1518,7 +1760,7 @@ async fn compare(
     for (k, c) in choices.iter().enumerate() {
         let id = new_id("chatcmpl");
         let finish = finish_reason(c.finish);
-        rec.for_adapter(loras[k].map(|a| a.name.clone()))
+        rec.for_adapter(loras[k].as_ref().map(|a| a.name.clone()))
             .ok(
                 &id,
                 json!([{"text": c.text, "finish_reason": finish}]),
@@ -1541,7 +1783,7 @@ async fn compare(
     }
     Ok(axum::Json(json!({
         "object": "comparison",
-        "model": m.served_name(adapter_of(m, p)?),
+        "model": m.id,
         "created": crate::unix_now(),
         "candidates": cands,
     }))

@@ -1,0 +1,193 @@
+//! Hot swap of promoted adapter versions: the server follows the ledger's registry.
+//!
+//! At start (before `/health` says ok) and then every `--adapter-poll` seconds, or at
+//! once after a promotion or rollback through this server's admin routes, each served
+//! model's promoted version is read from the registry. When it changed, the new
+//! version's PEFT directory is loaded off the async runtime (`spawn_blocking`) and put
+//! in `ServedModel::promoted` with one pointer swap; a rollback to the base model swaps
+//! in `None`. Requests take that `Arc` once, when they arrive, so requests in flight
+//! finish on the version they started with. A version that fails to load is logged and
+//! retried every [`RETRY_FAILED`], and the version serving before stays in service: a
+//! bad directory never takes the server down nor leaves a model without an answer.
+
+use crate::{AppState, ServedAdapter, ServedModel};
+use brise_ledger::Ledger;
+use brise_ledger::adapters::AdapterVersion;
+use brise_model::lora::LoraAdapter;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a version that failed to load waits before the next try.
+pub const RETRY_FAILED: Duration = Duration::from_secs(30);
+
+/// What the swaps remember between polls.
+#[derive(Default)]
+pub struct SyncState {
+    /// Versions that failed to load, and when they last did.
+    failed: HashMap<String, Instant>,
+    /// Registry read errors already logged, per model (logged again once it recovers).
+    read_failed: HashMap<String, String>,
+}
+
+fn serving(m: &ServedModel) -> String {
+    m.promoted()
+        .map(|a| a.name.clone())
+        .unwrap_or_else(|| "the base model".into())
+}
+
+fn warn_tainted(m: &ServedModel, v: &AdapterVersion) {
+    if let Some(t) = &v.tainted {
+        eprintln!(
+            "brise: WARNING: {} serves {} for its plain name, which was trained on erased data ({}): \
+             roll it back (brise adapters rollback --model {}) or promote a clean version",
+            m.id, v.id, t.reason, m.id
+        );
+    }
+}
+
+/// Loads a version's PEFT directory for `m` off the async runtime.
+pub async fn load(m: &ServedModel, v: &AdapterVersion) -> Result<Arc<ServedAdapter>, String> {
+    let model = m.model.clone();
+    let path = PathBuf::from(&v.path);
+    let lora = tokio::task::spawn_blocking(move || LoraAdapter::load(&path, &model.cfg))
+        .await
+        .map_err(|e| format!("the loading task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(ServedAdapter {
+        name: v.id.clone(),
+        lora: Arc::new(lora),
+        version: Some(v.clone()),
+    }))
+}
+
+/// Puts `want` (the registry's promoted version of `m`, `None`: the base model) in
+/// service if it is not already, with the weights of `preloaded` when that is the same
+/// version. Returns an error message when it cannot be loaded (the version serving
+/// before stays).
+pub async fn install(
+    m: &ServedModel,
+    want: Option<&AdapterVersion>,
+    st: &mut SyncState,
+    preloaded: Option<&ServedAdapter>,
+) -> Result<(), String> {
+    let have = m.promoted();
+    match (want, have) {
+        (None, None) => Ok(()),
+        (None, Some(h)) => {
+            m.set_promoted(None);
+            eprintln!(
+                "brise: {}: {} retired; serving the base model",
+                m.id, h.name
+            );
+            Ok(())
+        }
+        (Some(v), Some(h)) if h.name == v.id => {
+            // The same version: refresh what the registry says of it (a taint, say),
+            // keeping the loaded weights.
+            if h.version.as_ref() != Some(v) {
+                if v.tainted.is_some() && h.version.as_ref().is_some_and(|x| x.tainted.is_none()) {
+                    warn_tainted(m, v);
+                }
+                m.set_promoted(Some(Arc::new(ServedAdapter {
+                    name: h.name.clone(),
+                    lora: h.lora.clone(),
+                    version: Some(v.clone()),
+                })));
+            }
+            Ok(())
+        }
+        (Some(v), _) => {
+            if st
+                .failed
+                .get(&v.id)
+                .is_some_and(|t| t.elapsed() < RETRY_FAILED)
+            {
+                return Err(format!("{} failed to load less than 30 s ago", v.id));
+            }
+            let loaded = match preloaded.filter(|p| p.name == v.id) {
+                Some(p) => Ok(Arc::new(ServedAdapter {
+                    name: v.id.clone(),
+                    lora: p.lora.clone(),
+                    version: Some(v.clone()),
+                })),
+                None => load(m, v).await,
+            };
+            match loaded {
+                Ok(a) => {
+                    st.failed.remove(&v.id);
+                    let before = serving(m);
+                    m.set_promoted(Some(a));
+                    eprintln!(
+                        "brise: {}: now serving {} (version {}, promoted by {}) instead of {before}",
+                        m.id,
+                        v.id,
+                        v.version,
+                        v.promoted_by.as_deref().unwrap_or("?")
+                    );
+                    warn_tainted(m, v);
+                    Ok(())
+                }
+                Err(e) => {
+                    st.failed.insert(v.id.clone(), Instant::now());
+                    let msg = format!(
+                        "cannot load promoted version {} from {}: {e}; still serving {}",
+                        v.id,
+                        v.path,
+                        serving(m)
+                    );
+                    eprintln!("brise: {}: {msg}", m.id);
+                    Err(msg)
+                }
+            }
+        }
+    }
+}
+
+/// Brings every model's promoted version in line with the registry.
+pub async fn sync(models: &[ServedModel], l: &Ledger, st: &mut SyncState) {
+    for m in models {
+        let want = match l.current_adapter(&m.id).await {
+            Ok(v) => {
+                if st.read_failed.remove(&m.id).is_some() {
+                    eprintln!("brise: {}: reading the adapter registry works again", m.id);
+                }
+                v
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if st.read_failed.get(&m.id) != Some(&e) {
+                    eprintln!(
+                        "brise: {}: cannot read the adapter registry: {e}; still serving {}",
+                        m.id,
+                        serving(m)
+                    );
+                    st.read_failed.insert(m.id.clone(), e);
+                }
+                continue;
+            }
+        };
+        let _ = install(m, want.as_ref(), st, None).await;
+    }
+}
+
+/// Follows the registry until the process ends: every `every`, or when woken.
+pub async fn poll(state: Arc<AppState>, l: Ledger, every: Option<Duration>) {
+    loop {
+        match every {
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = state.registry_changed.notified() => {}
+                }
+            }
+            None => state.registry_changed.notified().await,
+        }
+        let Some(models) = state.models.get() else {
+            continue;
+        };
+        let mut st = state.registry_sync.lock().await;
+        sync(models, &l, &mut st).await;
+    }
+}
