@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from conftest import BRISE_BIN, FIXTURES, IS_SMOLLM2, MODEL, BriseServer
+from conftest import BRISE_BIN, FIXTURES, IS_SMOLLM2, LEDGER_BACKEND, MODEL, BriseServer
 
 pytestmark = pytest.mark.skipif(not IS_SMOLLM2, reason="the adapter fixture is for SmolLM2")
 
@@ -296,3 +296,24 @@ def test_erasure_marks_versions_trained_on_erased_records(srv, c):
     assert show(srv, first)["tainted"] is None
     r = c.post("/v1/admin/adapters/rollback", json={"model": MODEL}, headers=AUTH)
     assert r.status_code == 200
+
+
+@pytest.mark.skipif(LEDGER_BACKEND != "sqlite", reason="shares the first server's SQLite file")
+def test_servers_sharing_a_ledger_follow_it_and_start_on_the_promoted_version(srv, c, lora_text):
+    good = next(v["id"] for v in json.loads(cli(srv, "adapters", "list", "--json").stdout) if v["tainted"] is None)
+    cli(srv, "adapters", "promote", good)
+    wait_for(c, f"{MODEL}:{good}")
+    # A second server on the same ledger (its log next to the first's: the same file)
+    # answers with the promoted version from its very first request.
+    s2 = BriseServer(srv.log_path.parent / "serve2.log", ["--adapter-poll", str(POLL)])
+    assert s2.ledger == srv.ledger
+    try:
+        s2.wait_ready()
+        with httpx.Client(base_url=s2.url, timeout=120, trust_env=False) as c2:
+            assert complete(c2, MODEL)[:2] == (f"{MODEL}:{good}", lora_text)
+            # A rollback through the first server's admin API reaches the second by its poll.
+            r = c.post("/v1/admin/adapters/rollback", json={"model": MODEL}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["serving"] == "base"
+            wait_for(c2, MODEL)
+    finally:
+        s2.stop()
