@@ -84,6 +84,76 @@ pub struct ServeArgs {
     /// server's own admin API
     #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
     pub adapter_poll: f64,
+    /// Learn by itself: once --learn-after new feedback items have arrived for a model,
+    /// train an adapter from the ledger in the background (at a lower CPU priority),
+    /// evaluate it on held-out feedback, and promote it when the gate passes
+    #[arg(long)]
+    pub learn: bool,
+    /// With --learn: new feedback items that start a training run
+    #[arg(long, default_value_t = 50)]
+    pub learn_after: i64,
+    /// With --learn: seconds between looks at the ledger for new feedback
+    #[arg(long, default_value_t = 10.0)]
+    pub learn_check: f64,
+    /// With --learn: sft, dpo, kto, or auto (DPO when there are pairs or corrections,
+    /// else KTO when there are thumbs-down, else SFT)
+    #[arg(long, default_value = "auto")]
+    pub learn_method: String,
+    /// With --learn: the learning rate
+    #[arg(long, default_value_t = 2e-4)]
+    pub learn_lr: f64,
+    /// With --learn: epochs over the dataset
+    #[arg(long, default_value_t = 3)]
+    pub learn_epochs: usize,
+    /// With --learn: LoRA rank (alpha is twice it)
+    #[arg(long, default_value_t = 16)]
+    pub learn_rank: usize,
+    /// With --learn: threads the trainer uses [default: 1, leaving the rest to serving]
+    #[arg(long, default_value_t = 1)]
+    pub learn_threads: usize,
+    /// With --learn: where trained versions are written [default: $BRISE_HOME/adapters]
+    #[arg(long)]
+    pub learn_dir: Option<std::path::PathBuf>,
+}
+
+fn learn_config(a: &ServeArgs) -> Result<Option<brise_server::learn::LearnConfig>> {
+    if !a.learn {
+        return Ok(None);
+    }
+    if ledger_spec(a.ledger.as_deref()).is_none() {
+        bail!("--learn learns from the ledger: it cannot run with --ledger off");
+    }
+    if a.learn_after < 1 || !(a.learn_check.is_finite() && a.learn_check > 0.0) {
+        bail!("--learn-after must be at least 1 and --learn-check positive");
+    }
+    let method = match a.learn_method.as_str() {
+        "auto" => None,
+        m => Some(
+            m.parse::<brise_train::data::Method>()
+                .map_err(anyhow::Error::msg)?,
+        ),
+    };
+    let train = brise_train::trainer::TrainConfig {
+        rank: a.learn_rank,
+        alpha: 2.0 * a.learn_rank as f64,
+        learning_rate: a.learn_lr,
+        epochs: a.learn_epochs,
+        ..Default::default()
+    };
+    train.validate().map_err(anyhow::Error::msg)?;
+    Ok(Some(brise_server::learn::LearnConfig {
+        after: a.learn_after,
+        check_every: Duration::from_secs_f64(a.learn_check),
+        method,
+        train,
+        gate: Default::default(),
+        held_out: brise_train::data::DEFAULT_HELD_OUT,
+        threads: a.learn_threads.max(1),
+        adapters_dir: a
+            .learn_dir
+            .clone()
+            .unwrap_or_else(|| registry::brise_home().join("adapters")),
+    }))
 }
 
 /// `--ledger`: a SQLite path, a PostgreSQL URL, `off`, or the default under $BRISE_HOME.
@@ -197,6 +267,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ledger: ledger_spec(a.ledger.as_deref()),
         admin_key: a.admin_key.clone().filter(|k| !k.is_empty()),
         adapter_poll: (a.adapter_poll > 0.0).then(|| Duration::from_secs_f64(a.adapter_poll)),
+        learn: learn_config(&a)?,
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
     let loras = a.lora.clone();

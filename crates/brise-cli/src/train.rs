@@ -6,10 +6,10 @@ use anyhow::{Context, Result, bail};
 use brise_kernels::quant::Kernels;
 use brise_ledger::Ledger;
 use brise_ledger::export::Format;
-use brise_model::{LoraAdapter, Model};
+use brise_model::Model;
 use brise_train::data::{DEFAULT_HELD_OUT, Dataset, LedgerQuery, LoadOptions, Method};
 use brise_train::eval::GateConfig;
-use brise_train::pipeline::{RunOutcome, RunSpec};
+use brise_train::pipeline::{LearnOptions, RunOutcome, RunSpec};
 use brise_train::trainer::TrainConfig;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -159,15 +159,22 @@ pub fn train(a: TrainArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let ledger = if a.from_ledger {
-        let spec = crate::serve::ledger_spec(a.ledger.as_deref())
-            .context("--ledger off: --from-ledger needs a ledger")?;
-        Some(
-            rt.block_on(Ledger::open(&spec))
-                .with_context(|| format!("opening {}", brise_ledger::redact_url(&spec)))?,
-        )
-    } else {
-        None
+    // The ledger: needed for --from-ledger; with --data it is where the version is
+    // registered, when there is one.
+    let ledger = match crate::serve::ledger_spec(a.ledger.as_deref()) {
+        Some(spec)
+            if a.from_ledger
+                || a.ledger.is_some()
+                || brise_ledger::is_postgres_url(&spec)
+                || std::path::Path::new(&spec).exists() =>
+        {
+            Some(
+                rt.block_on(Ledger::open(&spec))
+                    .with_context(|| format!("opening {}", brise_ledger::redact_url(&spec)))?,
+            )
+        }
+        _ if a.from_ledger => bail!("--ledger off: --from-ledger needs a ledger"),
+        _ => None,
     };
     let since_ms = a
         .since
@@ -194,7 +201,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             .with_context(|| format!("loading {}", path.display()))?;
         let opts = LoadOptions::default();
         let data = match (&ledger, &a.data) {
-            (Some(l), _) => rt.block_on(Dataset::from_ledger(
+            (Some(l), None) => rt.block_on(Dataset::from_ledger(
                 l,
                 &model,
                 &LedgerQuery {
@@ -205,7 +212,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 },
                 &opts,
             ))?,
-            (None, Some(file)) => {
+            (_, Some(file)) => {
                 let f: Format = a
                     .format
                     .as_deref()
@@ -244,7 +251,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             data.method.name(),
             data.source
         );
-        let out = run_one(&model, &id, &data, &a, threads)?;
+        let out = run_one(&model, &id, &data, &a, threads, ledger.as_ref(), &rt)?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
@@ -261,35 +268,75 @@ fn run_one(
     data: &Dataset,
     a: &TrainArgs,
     threads: usize,
+    ledger: Option<&Ledger>,
+    rt: &tokio::runtime::Runtime,
 ) -> Result<RunOutcome> {
     let cfg = train_config(a, data.method);
-    let current: Option<(String, LoraAdapter)> = None;
     let gate = GateConfig {
         ppl_max_increase: a.max_ppl_increase,
         ..GateConfig::default()
     };
     let out_dir = version_dir(id);
     let pb = progress_bar(0);
-    let res = brise_train::pipeline::run(
-        RunSpec {
-            model,
-            data,
-            train: cfg,
-            gate,
-            held_out_fraction: a.held_out,
-            current: current.as_ref().map(|(n, ad)| (n.as_str(), ad)),
-            out_dir,
-            threads,
-            cancel: None,
-        },
-        &mut |r| {
-            pb.set_length(r.total_steps);
-            pb.set_position(r.step);
-            pb.set_message(format!("{:.4}  {:.0} tok/s", r.loss, r.tokens_per_s));
-        },
-    );
-    pb.finish_and_clear();
-    let out = res.map_err(anyhow::Error::msg)?;
+    let mut on_step = |r: &brise_train::trainer::StepReport| {
+        pb.set_length(r.total_steps);
+        pb.set_position(r.step);
+        pb.set_message(format!("{:.4}  {:.0} tok/s", r.loss, r.tokens_per_s));
+    };
+    let (out, version) = match ledger {
+        Some(l) => {
+            let opts = LearnOptions {
+                train: cfg,
+                gate,
+                held_out_fraction: a.held_out,
+                threads,
+                promote: !a.no_promote,
+                actor: "brise train".into(),
+                out_dir,
+            };
+            let res = rt.block_on(brise_train::pipeline::learn(
+                l,
+                model,
+                id,
+                data,
+                opts,
+                None,
+                &mut on_step,
+            ));
+            pb.finish_and_clear();
+            let learned = res.map_err(anyhow::Error::msg)?;
+            let v = &learned.version;
+            let what = if learned.promoted {
+                "promoted: a running brise serve picks it up within its --adapter-poll".to_string()
+            } else if learned.outcome.report.passed {
+                "a candidate (--no-promote); `brise adapters promote` serves it".to_string()
+            } else {
+                "rejected by the gate".to_string()
+            };
+            (
+                learned.outcome,
+                Some(format!("version {} of {}: {what}", v.id, v.model)),
+            )
+        }
+        None => {
+            let res = brise_train::pipeline::run(
+                RunSpec {
+                    model,
+                    data,
+                    train: cfg,
+                    gate,
+                    held_out_fraction: a.held_out,
+                    current: None,
+                    out_dir,
+                    threads,
+                    cancel: None,
+                },
+                &mut on_step,
+            );
+            pb.finish_and_clear();
+            (res.map_err(anyhow::Error::msg)?, None)
+        }
+    };
     eprintln!(
         "trained {} steps on {} examples ({} held out) in {:.1} s, {:.0} tokens/s; loss {:.4} -> {:.4}",
         out.summary.steps,
@@ -305,6 +352,12 @@ fn run_one(
             "note: {} sequences were longer than {} tokens and were cut",
             out.summary.truncated, out.config.max_len
         );
+    }
+    match version {
+        Some(v) => eprintln!("{v}"),
+        None => eprintln!(
+            "no ledger here: the adapter is not registered (`brise adapters register` does it)"
+        ),
     }
     Ok(out)
 }

@@ -3,6 +3,7 @@
 
 mod console;
 pub mod error;
+pub mod learn;
 pub mod metrics;
 mod record;
 pub mod request;
@@ -194,6 +195,8 @@ pub struct ServerConfig {
     /// How often to look for a newly promoted adapter version in the ledger's registry
     /// (`None`: only at start and after a promotion through this server's API).
     pub adapter_poll: Option<Duration>,
+    /// `--learn`: train by itself from new feedback (needs the ledger).
+    pub learn: Option<learn::LearnConfig>,
 }
 
 pub struct AppState {
@@ -284,6 +287,9 @@ where
     }
     if let Some(l) = state.ledger.clone() {
         tokio::spawn(versions::poll(state.clone(), l, state.cfg.adapter_poll));
+    }
+    if let (Some(l), Some(lc)) = (state.ledger.clone(), state.cfg.learn.clone()) {
+        tokio::spawn(learn::run(state.clone(), l, lc));
     }
     eprintln!("brise: listening on http://{addr} (loading models)");
 

@@ -132,3 +132,111 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
     )?;
     Ok(out)
 }
+
+/// How a learning run registers its result.
+pub struct LearnOptions {
+    pub train: TrainConfig,
+    pub gate: GateConfig,
+    pub held_out_fraction: f64,
+    pub threads: usize,
+    /// Promote when the gate passes (else the version stays a candidate).
+    pub promote: bool,
+    /// Who the registry and the audit log name.
+    pub actor: String,
+    pub out_dir: PathBuf,
+}
+
+/// A registered run.
+pub struct Learned {
+    pub version: brise_ledger::adapters::AdapterVersion,
+    pub promoted: bool,
+    pub outcome: RunOutcome,
+}
+
+fn method_of(m: crate::data::Method) -> brise_ledger::adapters::TrainMethod {
+    use brise_ledger::adapters::TrainMethod;
+    match m {
+        crate::data::Method::Sft => TrainMethod::Sft,
+        crate::data::Method::Dpo => TrainMethod::Dpo,
+        crate::data::Method::Kto => TrainMethod::Kto,
+    }
+}
+
+/// The whole loop for `model_id` (the served model's id): trains on `data` against the
+/// version serving now, registers the result with its lineage and report, and promotes
+/// it when the gate passes (or rejects it, saying why). CPU-bound: call it off an async
+/// runtime's worker threads (`spawn_blocking` + `Handle::block_on`).
+pub async fn learn(
+    ledger: &brise_ledger::Ledger,
+    model: &Model,
+    model_id: &str,
+    data: &Dataset,
+    opts: LearnOptions,
+    cancel: Option<&AtomicBool>,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<Learned, String> {
+    let e = |e: brise_ledger::LedgerError| e.to_string();
+    let current = ledger.current_adapter(model_id).await.map_err(e)?;
+    let cur_ad = match &current {
+        Some(v) => Some(
+            LoraAdapter::load(Path::new(&v.path), &model.cfg)
+                .map_err(|err| format!("the serving version {}: {err}", v.id))?,
+        ),
+        None => None,
+    };
+    let out = run(
+        RunSpec {
+            model,
+            data,
+            train: opts.train,
+            gate: opts.gate,
+            held_out_fraction: opts.held_out_fraction,
+            current: current
+                .as_ref()
+                .zip(cur_ad.as_ref())
+                .map(|(v, a)| (v.id.as_str(), a)),
+            out_dir: opts.out_dir,
+            threads: opts.threads,
+            cancel,
+        },
+        on_step,
+    )?;
+    let path = std::fs::canonicalize(&out.adapter_dir)
+        .map_err(|err| format!("{}: {err}", out.adapter_dir.display()))?;
+    let report: serde_json::Value =
+        serde_json::from_str(&out.report.to_json()).expect("the report is JSON");
+    let v = ledger
+        .register_adapter(brise_ledger::adapters::NewAdapterVersion {
+            model: model_id.into(),
+            path: path.display().to_string(),
+            parent: current.as_ref().map(|v| v.id.clone()),
+            created_by: opts.actor.clone(),
+            method: method_of(data.method),
+            config: serde_json::to_value(&out.config).expect("plain data"),
+            dataset_sha256: Some(out.dataset_sha256.clone()),
+            record_ids: out.record_ids.clone(),
+            feedback_ids: out.feedback_ids.clone(),
+            eval_report: Some(report),
+        })
+        .await
+        .map_err(e)?;
+    let mut promoted = false;
+    if !out.report.passed {
+        ledger
+            .reject_adapter(&v.id, &opts.actor, Some(&out.report.summary))
+            .await
+            .map_err(e)?;
+    } else if opts.promote {
+        ledger
+            .promote_adapter(&v.id, &opts.actor)
+            .await
+            .map_err(e)?;
+        promoted = true;
+    }
+    let version = ledger.adapter(&v.id).await.map_err(e)?.unwrap_or(v);
+    Ok(Learned {
+        version,
+        promoted,
+        outcome: out,
+    })
+}
