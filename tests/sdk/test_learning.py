@@ -62,7 +62,7 @@ def test_feedback_teaches_the_house_style(tmp_path):
     srv = BriseServer(tmp_path / "serve.log", [
         "--admin-key", ADMIN, "--adapter-poll", "1",
         "--learn", "--learn-after", str(n_train), "--learn-check", "2",
-        "--learn-method", "sft", "--learn-lr", "6e-4", "--learn-epochs", "3",
+        "--learn-method", "sft", "--learn-lr", "3.5e-4", "--learn-epochs", "3", "--learn-batch-size", "4",
         "--learn-threads", "2", "--learn-dir", str(tmp_path / "adapters")])
     srv.wait_ready()
     t0 = time.monotonic()

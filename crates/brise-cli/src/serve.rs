@@ -105,6 +105,9 @@ pub struct ServeArgs {
     /// With --learn: epochs over the dataset
     #[arg(long, default_value_t = 3)]
     pub learn_epochs: usize,
+    /// With --learn: examples per optimizer step
+    #[arg(long, default_value_t = 8)]
+    pub learn_batch_size: usize,
     /// With --learn: LoRA rank (alpha is twice it)
     #[arg(long, default_value_t = 16)]
     pub learn_rank: usize,
@@ -138,6 +141,7 @@ fn learn_config(a: &ServeArgs) -> Result<Option<brise_server::learn::LearnConfig
         alpha: 2.0 * a.learn_rank as f64,
         learning_rate: a.learn_lr,
         epochs: a.learn_epochs,
+        batch_size: a.learn_batch_size,
         ..Default::default()
     };
     train.validate().map_err(anyhow::Error::msg)?;
