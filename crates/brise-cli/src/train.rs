@@ -87,6 +87,13 @@ pub struct TrainArgs {
     /// Print the run as JSON instead of the Markdown report
     #[arg(long)]
     pub json: bool,
+    /// Save a checkpoint (adapter, optimizer state, step) into DIR every N steps and at
+    /// the end; run the same command again to continue an interrupted run from it
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+    /// With --checkpoint: steps between checkpoints
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: u64,
 }
 
 pub fn train_config(a: &TrainArgs, method: Method) -> TrainConfig {
@@ -293,6 +300,7 @@ fn run_one(
                 promote: !a.no_promote,
                 actor: "brise train".into(),
                 out_dir,
+                checkpoint: a.checkpoint.clone().map(|d| (d, a.checkpoint_every)),
             };
             let res = rt.block_on(brise_train::pipeline::learn(
                 l,
@@ -330,6 +338,7 @@ fn run_one(
                     out_dir,
                     threads,
                     cancel: None,
+                    checkpoint: a.checkpoint.clone().map(|d| (d, a.checkpoint_every)),
                 },
                 &mut on_step,
             );
@@ -337,16 +346,20 @@ fn run_one(
             (res.map_err(anyhow::Error::msg)?, None)
         }
     };
-    eprintln!(
-        "trained {} steps on {} examples ({} held out) in {:.1} s, {:.0} tokens/s; loss {:.4} -> {:.4}",
-        out.summary.steps,
-        out.train_examples,
-        out.held_out_examples,
-        out.summary.seconds,
-        out.summary.tokens_per_s,
-        out.summary.first_loss.unwrap_or(f64::NAN),
-        out.summary.last_loss.unwrap_or(f64::NAN),
-    );
+    if out.summary.steps == 0 {
+        eprintln!("nothing left to train: the checkpoint had taken every step");
+    } else {
+        eprintln!(
+            "trained {} steps on {} examples ({} held out) in {:.1} s, {:.0} tokens/s; loss {:.4} -> {:.4}",
+            out.summary.steps,
+            out.train_examples,
+            out.held_out_examples,
+            out.summary.seconds,
+            out.summary.tokens_per_s,
+            out.summary.first_loss.unwrap_or(f64::NAN),
+            out.summary.last_loss.unwrap_or(f64::NAN),
+        );
+    }
     if out.summary.truncated > 0 {
         eprintln!(
             "note: {} sequences were longer than {} tokens and were cut",

@@ -269,3 +269,83 @@ fn eval_prints_the_gate_report_and_exits_by_its_verdict() {
     assert!(err.contains("pairs.jsonl:1: not a trl-dpo row"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn train_writes_a_version_with_its_reports_and_resumes_from_a_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("brise-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("sft.jsonl");
+    let rows: String = (0..8)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"messages": [
+                    {"role": "user", "content": format!("Question {i}: what colour is the sky?")},
+                    {"role": "assistant", "content": "Blue, on a clear day."},
+                ]})
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let model = fixture("tiny-mistral/tiny-mistral-f16.gguf");
+    let ck = dir.join("ck");
+    let run = |steps: &str| {
+        brise()
+            .env("BRISE_HOME", dir.join("home"))
+            .args(["train", "--ledger", "off", "--method", "sft", "-t", "2"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--format",
+                "trl-sft",
+                "--max-steps",
+                steps,
+                "--batch-size",
+                "2",
+            ])
+            .arg("--checkpoint")
+            .arg(&ck)
+            .args(["--checkpoint-every", "1"])
+            .output()
+            .unwrap()
+    };
+    let out = run("3");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("# Evaluation gate: "), "{stdout}");
+    assert!(stderr.contains("trained 3 steps"), "{stderr}");
+    assert!(stderr.contains("not registered"), "{stderr}");
+    let adapter = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("adapter: "))
+        .expect("the adapter's directory");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "eval.md",
+        "eval.json",
+        "run.json",
+    ] {
+        assert!(PathBuf::from(adapter).join(f).is_file(), "{adapter}/{f}");
+    }
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 3);
+    // The same command continues from the checkpoint (here: nothing is left to do) …
+    let out = run("3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("nothing left to train"), "{stderr}");
+    // … and other options are refused, naming what changed.
+    let out = run("5");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("max_steps 3 (now 5)"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -127,6 +127,7 @@ pub async fn run(state: Arc<AppState>, l: Ledger, cfg: LearnConfig) {
                             .adapters_dir
                             .join(safe(&id))
                             .join(format!("v{}", brise_ledger::now_ms())),
+                        checkpoint: None,
                     };
                     let mut last = 0u64;
                     learn(&l2, &model, &id, &data, opts, None, &mut |r| {

@@ -24,6 +24,9 @@ pub struct RunSpec<'a> {
     pub threads: usize,
     /// Set to stop between steps (the run then ends with an error saying so).
     pub cancel: Option<&'a AtomicBool>,
+    /// Checkpoint into this directory every this many steps; and continue from the
+    /// checkpoint found there (same data, same configuration) instead of starting anew.
+    pub checkpoint: Option<(PathBuf, u64)>,
 }
 
 /// The record of a run, kept next to the adapter as `run.json`.
@@ -78,8 +81,35 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         ));
     }
     let items: Vec<_> = train_ex.iter().map(|e| e.item.clone()).collect();
-    let adapter = init_adapter(spec.model, &train)?;
-    let mut tr = Trainer::new(spec.model, train.clone(), adapter, spec.threads)?;
+    let mut tr = match &spec.checkpoint {
+        Some((dir, _)) if dir.join("trainer_state.json").exists() => {
+            let tr = Trainer::resume(spec.model, dir, spec.threads)?;
+            if tr.cfg != train {
+                let (a, b) = (
+                    serde_json::to_value(&tr.cfg).expect("plain data"),
+                    serde_json::to_value(&train).expect("plain data"),
+                );
+                let differ: Vec<String> = a
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                    .map(|(k, v)| format!("{k} {v} (now {})", b[k.as_str()]))
+                    .collect();
+                return Err(format!(
+                    "{}: the checkpoint was made with another configuration: {}; use the same options, or another --checkpoint directory",
+                    dir.display(),
+                    differ.join(", ")
+                ));
+            }
+            tr
+        }
+        _ => {
+            let adapter = init_adapter(spec.model, &train)?;
+            Trainer::new(spec.model, train.clone(), adapter, spec.threads)?
+        }
+    };
+    tr.checkpoint = spec.checkpoint.clone();
     let summary = tr.train(&items, &mut |r| {
         on_step(r);
         !spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
@@ -144,6 +174,8 @@ pub struct LearnOptions {
     /// Who the registry and the audit log name.
     pub actor: String,
     pub out_dir: PathBuf,
+    /// As [`RunSpec::checkpoint`].
+    pub checkpoint: Option<(PathBuf, u64)>,
 }
 
 /// A registered run.
@@ -198,6 +230,7 @@ pub async fn learn(
             out_dir: opts.out_dir,
             threads: opts.threads,
             cancel,
+            checkpoint: opts.checkpoint,
         },
         on_step,
     )?;

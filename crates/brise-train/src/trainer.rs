@@ -229,6 +229,8 @@ pub struct Trainer<'m> {
     bs: BackwardState,
     dlogits: Vec<f32>,
     truncated: usize,
+    /// Save a checkpoint into this directory every this many steps (and at the end).
+    pub checkpoint: Option<(std::path::PathBuf, u64)>,
 }
 
 impl<'m> Trainer<'m> {
@@ -262,6 +264,7 @@ impl<'m> Trainer<'m> {
             bs: BackwardState::default(),
             dlogits: Vec::new(),
             truncated: 0,
+            checkpoint: None,
         })
     }
 
@@ -656,6 +659,11 @@ impl<'m> Trainer<'m> {
                 sum.tokens += rep.tokens;
                 sum.first_loss.get_or_insert(rep.loss);
                 sum.last_loss = Some(rep.loss);
+                if let Some((dir, every)) = &self.checkpoint
+                    && (self.step % every.max(&1) == 0 || self.step == total)
+                {
+                    self.save_checkpoint(dir)?;
+                }
                 if !on_step(&rep) {
                     sum.stopped = true;
                     break 'outer;
