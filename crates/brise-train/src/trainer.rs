@@ -660,7 +660,7 @@ impl<'m> Trainer<'m> {
                 sum.first_loss.get_or_insert(rep.loss);
                 sum.last_loss = Some(rep.loss);
                 if let Some((dir, every)) = &self.checkpoint
-                    && (self.step % every.max(&1) == 0 || self.step == total)
+                    && (self.step.is_multiple_of(*every.max(&1)) || self.step == total)
                 {
                     self.save_checkpoint(dir)?;
                 }
