@@ -215,6 +215,26 @@ pub struct BackwardState {
     grad: GradScratch,
 }
 
+/// Runs `f(lo, hi)` on contiguous row ranges, one per thread of the pool.
+fn par_rows(pool: &ThreadPool, r: usize, f: impl Fn(usize, usize) + Sync) {
+    let nt = pool.n_threads();
+    pool.run(|t| {
+        let (lo, hi) = (r * t / nt, r * (t + 1) / nt);
+        if hi > lo {
+            f(lo, hi)
+        }
+    });
+}
+
+/// Rows `lo..hi` (of `width` values) of the buffer `p` points to.
+///
+/// # Safety
+/// The rows must be in bounds and used by this caller alone while the slice lives.
+unsafe fn rows_mut<'a>(p: SyncMut, lo: usize, hi: usize, width: usize) -> &'a mut [f32] {
+    // SAFETY: as the caller promises.
+    unsafe { std::slice::from_raw_parts_mut(p.get().add(lo * width), (hi - lo) * width) }
+}
+
 /// `out (cols × rows) = inᵀ` for `inp` of `rows × cols`.
 fn transpose(inp: &[f32], rows: usize, cols: usize, out: &mut Vec<f32>) {
     out.clear();
@@ -425,7 +445,15 @@ impl Forward<'_> {
             let lt = &tape.layers[li];
 
             // FFN: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))), xn2 = norm(x_mid).
-            ops::swiglu(&lt.gate[..r * nf], &lt.up[..r * nf], &mut bs.act[..r * nf]);
+            {
+                let out = SyncMut(bs.act.as_mut_ptr());
+                par_rows(pool, r, |lo, hi| {
+                    // SAFETY: rows lo..hi of act (r · nf values, grown above) are this
+                    // thread's alone.
+                    let o = unsafe { rows_mut(out, lo, hi, nf) };
+                    ops::swiglu(&lt.gate[lo * nf..hi * nf], &lt.up[lo * nf..hi * nf], o);
+                });
+            }
             let mut dact = std::mem::take(&mut bs.dact);
             self.base_grad(pool, &mut bs.grad, &lw.w_down, &bs.dx, r, &mut dact);
             let (act, dx) = (std::mem::take(&mut bs.act), std::mem::take(&mut bs.dx));
@@ -442,15 +470,19 @@ impl Forward<'_> {
                 &mut dact,
             );
             (bs.act, bs.dx) = (act, dx);
-            ops::swiglu_backward(
-                &lt.gate[..r * nf],
-                &lt.up[..r * nf],
-                &dact[..r * nf],
-                &mut bs.dgate[..r * nf],
-                &mut bs.dup[..r * nf],
-            );
+            {
+                let (dg, du) = (SyncMut(bs.dgate.as_mut_ptr()), SyncMut(bs.dup.as_mut_ptr()));
+                let dact = &dact;
+                par_rows(pool, r, |lo, hi| {
+                    let rr = lo * nf..hi * nf;
+                    // SAFETY: rows lo..hi of dgate and dup (r · nf values each) are this
+                    // thread's alone.
+                    let (g, u) = unsafe { (rows_mut(dg, lo, hi, nf), rows_mut(du, lo, hi, nf)) };
+                    ops::swiglu_backward(&lt.gate[rr.clone()], &lt.up[rr.clone()], &dact[rr], g, u);
+                });
+            }
             bs.dact = dact;
-            self.norm_rows(&lt.x_mid, &lw.ffn_norm, r, &mut bs.xn);
+            self.norm_rows(pool, &lt.x_mid, &lw.ffn_norm, r, &mut bs.xn);
             let mut dxn = std::mem::take(&mut bs.dxn);
             self.base_grad(pool, &mut bs.grad, &lw.w_gate, &bs.dgate, r, &mut dxn);
             self.base_grad(pool, &mut bs.grad, &lw.w_up, &bs.dup, r, &mut bs.tmp);
@@ -464,7 +496,7 @@ impl Forward<'_> {
                 self.lora_grad(pool, bs, tape, lora, grads, li, p, &xn, dy, &mut dxn);
             }
             (bs.xn, bs.dgate, bs.dup) = (xn, dgate, dup);
-            self.norm_backward_add(&lt.x_mid, &lw.ffn_norm, r, &dxn, bs);
+            self.norm_backward_add(pool, &lt.x_mid, &lw.ffn_norm, r, &dxn, bs);
             bs.dxn = dxn;
 
             // Attention: x_mid = x_in + o(attention(q, k, v)), q/k/v from xn1 = norm(x_in).
@@ -497,7 +529,7 @@ impl Forward<'_> {
                     ops::rope_backward(cfg.rope_style, d, cfg.n_rot, rc);
                 }
             }
-            self.norm_rows(&lt.x_in, &lw.attn_norm, r, &mut bs.xn);
+            self.norm_rows(pool, &lt.x_in, &lw.attn_norm, r, &mut bs.xn);
             let mut dxn = std::mem::take(&mut bs.dxn);
             self.base_grad(pool, &mut bs.grad, &lw.wq, &bs.dq, r, &mut dxn);
             self.base_grad(pool, &mut bs.grad, &lw.wk, &bs.dk, r, &mut bs.tmp);
@@ -514,26 +546,34 @@ impl Forward<'_> {
                 self.lora_grad(pool, bs, tape, lora, grads, li, p, &xn, dy, &mut dxn);
             }
             (bs.xn, bs.dq, bs.dk, bs.dv) = (xn, dq, dk, dv);
-            self.norm_backward_add(&lt.x_in, &lw.attn_norm, r, &dxn, bs);
+            self.norm_backward_add(pool, &lt.x_in, &lw.attn_norm, r, &dxn, bs);
             bs.dxn = dxn;
         }
     }
 
-    fn norm_rows(&self, x: &[f32], w: &[f32], r: usize, out: &mut [f32]) {
+    fn norm_rows(&self, pool: &ThreadPool, x: &[f32], w: &[f32], r: usize, out: &mut [f32]) {
         let e = self.cfg.n_embd;
-        for i in 0..r {
-            ops::rms_norm(
-                &x[i * e..(i + 1) * e],
-                w,
-                self.cfg.rms_eps,
-                &mut out[i * e..(i + 1) * e],
-            );
-        }
+        assert!(out.len() >= r * e);
+        let op = SyncMut(out.as_mut_ptr());
+        par_rows(pool, r, |lo, hi| {
+            // SAFETY: rows lo..hi of out (asserted in bounds) are this thread's alone.
+            let o = unsafe { rows_mut(op, lo, hi, e) };
+            for i in lo..hi {
+                let k = i - lo;
+                ops::rms_norm(
+                    &x[i * e..(i + 1) * e],
+                    w,
+                    self.cfg.rms_eps,
+                    &mut o[k * e..(k + 1) * e],
+                );
+            }
+        });
     }
 
     /// `bs.dx += ∂norm(x)/∂x · dxn`, row by row.
     fn norm_backward_add(
         &self,
+        pool: &ThreadPool,
         x: &[f32],
         w: &[f32],
         r: usize,
@@ -541,17 +581,24 @@ impl Forward<'_> {
         bs: &mut BackwardState,
     ) {
         let e = self.cfg.n_embd;
-        for i in 0..r {
-            let row = i * e..(i + 1) * e;
-            ops::rms_norm_backward(
-                &x[row.clone()],
-                w,
-                self.cfg.rms_eps,
-                &dxn[row.clone()],
-                &mut bs.tmp[row.clone()],
-            );
-            ops::add_assign(&mut bs.dx[row.clone()], &bs.tmp[row]);
-        }
+        assert!(bs.tmp.len() >= r * e && bs.dx.len() >= r * e);
+        let (tp, dp) = (SyncMut(bs.tmp.as_mut_ptr()), SyncMut(bs.dx.as_mut_ptr()));
+        par_rows(pool, r, |lo, hi| {
+            // SAFETY: rows lo..hi of tmp and dx (asserted in bounds) are this thread's.
+            let (t, d) = unsafe { (rows_mut(tp, lo, hi, e), rows_mut(dp, lo, hi, e)) };
+            for i in lo..hi {
+                let k = (i - lo) * e..(i - lo + 1) * e;
+                let row = i * e..(i + 1) * e;
+                ops::rms_norm_backward(
+                    &x[row.clone()],
+                    w,
+                    self.cfg.rms_eps,
+                    &dxn[row],
+                    &mut t[k.clone()],
+                );
+                ops::add_assign(&mut d[k.clone()], &t[k]);
+            }
+        });
     }
 
     /// dq, dk, dv (rows × width, in `bs`) from the attention output's gradient.
