@@ -11,6 +11,7 @@
 pub mod adapters;
 pub mod export;
 pub mod governance;
+pub mod jobs;
 pub mod retention;
 pub mod usage;
 

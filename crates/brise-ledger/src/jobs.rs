@@ -1,0 +1,759 @@
+//! Files uploaded for fine-tuning and the fine-tuning jobs that train on them (the
+//! `/v1/files` and `/v1/fine_tuning/jobs` APIs, and `brise serve --learn`'s own runs).
+//!
+//! - **A file** belongs to the tenant that uploaded it; its content (UTF-8 JSONL) is kept
+//!   in the ledger so that any server sharing the ledger can train on it. Deleting it
+//!   clears the content and keeps the row (jobs name their files).
+//! - **A job** is `queued` when created, `running` once a server claims it (one atomic
+//!   update, so two servers sharing a ledger never run the same job), then `succeeded`,
+//!   `failed` or `cancelled`. A cancel of a queued job is immediate; a running job's
+//!   runner sees `cancel_requested` between steps and stops. Jobs of the server itself
+//!   (`--learn`) have the tenant [`SYSTEM_TENANT`] and train on the ledger's feedback.
+//! - **Events** are numbered per job (1, 2, …): messages, and a metrics event per
+//!   optimizer step (step, loss, learning rate, tokens/s), which is what loss curves
+//!   read.
+
+use crate::{Ledger, LedgerError, Result, int_value, now_ms, parse_json};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+/// The tenant of the jobs a server starts by itself (`brise serve --learn`).
+pub const SYSTEM_TENANT: &str = "";
+
+/// A file as listed (its content is read separately).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FileInfo {
+    pub id: String,
+    pub tenant: String,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: i64,
+    pub sha256: String,
+    /// Non-blank lines.
+    pub lines: i64,
+    pub created_at_ms: i64,
+    pub deleted: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> Result<JobStatus> {
+        Ok(match s {
+            "queued" => JobStatus::Queued,
+            "running" => JobStatus::Running,
+            "succeeded" => JobStatus::Succeeded,
+            "failed" => JobStatus::Failed,
+            "cancelled" => JobStatus::Cancelled,
+            _ => return Err(LedgerError::Invalid(format!("unknown job status {s:?}"))),
+        })
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+/// What a job is asked to do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewJob {
+    pub tenant: String,
+    pub model: String,
+    /// `files` (train on `training_file`) or `ledger` (on the ledger's feedback).
+    pub source: String,
+    pub training_file: Option<String>,
+    pub validation_file: Option<String>,
+    /// `sft`, `dpo`, `kto` or `auto`.
+    pub method: String,
+    /// The trainer's configuration, as JSON.
+    pub config: Value,
+    /// The request as the client gave it.
+    pub request: Value,
+    /// `openai` or `mistral`: how the job's objects are shaped.
+    pub dialect: String,
+    pub suffix: Option<String>,
+    pub promote: bool,
+    pub created_by: String,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub tenant: String,
+    pub model: String,
+    pub source: String,
+    pub training_file: Option<String>,
+    pub validation_file: Option<String>,
+    pub method: String,
+    pub config: Value,
+    pub request: Value,
+    pub dialect: String,
+    pub suffix: Option<String>,
+    pub promote: bool,
+    pub created_by: String,
+    pub status: JobStatus,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub runner: Option<String>,
+    pub cancel_requested: bool,
+    pub error: Option<String>,
+    pub adapter_version: Option<String>,
+    pub trained_tokens: Option<i64>,
+    pub metrics: Option<Value>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct JobEvent {
+    pub job_id: String,
+    pub seq: i64,
+    pub created_at_ms: i64,
+    /// `info`, `warn` or `error`.
+    pub level: String,
+    /// `message` or `metrics`.
+    pub kind: String,
+    pub message: String,
+    pub data: Option<Value>,
+}
+
+/// How a running job ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobEnd {
+    pub status: JobStatus,
+    pub error: Option<String>,
+    pub adapter_version: Option<String>,
+    pub trained_tokens: Option<i64>,
+    pub metrics: Option<Value>,
+}
+
+const FILE_COLUMNS: &str = "id, tenant, filename, purpose, bytes, sha256, lines, created_at_ms, \
+     CASE WHEN content IS NULL THEN 1 ELSE 0 END AS deleted";
+
+const JOB_COLUMNS: &str = "id, tenant, model, source, training_file, validation_file, method, config, request, \
+     dialect, suffix, promote, created_by, status, created_at_ms, started_at_ms, finished_at_ms, runner, \
+     cancel_requested, error, adapter_version, trained_tokens, metrics";
+
+fn file_from_row(r: &sqlx::any::AnyRow) -> Result<FileInfo> {
+    Ok(FileInfo {
+        id: r.try_get("id")?,
+        tenant: r.try_get("tenant")?,
+        filename: r.try_get("filename")?,
+        purpose: r.try_get("purpose")?,
+        bytes: r.try_get("bytes")?,
+        sha256: r.try_get("sha256")?,
+        lines: r.try_get("lines")?,
+        created_at_ms: r.try_get("created_at_ms")?,
+        deleted: int_value(r, "deleted")? != 0,
+    })
+}
+
+fn job_from_row(r: &sqlx::any::AnyRow) -> Result<Job> {
+    let status: String = r.try_get("status")?;
+    Ok(Job {
+        id: r.try_get("id")?,
+        tenant: r.try_get("tenant")?,
+        model: r.try_get("model")?,
+        source: r.try_get("source")?,
+        training_file: r.try_get("training_file")?,
+        validation_file: r.try_get("validation_file")?,
+        method: r.try_get("method")?,
+        config: parse_json(r.try_get::<&str, _>("config")?),
+        request: parse_json(r.try_get::<&str, _>("request")?),
+        dialect: r.try_get("dialect")?,
+        suffix: r.try_get("suffix")?,
+        promote: int_value(r, "promote")? != 0,
+        created_by: r.try_get("created_by")?,
+        status: JobStatus::parse(&status)?,
+        created_at_ms: r.try_get("created_at_ms")?,
+        started_at_ms: r.try_get("started_at_ms")?,
+        finished_at_ms: r.try_get("finished_at_ms")?,
+        runner: r.try_get("runner")?,
+        cancel_requested: int_value(r, "cancel_requested")? != 0,
+        error: r.try_get("error")?,
+        adapter_version: r.try_get("adapter_version")?,
+        trained_tokens: r.try_get("trained_tokens")?,
+        metrics: r.try_get::<Option<&str>, _>("metrics")?.map(parse_json),
+    })
+}
+
+fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..24]
+    )
+}
+
+impl Ledger {
+    /// Keeps an uploaded file (UTF-8 text) for `tenant`.
+    pub async fn add_file(
+        &self,
+        tenant: &str,
+        filename: &str,
+        purpose: &str,
+        content: &str,
+    ) -> Result<FileInfo> {
+        let f = FileInfo {
+            id: new_id("file"),
+            tenant: tenant.into(),
+            filename: filename.into(),
+            purpose: purpose.into(),
+            bytes: content.len() as i64,
+            sha256: Sha256::digest(content.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            lines: content.lines().filter(|l| !l.trim().is_empty()).count() as i64,
+            created_at_ms: now_ms(),
+            deleted: false,
+        };
+        sqlx::query(
+            "INSERT INTO files (id, tenant, filename, purpose, bytes, sha256, lines, created_at_ms, content) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&f.id)
+        .bind(&f.tenant)
+        .bind(&f.filename)
+        .bind(&f.purpose)
+        .bind(f.bytes)
+        .bind(&f.sha256)
+        .bind(f.lines)
+        .bind(f.created_at_ms)
+        .bind(content)
+        .execute(&self.pool)
+        .await?;
+        Ok(f)
+    }
+
+    /// A tenant's file (another tenant's is `None`, as an unknown one).
+    pub async fn file(&self, tenant: &str, id: &str) -> Result<Option<FileInfo>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {FILE_COLUMNS} FROM files WHERE id = $1 AND tenant = $2"
+        )))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
+    /// A tenant's file's content (`None`: unknown, another tenant's, or deleted).
+    pub async fn file_content(&self, tenant: &str, id: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT content FROM files WHERE id = $1 AND tenant = $2")
+                .bind(id)
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten(),
+        )
+    }
+
+    /// A tenant's files not deleted, newest first.
+    pub async fn files(&self, tenant: &str, purpose: Option<&str>) -> Result<Vec<FileInfo>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {FILE_COLUMNS} FROM files WHERE tenant = $1 AND content IS NOT NULL \
+             AND ($2 = '' OR purpose = $2) ORDER BY created_at_ms DESC, id"
+        )))
+        .bind(tenant)
+        .bind(purpose.unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(file_from_row).collect()
+    }
+
+    /// Clears a tenant's file's content; `false` when there was no such file.
+    pub async fn delete_file(&self, tenant: &str, id: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE files SET content = NULL WHERE id = $1 AND tenant = $2 AND content IS NOT NULL",
+        )
+        .bind(id)
+        .bind(tenant)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Queues a job.
+    pub async fn create_job(&self, j: NewJob) -> Result<Job> {
+        let id = new_id("ftjob");
+        sqlx::query(
+            "INSERT INTO fine_tuning_jobs (id, tenant, model, source, training_file, validation_file, method, \
+             config, request, dialect, suffix, promote, created_by, status, created_at_ms, cancel_requested) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, 0)",
+        )
+        .bind(&id)
+        .bind(&j.tenant)
+        .bind(&j.model)
+        .bind(&j.source)
+        .bind(&j.training_file)
+        .bind(&j.validation_file)
+        .bind(&j.method)
+        .bind(j.config.to_string())
+        .bind(j.request.to_string())
+        .bind(&j.dialect)
+        .bind(&j.suffix)
+        .bind(i64::from(j.promote))
+        .bind(&j.created_by)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.job_event(&id, "info", "message", "Created the fine-tuning job", None)
+            .await?;
+        self.job(None, &id)
+            .await?
+            .ok_or_else(|| LedgerError::Invalid(format!("job {id} vanished")))
+    }
+
+    /// A job; with `tenant`, only if it is that tenant's or the server's own.
+    pub async fn job(&self, tenant: Option<&str>, id: &str) -> Result<Option<Job>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM fine_tuning_jobs WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let j = row.as_ref().map(job_from_row).transpose()?;
+        Ok(j.filter(|j| tenant.is_none_or(|t| j.tenant == t || j.tenant == SYSTEM_TENANT)))
+    }
+
+    /// Jobs, newest first: a tenant's and the server's own (all with `None`), created
+    /// before the job `after` when given, at most `limit`.
+    pub async fn jobs(
+        &self,
+        tenant: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Job>> {
+        let before = match after {
+            Some(a) => match self.job(tenant, a).await? {
+                Some(j) => Some((j.created_at_ms, j.id)),
+                None => return Err(LedgerError::Invalid(format!("no fine-tuning job {a}"))),
+            },
+            None => None,
+        };
+        let (t_ms, t_id) = before.unwrap_or((i64::MAX, String::new()));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM fine_tuning_jobs \
+             WHERE ($1 = 0 OR tenant = $2 OR tenant = $3) \
+             AND (created_at_ms < $4 OR (created_at_ms = $4 AND id < $5) OR $6 = 0) \
+             ORDER BY created_at_ms DESC, id DESC LIMIT $7"
+        )))
+        .bind(i64::from(tenant.is_some()))
+        .bind(tenant.unwrap_or(""))
+        .bind(SYSTEM_TENANT)
+        .bind(t_ms)
+        .bind(&t_id)
+        .bind(i64::from(after.is_some()))
+        .bind(limit.clamp(1, 1000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Claims the oldest queued job of one of `models` for `runner`; `None` when there
+    /// is none. Atomic: of several servers sharing the ledger, one gets each job.
+    pub async fn claim_job(&self, runner: &str, models: &[String]) -> Result<Option<Job>> {
+        loop {
+            let mut candidate = None;
+            for j in self.queued_jobs().await? {
+                if models.contains(&j.model) {
+                    candidate = Some(j);
+                    break;
+                }
+            }
+            let Some(j) = candidate else {
+                return Ok(None);
+            };
+            let r = sqlx::query(
+                "UPDATE fine_tuning_jobs SET status = 'running', runner = $1, started_at_ms = $2 \
+                 WHERE id = $3 AND status = 'queued'",
+            )
+            .bind(runner)
+            .bind(now_ms())
+            .bind(&j.id)
+            .execute(&self.pool)
+            .await?;
+            if r.rows_affected() == 1 {
+                self.job_event(&j.id, "info", "message", "Fine-tuning job started", None)
+                    .await?;
+                return Ok(self.job(None, &j.id).await?);
+            }
+            // Another server took it, or it was cancelled: look again.
+        }
+    }
+
+    async fn queued_jobs(&self) -> Result<Vec<Job>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM fine_tuning_jobs WHERE status = 'queued' ORDER BY created_at_ms, id"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Appends an event to a job.
+    pub async fn job_event(
+        &self,
+        job_id: &str,
+        level: &str,
+        kind: &str,
+        message: &str,
+        data: Option<Value>,
+    ) -> Result<i64> {
+        let data = data.map(|d| d.to_string());
+        let mut last = None;
+        // Two writers (the runner, a cancel) may race for a number: retry.
+        for _ in 0..20 {
+            let seq: i64 = sqlx::query_scalar(
+                "SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM fine_tuning_events WHERE job_id = $1",
+            )
+            .bind(job_id)
+            .fetch_one(&self.pool)
+            .await?;
+            let r = sqlx::query(
+                "INSERT INTO fine_tuning_events (job_id, seq, created_at_ms, level, kind, message, data) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(job_id)
+            .bind(seq + 1)
+            .bind(now_ms())
+            .bind(level)
+            .bind(kind)
+            .bind(message)
+            .bind(&data)
+            .execute(&self.pool)
+            .await;
+            match r {
+                Ok(_) => return Ok(seq + 1),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried").into())
+    }
+
+    /// A job's events after `after_seq` (oldest first), at most `limit`.
+    pub async fn job_events(
+        &self,
+        job_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<JobEvent>> {
+        let rows = sqlx::query(
+            "SELECT job_id, seq, created_at_ms, level, kind, message, data FROM fine_tuning_events \
+             WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(job_id)
+        .bind(after_seq)
+        .bind(limit.clamp(1, 100_000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobEvent {
+                    job_id: r.try_get("job_id")?,
+                    seq: r.try_get("seq")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                    level: r.try_get("level")?,
+                    kind: r.try_get("kind")?,
+                    message: r.try_get("message")?,
+                    data: r.try_get::<Option<&str>, _>("data")?.map(parse_json),
+                })
+            })
+            .collect()
+    }
+
+    /// Cancels a job: a queued one at once, a running one at its next step (its
+    /// runner ends it). A finished job is returned unchanged.
+    pub async fn cancel_job(&self, tenant: Option<&str>, id: &str, actor: &str) -> Result<Job> {
+        let Some(j) = self.job(tenant, id).await? else {
+            return Err(LedgerError::Invalid(format!("no fine-tuning job {id}")));
+        };
+        if j.status.finished() {
+            return Ok(j);
+        }
+        let r = sqlx::query(
+            "UPDATE fine_tuning_jobs SET status = 'cancelled', finished_at_ms = $1, cancel_requested = 1 \
+             WHERE id = $2 AND status = 'queued'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 1 {
+            self.job_event(
+                id,
+                "info",
+                "message",
+                &format!("Cancelled by {actor}"),
+                None,
+            )
+            .await?;
+        } else {
+            sqlx::query("UPDATE fine_tuning_jobs SET cancel_requested = 1 WHERE id = $1")
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+            self.job_event(
+                id,
+                "info",
+                "message",
+                &format!("Cancellation requested by {actor}; stopping at the next step"),
+                None,
+            )
+            .await?;
+        }
+        self.job(None, id)
+            .await?
+            .ok_or_else(|| LedgerError::Invalid(format!("job {id} vanished")))
+    }
+
+    /// Whether a cancel was asked for the job.
+    pub async fn job_cancel_requested(&self, id: &str) -> Result<bool> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT cancel_requested FROM fine_tuning_jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(v.unwrap_or(1) != 0)
+    }
+
+    /// The running job's latest metrics (the dashboard and `GET` show them).
+    pub async fn set_job_metrics(
+        &self,
+        id: &str,
+        metrics: &Value,
+        trained_tokens: i64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE fine_tuning_jobs SET metrics = $1, trained_tokens = $2 WHERE id = $3")
+            .bind(metrics.to_string())
+            .bind(trained_tokens)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a running job.
+    pub async fn finish_job(&self, id: &str, end: JobEnd) -> Result<()> {
+        sqlx::query(
+            "UPDATE fine_tuning_jobs SET status = $1, finished_at_ms = $2, error = $3, adapter_version = $4, \
+             trained_tokens = COALESCE($5, trained_tokens), metrics = COALESCE($6, metrics) WHERE id = $7",
+        )
+        .bind(end.status.name())
+        .bind(now_ms())
+        .bind(&end.error)
+        .bind(&end.adapter_version)
+        .bind(end.trained_tokens)
+        .bind(end.metrics.map(|m| m.to_string()))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Fails the jobs `runner` left running (it stopped without finishing them):
+    /// called when a server starts. Returns their ids.
+    pub async fn fail_interrupted_jobs(&self, runner: &str) -> Result<Vec<String>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM fine_tuning_jobs WHERE status = 'running' AND runner = $1",
+        )
+        .bind(runner)
+        .fetch_all(&self.pool)
+        .await?;
+        for id in &ids {
+            self.finish_job(
+                id,
+                JobEnd {
+                    status: JobStatus::Failed,
+                    error: Some("the server running the job stopped before it finished".into()),
+                    adapter_version: None,
+                    trained_tokens: None,
+                    metrics: None,
+                },
+            )
+            .await?;
+            self.job_event(
+                id,
+                "error",
+                "message",
+                "The server running the job stopped before it finished",
+                None,
+            )
+            .await?;
+        }
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdb;
+    use serde_json::json;
+
+    fn new_job(tenant: &str, model: &str) -> NewJob {
+        NewJob {
+            tenant: tenant.into(),
+            model: model.into(),
+            source: "files".into(),
+            training_file: Some("file-x".into()),
+            validation_file: None,
+            method: "sft".into(),
+            config: json!({"learning_rate": 1e-4}),
+            request: json!({"model": model}),
+            dialect: "openai".into(),
+            suffix: None,
+            promote: false,
+            created_by: "t".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn files_are_per_tenant_and_deletable() {
+        for db in testdb::all().await {
+            let l = db.open().await;
+            let f = l
+                .add_file("a", "x.jsonl", "fine-tune", "{}\n\n{}\n")
+                .await
+                .unwrap();
+            assert_eq!((f.bytes, f.lines), (7, 2));
+            assert!(l.file("b", &f.id).await.unwrap().is_none());
+            assert_eq!(
+                l.file_content("a", &f.id).await.unwrap().as_deref(),
+                Some("{}\n\n{}\n")
+            );
+            assert_eq!(l.files("a", None).await.unwrap().len(), 1);
+            assert_eq!(l.files("a", Some("batch")).await.unwrap().len(), 0);
+            assert!(!l.delete_file("b", &f.id).await.unwrap());
+            assert!(l.delete_file("a", &f.id).await.unwrap());
+            assert!(l.file_content("a", &f.id).await.unwrap().is_none());
+            assert!(l.file("a", &f.id).await.unwrap().unwrap().deleted);
+            assert!(l.files("a", None).await.unwrap().is_empty());
+            db.drop_db(l).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_are_claimed_once_and_cancel() {
+        for db in testdb::all().await {
+            let l = db.open().await;
+            let j1 = l.create_job(new_job("a", "m")).await.unwrap();
+            let j2 = l.create_job(new_job("b", "m")).await.unwrap();
+            let j3 = l.create_job(new_job("a", "other")).await.unwrap();
+            assert_eq!(j1.status, JobStatus::Queued);
+            // Tenants see their own jobs.
+            assert!(l.job(Some("b"), &j1.id).await.unwrap().is_none());
+            let mine: Vec<String> = l
+                .jobs(Some("a"), None, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|j| j.id)
+                .collect();
+            assert_eq!(mine.len(), 2);
+            assert!(mine.contains(&j1.id) && mine.contains(&j3.id));
+            assert_eq!(l.jobs(None, None, 10).await.unwrap().len(), 3);
+            // Paging: after the newest, the rest.
+            let all = l.jobs(None, None, 10).await.unwrap();
+            let rest = l.jobs(None, Some(&all[0].id), 10).await.unwrap();
+            assert_eq!(rest.len(), 2);
+            assert_eq!(rest[0].id, all[1].id);
+            // Oldest first, only served models.
+            let c = l.claim_job("r1", &["m".into()]).await.unwrap().unwrap();
+            assert_eq!(
+                (c.id.as_str(), c.status),
+                (j1.id.as_str(), JobStatus::Running)
+            );
+            assert_eq!(c.runner.as_deref(), Some("r1"));
+            // A queued job cancels at once and cannot be claimed.
+            let x = l.cancel_job(Some("b"), &j2.id, "b").await.unwrap();
+            assert_eq!(x.status, JobStatus::Cancelled);
+            assert!(l.claim_job("r2", &["m".into()]).await.unwrap().is_none());
+            // A running one is asked to stop.
+            assert!(!l.job_cancel_requested(&j1.id).await.unwrap());
+            let y = l.cancel_job(None, &j1.id, "admin").await.unwrap();
+            assert_eq!(y.status, JobStatus::Running);
+            assert!(l.job_cancel_requested(&j1.id).await.unwrap());
+            l.finish_job(
+                &j1.id,
+                JobEnd {
+                    status: JobStatus::Cancelled,
+                    error: None,
+                    adapter_version: None,
+                    trained_tokens: Some(10),
+                    metrics: Some(json!({"step": 1})),
+                },
+            )
+            .await
+            .unwrap();
+            let z = l.job(None, &j1.id).await.unwrap().unwrap();
+            assert_eq!(
+                (z.status, z.trained_tokens),
+                (JobStatus::Cancelled, Some(10))
+            );
+            let ev = l.job_events(&j1.id, 0, 100).await.unwrap();
+            let seqs: Vec<i64> = ev.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, vec![1, 2, 3]);
+            assert!(ev[2].message.contains("Cancellation requested by admin"));
+            assert_eq!(l.job_events(&j1.id, 2, 100).await.unwrap().len(), 1);
+            db.drop_db(l).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_fails_the_jobs_it_left_running() {
+        for db in testdb::all().await {
+            let l = db.open().await;
+            let j = l.create_job(new_job("a", "m")).await.unwrap();
+            l.claim_job("host:8080", &["m".into()])
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(l.fail_interrupted_jobs("other:1").await.unwrap().is_empty());
+            assert_eq!(
+                l.fail_interrupted_jobs("host:8080").await.unwrap(),
+                vec![j.id.clone()]
+            );
+            let j = l.job(None, &j.id).await.unwrap().unwrap();
+            assert_eq!(j.status, JobStatus::Failed);
+            assert!(j.error.unwrap().contains("stopped before it finished"));
+            db.drop_db(l).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn system_jobs_are_visible_to_tenants() {
+        for db in testdb::all().await {
+            let l = db.open().await;
+            let mut n = new_job(SYSTEM_TENANT, "m");
+            n.source = "ledger".into();
+            let j = l.create_job(n).await.unwrap();
+            assert!(l.job(Some("a"), &j.id).await.unwrap().is_some());
+            assert_eq!(l.jobs(Some("a"), None, 10).await.unwrap().len(), 1);
+            db.drop_db(l).await;
+        }
+    }
+}
