@@ -106,9 +106,11 @@ def test_promote_swaps_the_plain_name_and_rollback_returns(srv, c, lora_text):
     vid = register(srv, "--dataset-sha256", "ab" * 32, "--eval-report", '{"passed": true, "nll": {"delta": -0.2}}')
     listed = json.loads(cli(srv, "adapters", "list", "--model", "smollm2", "--json").stdout)
     assert [(v["id"], v["status"]) for v in listed] == [(vid, "candidate")]
-    # A candidate is not addressable, and the plain name still serves the base.
-    r = c.post("/v1/completions", json={"model": f"{MODEL}:{vid}", "prompt": PROMPT, "max_tokens": 4})
-    assert r.status_code == 404
+    # A candidate is served by its id (loaded on first use, listed with its status),
+    # and the plain name still serves the base.
+    cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert cards[f"{MODEL}:{vid}"]["adapter"]["status"] == "candidate"
+    assert complete(c, f"{MODEL}:{vid}")[:2] == (f"{MODEL}:{vid}", lora_text)
     assert complete(c, MODEL)[1] == base_text
 
     # A stream on the plain name, started before the promotion.
@@ -171,13 +173,15 @@ def test_promote_swaps_the_plain_name_and_rollback_returns(srv, c, lora_text):
     one = c.get(f"/v1/admin/adapters/{vid}", headers=AUTH).json()
     assert one["lineage"] == [vid] and [h["action"] for h in one["history"]] == ["promote"]
 
-    # Rollback (CLI) goes back to the base; the version is no longer addressable.
+    # Rollback (CLI) goes back to the base; the version, retired, stays addressable by id.
     p = cli(srv, "adapters", "rollback", "--model", "smollm2", "--json")
     assert json.loads(p.stdout)["to"] is None
     wait_for(c, MODEL)
     assert complete(c, MODEL)[1] == base_text
-    assert f"{MODEL}:{vid}" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
-    r = c.post("/v1/completions", json={"model": f"{MODEL}:{vid}", "prompt": PROMPT, "max_tokens": 4})
+    cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert cards[f"{MODEL}:{vid}"]["adapter"]["status"] == "retired"
+    assert complete(c, f"{MODEL}:{vid}")[:2] == (f"{MODEL}:{vid}", lora_text)
+    r = c.post("/v1/completions", json={"model": f"{MODEL}:smollm2-135m-v99", "prompt": PROMPT, "max_tokens": 4})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert cli(srv, "adapters", "rollback", "--model", MODEL, check=False).returncode == 1
 

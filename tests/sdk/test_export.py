@@ -75,11 +75,14 @@ def test_sft(fed, tmp_path):
     for fmt in ("openai-sft", "mistral-sft", "trl-sft"):
         rows, rep = export(srv, fmt, tmp_path)
         answers = [r["messages"][-1]["content"] for r in rows]
-        # thumbs up, the correction, and 5 stars; not the opted-out one.
-        assert answers == [text(done, "up"), "2+2 is 4.", text(done, "star5")], fmt
+        # thumbs up, the correction, and 5 stars; not the opted-out one. Rows come in
+        # feedback time order, and items given within one millisecond in id order: so
+        # compare as sets.
+        assert sorted(answers) == sorted([text(done, "up"), "2+2 is 4.", text(done, "star5")]), fmt
         for r in rows:
             assert r["messages"][-1]["role"] == "assistant" and r["messages"][0]["role"] == "user"
-        assert rows[1]["messages"][:-1] == user("What is 2+2?")
+        fixed = [r for r in rows if r["messages"][-1]["content"] == "2+2 is 4."]
+        assert fixed[0]["messages"][:-1] == user("What is 2+2?")
         assert rep["skipped_no_consent"] == 1 and rep["skipped_not_chat"] == 1
         assert rep["rows"] == 3
 
@@ -87,13 +90,15 @@ def test_sft(fed, tmp_path):
 def test_dpo(fed, tmp_path):
     srv, done = fed
     rows, _ = export(srv, "trl-dpo", tmp_path)
-    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
-        ("2+2 is 4.", text(done, "fix")), (text(done, "b"), text(done, "a"))]
-    assert rows[0]["prompt"] == user("What is 2+2?")
+    assert sorted((r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows) == sorted([
+        ("2+2 is 4.", text(done, "fix")), (text(done, "b"), text(done, "a"))])
+    fixed = [r for r in rows if r["chosen"][0]["content"] == "2+2 is 4."]
+    assert fixed[0]["prompt"] == user("What is 2+2?")
     rows, _ = export(srv, "openai-dpo", tmp_path)
-    assert rows[1]["input"]["messages"] == user("Name a color.")
-    assert rows[1]["preferred_output"] == [{"role": "assistant", "content": text(done, "b")}]
-    assert rows[1]["non_preferred_output"] == [{"role": "assistant", "content": text(done, "a")}]
+    color = [r for r in rows if r["input"]["messages"] == user("Name a color.")]
+    assert len(color) == 1
+    assert color[0]["preferred_output"] == [{"role": "assistant", "content": text(done, "b")}]
+    assert color[0]["non_preferred_output"] == [{"role": "assistant", "content": text(done, "a")}]
 
 
 def test_kto(fed, tmp_path):
@@ -101,8 +106,8 @@ def test_kto(fed, tmp_path):
     rows, _ = export(srv, "trl-kto", tmp_path)
     got = [(r["completion"][0]["content"], r["label"]) for r in rows]
     # The corrected answer was a thumbs down too: its original is a KTO negative.
-    assert got == [(text(done, "up"), True), (text(done, "down"), False), (text(done, "fix"), False),
-                   (text(done, "star5"), True)]
+    assert sorted(got) == sorted([(text(done, "up"), True), (text(done, "down"), False),
+                                  (text(done, "fix"), False), (text(done, "star5"), True)])
 
 
 def test_filters_and_errors(fed, tmp_path):

@@ -102,6 +102,15 @@ def test_feedback_teaches_the_house_style(tmp_path):
             # Every answer after the swap came from the promoted version.
             rows = srv.sql("SELECT DISTINCT adapter FROM completions WHERE adapter IS NOT NULL")
             assert [r[0] for r in rows] == [version]
+            # The run is the server's own fine-tuning job, with a loss per step.
+            jobs = c.get(f"{srv.url}/v1/admin/fine_tuning/jobs", headers=AUTH).json()["data"]
+            assert [(j["status"], j["fine_tuned_model"], j["brise"]["source"]) for j in jobs] == [
+                ("succeeded", f"{MODEL}:{version}", "ledger")]
+            ev = c.get(f"{srv.url}/v1/admin/fine_tuning/jobs/{jobs[0]['id']}/events",
+                       params={"order": "asc"}, headers=AUTH).json()["data"]
+            steps = [e["data"]["step"] for e in ev if e["type"] == "metrics"]
+            assert steps and steps == list(range(1, steps[-1] + 1))
+            assert ev[-1]["message"] == "The job has successfully completed"
         assert time.monotonic() - t0 < 600, "the scenario took longer than 10 minutes"
     finally:
         srv.stop()

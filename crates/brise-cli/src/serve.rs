@@ -99,24 +99,49 @@ pub struct ServeArgs {
     /// else KTO when there are thumbs-down, else SFT)
     #[arg(long, default_value = "auto")]
     pub learn_method: String,
-    /// With --learn: the learning rate
+    /// The learning rate of --learn's runs, and of fine-tuning jobs that give none
+    /// (OpenAI's learning_rate_multiplier multiplies it)
     #[arg(long, default_value_t = 2e-4)]
     pub learn_lr: f64,
-    /// With --learn: epochs over the dataset
+    /// Epochs over the dataset (--learn, and jobs' default n_epochs)
     #[arg(long, default_value_t = 3)]
     pub learn_epochs: usize,
-    /// With --learn: examples per optimizer step
+    /// Examples per optimizer step (--learn, and jobs' default batch_size)
     #[arg(long, default_value_t = 8)]
     pub learn_batch_size: usize,
-    /// With --learn: LoRA rank (alpha is twice it)
+    /// LoRA rank, alpha twice it (--learn, and jobs' default lora_rank)
     #[arg(long, default_value_t = 16)]
     pub learn_rank: usize,
-    /// With --learn: threads the trainer uses [default: 1, leaving the rest to serving]
+    /// Threads training uses (--learn and fine-tuning jobs, one run at a time)
+    /// [default: 1, leaving the rest to serving]
     #[arg(long, default_value_t = 1)]
     pub learn_threads: usize,
-    /// With --learn: where trained versions are written [default: $BRISE_HOME/adapters]
+    /// Where trained versions are written (--learn and fine-tuning jobs)
+    /// [default: $BRISE_HOME/adapters]
     #[arg(long)]
     pub learn_dir: Option<std::path::PathBuf>,
+}
+
+fn train_setup(a: &ServeArgs) -> Result<brise_server::jobs::TrainSetup> {
+    let defaults = brise_train::trainer::TrainConfig {
+        rank: a.learn_rank,
+        alpha: 2.0 * a.learn_rank as f64,
+        learning_rate: a.learn_lr,
+        epochs: a.learn_epochs,
+        batch_size: a.learn_batch_size,
+        ..Default::default()
+    };
+    defaults.validate().map_err(anyhow::Error::msg)?;
+    Ok(brise_server::jobs::TrainSetup {
+        threads: a.learn_threads.max(1),
+        adapters_dir: a
+            .learn_dir
+            .clone()
+            .unwrap_or_else(|| registry::brise_home().join("adapters")),
+        gate: Default::default(),
+        held_out: brise_train::data::DEFAULT_HELD_OUT,
+        defaults,
+    })
 }
 
 fn learn_config(a: &ServeArgs) -> Result<Option<brise_server::learn::LearnConfig>> {
@@ -136,27 +161,11 @@ fn learn_config(a: &ServeArgs) -> Result<Option<brise_server::learn::LearnConfig
                 .map_err(anyhow::Error::msg)?,
         ),
     };
-    let train = brise_train::trainer::TrainConfig {
-        rank: a.learn_rank,
-        alpha: 2.0 * a.learn_rank as f64,
-        learning_rate: a.learn_lr,
-        epochs: a.learn_epochs,
-        batch_size: a.learn_batch_size,
-        ..Default::default()
-    };
-    train.validate().map_err(anyhow::Error::msg)?;
     Ok(Some(brise_server::learn::LearnConfig {
         after: a.learn_after,
         check_every: Duration::from_secs_f64(a.learn_check),
         method,
-        train,
-        gate: Default::default(),
-        held_out: brise_train::data::DEFAULT_HELD_OUT,
-        threads: a.learn_threads.max(1),
-        adapters_dir: a
-            .learn_dir
-            .clone()
-            .unwrap_or_else(|| registry::brise_home().join("adapters")),
+        train: train_setup(a)?.defaults,
     }))
 }
 
@@ -272,6 +281,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         admin_key: a.admin_key.clone().filter(|k| !k.is_empty()),
         adapter_poll: (a.adapter_poll > 0.0).then(|| Duration::from_secs_f64(a.adapter_poll)),
         learn: learn_config(&a)?,
+        train: train_setup(&a)?,
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
     let loras = a.lora.clone();

@@ -306,7 +306,10 @@ fn run_one(
                 l,
                 model,
                 id,
-                data,
+                brise_train::pipeline::LearnData {
+                    train: data,
+                    validation: None,
+                },
                 opts,
                 None,
                 &mut on_step,
@@ -339,6 +342,7 @@ fn run_one(
                     threads,
                     cancel: None,
                     checkpoint: a.checkpoint.clone().map(|d| (d, a.checkpoint_every)),
+                    validation: None,
                 },
                 &mut on_step,
             );

@@ -399,7 +399,7 @@ impl Ledger {
             if r.rows_affected() == 1 {
                 self.job_event(&j.id, "info", "message", "Fine-tuning job started", None)
                     .await?;
-                return Ok(self.job(None, &j.id).await?);
+                return self.job(None, &j.id).await;
             }
             // Another server took it, or it was cancelled: look again.
         }

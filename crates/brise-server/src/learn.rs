@@ -1,22 +1,24 @@
 //! `brise serve --learn`: the server trains by itself. Every `check_every`, for each
 //! served model, it counts the feedback given since that model's last training run;
-//! at `after` items it builds the dataset from the ledger (consent, objections,
-//! redaction and retention applied), trains a fresh adapter against the version
-//! serving now, and registers it: promoted when the gate passes, rejected otherwise.
-//! The registry poller then swaps the promotion in. One run at a time, on its own
-//! threads at a lower CPU priority than serving.
+//! at `after` items it queues a fine-tuning job of its own (`jobs.rs`) that builds the
+//! dataset from the ledger (consent, objections, redaction and retention applied),
+//! trains a fresh adapter against the version serving now, and registers it: promoted
+//! when the gate passes, rejected otherwise. The registry poller then swaps the
+//! promotion in. Its jobs are listed, with their loss curves, like any other; the job
+//! runner runs one job at a time at a lower CPU priority than serving.
 
 use crate::AppState;
 use brise_ledger::Ledger;
-use brise_train::data::{Dataset, LedgerQuery, LoadOptions, Method};
-use brise_train::eval::GateConfig;
-use brise_train::pipeline::{LearnOptions, learn};
+use brise_ledger::jobs::{NewJob, SYSTEM_TENANT};
+use brise_train::data::Method;
 use brise_train::trainer::TrainConfig;
+use serde_json::json;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+pub const ACTOR: &str = "brise serve --learn";
 
 #[derive(Clone, Debug)]
 pub struct LearnConfig {
@@ -26,33 +28,25 @@ pub struct LearnConfig {
     /// `None`: auto (see `LedgerQuery::method`).
     pub method: Option<Method>,
     pub train: TrainConfig,
-    pub gate: GateConfig,
-    pub held_out: f64,
-    pub threads: usize,
-    /// Versions go to `adapters_dir/MODEL/vTIME/`.
-    pub adapters_dir: PathBuf,
 }
 
-fn safe(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-/// Lowers the calling thread's CPU priority; threads it starts inherit it.
-fn lower_priority() {
-    // SAFETY: setpriority takes plain integers; on Linux, PRIO_PROCESS with who = 0
-    // names the calling thread. A failure only leaves the priority as it was.
-    #[cfg(target_os = "linux")]
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
-    }
+/// When the model's last training run started: its newest version or its newest
+/// `--learn` job, whichever is later (0: never).
+async fn last_run(l: &Ledger, model: &str) -> brise_ledger::Result<(i64, bool)> {
+    let v = l
+        .adapters(Some(model))
+        .await?
+        .iter()
+        .map(|v| v.created_at_ms)
+        .max()
+        .unwrap_or(0);
+    let jobs = l.jobs(Some(SYSTEM_TENANT), None, 1000).await?;
+    let mine = jobs
+        .iter()
+        .filter(|j| j.model == model && j.tenant == SYSTEM_TENANT);
+    let busy = mine.clone().any(|j| !j.status.finished());
+    let j = mine.map(|j| j.created_at_ms).max().unwrap_or(0);
+    Ok((v.max(j), busy))
 }
 
 pub async fn run(state: Arc<AppState>, l: Ledger, cfg: LearnConfig) {
@@ -66,17 +60,17 @@ pub async fn run(state: Arc<AppState>, l: Ledger, cfg: LearnConfig) {
             continue;
         };
         for m in models {
-            // Since the newest version of this model (any status), else everything.
-            let from = match since.get(&m.id) {
-                Some(t) => *t,
-                None => match l.adapters(Some(&m.id)).await {
-                    Ok(vs) => vs.iter().map(|v| v.created_at_ms).max().unwrap_or(0),
-                    Err(e) => {
-                        eprintln!("brise: --learn: reading the registry: {e}");
-                        continue;
-                    }
-                },
+            let (from, busy) = match last_run(&l, &m.id).await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("brise: --learn: reading the registry: {e}");
+                    continue;
+                }
             };
+            if busy {
+                continue;
+            }
+            let from = since.get(&m.id).copied().unwrap_or(0).max(from);
             let n = match l.feedback_counts(from).await {
                 Ok(c) => c
                     .into_iter()
@@ -90,77 +84,45 @@ pub async fn run(state: Arc<AppState>, l: Ledger, cfg: LearnConfig) {
             if n < cfg.after {
                 continue;
             }
-            let started = brise_ledger::now_ms();
-            eprintln!(
-                "brise: --learn: {n} new feedback items for {}; training",
-                m.id
-            );
-            let (model, id, l2, c) = (m.model.clone(), m.id.clone(), l.clone(), cfg.clone());
-            let h = tokio::runtime::Handle::current();
-            let res = tokio::task::spawn_blocking(move || {
-                lower_priority();
-                h.block_on(async {
-                    let data = Dataset::from_ledger(
-                        &l2,
-                        &model,
-                        &LedgerQuery {
-                            model: Some(id.clone()),
-                            since_ms: None,
-                            method: c.method,
-                            actor: "brise serve --learn".into(),
-                        },
-                        &LoadOptions::default(),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    if data.examples.is_empty() {
-                        return Err(format!("no usable examples ({})", data.source));
-                    }
-                    let opts = LearnOptions {
-                        train: c.train.clone(),
-                        gate: c.gate.clone(),
-                        held_out_fraction: c.held_out,
-                        threads: c.threads,
-                        promote: true,
-                        actor: "brise serve --learn".into(),
-                        out_dir: c
-                            .adapters_dir
-                            .join(safe(&id))
-                            .join(format!("v{}", brise_ledger::now_ms())),
-                        checkpoint: None,
-                    };
-                    let mut last = 0u64;
-                    learn(&l2, &model, &id, &data, opts, None, &mut |r| {
-                        if r.step == r.total_steps || r.step >= last + 10 {
-                            last = r.step;
-                            eprintln!(
-                                "brise: --learn: {id}: step {}/{}, loss {:.4}, {:.0} tokens/s",
-                                r.step, r.total_steps, r.loss, r.tokens_per_s
-                            );
-                        }
-                    })
-                    .await
+            let mut train = cfg.train.clone();
+            if let Some(mm) = cfg.method {
+                train.method = mm;
+            }
+            let job = l
+                .create_job(NewJob {
+                    tenant: SYSTEM_TENANT.into(),
+                    model: m.id.clone(),
+                    source: "ledger".into(),
+                    training_file: None,
+                    validation_file: None,
+                    method: cfg.method.map_or("auto", |m| m.name()).into(),
+                    config: serde_json::to_value(&train).expect("plain data"),
+                    request: json!({"trigger": format!("{n} new feedback items"), "after": cfg.after}),
+                    dialect: "openai".into(),
+                    suffix: None,
+                    promote: true,
+                    created_by: ACTOR.into(),
                 })
-            })
-            .await;
-            since.insert(m.id.clone(), started);
-            match res {
-                Ok(Ok(done)) => {
+                .await;
+            since.insert(m.id.clone(), brise_ledger::now_ms());
+            match job {
+                Ok(j) => {
                     eprintln!(
-                        "brise: --learn: {} version {}: {} ({})",
-                        m.id,
-                        done.version.id,
-                        if done.promoted {
-                            "promoted"
-                        } else {
-                            "not promoted"
-                        },
-                        done.outcome.report.summary
+                        "brise: --learn: {n} new feedback items for {}; queued {}",
+                        m.id, j.id
                     );
-                    state.registry_changed.notify_one();
+                    let _ = l
+                        .job_event(
+                            &j.id,
+                            "info",
+                            "message",
+                            &format!("Queued by --learn: {n} new feedback items"),
+                            None,
+                        )
+                        .await;
+                    state.jobs_changed.notify_one();
                 }
-                Ok(Err(e)) => eprintln!("brise: --learn: {}: {e}", m.id),
-                Err(e) => eprintln!("brise: --learn: {}: the training task failed: {e}", m.id),
+                Err(e) => eprintln!("brise: --learn: {}: queueing a job: {e}", m.id),
             }
         }
     }

@@ -3,6 +3,7 @@
 
 mod console;
 pub mod error;
+pub mod jobs;
 pub mod learn;
 pub mod metrics;
 mod record;
@@ -41,7 +42,13 @@ pub struct ServedModel {
     /// (`versions.rs`); a request takes the `Arc` once, so requests in flight finish on
     /// the version they started with.
     pub promoted: RwLock<Option<Arc<ServedAdapter>>>,
+    /// Other registry versions (candidates, retired ones, fine-tuning jobs' results),
+    /// loaded when a request first names one by id; the newest [`VERSIONS_KEPT`] stay.
+    pub versions: RwLock<Vec<Arc<ServedAdapter>>>,
 }
+
+/// Registry versions besides the promoted one kept loaded per model.
+pub const VERSIONS_KEPT: usize = 8;
 
 /// A LoRA adapter offered on a model.
 pub struct ServedAdapter {
@@ -75,6 +82,7 @@ impl ServedModel {
             sha256: None,
             adapters: Vec::new(),
             promoted: RwLock::new(None),
+            versions: RwLock::new(Vec::new()),
         }
     }
 
@@ -92,12 +100,32 @@ impl ServedModel {
         *self.promoted.write().unwrap_or_else(|e| e.into_inner()) = a;
     }
 
-    /// A `--lora` adapter by name, else the promoted version by its id.
+    /// A `--lora` adapter by name, else a registry version by its id (the promoted
+    /// one, or one loaded by [`versions::preload`]).
     pub fn adapter_named(&self, name: &str) -> Option<Arc<ServedAdapter>> {
         if let Some(a) = self.adapters.iter().find(|a| a.name == name) {
             return Some(a.clone());
         }
-        self.promoted().filter(|a| a.name == name)
+        if let Some(a) = self.promoted().filter(|a| a.name == name) {
+            return Some(a);
+        }
+        self.versions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|a| a.name == name)
+            .cloned()
+    }
+
+    /// Keeps a registry version loaded (the oldest one loaded goes past
+    /// [`VERSIONS_KEPT`]; requests using it keep their `Arc`).
+    pub fn keep_version(&self, a: Arc<ServedAdapter>) {
+        let mut v = self.versions.write().unwrap_or_else(|e| e.into_inner());
+        v.retain(|x| x.name != a.name);
+        v.push(a);
+        if v.len() > VERSIONS_KEPT {
+            v.remove(0);
+        }
     }
 
     /// Whether `name` addresses something on this model: `base` or an adapter.
@@ -197,6 +225,8 @@ pub struct ServerConfig {
     pub adapter_poll: Option<Duration>,
     /// `--learn`: train by itself from new feedback (needs the ledger).
     pub learn: Option<learn::LearnConfig>,
+    /// How training runs (fine-tuning jobs and `--learn`'s).
+    pub train: jobs::TrainSetup,
 }
 
 pub struct AppState {
@@ -210,6 +240,8 @@ pub struct AppState {
     pub registry_sync: tokio::sync::Mutex<versions::SyncState>,
     /// Wakes the poller (after a promotion or rollback through this server).
     pub registry_changed: tokio::sync::Notify,
+    /// Wakes the job runner (a job was queued).
+    pub jobs_changed: tokio::sync::Notify,
 }
 
 impl AppState {
@@ -267,6 +299,7 @@ where
         ledger,
         registry_sync: Default::default(),
         registry_changed: Default::default(),
+        jobs_changed: Default::default(),
     });
     let app = routes::router(state.clone());
     if let Some(l) = state.ledger.clone() {
@@ -287,6 +320,9 @@ where
     }
     if let Some(l) = state.ledger.clone() {
         tokio::spawn(versions::poll(state.clone(), l, state.cfg.adapter_poll));
+    }
+    if let Some(l) = state.ledger.clone() {
+        tokio::spawn(jobs::run(state.clone(), l));
     }
     if let (Some(l), Some(lc)) = (state.ledger.clone(), state.cfg.learn.clone()) {
         tokio::spawn(learn::run(state.clone(), l, lc));

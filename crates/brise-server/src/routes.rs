@@ -41,6 +41,28 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/v1/feedback", post(post_feedback).get(get_feedback))
+        .route(
+            "/v1/files",
+            post(crate::jobs::upload_file).get(crate::jobs::list_files),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(crate::jobs::get_file).delete(crate::jobs::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(crate::jobs::file_content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(crate::jobs::create_job).get(crate::jobs::list_jobs),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(crate::jobs::get_job))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/events",
+            get(crate::jobs::job_events),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(crate::jobs::cancel_job),
+        )
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics_text))
@@ -73,6 +95,18 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .route("/v1/admin/adapters/{id}", get(admin_adapter))
                 .route("/v1/admin/adapters/{id}/promote", post(admin_promote))
                 .route("/v1/admin/adapters/{id}/reject", post(admin_reject))
+                .route(
+                    "/v1/admin/fine_tuning/jobs",
+                    get(crate::jobs::admin_list_jobs),
+                )
+                .route(
+                    "/v1/admin/fine_tuning/jobs/{id}/events",
+                    get(crate::jobs::admin_job_events),
+                )
+                .route(
+                    "/v1/admin/fine_tuning/jobs/{id}/cancel",
+                    post(crate::jobs::admin_cancel_job),
+                )
                 .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth)),
         )
         .fallback(not_found)
@@ -568,7 +602,7 @@ fn body_bytes(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     })
 }
 
-fn ready(s: &AppState) -> ApiResult<&[ServedModel]> {
+pub(crate) fn ready(s: &AppState) -> ApiResult<&[ServedModel]> {
     if s.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::overloaded("the server is shutting down"));
     }
@@ -622,6 +656,29 @@ fn model_card(m: &ServedModel) -> Value {
     })
 }
 
+/// A registry version not loaded yet, as `adapter_card` shows a loaded one.
+fn version_card(m: &ServedModel, v: &brise_ledger::adapters::AdapterVersion) -> Value {
+    let mut c = model_card(m);
+    c["id"] = json!(format!("{}:{}", m.id, v.id));
+    c["parent"] = json!(m.id);
+    c["root"] = json!(m.id);
+    c["created"] = json!(v.created_at_ms / 1000);
+    if let Some(o) = c.as_object_mut() {
+        o.remove("current_version");
+    }
+    c["adapter"] = json!({
+        "name": v.id,
+        "rank": v.config.get("rank"),
+        "version": v.version,
+        "parent": v.parent,
+        "method": v.method,
+        "status": v.status,
+        "promoted_at": v.promoted_at_ms.map(|t| t / 1000),
+        "tainted": false,
+    });
+    c
+}
+
 /// An adapter as a model of its own (`id:name`), as vLLM lists LoRA modules.
 fn adapter_card(m: &ServedModel, a: &ServedAdapter) -> Value {
     let mut c = model_card(m);
@@ -652,12 +709,32 @@ async fn list_models(State(s): St) -> ApiResult<Response> {
     for m in models {
         data.push(model_card(m));
         data.extend(m.adapters.iter().map(|a| adapter_card(m, a)));
-        data.extend(m.promoted().map(|a| adapter_card(m, &a)));
+        let promoted = m.promoted();
+        data.extend(promoted.as_ref().map(|a| adapter_card(m, a)));
+        // The registry's other versions a request may name by id (loaded on first use):
+        // candidates (fine-tuning jobs' results among them) and retired versions.
+        if let Some(l) = &s.ledger {
+            let versions = l
+                .adapters(Some(&m.id))
+                .await
+                .map_err(|e| ApiError::internal(format!("reading the adapter registry: {e}")))?;
+            for v in versions.iter().rev() {
+                use brise_ledger::adapters::AdapterStatus;
+                let listed = matches!(v.status, AdapterStatus::Candidate | AdapterStatus::Retired)
+                    && v.tainted.is_none()
+                    && promoted.as_ref().is_none_or(|p| p.name != v.id);
+                if listed {
+                    data.push(version_card(m, v));
+                }
+            }
+        }
     }
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn get_model(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
+    ready(&s)?;
+    crate::versions::preload(&s, &id, None).await?;
     let m = find(&s, &id)?;
     // `MODEL:NAME` is the adapter's card; the plain name (and `MODEL:base`) the model's.
     let named = m.named_adapter(&id, None).ok().flatten();
@@ -1000,6 +1077,7 @@ async fn chat(
     let body = body_bytes(body)?;
     ready(&s)?;
     let req = request::parse_chat(&body, n_vocab_of(&s))?;
+    crate::versions::preload(&s, &req.params.model, req.params.adapter.as_deref()).await?;
     let m = find(&s, &req.params.model)?;
     let ad = adapter_of(m, &req.params)?;
     let rec = Recorder::new(
@@ -1217,6 +1295,7 @@ async fn completions(
     let body = body_bytes(body)?;
     ready(&s)?;
     let req = request::parse_completion(&body, n_vocab_of(&s))?;
+    crate::versions::preload(&s, &req.params.model, req.params.adapter.as_deref()).await?;
     let m = find(&s, &req.params.model)?;
     let ad = adapter_of(m, &req.params)?;
     let rec = Recorder::new(
@@ -1698,6 +1777,7 @@ async fn compare(
             loras.push(None);
             continue;
         }
+        crate::versions::preload(&s, &m.id, Some(v)).await?;
         match m.adapter_named(v) {
             Some(a) => loras.push(Some(a)),
             None => {

@@ -169,6 +169,31 @@ pub async fn sync(models: &[ServedModel], l: &Ledger, st: &mut SyncState) {
             }
         };
         let _ = install(m, want.as_ref(), st, None).await;
+        // Versions served by id stop being served once trained on erased data.
+        let loaded: Vec<String> = m
+            .versions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|a| a.name.clone())
+            .collect();
+        for id in loaded {
+            let drop = match l.adapter(&id).await {
+                Ok(Some(v)) => v.tainted.is_some(),
+                Ok(None) => true,
+                Err(_) => false,
+            };
+            if drop {
+                m.versions
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|a| a.name != id);
+                eprintln!(
+                    "brise: {}: {id} is no longer served by id: it was trained on erased data",
+                    m.id
+                );
+            }
+        }
     }
 }
 
@@ -190,4 +215,67 @@ pub async fn poll(state: Arc<AppState>, l: Ledger, every: Option<Duration>) {
         let mut st = state.registry_sync.lock().await;
         sync(models, &l, &mut st).await;
     }
+}
+
+/// Loads the registry version a request names by id (`MODEL:VERSION-ID`, or the
+/// `adapter` field) when it is not loaded yet, so that candidates and fine-tuning jobs'
+/// results are served before (or without) a promotion. Versions trained on erased data
+/// are not served this way. Names that are no version are left for the usual "no such
+/// model/adapter" errors.
+pub async fn preload(
+    s: &AppState,
+    model: &str,
+    field: Option<&str>,
+) -> Result<(), crate::error::ApiError> {
+    let Some(l) = &s.ledger else {
+        return Ok(());
+    };
+    let (m, name) = match s.find(model) {
+        Some(m) => match m.named_adapter(model, field) {
+            Ok(Some(n)) => (m, n.to_string()),
+            _ => return Ok(()),
+        },
+        None => {
+            let Some((base, name)) = model.rsplit_once(':') else {
+                return Ok(());
+            };
+            let Some(m) = s
+                .models()
+                .iter()
+                .find(|m| m.id == base || m.aliases.iter().any(|a| a == base))
+            else {
+                return Ok(());
+            };
+            (m, name.to_string())
+        }
+    };
+    if name == crate::BASE || m.adapter_named(&name).is_some() {
+        return Ok(());
+    }
+    let v = match l.adapter(&name).await {
+        Ok(Some(v)) if v.model == m.id => v,
+        Ok(_) => return Ok(()),
+        Err(e) => {
+            return Err(crate::error::ApiError::internal(format!(
+                "reading the adapter registry: {e}"
+            )));
+        }
+    };
+    if let Some(t) = &v.tainted {
+        return Err(crate::error::ApiError::param(
+            "model",
+            format!(
+                "version {} was trained on erased data ({}) and is not served by id",
+                v.id, t.reason
+            ),
+        ));
+    }
+    let a = load(m, &v).await.map_err(|e| {
+        crate::error::ApiError::internal(format!(
+            "cannot load version {} from {}: {e}",
+            v.id, v.path
+        ))
+    })?;
+    m.keep_version(a);
+    Ok(())
 }

@@ -135,6 +135,44 @@ pub fn parse_method(s: &str) -> std::result::Result<Method, String> {
     }
 }
 
+/// The format of a JSONL file, from its first row's fields (as the fine-tuning jobs
+/// API takes files without naming their format): `messages` is SFT (OpenAI's and
+/// Mistral's shape); `input` with `preferred_output` is OpenAI's DPO; `chosen` with
+/// `rejected` is TRL's DPO; `label` is TRL's KTO; `prompt` with `completion` is TRL's
+/// SFT. `None` when the first row is none of these.
+pub fn detect_format(text: &str) -> std::result::Result<Format, String> {
+    let Some(line) = text.lines().find(|l| !l.trim().is_empty()) else {
+        return Err("the file is empty".into());
+    };
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| format!("the first row is not JSON: {e}"))?;
+    let Value::Object(o) = &v else {
+        return Err(format!(
+            "a row must be a JSON object, not {}",
+            type_name(&v)
+        ));
+    };
+    let has = |k: &str| o.contains_key(k);
+    Ok(if has("messages") {
+        Format::OpenaiSft
+    } else if has("input") && has("preferred_output") {
+        Format::OpenaiDpo
+    } else if has("chosen") && has("rejected") {
+        Format::TrlDpo
+    } else if has("label") {
+        Format::TrlKto
+    } else if has("prompt") && has("completion") {
+        Format::TrlSft
+    } else {
+        let keys: Vec<&str> = o.keys().map(String::as_str).collect();
+        return Err(format!(
+            "the first row's fields {keys:?} are none of the known formats: messages (SFT), \
+             input + preferred_output (OpenAI DPO), prompt + chosen + rejected (TRL DPO), \
+             prompt + completion + label (TRL KTO), prompt + completion (TRL SFT)"
+        ));
+    })
+}
+
 /// A row left out, and why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Skip {

@@ -27,6 +27,9 @@ pub struct RunSpec<'a> {
     /// Checkpoint into this directory every this many steps; and continue from the
     /// checkpoint found there (same data, same configuration) instead of starting anew.
     pub checkpoint: Option<(PathBuf, u64)>,
+    /// Evaluate on these examples (a validation file) instead of a held-out split of
+    /// `data`; all of `data` is then trained on.
+    pub validation: Option<&'a Dataset>,
 }
 
 /// The record of a run, kept next to the adapter as `run.json`.
@@ -65,19 +68,36 @@ fn write(path: &Path, data: &str) -> Result<(), String> {
 pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOutcome, String> {
     let mut train = spec.train.clone();
     train.method = spec.data.method;
-    let split = spec
-        .data
-        .split(spec.held_out_fraction)
-        .map_err(|e| e.to_string())?;
     let ex = &spec.data.examples;
-    let train_ex: Vec<&Example> = split.train.iter().map(|&i| &ex[i]).collect();
-    let held: Vec<&Example> = split.held_out.iter().map(|&i| &ex[i]).collect();
+    let (train_ex, held, excluded): (Vec<&Example>, Vec<&Example>, usize) = match spec.validation {
+        Some(v) => {
+            if v.method != spec.data.method {
+                return Err(format!(
+                    "the validation data is for {}, the training data for {}",
+                    v.method.name(),
+                    spec.data.method.name()
+                ));
+            }
+            (ex.iter().collect(), v.examples.iter().collect(), 0)
+        }
+        None => {
+            let split = spec
+                .data
+                .split(spec.held_out_fraction)
+                .map_err(|e| e.to_string())?;
+            (
+                split.train.iter().map(|&i| &ex[i]).collect(),
+                split.held_out.iter().map(|&i| &ex[i]).collect(),
+                split.excluded.len(),
+            )
+        }
+    };
     if train_ex.is_empty() {
         return Err(format!(
             "nothing to train on: {} examples, {} held out, {} excluded",
             ex.len(),
             held.len(),
-            split.excluded.len()
+            excluded
         ));
     }
     let items: Vec<_> = train_ex.iter().map(|e| e.item.clone()).collect();
@@ -146,7 +166,7 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         method: train.method.name().into(),
         train_examples: train_ex.len(),
         held_out_examples: held.len(),
-        excluded_examples: split.excluded.len(),
+        excluded_examples: excluded,
         summary,
         report,
         config: train,
@@ -178,6 +198,13 @@ pub struct LearnOptions {
     pub checkpoint: Option<(PathBuf, u64)>,
 }
 
+/// What `learn` trains and evaluates on.
+pub struct LearnData<'a> {
+    pub train: &'a Dataset,
+    /// As [`RunSpec::validation`].
+    pub validation: Option<&'a Dataset>,
+}
+
 /// A registered run.
 pub struct Learned {
     pub version: brise_ledger::adapters::AdapterVersion,
@@ -202,7 +229,7 @@ pub async fn learn(
     ledger: &brise_ledger::Ledger,
     model: &Model,
     model_id: &str,
-    data: &Dataset,
+    data: LearnData<'_>,
     opts: LearnOptions,
     cancel: Option<&AtomicBool>,
     on_step: &mut dyn FnMut(&StepReport),
@@ -219,7 +246,7 @@ pub async fn learn(
     let out = run(
         RunSpec {
             model,
-            data,
+            data: data.train,
             train: opts.train,
             gate: opts.gate,
             held_out_fraction: opts.held_out_fraction,
@@ -231,6 +258,7 @@ pub async fn learn(
             threads: opts.threads,
             cancel,
             checkpoint: opts.checkpoint,
+            validation: data.validation,
         },
         on_step,
     )?;
@@ -244,7 +272,7 @@ pub async fn learn(
             path: path.display().to_string(),
             parent: current.as_ref().map(|v| v.id.clone()),
             created_by: opts.actor.clone(),
-            method: method_of(data.method),
+            method: method_of(data.train.method),
             config: serde_json::to_value(&out.config).expect("plain data"),
             dataset_sha256: Some(out.dataset_sha256.clone()),
             record_ids: out.record_ids.clone(),
