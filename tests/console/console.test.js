@@ -185,7 +185,7 @@ test('asks for the API key, then streams a chat answer (keyboard only)', {timeou
   await page.getByText('That API key was not accepted').waitFor();
   await dialog.getByLabel('API key').fill(API_KEY);
   await dialog.getByRole('button', {name: 'Use key'}).click();
-  await page.locator('#chat-model option', {hasText: MODEL}).waitFor({state: 'attached'});
+  await page.locator(`#chat-model option[value="${MODEL}"]`).waitFor({state: 'attached'});
   assert.equal(await page.getByRole('combobox', {name: 'Model'}).inputValue(), MODEL);
   await page.getByText('AI-generated content.').waitFor();
   // Greedy, so the answer (and its code block) is the same every run.
@@ -402,6 +402,75 @@ test('admin: retention settings and erasure by subject', {timeout: 60_000}, asyn
   assertNoProblems();
 });
 
+test('learning: a job\'s live loss curve, the version\'s lineage and evaluation, chat with it, promote and roll back',
+  {timeout: 300_000}, async () => {
+    const auth = {Authorization: `Bearer ${API_KEY}`};
+    const prompts = JSON.parse(fs.readFileSync(path.join(REPO, 'tests', 'sdk', 'learning_prompts.json'), 'utf8'));
+    const rows = prompts.train.slice(0, 16).map((q) => JSON.stringify({messages: [
+      {role: 'user', content: q}, {role: 'assistant', content: 'Ahoy! A fine question. Fair winds, Brise.'}]}));
+    const form = new FormData();
+    form.append('purpose', 'fine-tune');
+    form.append('file', new Blob([rows.join('\n') + '\n'], {type: 'application/jsonl'}), 'house.jsonl');
+    const up = await fetch(base + '/v1/files', {method: 'POST', headers: auth, body: form});
+    assert.equal(up.status, 200, await up.clone().text());
+    const file = await up.json();
+    const jr = await fetch(base + '/v1/fine_tuning/jobs', {method: 'POST',
+      headers: {...auth, 'Content-Type': 'application/json'},
+      body: JSON.stringify({model: MODEL, training_file: file.id, hyperparameters: {n_epochs: 2, batch_size: 4}})});
+    assert.equal(jr.status, 200, await jr.clone().text());
+    const job = await jr.json();
+
+    await page.getByRole('link', {name: 'Dashboard'}).click();
+    const row = page.locator(`#dash-jobs tr[data-job="${job.id}"]`);
+    await row.waitFor();
+    await page.locator(`#dash-jobs tr[data-job="${job.id}"][data-status="succeeded"]`).waitFor({timeout: 240_000});
+    // 16 examples, batch 4, 2 epochs: 8 steps, each a point of the curve.
+    await page.waitForFunction(() => {
+      const c = Chart.getChart(document.getElementById('chart-loss'));
+      return c && c.data.datasets[0].data.length === 8;
+    }, null, {timeout: 10_000});
+    assert.equal((await row.locator('[data-col="progress"]').textContent()).trim(), '8 / 8');
+    assert.match(await page.locator('#loss-caption').textContent(), /succeeded, step 8 of 8/);
+    const done = await (await fetch(`${base}/v1/fine_tuning/jobs/${job.id}`, {headers: auth})).json();
+    const vid = done.fine_tuned_model.split(':').pop();
+    assert.equal((await row.locator('[data-col="result"]').textContent()).trim(), vid);
+
+    // The version it made: trained from the base, a candidate, with the gate's checks.
+    const vrow = page.locator(`#dash-versions tr[data-version="${vid}"]`);
+    await vrow.waitFor();
+    assert.equal((await vrow.locator('[data-col="parent"]').textContent()).trim(), 'the base model');
+    assert.equal(await vrow.getAttribute('data-status'), 'candidate');
+    await vrow.locator('details.report summary').click();
+    await vrow.getByText(/nll: /).waitFor();
+    await assertLabelled();
+    await shot('dashboard-learning');
+
+    // The candidate is in the chat's model picker; its answers are recorded with it.
+    await page.reload();
+    await page.getByRole('link', {name: 'Chat', exact: true}).click();
+    await page.locator(`#chat-model option[value="${MODEL}:${vid}"]`).waitFor({state: 'attached'});
+    await page.getByRole('combobox', {name: 'Model'}).selectOption(`${MODEL}:${vid}`);
+    await page.getByRole('button', {name: 'New chat'}).click();
+    const id = await ask('What is the capital of Spain?');
+    assert.equal(show(id).adapter, vid);
+    await shot('chat-candidate');
+    await page.getByRole('combobox', {name: 'Model'}).selectOption(MODEL);
+
+    // Promote (the admin key is unlocked in this tab), then roll back.
+    const plain = async () => (await (await fetch(base + '/v1/chat/completions', {method: 'POST',
+      headers: {...auth, 'Content-Type': 'application/json'},
+      body: JSON.stringify({model: MODEL, messages: [{role: 'user', content: 'Hi'}], max_tokens: 2})})).json()).model;
+    await page.getByRole('link', {name: 'Dashboard'}).click();
+    await page.getByRole('button', {name: `Promote ${vid}`}).click();
+    await vrow.locator('[data-col="status"]', {hasText: 'serving'}).waitFor();
+    assert.equal(await plain(), `${MODEL}:${vid}`);
+    await shot('dashboard-promoted');
+    await page.getByRole('button', {name: `Roll back ${MODEL} from ${vid}`}).click();
+    await page.locator(`#dash-versions tr[data-version="${vid}"][data-status="retired"]`).waitFor();
+    assert.equal(await plain(), MODEL);
+    assertNoProblems();
+  });
+
 test('usable on a phone-sized screen, in dark mode', {timeout: 120_000}, async () => {
   const phone = await browser.newContext({viewport: {width: 390, height: 844}, deviceScaleFactor: 2,
     isMobile: true, hasTouch: true, colorScheme: 'dark'});
@@ -410,7 +479,7 @@ test('usable on a phone-sized screen, in dark mode', {timeout: 120_000}, async (
   watch(p);
   try {
     await p.goto(base + '/#/chat');
-    await p.locator('#chat-model option', {hasText: MODEL}).waitFor({state: 'attached'});
+    await p.locator(`#chat-model option[value="${MODEL}"]`).waitFor({state: 'attached'});
     await p.getByRole('textbox', {name: 'Message'}).fill('What is the capital of France? Answer in one sentence.');
     await p.getByRole('button', {name: 'Send'}).tap();
     await p.locator('li.msg.assistant[data-completion-id]').waitFor({timeout: ANSWER});

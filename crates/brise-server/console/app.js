@@ -237,8 +237,12 @@
     }
     const saved = localStorage.getItem('brise.model');
     for (const sel of $$('[data-model-select]')) {
+      const was = sel.value;
       sel.replaceChildren(...state.models.map((id) => h('option', {value: id}, id)));
-      if (state.models.includes(saved)) sel.value = saved;
+      if (state.models.includes(was)) sel.value = was;
+      else if (state.models.includes(saved)) sel.value = saved;
+      if (sel.dataset.bound) continue;
+      sel.dataset.bound = '1';
       sel.addEventListener('change', () => {
         localStorage.setItem('brise.model', sel.value);
         for (const o of $$('[data-model-select]')) o.value = sel.value;
@@ -522,18 +526,24 @@
     $('#arena-result').hidden = true;
     try {
       const s = sampling();
-      // An adapter picked (or the base model's newest adapter) is compared with the base
-      // version; without adapters, two answers of the one version.
-      const picked = (state.cards || []).find((m) => m.id === $('#arena-model').value);
+      // The version serving now against a candidate: the adapter picked, else the
+      // model's newest other one (a picked serving version is compared with the base).
+      // Without adapters, two answers of the one version.
+      const cards = state.cards || [];
+      const picked = cards.find((m) => m.id === $('#arena-model').value);
       let model = $('#arena-model').value;
-      let versions;
-      if (picked && picked.parent) {
-        model = picked.parent;
-        versions = ['base', picked.adapter.name];
-      } else {
-        const adapters = (state.cards || []).filter((m) => m.parent === model);
-        if (adapters.length) versions = ['base', adapters[adapters.length - 1].adapter.name];
+      if (picked && picked.parent) model = picked.parent;
+      const card = cards.find((m) => m.id === model);
+      const current = (card && card.current_version) || 'base';
+      let candidate = picked && picked.parent ? picked.adapter.name : null;
+      if (!candidate) {
+        const others = cards.filter((m) => m.parent === model && m.adapter.name !== current)
+          .sort((a, b) => b.created - a.created);
+        if (others.length) candidate = others[0].adapter.name;
       }
+      let versions;
+      if (candidate) versions = [candidate === current ? 'base' : current, candidate];
+      else if (current !== 'base') versions = ['base', current];
       // Two answers from one version differ only by sampling: greedy settings are left out.
       if (!versions && s.temperature === 0) delete s.temperature;
       const j = await apiJson('/v1/compare', {method: 'POST', body: {model,
@@ -594,6 +604,7 @@
       dash.data = await apiJson('/v1/usage?window=' + $('#dash-window').value);
       status.textContent = `Updated ${new Date().toLocaleTimeString()}.`;
       drawDashboard();
+      loadLearning(quiet);
     } catch (e) {
       status.className = 'status error';
       status.textContent = 'Could not load usage: ' + e.message;
@@ -688,6 +699,195 @@
       h('td', {'data-col': 'win_rate'}, fmtPct(f.win_rate))));
     $('#dash-feedback tbody').replaceChildren(...(rows.length ? rows
       : [h('tr', {}, h('td', {colspan: '12', class: 'empty-row'}, 'No answers in this period yet.'))]));
+  }
+
+  // ---- learning: training jobs with their loss curves, and adapter versions
+  const learn = {jobs: [], versions: [], models: [], files: {}, selected: null, curveFor: null, curve: []};
+  const shortId = (id) => (id || '').replace(/^ftjob-/, '').slice(0, 8);
+  const pill = (text, cls = text) => h('span', {class: `pill ${cls}`}, text);
+  const ago = (s) => (s ? new Date(s * 1000).toLocaleString(undefined, {month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit'}) : '–');
+  const active = (j) => j.status === 'running' || j.status === 'queued';
+
+  async function loadLearning(quiet) {
+    const status = $('#learn-status');
+    status.className = 'status';
+    try {
+      const [jobs, versions, files] = await Promise.all([apiJson('/v1/fine_tuning/jobs?limit=50'),
+        apiJson('/v1/adapters'), apiJson('/v1/files?purpose=fine-tune')]);
+      learn.files = Object.fromEntries(files.data.map((f) => [f.id, f.filename]));
+      learn.jobs = jobs.data;
+      learn.versions = versions.data;
+      learn.models = versions.models;
+      if (!learn.jobs.some((j) => j.id === learn.selected)) {
+        learn.selected = (learn.jobs.find(active) || learn.jobs[0] || {}).id || null;
+      }
+      drawJobs();
+      drawVersions();
+      await drawLoss();
+      if (quiet !== true) status.textContent = '';
+    } catch (e) {
+      status.className = 'status error';
+      status.textContent = 'Could not load training jobs and versions: ' + e.message;
+    }
+  }
+
+  function drawJobs() {
+    const rows = learn.jobs.map((j) => {
+      const m = (j.brise && j.brise.metrics) || {};
+      const fm = j.fine_tuned_model ? j.fine_tuned_model.split(':').pop() : null;
+      const selected = j.id === learn.selected;
+      const data = j.brise.source === 'ledger' ? 'feedback in the ledger'
+        : h('span', {title: j.training_file}, learn.files[j.training_file] || j.training_file);
+      const show = h('button', {type: 'button', class: 'ghost small', 'aria-pressed': String(selected),
+        'aria-label': `Show the loss curve of job ${shortId(j.id)}`, onclick: () => { learn.selected = j.id; drawJobs(); drawLoss(); }}, 'Loss curve');
+      const actions = [show];
+      if (active(j)) {
+        actions.push(h('button', {type: 'button', class: 'ghost small', 'aria-label': `Cancel job ${shortId(j.id)}`,
+          onclick: () => cancelJob(j)}, 'Cancel'));
+      }
+      return h('tr', {'data-job': j.id, 'data-status': j.status, 'aria-selected': String(selected)},
+        h('td', {}, h('code', {title: j.id}, shortId(j.id)), h('span', {class: 'sub'}, j.brise.created_by === 'brise serve --learn' ? 'brise serve --learn' : ago(j.created_at))),
+        h('td', {class: 'wrap'}, data),
+        h('td', {}, j.brise.method.toUpperCase()),
+        h('td', {'data-col': 'status'}, pill(j.brise.cancel_requested && j.status === 'running' ? 'cancelling' : j.status),
+          j.error ? h('span', {class: 'sub error-text', title: j.error.message}, j.error.message.slice(0, 60)) : null),
+        h('td', {class: 'num', 'data-col': 'progress'}, m.step ? `${m.step} / ${m.total_steps}` : '–'),
+        h('td', {class: 'num', 'data-col': 'loss'}, typeof m.train_loss === 'number' ? m.train_loss.toFixed(3) : '–'),
+        h('td', {'data-col': 'result'}, fm ? h('code', {}, fm) : '–'),
+        h('td', {}, h('div', {class: 'actions'}, actions)));
+    });
+    $('#dash-jobs tbody').replaceChildren(...(rows.length ? rows
+      : [h('tr', {}, h('td', {colspan: '8', class: 'empty-row'}, 'No training jobs yet.'))]));
+  }
+
+  async function cancelJob(j) {
+    try {
+      if (j.brise.source === 'ledger' && state.adminKey) {
+        await apiJson(`/v1/admin/fine_tuning/jobs/${j.id}/cancel`, {method: 'POST', admin: true});
+      } else {
+        await apiJson(`/v1/fine_tuning/jobs/${j.id}/cancel`, {method: 'POST'});
+      }
+      toast(`Cancelling job ${shortId(j.id)}`);
+    } catch (e) {
+      toast('Could not cancel: ' + e.message);
+    }
+    loadLearning(true);
+  }
+
+  async function drawLoss() {
+    const j = learn.jobs.find((x) => x.id === learn.selected);
+    $('#loss-empty').hidden = !!j;
+    $('#chart-loss').closest('.canvas-box').hidden = !j;
+    if (!j) {
+      $('#loss-caption').textContent = 'Training loss';
+      return;
+    }
+    const steps = (j.brise.metrics && j.brise.metrics.step) || 0;
+    // Fetch the events only when there are new steps (or another job is shown).
+    if (learn.curveFor !== j.id || learn.curve.length !== steps) {
+      const ev = await apiJson(`/v1/fine_tuning/jobs/${j.id}/events?order=asc&limit=100000`);
+      learn.curve = ev.data.filter((e) => e.type === 'metrics' && e.data).map((e) => e.data);
+      learn.curveFor = j.id;
+    }
+    const pts = learn.curve;
+    const last = pts[pts.length - 1];
+    $('#loss-caption').textContent = `Training loss: job ${shortId(j.id)} (${j.status}${last ? `, step ${last.step} of ${last.total_steps}` : ''})`;
+    const css = getComputedStyle(document.documentElement);
+    const c = (v) => css.getPropertyValue(v).trim();
+    dash.charts['chart-loss']?.destroy();
+    const canvas = $('#chart-loss');
+    canvas.setAttribute('aria-label', pts.length
+      ? `Training loss of job ${shortId(j.id)} over ${pts.length} steps: from ${pts[0].train_loss.toFixed(3)} to ${last.train_loss.toFixed(3)}`
+      : `Job ${shortId(j.id)} has no training steps yet`);
+    dash.charts['chart-loss'] = new Chart(canvas, {
+      type: 'line',
+      data: {labels: pts.map((p) => p.step), datasets: [
+        {label: 'Loss', data: pts.map((p) => p.train_loss), borderColor: c('--accent'), backgroundColor: c('--accent'), pointRadius: pts.length > 60 ? 0 : 2, tension: 0.2, yAxisID: 'y'},
+        {label: 'Learning rate', data: pts.map((p) => p.learning_rate), borderColor: c('--muted'), backgroundColor: c('--muted'), borderDash: [4, 4], pointRadius: 0, yAxisID: 'lr'},
+      ]},
+      options: {
+        responsive: true, maintainAspectRatio: false, animation: false,
+        interaction: {mode: 'index', intersect: false},
+        plugins: {legend: {position: 'bottom', labels: {boxWidth: 12}}},
+        scales: {
+          x: {title: {display: true, text: 'Step'}, grid: {display: false}, ticks: {maxTicksLimit: 10, maxRotation: 0}},
+          y: {title: {display: true, text: 'Loss'}},
+          lr: {position: 'right', grid: {display: false}, ticks: {maxTicksLimit: 4, callback: (v) => Number(v).toExponential(0)}},
+        },
+      },
+    });
+  }
+
+  /** The gate's verdict: a pill, the perplexity change, and every check in a disclosure. */
+  function evaluation(v) {
+    const r = v.eval_report;
+    if (!r) return h('span', {class: 'sub'}, 'not evaluated');
+    const cand = r.candidate && r.candidate.metrics;
+    const cur = r.current && r.current.metrics;
+    const ppl = cand && cur && cand.ppl && cur.ppl ? (cand.ppl / cur.ppl - 1) * 100 : null;
+    const nll = cand && cur && cand.nll && cur.nll ? (cand.nll / cur.nll - 1) * 100 : null;
+    const pct = (x) => `${x > 0 ? '+' : ''}${x.toFixed(1)}%`;
+    const checks = (r.checks || []).map((k) => h('li', {},
+      h('span', {class: `outcome ${k.outcome}`}, k.outcome), h('span', {}, `${k.metric}: ${k.why}`)));
+    return h('details', {class: 'report'},
+      h('summary', {}, pill(r.passed ? 'passed' : 'failed'), ' ',
+        nll !== null ? `held-out NLL ${pct(nll)}` : '', ppl !== null ? `, perplexity ${pct(ppl)}` : ''),
+      h('p', {class: 'sub'}, r.summary),
+      h('ul', {class: 'checks'}, checks),
+      r.held_out ? h('p', {class: 'sub'}, `Held out: ${r.held_out.examples} examples; against ${r.current.name}.`) : null);
+  }
+
+  function drawVersions() {
+    const admin = !!state.adminKey;
+    $('#versions-hint').hidden = admin;
+    const serving = Object.fromEntries(learn.models.map((m) => [m.model, m.serving]));
+    const rows = [...learn.versions].reverse().map((v) => {
+      const isServing = serving[v.model] === v.id;
+      const st = v.tainted ? 'tainted' : v.status;
+      const actions = [];
+      if (admin && !isServing && !v.tainted && v.status !== 'rejected') {
+        actions.push(h('button', {type: 'button', class: 'small', 'aria-label': `Promote ${v.id}`, onclick: () => promote(v)}, 'Promote'));
+      }
+      if (admin && isServing) {
+        actions.push(h('button', {type: 'button', class: 'ghost small', 'aria-label': `Roll back ${v.model} from ${v.id}`, onclick: () => rollback(v)}, 'Roll back'));
+      }
+      return h('tr', {'data-version': v.id, 'data-status': st},
+        h('td', {}, h('code', {}, v.id), h('span', {class: 'sub'}, v.model)),
+        h('td', {'data-col': 'parent'}, v.parent ? h('code', {}, v.parent) : 'the base model'),
+        h('td', {'data-col': 'data'}, v.feedback + v.records
+          ? [`${v.method.toUpperCase()} on ${fmtInt(v.feedback)} feedback`, h('span', {class: 'sub'}, `${fmtInt(v.records)} answers`)]
+          : [`${v.method.toUpperCase()} on a file`, h('span', {class: 'sub', title: v.dataset_sha256 || ''}, v.dataset_sha256 ? `sha256 ${v.dataset_sha256.slice(0, 12)}…` : '')]),
+        h('td', {'data-col': 'status'}, pill(isServing ? 'serving' : st, isServing ? 'promoted' : st),
+          v.status_reason ? h('span', {class: 'sub', title: v.status_reason}, v.status_reason.slice(0, 50)) : null,
+          v.promoted_by ? h('span', {class: 'sub'}, `promoted by ${v.promoted_by}`) : null),
+        h('td', {class: 'wrap', 'data-col': 'eval'}, evaluation(v)),
+        h('td', {}, ago(Math.floor(v.created_at_ms / 1000)), h('span', {class: 'sub wrap'}, v.created_by)),
+        h('td', {}, h('div', {class: 'actions'}, actions)));
+    });
+    $('#dash-versions tbody').replaceChildren(...(rows.length ? rows
+      : [h('tr', {}, h('td', {colspan: '7', class: 'empty-row'}, 'No adapter versions yet: the base model serves every request.'))]));
+  }
+
+  async function promote(v) {
+    try {
+      const r = await apiJson(`/v1/admin/adapters/${encodeURIComponent(v.id)}/promote`, {method: 'POST', admin: true});
+      toast(`${v.model} now serves ${r.serving}`);
+    } catch (e) {
+      toast('Could not promote: ' + e.message);
+    }
+    await loadLearning(true);
+    loadModels();
+  }
+
+  async function rollback(v) {
+    try {
+      const r = await apiJson('/v1/admin/adapters/rollback', {method: 'POST', admin: true, body: {model: v.model}});
+      toast(`${v.model} rolled back: now serving ${r.serving}`);
+    } catch (e) {
+      toast('Could not roll back: ' + e.message);
+    }
+    await loadLearning(true);
+    loadModels();
   }
 
   // ---- admin
@@ -804,6 +1004,10 @@
     setInterval(() => {
       if (!$('#view-dashboard').hidden && !document.hidden) loadDashboard(true);
     }, 30_000);
+    // While a job trains, its row and loss curve follow it live.
+    setInterval(() => {
+      if (!$('#view-dashboard').hidden && !document.hidden && learn.jobs.some(active)) loadLearning(true);
+    }, 2_000);
 
     // Chat settings are kept on this device.
     const SETTINGS = {system: '#set-system', temperature: '#set-temperature', max_tokens: '#set-max-tokens'};

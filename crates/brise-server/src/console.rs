@@ -91,7 +91,39 @@ pub fn assets() -> Router<Arc<AppState>> {
 
 /// Routes behind the API-key check, merged before it.
 pub fn api() -> Router<Arc<AppState>> {
-    Router::new().route("/v1/usage", get(usage))
+    Router::new()
+        .route("/v1/usage", get(usage))
+        .route("/v1/adapters", get(versions))
+}
+
+/// `GET /v1/adapters`: the registry's versions of the served models, read-only, for the
+/// dashboard's lineage and eval reports: each version without its path on the server,
+/// and per model the version serving now and the promotion history. Changing them
+/// takes the admin routes.
+async fn versions(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
+    let Some(l) = &s.ledger else {
+        return Ok(axum::Json(serde_json::json!({"object": "list", "data": [], "models": []}))
+            .into_response());
+    };
+    let err = |e: brise_ledger::LedgerError| ApiError::internal(format!("the adapter registry: {e}"));
+    let (mut data, mut models) = (Vec::new(), Vec::new());
+    for m in s.models() {
+        for v in l.adapters(Some(&m.id)).await.map_err(err)? {
+            let mut j = serde_json::to_value(&v).map_err(|e| ApiError::internal(e.to_string()))?;
+            if let Some(o) = j.as_object_mut() {
+                o.remove("path");
+            }
+            j["object"] = "adapter.version".into();
+            data.push(j);
+        }
+        models.push(serde_json::json!({
+            "model": m.id,
+            "serving": m.promoted().map(|a| a.name.clone()),
+            "history": l.adapter_history(&m.id).await.map_err(err)?,
+        }));
+    }
+    Ok(axum::Json(serde_json::json!({"object": "list", "data": data, "models": models}))
+        .into_response())
 }
 
 fn serve(name: &str, req: &HeaderMap) -> Response {
