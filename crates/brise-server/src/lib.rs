@@ -344,7 +344,10 @@ where
                 });
             }
             let _ = st.models.set(models);
-            eprintln!("brise: ready: {} at http://{addr}/v1", names.join(", "));
+            eprintln!(
+                "brise: ready: {} at http://{addr}/v1; the web console is at http://{addr}/",
+                names.join(", ")
+            );
         }
         Err(e) => {
             let _ = fail_tx.blocking_send(e);
