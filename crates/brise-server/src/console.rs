@@ -102,10 +102,13 @@ pub fn api() -> Router<Arc<AppState>> {
 /// takes the admin routes.
 async fn versions(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
     let Some(l) = &s.ledger else {
-        return Ok(axum::Json(serde_json::json!({"object": "list", "data": [], "models": []}))
-            .into_response());
+        return Ok(
+            axum::Json(serde_json::json!({"object": "list", "data": [], "models": []}))
+                .into_response(),
+        );
     };
-    let err = |e: brise_ledger::LedgerError| ApiError::internal(format!("the adapter registry: {e}"));
+    let err =
+        |e: brise_ledger::LedgerError| ApiError::internal(format!("the adapter registry: {e}"));
     let (mut data, mut models) = (Vec::new(), Vec::new());
     for m in s.models() {
         for v in l.adapters(Some(&m.id)).await.map_err(err)? {
@@ -122,8 +125,10 @@ async fn versions(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
             "history": l.adapter_history(&m.id).await.map_err(err)?,
         }));
     }
-    Ok(axum::Json(serde_json::json!({"object": "list", "data": data, "models": models}))
-        .into_response())
+    Ok(
+        axum::Json(serde_json::json!({"object": "list", "data": data, "models": models}))
+            .into_response(),
+    )
 }
 
 fn serve(name: &str, req: &HeaderMap) -> Response {
