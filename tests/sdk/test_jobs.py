@@ -106,6 +106,31 @@ def test_job_errors_are_clear(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id, hyperparameters={"n_epochs": 0})
     assert e.value.param == "hyperparameters.n_epochs"
+    # Two names of one setting are refused, not one silently winning.
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id,
+                                    hyperparameters={"learning_rate": 1e-4, "learning_rate_multiplier": 2})
+    assert "set the same thing" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id, hyperparameters={"n_epochs": 1},
+                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
+    assert "set the same thing" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id,
+                                    method={"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.2}}})
+    assert e.value.param == "method.dpo"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id, metadata={"k": 5})
+    assert e.value.param == "metadata"
+
+
+def test_lora_alpha_is_not_overwritten_by_the_rank(oai):
+    f = oai.files.create(file=("t.jsonl", io.BytesIO(jsonl(sft_rows(PROMPTS["train"][:4])))), purpose="fine-tune")
+    j = oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id,
+                                    hyperparameters={"lora_alpha": 32, "lora_rank": 8, "n_epochs": 1})
+    oai.fine_tuning.jobs.cancel(j.id)
+    cfg = oai.fine_tuning.jobs.retrieve(j.id).model_extra["brise"]["config"]
+    assert (cfg["rank"], cfg["alpha"]) == (8, 32)
 
 
 def test_a_job_trains_a_model_served_by_its_name(srv, oai):
@@ -159,12 +184,18 @@ def test_a_job_trains_a_model_served_by_its_name(srv, oai):
     plain = oai.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert plain.model == MODEL
 
-    # Listed for its tenant, not for another one.
+    # Listed for its tenant, not for another one; nor is the model it made.
     assert job.id in [j.id for j in oai.fine_tuning.jobs.list()]
+    assert job.id in [j.id for j in oai.fine_tuning.jobs.list(extra_query={"status": "succeeded"})]
+    assert job.id not in [j.id for j in oai.fine_tuning.jobs.list(extra_query={"status": "failed"})]
     other = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="key-b", max_retries=0)
     assert job.id not in [j.id for j in other.fine_tuning.jobs.list()]
     with pytest.raises(openai.NotFoundError):
         other.fine_tuning.jobs.retrieve(job.id)
+    assert done.fine_tuned_model not in [m.id for m in other.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,
+                                      messages=[{"role": "user", "content": "Hi"}])
 
 
 def test_cancel_a_running_and_a_queued_job(oai):
@@ -223,3 +254,18 @@ def test_mistral_shaped_job(srv):
         assert r.status_code == 422 and "weight" in json.dumps(r.json()["detail"])
         lst = c.get("/v1/fine_tuning/jobs", params={"page": 0, "page_size": 100}).json()
         assert lst["total"] >= 1 and all(x["object"] == "job" for x in lst["data"])
+
+
+def test_a_shutdown_fails_the_running_job_and_says_why(tmp_path):
+    s = BriseServer(tmp_path / "serve.log", ["--learn-dir", str(tmp_path / "adapters")])
+    s.wait_ready()
+    c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+    try:
+        f = c.files.create(file=("t.jsonl", io.BytesIO(jsonl(sft_rows(PROMPTS["train"][:8])))), purpose="fine-tune")
+        j = c.fine_tuning.jobs.create(model=MODEL, training_file=f.id,
+                                      hyperparameters={"n_epochs": 100, "batch_size": 1})
+        wait_for(c, j.id, ("running",), timeout=60)
+    finally:
+        s.stop()  # asserts a graceful exit within its timeout
+    [(status, error)] = s.sql("SELECT status, error FROM fine_tuning_jobs WHERE id = ?", (j.id,))
+    assert (status, error) == ("failed", "the server shut down before the job finished")

@@ -349,6 +349,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                             m.id
                         );
                         m.adapters.push(Arc::new(brise_server::ServedAdapter {
+                            owner: None,
                             name: name.clone(),
                             lora: Arc::new(ad),
                             version: None,

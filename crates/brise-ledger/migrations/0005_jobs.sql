@@ -34,6 +34,7 @@ CREATE TABLE fine_tuning_jobs (
     started_at_ms   BIGINT,
     finished_at_ms  BIGINT,
     runner          TEXT,                      -- the server running it
+    heartbeat_ms    BIGINT,                    -- its runner's last sign of life (a lease)
     cancel_requested BIGINT NOT NULL,
     error           TEXT,
     adapter_version TEXT,                      -- the registered version
@@ -41,6 +42,11 @@ CREATE TABLE fine_tuning_jobs (
     metrics         TEXT                       -- JSON: the last step and the gate's summary
 );
 CREATE INDEX fine_tuning_jobs_status ON fine_tuning_jobs (status, created_at_ms);
+-- At most one job of the servers' own (--learn, tenant '') queued or running per model,
+-- however many servers share the ledger.
+CREATE UNIQUE INDEX fine_tuning_jobs_one_learn ON fine_tuning_jobs (model)
+    WHERE tenant = '' AND status IN ('queued', 'running');
+CREATE INDEX fine_tuning_jobs_version ON fine_tuning_jobs (adapter_version);
 
 CREATE TABLE fine_tuning_events (
     job_id        TEXT NOT NULL REFERENCES fine_tuning_jobs (id),

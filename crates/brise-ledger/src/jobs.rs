@@ -58,7 +58,7 @@ impl JobStatus {
         }
     }
 
-    fn parse(s: &str) -> Result<JobStatus> {
+    pub fn parse(s: &str) -> Result<JobStatus> {
         Ok(match s {
             "queued" => JobStatus::Queued,
             "running" => JobStatus::Running,
@@ -199,6 +199,18 @@ fn job_from_row(r: &sqlx::any::AnyRow) -> Result<Job> {
     })
 }
 
+fn event_from_row(r: &sqlx::any::AnyRow) -> Result<JobEvent> {
+    Ok(JobEvent {
+        job_id: r.try_get("job_id")?,
+        seq: r.try_get("seq")?,
+        created_at_ms: r.try_get("created_at_ms")?,
+        level: r.try_get("level")?,
+        kind: r.try_get("kind")?,
+        message: r.try_get("message")?,
+        data: r.try_get::<Option<&str>, _>("data")?.map(parse_json),
+    })
+}
+
 fn new_id(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
@@ -296,10 +308,11 @@ impl Ledger {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Queues a job.
+    /// Queues a job. A job of the servers' own for a model that has one queued or
+    /// running already is refused ([`LedgerError::Invalid`]).
     pub async fn create_job(&self, j: NewJob) -> Result<Job> {
         let id = new_id("ftjob");
-        sqlx::query(
+        let r = sqlx::query(
             "INSERT INTO fine_tuning_jobs (id, tenant, model, source, training_file, validation_file, method, \
              config, request, dialect, suffix, promote, created_by, status, created_at_ms, cancel_requested) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, 0)",
@@ -319,7 +332,16 @@ impl Ledger {
         .bind(&j.created_by)
         .bind(now_ms())
         .execute(&self.pool)
-        .await?;
+        .await;
+        match r {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(LedgerError::Invalid(format!(
+                    "a job of the server's own for {} is already queued or running",
+                    j.model
+                )));
+            }
+            r => r?,
+        };
         self.job_event(&id, "info", "message", "Created the fine-tuning job", None)
             .await?;
         self.job(None, &id)
@@ -373,45 +395,185 @@ impl Ledger {
         rows.iter().map(job_from_row).collect()
     }
 
+    /// A page of jobs, newest first, with the number matching: a tenant's and the
+    /// server's own (all with `None`), of `model` and in `status` when given, after the
+    /// job `after` (a cursor) or past `offset` of them.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn jobs_page(
+        &self,
+        tenant: Option<&str>,
+        model: Option<&str>,
+        status: Option<JobStatus>,
+        after: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<Job>, i64)> {
+        let before = match after {
+            Some(a) => match self.job(tenant, a).await? {
+                Some(j) => Some((j.created_at_ms, j.id)),
+                None => return Err(LedgerError::Invalid(format!("no fine-tuning job {a}"))),
+            },
+            None => None,
+        };
+        let (t_ms, t_id) = before.unwrap_or((i64::MAX, String::new()));
+        let filter = "($1 = 0 OR tenant = $2 OR tenant = $3) AND ($4 = '' OR model = $4) AND ($5 = '' OR status = $5)";
+        let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM fine_tuning_jobs WHERE {filter}"
+        )))
+        .bind(i64::from(tenant.is_some()))
+        .bind(tenant.unwrap_or(""))
+        .bind(SYSTEM_TENANT)
+        .bind(model.unwrap_or(""))
+        .bind(status.map_or("", |s| s.name()))
+        .fetch_one(&self.pool)
+        .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM fine_tuning_jobs WHERE {filter} \
+             AND (created_at_ms < $6 OR (created_at_ms = $6 AND id < $7) OR $8 = 0) \
+             ORDER BY created_at_ms DESC, id DESC LIMIT $9 OFFSET $10"
+        )))
+        .bind(i64::from(tenant.is_some()))
+        .bind(tenant.unwrap_or(""))
+        .bind(SYSTEM_TENANT)
+        .bind(model.unwrap_or(""))
+        .bind(status.map_or("", |s| s.name()))
+        .bind(t_ms)
+        .bind(&t_id)
+        .bind(i64::from(after.is_some()))
+        .bind(limit.clamp(1, 1000))
+        .bind(offset.max(0))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((rows.iter().map(job_from_row).collect::<Result<_>>()?, total))
+    }
+
+    /// A job's events in `seq` order, ascending from after `from` or descending from
+    /// before it (`None`: from the start or the end), at most `limit`.
+    pub async fn job_events_page(
+        &self,
+        job_id: &str,
+        from: Option<i64>,
+        descending: bool,
+        limit: i64,
+    ) -> Result<Vec<JobEvent>> {
+        let sql = if descending {
+            "SELECT job_id, seq, created_at_ms, level, kind, message, data FROM fine_tuning_events \
+             WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+        } else {
+            "SELECT job_id, seq, created_at_ms, level, kind, message, data FROM fine_tuning_events \
+             WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        };
+        let from = from.unwrap_or(if descending { i64::MAX } else { 0 });
+        let rows = sqlx::query(sql)
+            .bind(job_id)
+            .bind(from)
+            .bind(limit.clamp(1, 100_000))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
     /// Claims the oldest queued job of one of `models` for `runner`; `None` when there
     /// is none. Atomic: of several servers sharing the ledger, one gets each job.
     pub async fn claim_job(&self, runner: &str, models: &[String]) -> Result<Option<Job>> {
         loop {
-            let mut candidate = None;
-            for j in self.queued_jobs().await? {
-                if models.contains(&j.model) {
-                    candidate = Some(j);
-                    break;
-                }
-            }
-            let Some(j) = candidate else {
+            let queued: Vec<(String, String)> = sqlx::query_as(
+                "SELECT id, model FROM fine_tuning_jobs WHERE status = 'queued' \
+                 ORDER BY created_at_ms, id LIMIT 500",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            let Some((id, _)) = queued.into_iter().find(|(_, m)| models.contains(m)) else {
                 return Ok(None);
             };
+            let now = now_ms();
             let r = sqlx::query(
-                "UPDATE fine_tuning_jobs SET status = 'running', runner = $1, started_at_ms = $2 \
-                 WHERE id = $3 AND status = 'queued'",
+                "UPDATE fine_tuning_jobs SET status = 'running', runner = $1, started_at_ms = $2, \
+                 heartbeat_ms = $2 WHERE id = $3 AND status = 'queued'",
             )
             .bind(runner)
-            .bind(now_ms())
-            .bind(&j.id)
+            .bind(now)
+            .bind(&id)
             .execute(&self.pool)
             .await?;
             if r.rows_affected() == 1 {
-                self.job_event(&j.id, "info", "message", "Fine-tuning job started", None)
+                self.job_event(&id, "info", "message", "Fine-tuning job started", None)
                     .await?;
-                return self.job(None, &j.id).await;
+                return self.job(None, &id).await;
             }
             // Another server took it, or it was cancelled: look again.
         }
     }
 
-    async fn queued_jobs(&self) -> Result<Vec<Job>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM fine_tuning_jobs WHERE status = 'queued' ORDER BY created_at_ms, id"
-        )))
+    /// The running job's runner is alive (its lease, see [`Ledger::fail_stale_jobs`]).
+    pub async fn touch_job(&self, id: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE fine_tuning_jobs SET heartbeat_ms = $1 WHERE id = $2 AND status = 'running'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Fails the running jobs whose runner gave no sign of life since `before_ms` (a
+    /// server that died, whatever its name): any server may call it. Returns their ids.
+    pub async fn fail_stale_jobs(&self, before_ms: i64) -> Result<Vec<String>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM fine_tuning_jobs WHERE status = 'running' AND heartbeat_ms < $1",
+        )
+        .bind(before_ms)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        let mut failed = Vec::new();
+        for id in ids {
+            let r = sqlx::query(
+                "UPDATE fine_tuning_jobs SET status = 'failed', finished_at_ms = $1, error = $2 \
+                 WHERE id = $3 AND status = 'running' AND heartbeat_ms < $4",
+            )
+            .bind(now_ms())
+            .bind("the server running the job stopped answering")
+            .bind(&id)
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+            if r.rows_affected() == 1 {
+                self.job_event(
+                    &id,
+                    "error",
+                    "message",
+                    "The server running the job stopped answering",
+                    None,
+                )
+                .await?;
+                failed.push(id);
+            }
+        }
+        Ok(failed)
+    }
+
+    /// The job that trained a registry version, if one did.
+    pub async fn job_for_version(&self, version: &str) -> Result<Option<Job>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM fine_tuning_jobs WHERE adapter_version = $1"
+        )))
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// The tenants whose fine-tuning jobs trained each version (the server's own jobs
+    /// are left out: their versions are everyone's).
+    pub async fn version_owners(&self) -> Result<std::collections::HashMap<String, String>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT adapter_version, tenant FROM fine_tuning_jobs \
+             WHERE adapter_version IS NOT NULL AND tenant <> ''",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Appends an event to a job.
@@ -470,19 +632,7 @@ impl Ledger {
         .bind(limit.clamp(1, 100_000))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(JobEvent {
-                    job_id: r.try_get("job_id")?,
-                    seq: r.try_get("seq")?,
-                    created_at_ms: r.try_get("created_at_ms")?,
-                    level: r.try_get("level")?,
-                    kind: r.try_get("kind")?,
-                    message: r.try_get("message")?,
-                    data: r.try_get::<Option<&str>, _>("data")?.map(parse_json),
-                })
-            })
-            .collect()
+        rows.iter().map(event_from_row).collect()
     }
 
     /// Cancels a job: a queued one at once, a running one at its next step (its
@@ -511,11 +661,15 @@ impl Ledger {
                 None,
             )
             .await?;
-        } else {
-            sqlx::query("UPDATE fine_tuning_jobs SET cancel_requested = 1 WHERE id = $1")
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
+        } else if sqlx::query(
+            "UPDATE fine_tuning_jobs SET cancel_requested = 1 WHERE id = $1 AND status = 'running'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1
+        {
             self.job_event(
                 id,
                 "info",
@@ -556,11 +710,12 @@ impl Ledger {
         Ok(())
     }
 
-    /// Ends a running job.
+    /// Ends a running job (one already ended, by a stale lease say, stays as it is).
     pub async fn finish_job(&self, id: &str, end: JobEnd) -> Result<()> {
         sqlx::query(
             "UPDATE fine_tuning_jobs SET status = $1, finished_at_ms = $2, error = $3, adapter_version = $4, \
-             trained_tokens = COALESCE($5, trained_tokens), metrics = COALESCE($6, metrics) WHERE id = $7",
+             trained_tokens = COALESCE($5, trained_tokens), metrics = COALESCE($6, metrics) \
+             WHERE id = $7 AND status = 'running'",
         )
         .bind(end.status.name())
         .bind(now_ms())
@@ -740,6 +895,102 @@ mod tests {
             let j = l.job(None, &j.id).await.unwrap().unwrap();
             assert_eq!(j.status, JobStatus::Failed);
             assert!(j.error.unwrap().contains("stopped before it finished"));
+            db.drop_db(l).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn leases_pages_and_one_learn_job_per_model() {
+        for db in testdb::all().await {
+            let l = db.open().await;
+            // A stale lease fails the job, whoever ran it; a fresh one does not.
+            let j = l.create_job(new_job("a", "m")).await.unwrap();
+            l.claim_job("gone:1", &["m".into()]).await.unwrap().unwrap();
+            assert!(
+                l.fail_stale_jobs(now_ms() - 60_000)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            l.touch_job(&j.id).await.unwrap();
+            assert_eq!(
+                l.fail_stale_jobs(now_ms() + 1).await.unwrap(),
+                vec![j.id.clone()]
+            );
+            let f = l.job(None, &j.id).await.unwrap().unwrap();
+            assert_eq!(f.status, JobStatus::Failed);
+            // The runner coming back later cannot overwrite that, nor can a cancel.
+            let end = JobEnd {
+                status: JobStatus::Succeeded,
+                error: None,
+                adapter_version: Some("v".into()),
+                trained_tokens: None,
+                metrics: None,
+            };
+            l.finish_job(&j.id, end).await.unwrap();
+            assert_eq!(
+                l.job(None, &j.id).await.unwrap().unwrap().status,
+                JobStatus::Failed
+            );
+            let n_events = l.job_events(&j.id, 0, 100).await.unwrap().len();
+            l.cancel_job(None, &j.id, "x").await.unwrap();
+            assert_eq!(l.job_events(&j.id, 0, 100).await.unwrap().len(), n_events);
+
+            // One job of the servers' own queued or running per model.
+            let mut sys = new_job(SYSTEM_TENANT, "m");
+            sys.source = "ledger".into();
+            let s1 = l.create_job(sys.clone()).await.unwrap();
+            assert!(l.create_job(sys.clone()).await.is_err());
+            let mut other = sys.clone();
+            other.model = "m2".into();
+            l.create_job(other).await.unwrap();
+            l.cancel_job(None, &s1.id, "x").await.unwrap();
+            l.create_job(sys).await.unwrap();
+
+            // Pages: filters and totals in SQL, cursors, offsets.
+            let (page, total) = l
+                .jobs_page(None, Some("m"), None, None, 0, 2)
+                .await
+                .unwrap();
+            assert_eq!((page.len(), total), (2, 3));
+            let (rest, _) = l
+                .jobs_page(None, Some("m"), None, Some(&page[1].id), 0, 10)
+                .await
+                .unwrap();
+            assert_eq!(rest.len(), 1);
+            let (skip, _) = l
+                .jobs_page(None, Some("m"), None, None, 2, 10)
+                .await
+                .unwrap();
+            assert_eq!(skip[0].id, rest[0].id);
+            let (q, total) = l
+                .jobs_page(Some("zz"), None, Some(JobStatus::Queued), None, 0, 10)
+                .await
+                .unwrap();
+            assert_eq!(
+                (q.len() as i64, total),
+                (2, 2),
+                "the servers' own queued jobs"
+            );
+            // Event pages, both ways.
+            for _ in 0..5 {
+                l.job_event(&j.id, "info", "metrics", "s", None)
+                    .await
+                    .unwrap();
+            }
+            let all = l.job_events(&j.id, 0, 1000).await.unwrap();
+            let desc = l.job_events_page(&j.id, None, true, 3).await.unwrap();
+            assert_eq!(desc.iter().map(|e| e.seq).collect::<Vec<_>>(), {
+                let n = all.len() as i64;
+                vec![n, n - 1, n - 2]
+            });
+            let older = l
+                .job_events_page(&j.id, Some(desc[2].seq), true, 100)
+                .await
+                .unwrap();
+            assert_eq!(older.len(), all.len() - 3);
+            let asc = l.job_events_page(&j.id, Some(2), false, 2).await.unwrap();
+            assert_eq!(asc.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4]);
             db.drop_db(l).await;
         }
     }

@@ -100,7 +100,10 @@ pub fn api() -> Router<Arc<AppState>> {
 /// dashboard's lineage and eval reports: each version without its path on the server,
 /// and per model the version serving now and the promotion history. Changing them
 /// takes the admin routes.
-async fn versions(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
+async fn versions(
+    State(s): State<Arc<AppState>>,
+    Extension(tenant): Extension<Tenant>,
+) -> ApiResult<Response> {
     let Some(l) = &s.ledger else {
         return Ok(
             axum::Json(serde_json::json!({"object": "list", "data": [], "models": []}))
@@ -110,8 +113,13 @@ async fn versions(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
     let err =
         |e: brise_ledger::LedgerError| ApiError::internal(format!("the adapter registry: {e}"));
     let (mut data, mut models) = (Vec::new(), Vec::new());
+    // Versions trained by another tenant's fine-tuning job are that tenant's.
+    let owners = l.version_owners().await.map_err(err)?;
     for m in s.models() {
         for v in l.adapters(Some(&m.id)).await.map_err(err)? {
+            if owners.get(&v.id).is_some_and(|o| *o != tenant.0) {
+                continue;
+            }
             let mut j = serde_json::to_value(&v).map_err(|e| ApiError::internal(e.to_string()))?;
             if let Some(o) = j.as_object_mut() {
                 o.remove("path");

@@ -372,16 +372,38 @@ fn int(v: &Value, name: &str, min: f64, max: f64) -> ApiResult<Option<usize>> {
     }
 }
 
-/// Applies hyperparameters (OpenAI's, Mistral's, or brise's own names) to `cfg`.
+/// What a hyperparameter sets, whatever its name: two names of one setting in one
+/// request are refused rather than one silently winning.
+fn setting(k: &str) -> &str {
+    match k {
+        "n_epochs" | "epochs" => "epochs",
+        "learning_rate_multiplier" | "learning_rate" => "learning_rate",
+        "lora_rank" | "lora_r" => "lora_rank",
+        k => k,
+    }
+}
+
+/// Applies hyperparameters (OpenAI's, Mistral's, or brise's own names) to `cfg`;
+/// `seen` holds the settings given so far in the request (and under which name).
 fn hyperparameters(
     h: &Map<String, Value>,
     cfg: &mut TrainConfig,
     base_lr: f64,
     prefix: &str,
+    seen: &mut std::collections::HashMap<String, String>,
 ) -> ApiResult<()> {
-    for (k, v) in h {
+    // The rank sets alpha to twice it: an explicit lora_alpha comes after.
+    let mut keys: Vec<(&String, &Value)> = h.iter().collect();
+    keys.sort_by_key(|(k, _)| k.as_str() == "lora_alpha");
+    for (k, v) in keys {
         let name = format!("{prefix}{k}");
         let n = name.as_str();
+        if let Some(first) = seen.insert(setting(k).to_string(), name.clone()) {
+            return Err(ApiError::param(
+                n,
+                format!("{n} and {first} set the same thing: give one"),
+            ));
+        }
         match k.as_str() {
             "n_epochs" | "epochs" => {
                 if let Some(e) = int(v, n, 1.0, 100.0)? {
@@ -470,6 +492,7 @@ fn parse_job_request(body: &Value, defaults: &TrainConfig) -> ApiResult<JobReque
         suffix: None,
     };
     let mut model = None;
+    let mut seen = std::collections::HashMap::new();
     for (k, v) in o {
         match k.as_str() {
             "model" => model = Some(as_str(v, "model")?),
@@ -477,7 +500,7 @@ fn parse_job_request(body: &Value, defaults: &TrainConfig) -> ApiResult<JobReque
             "validation_file" if !mistral && !v.is_null() => {
                 r.validation_file = Some(as_str(v, k)?)
             }
-            "validation_file" => {}
+            "validation_file" if v.is_null() => {}
             "training_files" => {
                 let a = v
                     .as_array()
@@ -518,7 +541,7 @@ fn parse_job_request(body: &Value, defaults: &TrainConfig) -> ApiResult<JobReque
                     }
                 };
             }
-            "validation_files" => {
+            "validation_files" if mistral => {
                 let a = v
                     .as_array()
                     .ok_or_else(|| ApiError::param(k, "validation_files must be a list"))?;
@@ -527,9 +550,13 @@ fn parse_job_request(body: &Value, defaults: &TrainConfig) -> ApiResult<JobReque
                 }
                 r.validation_file = a.first().map(|v| as_str(v, k)).transpose()?;
             }
-            "hyperparameters" => {
-                hyperparameters(as_obj(v, k)?, &mut cfg, base_lr, "hyperparameters.")?
-            }
+            "hyperparameters" => hyperparameters(
+                as_obj(v, k)?,
+                &mut cfg,
+                base_lr,
+                "hyperparameters.",
+                &mut seen,
+            )?,
             "method" => {
                 let m = as_obj(v, k)?;
                 let ty = as_str(m.get("type").unwrap_or(&Value::Null), "method.type")?;
@@ -548,6 +575,12 @@ fn parse_job_request(body: &Value, defaults: &TrainConfig) -> ApiResult<JobReque
                     if mk == "type" {
                         continue;
                     }
+                    if mk != ty.as_str() && !(ty == "sft" && mk == "supervised") {
+                        return Err(ApiError::param(
+                            &format!("method.{mk}"),
+                            format!("method.{mk} does not go with method.type {ty:?}"),
+                        ));
+                    }
                     let sub = as_obj(mv, &format!("method.{mk}"))?;
                     for (hk, hv) in sub {
                         if hk != "hyperparameters" {
@@ -558,6 +591,7 @@ fn parse_job_request(body: &Value, defaults: &TrainConfig) -> ApiResult<JobReque
                             &mut cfg,
                             base_lr,
                             &format!("method.{mk}.hyperparameters."),
+                            &mut seen,
                         )?;
                     }
                 }
@@ -581,6 +615,19 @@ fn parse_job_request(body: &Value, defaults: &TrainConfig) -> ApiResult<JobReque
                 cfg.seed = v
                     .as_u64()
                     .ok_or_else(|| ApiError::param(k, "seed must be a whole number"))?;
+            }
+            "metadata" if !v.is_null() => {
+                let m = as_obj(v, k)?;
+                let ok = m.len() <= 16
+                    && m.iter().all(|(mk, mv)| {
+                        mk.len() <= 64 && mv.as_str().is_some_and(|s| s.len() <= 512)
+                    });
+                if !ok {
+                    return Err(ApiError::param(
+                        k,
+                        "metadata is at most 16 keys (up to 64 characters) with string values (up to 512)",
+                    ));
+                }
             }
             "suffix" | "seed" | "metadata" => {}
             "integrations" | "repositories"
@@ -958,36 +1005,48 @@ async fn list_jobs_for(s: &AppState, tenant: Option<&str>, q: JobsQuery) -> ApiR
             "filtering jobs by metadata",
         ));
     }
-    let (limit, skip) = if mistral {
+    let (limit, offset) = if mistral {
         let size = q.page_size.unwrap_or(100).clamp(1, 1000);
         (size, q.page.unwrap_or(0).max(0) * size)
     } else {
         (q.limit.unwrap_or(20).clamp(1, 1000), 0)
     };
-    let all = l
-        .jobs(tenant, q.after.as_deref(), 100_000)
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(st) => Some(match st.to_ascii_lowercase().as_str() {
+            "queued" => JobStatus::Queued,
+            "running" | "started" | "cancellation_requested" => JobStatus::Running,
+            "succeeded" | "success" => JobStatus::Succeeded,
+            "failed" => JobStatus::Failed,
+            "cancelled" => JobStatus::Cancelled,
+            _ => {
+                return Err(ApiError::param(
+                    "status",
+                    format!(
+                        "status {st:?}: one of queued, running, succeeded, failed, cancelled (or Mistral's names)"
+                    ),
+                ));
+            }
+        }),
+    };
+    let (page, total) = l
+        .jobs_page(
+            tenant,
+            q.model.as_deref(),
+            status,
+            q.after.as_deref(),
+            offset,
+            limit + 1,
+        )
         .await
-        .map_err(|e| ApiError::param("after", e.to_string()))?;
-    let matching: Vec<&Job> = all
-        .iter()
-        .filter(|j| q.model.as_ref().is_none_or(|m| &j.model == m))
-        .filter(|j| {
-            q.status.as_ref().is_none_or(|st| {
-                st.eq_ignore_ascii_case(openai_status(j))
-                    || st.eq_ignore_ascii_case(mistral_status(j))
-            })
-        })
-        .collect();
-    let total = matching.len();
-    let page: Vec<&Job> = matching
-        .into_iter()
-        .skip(skip as usize)
-        .take(limit as usize + 1)
-        .collect();
+        .map_err(|e| match e {
+            brise_ledger::LedgerError::Invalid(m) => ApiError::param("after", m),
+            e => db(e),
+        })?;
     let has_more = page.len() > limit as usize;
     let mut data = Vec::new();
     for j in page.into_iter().take(limit as usize) {
-        let mut j = j.clone();
+        let mut j = j;
         j.dialect = if mistral { "mistral" } else { "openai" }.into();
         data.push(job_json(l, &j, false).await?);
     }
@@ -1073,23 +1132,28 @@ async fn events_of(s: &AppState, j: &Job, q: EventsQuery) -> ApiResult<Response>
             ));
         }
     };
-    let mut ev = l.job_events(&j.id, 0, 1_000_000).await.map_err(db)?;
-    if !asc {
-        ev.reverse();
-    }
-    if let Some(a) = &q.after {
-        let i = ev
-            .iter()
-            .position(|e| &event_id(e) == a)
-            .ok_or_else(|| ApiError::param("after", format!("no event {a} in job {}", j.id)))?;
-        ev.drain(..=i);
-    }
+    let from = match &q.after {
+        None => None,
+        Some(a) => {
+            let bad = || ApiError::param("after", format!("no event {a} in job {}", j.id));
+            let rest = a.strip_prefix("ftevent-").ok_or_else(bad)?;
+            let (seq, job) = rest.split_once('-').ok_or_else(bad)?;
+            if job != j.id.trim_start_matches("ftjob-") {
+                return Err(bad());
+            }
+            Some(seq.parse::<i64>().map_err(|_| bad())?)
+        }
+    };
     let limit = q
         .limit
         .unwrap_or(if asc { 100_000 } else { 20 })
-        .clamp(1, 100_000) as usize;
-    let has_more = ev.len() > limit;
-    ev.truncate(limit);
+        .clamp(1, 100_000);
+    let mut ev = l
+        .job_events_page(&j.id, from, !asc, limit + 1)
+        .await
+        .map_err(db)?;
+    let has_more = ev.len() > limit as usize;
+    ev.truncate(limit as usize);
     let data: Vec<Value> = ev
         .iter()
         .map(|e| {
@@ -1161,19 +1225,23 @@ fn safe(id: &str) -> String {
         .collect()
 }
 
-/// This server's name in the jobs it runs: host and port.
-pub fn runner_id(s: &AppState) -> String {
+/// This server's name in the jobs it runs: host and the port it listens on.
+pub fn runner_id(addr: std::net::SocketAddr) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into());
-    format!("{host}:{}", s.cfg.addr.port())
+    format!("{host}:{}", addr.port())
 }
 
-/// Runs queued jobs of the served models, one at a time, until shutdown.
-pub async fn run(state: Arc<AppState>, l: Ledger) {
-    let runner = runner_id(&state);
+/// A running job's runner renews its lease this often; a lease this old is a dead runner's.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const LEASE: Duration = Duration::from_secs(60);
+
+/// Runs queued jobs of the served models, one at a time, until shutdown (a job running
+/// then stops at its next step and is marked failed, saying why).
+pub async fn run(state: Arc<AppState>, l: Ledger, runner: String) {
     match l.fail_interrupted_jobs(&runner).await {
         Ok(ids) if !ids.is_empty() => eprintln!(
             "brise: jobs: {} left running by an earlier run of this server marked failed: {}",
@@ -1183,6 +1251,7 @@ pub async fn run(state: Arc<AppState>, l: Ledger) {
         Ok(_) => {}
         Err(e) => eprintln!("brise: jobs: reading the ledger: {e}"),
     }
+    let mut stale_check = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -1190,6 +1259,19 @@ pub async fn run(state: Arc<AppState>, l: Ledger) {
         }
         if state.shutting_down.load(Ordering::Relaxed) {
             return;
+        }
+        if stale_check.elapsed() >= LEASE / 2 {
+            stale_check = std::time::Instant::now();
+            let before = brise_ledger::now_ms() - LEASE.as_millis() as i64;
+            match l.fail_stale_jobs(before).await {
+                Ok(ids) if !ids.is_empty() => eprintln!(
+                    "brise: jobs: {} whose server stopped answering marked failed: {}",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!("brise: jobs: checking leases: {e}"),
+            }
         }
         let ids: Vec<String> = state.models().iter().map(|m| m.id.clone()).collect();
         if ids.is_empty() {
@@ -1365,13 +1447,17 @@ async fn train_job(state: &Arc<AppState>, l: &Ledger, job: &Job) -> Result<Train
     let watch = {
         let (l, id, c, st) = (l.clone(), job.id.clone(), cancel.clone(), state.clone());
         tokio::spawn(async move {
+            let mut beat = std::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if st.shutting_down.load(Ordering::Relaxed)
                     || l.job_cancel_requested(&id).await.unwrap_or(false)
                 {
                     c.store(true, Ordering::Relaxed);
-                    return;
+                }
+                if beat.elapsed() >= HEARTBEAT {
+                    beat = std::time::Instant::now();
+                    let _ = l.touch_job(&id).await;
                 }
             }
         })
@@ -1422,7 +1508,7 @@ async fn train_job(state: &Arc<AppState>, l: &Ledger, job: &Job) -> Result<Train
         out_dir: setup.adapters_dir.join(safe(&job.model)).join(format!(
             "v{}-{}",
             brise_ledger::now_ms(),
-            &job.id[6..14.min(job.id.len())]
+            safe(job.id.get(6..14).unwrap_or(&job.id))
         )),
         checkpoint: None,
     };

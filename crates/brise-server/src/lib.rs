@@ -57,6 +57,9 @@ pub struct ServedAdapter {
     pub lora: Arc<brise_model::lora::LoraAdapter>,
     /// The registry's record of it, for a promoted version (`None`: a `--lora` adapter).
     pub version: Option<brise_ledger::adapters::AdapterVersion>,
+    /// The tenant whose fine-tuning job trained it: only that tenant is served it by id
+    /// (`None`: everyone, as for `--lora` adapters and promoted versions).
+    pub owner: Option<String>,
 }
 
 /// The name that addresses a model without any adapter (`MODEL:base`, `"adapter": "base"`).
@@ -321,9 +324,10 @@ where
     if let Some(l) = state.ledger.clone() {
         tokio::spawn(versions::poll(state.clone(), l, state.cfg.adapter_poll));
     }
-    if let Some(l) = state.ledger.clone() {
-        tokio::spawn(jobs::run(state.clone(), l));
-    }
+    let runner = state
+        .ledger
+        .clone()
+        .map(|l| tokio::spawn(jobs::run(state.clone(), l, jobs::runner_id(addr))));
     if let (Some(l), Some(lc)) = (state.ledger.clone(), state.cfg.learn.clone()) {
         tokio::spawn(learn::run(state.clone(), l, lc));
     }
@@ -378,6 +382,12 @@ where
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
+    // A job training now stops at its next step and records why (the shutdown deadline
+    // above still applies).
+    if let Some(r) = runner {
+        state.jobs_changed.notify_one();
+        let _ = r.await;
+    }
     for m in state.models() {
         m.sched.shutdown();
     }

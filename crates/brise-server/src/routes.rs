@@ -703,7 +703,7 @@ fn adapter_card(m: &ServedModel, a: &ServedAdapter) -> Value {
     c
 }
 
-async fn list_models(State(s): St) -> ApiResult<Response> {
+async fn list_models(State(s): St, Extension(tenant): Extension<Tenant>) -> ApiResult<Response> {
     let models = ready(&s)?;
     let mut data = Vec::new();
     for m in models {
@@ -718,10 +718,16 @@ async fn list_models(State(s): St) -> ApiResult<Response> {
                 .adapters(Some(&m.id))
                 .await
                 .map_err(|e| ApiError::internal(format!("reading the adapter registry: {e}")))?;
+            // Versions trained by another tenant's fine-tuning job are that tenant's.
+            let owners = l
+                .version_owners()
+                .await
+                .map_err(|e| ApiError::internal(format!("reading the fine-tuning jobs: {e}")))?;
             for v in versions.iter().rev() {
                 use brise_ledger::adapters::AdapterStatus;
                 let listed = matches!(v.status, AdapterStatus::Candidate | AdapterStatus::Retired)
                     && v.tainted.is_none()
+                    && owners.get(&v.id).is_none_or(|o| *o == tenant.0)
                     && promoted.as_ref().is_none_or(|p| p.name != v.id);
                 if listed {
                     data.push(version_card(m, v));
@@ -732,9 +738,13 @@ async fn list_models(State(s): St) -> ApiResult<Response> {
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-async fn get_model(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
+async fn get_model(
+    State(s): St,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     ready(&s)?;
-    crate::versions::preload(&s, &id, None).await?;
+    crate::versions::preload(&s, &tenant.0, &id, None).await?;
     let m = find(&s, &id)?;
     // `MODEL:NAME` is the adapter's card; the plain name (and `MODEL:base`) the model's.
     let named = m.named_adapter(&id, None).ok().flatten();
@@ -1077,7 +1087,13 @@ async fn chat(
     let body = body_bytes(body)?;
     ready(&s)?;
     let req = request::parse_chat(&body, n_vocab_of(&s))?;
-    crate::versions::preload(&s, &req.params.model, req.params.adapter.as_deref()).await?;
+    crate::versions::preload(
+        &s,
+        &tenant.0,
+        &req.params.model,
+        req.params.adapter.as_deref(),
+    )
+    .await?;
     let m = find(&s, &req.params.model)?;
     let ad = adapter_of(m, &req.params)?;
     let rec = Recorder::new(
@@ -1262,6 +1278,13 @@ async fn fim_inner(
     let body = body_bytes(body)?;
     ready(s)?;
     let req = request::parse_fim(&body, n_vocab_of(s))?;
+    crate::versions::preload(
+        s,
+        &tenant.0,
+        &req.params.model,
+        req.params.adapter.as_deref(),
+    )
+    .await?;
     let m = find(s, &req.params.model)?;
     let ad = adapter_of(m, &req.params)?;
     let rec = Recorder::new(
@@ -1295,7 +1318,13 @@ async fn completions(
     let body = body_bytes(body)?;
     ready(&s)?;
     let req = request::parse_completion(&body, n_vocab_of(&s))?;
-    crate::versions::preload(&s, &req.params.model, req.params.adapter.as_deref()).await?;
+    crate::versions::preload(
+        &s,
+        &tenant.0,
+        &req.params.model,
+        req.params.adapter.as_deref(),
+    )
+    .await?;
     let m = find(&s, &req.params.model)?;
     let ad = adapter_of(m, &req.params)?;
     let rec = Recorder::new(
@@ -1777,7 +1806,7 @@ async fn compare(
             loras.push(None);
             continue;
         }
-        crate::versions::preload(&s, &m.id, Some(v)).await?;
+        crate::versions::preload(&s, &tenant.0, &m.id, Some(v)).await?;
         match m.adapter_named(v) {
             Some(a) => loras.push(Some(a)),
             None => {

@@ -59,6 +59,7 @@ pub async fn load(m: &ServedModel, v: &AdapterVersion) -> Result<Arc<ServedAdapt
         name: v.id.clone(),
         lora: Arc::new(lora),
         version: Some(v.clone()),
+        owner: None,
     }))
 }
 
@@ -94,6 +95,7 @@ pub async fn install(
                     name: h.name.clone(),
                     lora: h.lora.clone(),
                     version: Some(v.clone()),
+                    owner: None,
                 })));
             }
             Ok(())
@@ -111,6 +113,7 @@ pub async fn install(
                     name: v.id.clone(),
                     lora: p.lora.clone(),
                     version: Some(v.clone()),
+                    owner: None,
                 })),
                 None => load(m, v).await,
             };
@@ -224,11 +227,19 @@ pub async fn poll(state: Arc<AppState>, l: Ledger, every: Option<Duration>) {
 /// model/adapter" errors.
 pub async fn preload(
     s: &AppState,
+    tenant: &str,
     model: &str,
     field: Option<&str>,
 ) -> Result<(), crate::error::ApiError> {
     let Some(l) = &s.ledger else {
         return Ok(());
+    };
+    // Another tenant's fine-tuned version is answered as an unknown model.
+    let not_found = || {
+        crate::error::ApiError::model_not_found(
+            model,
+            &s.models().iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        )
     };
     let (m, name) = match s.find(model) {
         Some(m) => match m.named_adapter(model, field) {
@@ -249,8 +260,14 @@ pub async fn preload(
             (m, name.to_string())
         }
     };
-    if name == crate::BASE || m.adapter_named(&name).is_some() {
+    if name == crate::BASE {
         return Ok(());
+    }
+    if let Some(a) = m.adapter_named(&name) {
+        return match &a.owner {
+            Some(o) if o != tenant => Err(not_found()),
+            _ => Ok(()),
+        };
     }
     let v = match l.adapter(&name).await {
         Ok(Some(v)) if v.model == m.id => v,
@@ -270,12 +287,30 @@ pub async fn preload(
             ),
         ));
     }
+    let owner = match l.job_for_version(&v.id).await {
+        Ok(j) => j
+            .map(|j| j.tenant)
+            .filter(|t| t != brise_ledger::jobs::SYSTEM_TENANT),
+        Err(e) => {
+            return Err(crate::error::ApiError::internal(format!(
+                "reading the fine-tuning jobs: {e}"
+            )));
+        }
+    };
+    if owner.as_ref().is_some_and(|o| o != tenant) {
+        return Err(not_found());
+    }
     let a = load(m, &v).await.map_err(|e| {
         crate::error::ApiError::internal(format!(
             "cannot load version {} from {}: {e}",
             v.id, v.path
         ))
     })?;
-    m.keep_version(a);
+    m.keep_version(Arc::new(ServedAdapter {
+        name: a.name.clone(),
+        lora: a.lora.clone(),
+        version: a.version.clone(),
+        owner,
+    }));
     Ok(())
 }

@@ -134,7 +134,8 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         on_step(r);
         !spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
     })?;
-    if summary.stopped {
+    let cancelled = || spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    if summary.stopped || cancelled() {
         return Err("cancelled".into());
     }
     let candidate = tr.adapter;
@@ -157,6 +158,10 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         &spec.gate,
     )
     .map_err(|e| e.to_string())?;
+    // A cancel during the evaluation: nothing is written or registered.
+    if cancelled() {
+        return Err("cancelled".into());
+    }
     std::fs::create_dir_all(&spec.out_dir)
         .map_err(|e| format!("{}: {e}", spec.out_dir.display()))?;
     candidate.save(&spec.out_dir).map_err(|e| e.to_string())?;
