@@ -1,6 +1,7 @@
 //! brise's compute kernels: quantized block formats, SIMD dot products, fused ops and
 //! the thread pool. Knows nothing of models, files or HTTP.
 
+pub mod amx;
 pub mod attn;
 pub mod cpu;
 pub mod ggml_type;

@@ -1,0 +1,293 @@
+//! AMX bf16 tiles for the training backward's largest product, `dx = dy · W` through the
+//! frozen base (`matmul::matmul_backward_input`): inputs rounded to bf16, products
+//! accumulated in f32 by `tdpbf16ps`, as PyTorch's autocast does on this hardware.
+//!
+//! Inference never comes here (its kernels reproduce llama.cpp's arithmetic); training
+//! only needs gradients within the tolerances its tests state against TRL and finite
+//! differences, and bf16 inputs keep them (`BRISE_NO_AMX=1` turns this off).
+//!
+//! Layouts, all zero-padded to whole tiles:
+//! - A (`m × g`, the rows of `dy`): bf16, row-major, rows of `g_pad` (a multiple of 32).
+//! - B (`g × k`, rows of W): "VNNI" pairs, one 1 KiB tile per (32 rows of g, 16 columns
+//!   of k): element `[p][2c + e]` is `B[32·kb + 2p + e][16·nb + c]`; the tiles of one
+//!   column block follow each other along g.
+//! - C (`m × k` f32): rows of `k_pad` (a multiple of 32), computed in 32 × 32 blocks of
+//!   four 16 × 16 tiles.
+
+use std::sync::OnceLock;
+
+/// Whether the AMX bf16 path runs here: the CPU has AMX-TILE and AMX-BF16, Linux granted
+/// this process the tile state, and `BRISE_NO_AMX` is not set.
+pub fn available() -> bool {
+    static A: OnceLock<bool> = OnceLock::new();
+    *A.get_or_init(|| std::env::var_os("BRISE_NO_AMX").is_none() && detect())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    let l7 = std::arch::x86_64::__cpuid_count(7, 0);
+    let (bf16, tile) = (l7.edx & (1 << 22) != 0, l7.edx & (1 << 24) != 0);
+    if !(bf16 && tile && std::arch::is_x86_feature_detected!("avx512f")) {
+        return false;
+    }
+    // Linux gives a process the (8 KiB) tile state only once it asks for it.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with integer arguments; a refusal is a return value.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    r == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// f32 → bf16, rounding to nearest even (inputs here are finite).
+#[inline(always)]
+pub fn bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+pub fn pad32(x: usize) -> usize {
+    x.div_ceil(32) * 32
+}
+
+/// Tiles of B per column block for `g` rows.
+pub fn b_tiles(g: usize) -> usize {
+    pad32(g) / 32
+}
+
+/// Writes row `j` (`k` values) of B into the VNNI layout `bp` for `g` rows.
+pub fn pack_b_row(bp: &mut [u16], g: usize, k: usize, j: usize, row: &[f32]) {
+    let kbs = b_tiles(g);
+    let (kb, p, e) = (j / 32, (j % 32) / 2, j % 2);
+    for (c, &v) in row[..k].iter().enumerate() {
+        let (nb, cc) = (c / 16, c % 16);
+        bp[(nb * kbs + kb) * 512 + p * 32 + 2 * cc + e] = bf16(v);
+    }
+}
+
+/// The size (in u16) of B's layout for `g × k`.
+pub fn b_len(g: usize, k: usize) -> usize {
+    pad32(k) / 16 * b_tiles(g) * 512
+}
+
+/// Rows `rows` of A (`a[i·lda + c0 ..][..g]`) as bf16 rows of `pad32(g)`.
+pub fn pack_a(ap: &mut [u16], a: &[f32], lda: usize, c0: usize, g: usize, rows: usize) {
+    let gp = pad32(g);
+    for i in 0..rows {
+        let src = &a[i * lda + c0..i * lda + c0 + g];
+        let dst = &mut ap[i * gp..i * gp + gp];
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16(s);
+        }
+        dst[g..].fill(0);
+    }
+}
+
+/// `c (m_pad × k_pad, rows of k_pad) += a · b`, with `a` from [`pack_a`] (`m_pad` rows,
+/// a multiple of 32) and `b` from [`pack_b_row`] for `g` rows and `k_pad` columns.
+///
+/// # Safety
+/// [`available`] returned true, and the buffers have the sizes above.
+pub unsafe fn gemm(c: &mut [f32], m_pad: usize, k_pad: usize, a: &[u16], b: &[u16], g: usize) {
+    let kbs = b_tiles(g);
+    assert!(m_pad.is_multiple_of(32) && k_pad.is_multiple_of(32));
+    assert!(
+        c.len() >= m_pad * k_pad
+            && a.len() >= m_pad * kbs * 32
+            && b.len() >= k_pad / 16 * kbs * 512
+    );
+    if kbs == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller checked AMX; the asserts above bound every tile access.
+    unsafe {
+        x86::gemm(c, m_pad, k_pad, a, b, kbs)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+
+    /// Palette 1: tmm0–3 the C tiles (16 rows × 64 bytes), tmm4–5 A, tmm6–7 B.
+    #[repr(C, align(64))]
+    struct TileCfg([u8; 64]);
+
+    fn config() -> TileCfg {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+        }
+        TileCfg(c)
+    }
+
+    /// SAFETY: see `super::gemm`.
+    pub unsafe fn gemm(
+        c: &mut [f32],
+        m_pad: usize,
+        k_pad: usize,
+        a: &[u16],
+        b: &[u16],
+        kbs: usize,
+    ) {
+        let cfg = config();
+        let ldc = k_pad * 4;
+        let lda = kbs * 64;
+        // SAFETY: loads the tile configuration; the tiles stay ours until tilerelease
+        // below (Rust code never uses tile registers).
+        unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
+        for i0 in (0..m_pad).step_by(32) {
+            for j0 in (0..k_pad).step_by(32) {
+                // SAFETY: C rows i0..i0+32 and columns j0..j0+32 are inside m_pad × k_pad;
+                // A rows i0..i0+32 have kbs chunks of 32 bf16; B's column blocks j0/16 and
+                // j0/16 + 1 have kbs tiles each. All asserted by the caller.
+                unsafe {
+                    let pc = c.as_mut_ptr().add(i0 * k_pad + j0) as *mut u8;
+                    let pa = a.as_ptr().add(i0 * kbs * 32) as *const u8;
+                    let pb = b.as_ptr().add((j0 / 16) * kbs * 512) as *const u8;
+                    asm!(
+                        "tileloadd tmm0, [{c} + {ldc}*1]",
+                        "tileloadd tmm1, [{c1} + {ldc}*1]",
+                        "tileloadd tmm2, [{c2} + {ldc}*1]",
+                        "tileloadd tmm3, [{c3} + {ldc}*1]",
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {lda}*1]",
+                        "tileloadd tmm5, [{a1} + {lda}*1]",
+                        "tileloadd tmm6, [{b0} + {s64}*1]",
+                        "tileloadd tmm7, [{b1} + {s64}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        "add {a0}, 64",
+                        "add {a1}, 64",
+                        "add {b0}, 1024",
+                        "add {b1}, 1024",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c} + {ldc}*1], tmm0",
+                        "tilestored [{c1} + {ldc}*1], tmm1",
+                        "tilestored [{c2} + {ldc}*1], tmm2",
+                        "tilestored [{c3} + {ldc}*1], tmm3",
+                        c = in(reg) pc,
+                        c1 = in(reg) pc.add(64),
+                        c2 = in(reg) pc.add(16 * ldc),
+                        c3 = in(reg) pc.add(16 * ldc + 64),
+                        ldc = in(reg) ldc,
+                        a0 = inout(reg) pa => _,
+                        a1 = inout(reg) pa.add(16 * lda) => _,
+                        lda = in(reg) lda,
+                        b0 = inout(reg) pb => _,
+                        b1 = inout(reg) pb.add(kbs * 1024) => _,
+                        s64 = in(reg) 64usize,
+                        n = inout(reg) kbs => _,
+                        options(nostack),
+                    );
+                }
+            }
+        }
+        // SAFETY: gives the tile state back (and marks it unused for context switches).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: even (1.0) wins.
+        assert_eq!(bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(bf16(-2.5), 0xc020);
+        assert_eq!(bf16_to_f32(bf16(0.15625)), 0.15625);
+    }
+
+    /// The tiles against a float64 product of the same bf16-rounded inputs, on shapes
+    /// with every kind of padding (m, g, k not multiples of 32), and accumulation into
+    /// a non-zero C.
+    #[test]
+    fn tiles_match_the_reference_product() {
+        if !available() {
+            eprintln!("no AMX here: skipped");
+            return;
+        }
+        for &(m, g, k) in &[
+            (32, 32, 32),
+            (7, 5, 3),
+            (45, 70, 100),
+            (64, 257, 48),
+            (33, 1024, 576),
+        ] {
+            let (mp, kp) = (pad32(m), pad32(k));
+            let lda = g + 3;
+            let a = lcg(1, m * lda);
+            let bm = lcg(2, g * k);
+            let c0 = lcg(3, m * k);
+            let mut ap = vec![0u16; mp * pad32(g)];
+            pack_a(&mut ap, &a, lda, 3, g, m);
+            let mut bp = vec![0u16; b_len(g, kp)];
+            for j in 0..g {
+                pack_b_row(&mut bp, g, k, j, &bm[j * k..(j + 1) * k]);
+            }
+            let mut c = vec![0f32; mp * kp];
+            for i in 0..m {
+                c[i * kp..i * kp + k].copy_from_slice(&c0[i * k..(i + 1) * k]);
+            }
+            // SAFETY: AMX is available (checked) and the buffers are sized as `gemm` says.
+            unsafe { gemm(&mut c, mp, kp, &ap, &bp, g) };
+            let r = |x: f32| f64::from(bf16_to_f32(bf16(x)));
+            for i in 0..m {
+                for j in 0..k {
+                    let (mut want, mut mag) =
+                        (f64::from(c0[i * k + j]), f64::from(c0[i * k + j]).abs());
+                    for p in 0..g {
+                        let t = r(a[i * lda + 3 + p]) * r(bm[p * k + j]);
+                        want += t;
+                        mag += t.abs();
+                    }
+                    let got = f64::from(c[i * kp + j]);
+                    assert!(
+                        (got - want).abs() <= 1e-6 * mag + 1e-30,
+                        "m {m} g {g} k {k} at ({i}, {j}): {got} vs {want}"
+                    );
+                }
+                // Padding columns stay zero.
+                assert!(c[i * kp + k..(i + 1) * kp].iter().all(|&x| x == 0.0));
+            }
+        }
+    }
+}
