@@ -80,6 +80,24 @@ pub fn pack_b_row(bp: &mut [u16], g: usize, k: usize, j: usize, row: &[f32]) {
     }
 }
 
+/// Writes rows `j` and `j + 1` (`j` even; `k` values each) of B into the VNNI layout
+/// `bp` for `g` rows: one pass of 64-byte runs, the pairs interleaved.
+pub fn pack_b_pair(bp: &mut [u16], g: usize, k: usize, j: usize, r0: &[f32], r1: &[f32]) {
+    debug_assert!(j % 2 == 0);
+    let kbs = b_tiles(g);
+    let (kb, p) = (j / 32, (j % 32) / 2);
+    for nb in 0..k.div_ceil(16) {
+        let o = (nb * kbs + kb) * 512 + p * 32;
+        let dst = &mut bp[o..o + 32];
+        let c0 = nb * 16;
+        let w = 16.min(k - c0);
+        for c in 0..w {
+            dst[2 * c] = bf16(r0[c0 + c]);
+            dst[2 * c + 1] = bf16(r1[c0 + c]);
+        }
+    }
+}
+
 /// The size (in u16) of B's layout for `g × k`.
 pub fn b_len(g: usize, k: usize) -> usize {
     pad32(k) / 16 * b_tiles(g) * 512
@@ -119,6 +137,70 @@ pub unsafe fn gemm(c: &mut [f32], m_pad: usize, k_pad: usize, a: &[u16], b: &[u1
     unsafe {
         x86::gemm(c, m_pad, k_pad, a, b, kbs)
     }
+}
+
+thread_local! {
+    /// [`gemm_acc`]'s packed operands and padded accumulator, reused by each thread.
+    static SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>, Vec<f32>)> = Default::default();
+}
+
+/// Whether [`gemm_acc`] runs these shapes on tiles (else it is `matmul::gemm_acc`):
+/// AMX is here and the product is big enough to pay for the packing.
+pub fn gemm_acc_uses_amx(m: usize, k: usize, g: usize) -> bool {
+    available() && m >= 16 && k >= 16 && g >= 32 && m * k * g >= 1 << 16
+}
+
+/// `acc (m × k) += a[:, c0..c0+g] · b (g × k)` (rows of `lda` in `a`, of `k` in `b`), as
+/// `matmul::gemm_acc` computes it in f32, on bf16 tiles when [`gemm_acc_uses_amx`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_acc(
+    acc: &mut [f32],
+    m: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    c0: usize,
+    g: usize,
+    b: &[f32],
+) {
+    if !gemm_acc_uses_amx(m, k, g) {
+        return crate::matmul::gemm_acc(acc, m, k, a, lda, c0, g, b);
+    }
+    assert!(acc.len() >= m * k && b.len() >= g * k && a.len() >= (m - 1) * lda + c0 + g);
+    let (mp, kp, gp) = (pad32(m), pad32(k), pad32(g));
+    SCRATCH.with(|s| {
+        let (ap, bp, cp) = &mut *s.borrow_mut();
+        ap.clear();
+        ap.resize(mp * gp, 0);
+        pack_a(ap, a, lda, c0, g, m);
+        bp.clear();
+        bp.resize(b_len(g, kp), 0);
+        let zero = vec![0f32; k];
+        for j in (0..gp).step_by(2) {
+            let r0 = if j < g {
+                &b[j * k..(j + 1) * k]
+            } else {
+                &zero[..]
+            };
+            let r1 = if j + 1 < g {
+                &b[(j + 1) * k..(j + 2) * k]
+            } else {
+                &zero[..]
+            };
+            pack_b_pair(bp, g, k, j, r0, r1);
+        }
+        cp.clear();
+        cp.resize(mp * kp, 0.0);
+        for i in 0..m {
+            cp[i * kp..i * kp + k].copy_from_slice(&acc[i * k..(i + 1) * k]);
+        }
+        // SAFETY: AMX is available (checked by gemm_acc_uses_amx); the buffers have the
+        // sizes `gemm` wants: A mp × gp, B of g rows and kp columns, C mp × kp.
+        unsafe { gemm(cp, mp, kp, ap, bp, g) };
+        for i in 0..m {
+            acc[i * k..(i + 1) * k].copy_from_slice(&cp[i * kp..i * kp + k]);
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -223,6 +305,41 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    /// The tiled `gemm_acc` against float64 of the same bf16 inputs (accumulating into
+    /// f32 values that are not rounded), on odd shapes and a strided, offset `a`.
+    #[test]
+    fn gemm_acc_matches_the_reference() {
+        for &(m, k, g) in &[(45, 16, 576), (256, 64, 256), (33, 100, 70)] {
+            if !gemm_acc_uses_amx(m, k, g) {
+                eprintln!("no AMX here: skipped");
+                return;
+            }
+            let lda = g + 5;
+            let a = lcg(4, m * lda);
+            let b = lcg(5, g * k);
+            let c0 = lcg(6, m * k);
+            let mut acc = c0.clone();
+            gemm_acc(&mut acc, m, k, &a, lda, 2, g, &b);
+            let r = |x: f32| f64::from(bf16_to_f32(bf16(x)));
+            for i in 0..m {
+                for j in 0..k {
+                    let (mut want, mut mag) =
+                        (f64::from(c0[i * k + j]), f64::from(c0[i * k + j]).abs());
+                    for p in 0..g {
+                        let t = r(a[i * lda + 2 + p]) * r(b[p * k + j]);
+                        want += t;
+                        mag += t.abs();
+                    }
+                    let got = f64::from(acc[i * k + j]);
+                    assert!(
+                        (got - want).abs() <= 1e-6 * mag,
+                        "({m}, {k}, {g}) at ({i}, {j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -70,6 +70,19 @@ impl<'a> WeightRef<'a> {
 pub struct GradScratch {
     /// Per thread: its partial `dx`, a block of dequantized weight rows, a row's bytes.
     per_thread: Vec<(Vec<f32>, Vec<f32>, Vec<u8>)>,
+    /// The AMX path's: W's slab in tile layout (shared), and per thread its rows of
+    /// `dy` in bf16 and of `dx` in f32.
+    amx_b: Vec<u16>,
+    amx_rows: Vec<(Vec<u16>, Vec<f32>)>,
+}
+
+/// W's rows per slab of the AMX path (its tile layout is 2 bytes a value: 1.2 MB for
+/// 576 columns).
+const AMX_SLAB: usize = 1024;
+
+/// Whether [`matmul_backward_input`] takes the AMX bf16 path for these sizes.
+pub fn backward_input_uses_amx(m: usize, n: usize) -> bool {
+    crate::amx::available() && m >= 16 && n >= 64
 }
 
 /// Weight rows dequantized together by the backward (a panel of f32 that stays in
@@ -81,7 +94,10 @@ const GRAD_ROWS: usize = 64;
 /// W stays quantized (QLoRA-style): each thread dequantizes its share of W's rows, a
 /// block at a time, into f32 scratch, and accumulates into its own partial `dx`; the
 /// partials are then summed in thread order, so the result is deterministic for a
-/// given thread count.
+/// given thread count. With AMX ([`backward_input_uses_amx`]) the product runs on bf16
+/// tiles instead (`amx.rs`): W's rows are dequantized slab by slab into the tile layout,
+/// shared by the threads, and each thread computes its own rows of `dx` (also
+/// deterministic).
 pub fn matmul_backward_input(
     pool: &ThreadPool,
     w: &WeightRef,
@@ -95,6 +111,22 @@ pub fn matmul_backward_input(
         dy.len() >= m * n && dx.len() >= m * k,
         "caller sizes the buffers"
     );
+    if backward_input_uses_amx(m, n) {
+        return backward_input_amx(pool, w, dy, m, scratch, dx);
+    }
+    backward_input_f32(pool, w, dy, m, scratch, dx)
+}
+
+/// The f32 path of [`matmul_backward_input`] (every CPU; the reference for the AMX one).
+pub fn backward_input_f32(
+    pool: &ThreadPool,
+    w: &WeightRef,
+    dy: &[f32],
+    m: usize,
+    scratch: &mut GradScratch,
+    dx: &mut [f32],
+) {
+    let (n, k) = (w.n, w.k);
     let nt = pool.n_threads();
     scratch.per_thread.resize_with(nt, Default::default);
     for (acc, wblk, _) in scratch.per_thread.iter_mut() {
@@ -123,6 +155,113 @@ pub fn matmul_backward_input(
         for (o, v) in dx[..m * k].iter_mut().zip(acc) {
             *o += *v;
         }
+    }
+}
+
+fn backward_input_amx(
+    pool: &ThreadPool,
+    w: &WeightRef,
+    dy: &[f32],
+    m: usize,
+    scratch: &mut GradScratch,
+    dx: &mut [f32],
+) {
+    use crate::amx;
+    let (n, k) = (w.n, w.k);
+    let (mp, kp) = (amx::pad32(m), amx::pad32(k));
+    let nt = pool.n_threads();
+    // Thread t's rows of dx: whole 32-row blocks.
+    let rows = |t: usize| split_range(mp, nt, t, 32);
+    scratch.amx_rows.resize_with(nt, Default::default);
+    scratch.per_thread.resize_with(nt, Default::default);
+    for (t, (a, c)) in scratch.amx_rows.iter_mut().enumerate() {
+        let r = rows(t).len();
+        a.clear();
+        a.resize(r * amx::pad32(AMX_SLAB.min(n)), 0);
+        c.clear();
+        c.resize(r * kp, 0.0);
+    }
+    for (_, wblk, _) in scratch.per_thread.iter_mut() {
+        wblk.resize(2 * k, 0.0);
+    }
+    scratch.amx_b.clear();
+    scratch.amx_b.resize(amx::b_len(AMX_SLAB.min(n), kp), 0);
+    let parts = SyncParts(scratch.per_thread.as_mut_ptr());
+    let bptr = SyncU16(scratch.amx_b.as_mut_ptr());
+    let blen = scratch.amx_b.len();
+    let mine = SyncRows(scratch.amx_rows.as_mut_ptr());
+    let mut r0 = 0;
+    while r0 < n {
+        let g = AMX_SLAB.min(n - r0);
+        let gp = amx::pad32(g);
+        // W's rows r0..r0+g into the shared tile layout, the threads taking row ranges.
+        pool.run(|t| {
+            // SAFETY: thread t alone uses element t of `per_thread`; the rows j of this
+            // thread's range write only their own (kb, p, e) slots of B, disjoint from
+            // every other thread's, and `blen` is B's length.
+            let (_, wblk, tmp) = unsafe { &mut *parts.get().add(t) };
+            let b = unsafe { std::slice::from_raw_parts_mut(bptr.get(), blen) };
+            for j in split_range(gp, nt, t, 2).step_by(2) {
+                let (w0, w1) = wblk.split_at_mut(k);
+                for (row, dst) in [(j, &mut w0[..]), (j + 1, &mut w1[..k])] {
+                    if row < g {
+                        w.dequantize_row(r0 + row, tmp, dst);
+                    } else {
+                        dst.fill(0.0);
+                    }
+                }
+                amx::pack_b_pair(b, g, k, j, w0, &w1[..k]);
+            }
+        });
+        pool.run(|t| {
+            // SAFETY: thread t alone uses element t of `amx_rows`; B is only read now.
+            let (a, c) = unsafe { &mut *mine.get().add(t) };
+            let b = unsafe { std::slice::from_raw_parts(bptr.get(), blen) };
+            let rr = rows(t);
+            if rr.is_empty() {
+                return;
+            }
+            let real = rr.start.min(m)..rr.end.min(m);
+            let ap = &mut a[..rr.len() * gp];
+            if !real.is_empty() {
+                amx::pack_a(ap, &dy[real.start * n..], n, r0, g, real.len());
+            }
+            ap[real.len() * gp..].fill(0);
+            // SAFETY: AMX is available (the caller checked); A has rr.len() rows of gp,
+            // B the layout of g rows and kp columns, C rr.len() × kp.
+            unsafe { amx::gemm(c, rr.len(), kp, ap, b, g) };
+        });
+        r0 += g;
+    }
+    for t in 0..nt {
+        let rr = rows(t);
+        let c = &scratch.amx_rows[t].1;
+        for i in rr.start.min(m)..rr.end.min(m) {
+            let o = (i - rr.start) * kp;
+            dx[i * k..(i + 1) * k].copy_from_slice(&c[o..o + k]);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncU16(*mut u16);
+// SAFETY: as `SyncPtr`: threads write disjoint elements, then only read.
+unsafe impl Send for SyncU16 {}
+unsafe impl Sync for SyncU16 {}
+impl SyncU16 {
+    fn get(self) -> *mut u16 {
+        self.0
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncRows(*mut (Vec<u16>, Vec<f32>));
+// SAFETY: as `SyncParts`: each thread takes its own element.
+unsafe impl Send for SyncRows {}
+unsafe impl Sync for SyncRows {}
+impl SyncRows {
+    fn get(self) -> *mut (Vec<u16>, Vec<f32>) {
+        self.0
     }
 }
 
@@ -832,11 +971,68 @@ mod tests {
             };
             let pool = ThreadPool::new(threads);
             let mut dx = vec![f32::NAN; m * k];
-            matmul_backward_input(&pool, &w, &dy, m, &mut GradScratch::default(), &mut dx);
+            backward_input_f32(&pool, &w, &dy, m, &mut GradScratch::default(), &mut dx);
             for (a, b) in dx.iter().zip(&want) {
                 assert!(
                     (*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
                     "{ty:?}, {threads} threads, repacked {repacked}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// The AMX path: against float64 of the same bf16-rounded inputs, across a slab
+    /// boundary (n > AMX_SLAB), with padded m and k, for several thread counts and a
+    /// reused scratch.
+    #[test]
+    fn backward_input_amx_matches_its_bf16_reference() {
+        let (ty, n, k, m) = (GgmlType::Q4_1, AMX_SLAB + 76, 96, 45);
+        if !backward_input_uses_amx(m, n) {
+            eprintln!("no AMX here: skipped");
+            return;
+        }
+        let data = weights(ty, n, k, 9);
+        let rb = ty.row_bytes(k).unwrap();
+        let dy: Vec<f32> = (0..m * n)
+            .map(|i| ((i * 29 % 23) as f32 - 11.0) * 0.0371)
+            .collect();
+        let r = |x: f32| f64::from(crate::amx::bf16_to_f32(crate::amx::bf16(x)));
+        let mut wf = vec![0f32; n * k];
+        for row in 0..n {
+            dequantize_row(
+                ty,
+                &data[row * rb..(row + 1) * rb],
+                &mut wf[row * k..(row + 1) * k],
+            );
+        }
+        let (mut want, mut mag) = (vec![0f64; m * k], vec![0f64; m * k]);
+        for i in 0..m {
+            for row in 0..n {
+                let d = r(dy[i * n + row]);
+                for j in 0..k {
+                    let t = d * r(wf[row * k + j]);
+                    want[i * k + j] += t;
+                    mag[i * k + j] += t.abs();
+                }
+            }
+        }
+        let w = WeightRef {
+            ty,
+            n,
+            k,
+            data: &data,
+            packed: None,
+            kpacked: None,
+        };
+        let mut scratch = GradScratch::default();
+        for threads in [1, 2, 3, 2] {
+            let pool = ThreadPool::new(threads);
+            let mut dx = vec![f32::NAN; m * k];
+            matmul_backward_input(&pool, &w, &dy, m, &mut scratch, &mut dx);
+            for (i, (a, (b, g))) in dx.iter().zip(want.iter().zip(&mag)).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-6 * g + 1e-30,
+                    "{threads} threads at {i}: {a} vs {b}"
                 );
             }
         }
