@@ -83,7 +83,7 @@ pub fn pack_b_row(bp: &mut [u16], g: usize, k: usize, j: usize, row: &[f32]) {
 /// Writes rows `j` and `j + 1` (`j` even; `k` values each) of B into the VNNI layout
 /// `bp` for `g` rows: one pass of 64-byte runs, the pairs interleaved.
 pub fn pack_b_pair(bp: &mut [u16], g: usize, k: usize, j: usize, r0: &[f32], r1: &[f32]) {
-    debug_assert!(j % 2 == 0);
+    debug_assert!(j.is_multiple_of(2));
     let kbs = b_tiles(g);
     let (kb, p) = (j / 32, (j % 32) / 2);
     for nb in 0..k.div_ceil(16) {
