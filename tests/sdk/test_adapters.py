@@ -235,6 +235,12 @@ def test_a_version_that_does_not_load_leaves_the_previous_one(srv, c, tmp_path, 
     assert r.status_code == 200 and r.json()["serving"] == "base"
     r = c.post(f"/v1/admin/adapters/{vid}/reject", json={"reason": "broken file"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["status"] == "rejected"
+    # By id it says why it cannot serve it, and does not try again on every request.
+    body = {"model": f"{MODEL}:{vid}", "prompt": PROMPT, "max_tokens": 2}
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 500 and f"cannot load version {vid}" in r.json()["error"]["message"]
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 500 and "it is retried 30 s after a failure" in r.json()["error"]["message"]
 
 
 def test_erasure_marks_versions_trained_on_erased_records(srv, c):

@@ -45,6 +45,10 @@ pub struct ServedModel {
     /// Other registry versions (candidates, retired ones, fine-tuning jobs' results),
     /// loaded when a request first names one by id; the newest [`VERSIONS_KEPT`] stay.
     pub versions: RwLock<Vec<Arc<ServedAdapter>>>,
+    /// Serializes loading versions by id (concurrent first requests load once), and
+    /// remembers the ones that failed, and when, so they are not retried on every request.
+    pub version_loads:
+        tokio::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, String)>>,
 }
 
 /// Registry versions besides the promoted one kept loaded per model.
@@ -86,6 +90,7 @@ impl ServedModel {
             adapters: Vec::new(),
             promoted: RwLock::new(None),
             versions: RwLock::new(Vec::new()),
+            version_loads: Default::default(),
         }
     }
 

@@ -263,11 +263,27 @@ pub async fn preload(
     if name == crate::BASE {
         return Ok(());
     }
-    if let Some(a) = m.adapter_named(&name) {
-        return match &a.owner {
+    let known = |m: &crate::ServedModel| {
+        m.adapter_named(&name).map(|a| match &a.owner {
             Some(o) if o != tenant => Err(not_found()),
             _ => Ok(()),
-        };
+        })
+    };
+    if let Some(r) = known(m) {
+        return r;
+    }
+    // One load at a time per model: a request that waited finds the version loaded.
+    let mut loads = m.version_loads.lock().await;
+    if let Some(r) = known(m) {
+        return r;
+    }
+    if let Some((at, e)) = loads.get(&name)
+        && at.elapsed() < RETRY_FAILED
+    {
+        return Err(crate::error::ApiError::internal(format!(
+            "version {name} failed to load {} s ago ({e}); it is retried 30 s after a failure",
+            at.elapsed().as_secs()
+        )));
     }
     let v = match l.adapter(&name).await {
         Ok(Some(v)) if v.model == m.id => v,
@@ -300,12 +316,17 @@ pub async fn preload(
     if owner.as_ref().is_some_and(|o| o != tenant) {
         return Err(not_found());
     }
-    let a = load(m, &v).await.map_err(|e| {
-        crate::error::ApiError::internal(format!(
-            "cannot load version {} from {}: {e}",
-            v.id, v.path
-        ))
-    })?;
+    let a = match load(m, &v).await {
+        Ok(a) => {
+            loads.remove(&name);
+            a
+        }
+        Err(e) => {
+            let msg = format!("cannot load version {} from {}: {e}", v.id, v.path);
+            loads.insert(name.clone(), (Instant::now(), e));
+            return Err(crate::error::ApiError::internal(msg));
+        }
+    };
     m.keep_version(Arc::new(ServedAdapter {
         name: a.name.clone(),
         lora: a.lora.clone(),
