@@ -139,70 +139,6 @@ pub unsafe fn gemm(c: &mut [f32], m_pad: usize, k_pad: usize, a: &[u16], b: &[u1
     }
 }
 
-thread_local! {
-    /// [`gemm_acc`]'s packed operands and padded accumulator, reused by each thread.
-    static SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>, Vec<f32>)> = Default::default();
-}
-
-/// Whether [`gemm_acc`] runs these shapes on tiles (else it is `matmul::gemm_acc`):
-/// AMX is here and the product is big enough to pay for the packing.
-pub fn gemm_acc_uses_amx(m: usize, k: usize, g: usize) -> bool {
-    available() && m >= 16 && k >= 16 && g >= 32 && m * k * g >= 1 << 16
-}
-
-/// `acc (m × k) += a[:, c0..c0+g] · b (g × k)` (rows of `lda` in `a`, of `k` in `b`), as
-/// `matmul::gemm_acc` computes it in f32, on bf16 tiles when [`gemm_acc_uses_amx`].
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_acc(
-    acc: &mut [f32],
-    m: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    c0: usize,
-    g: usize,
-    b: &[f32],
-) {
-    if !gemm_acc_uses_amx(m, k, g) {
-        return crate::matmul::gemm_acc(acc, m, k, a, lda, c0, g, b);
-    }
-    assert!(acc.len() >= m * k && b.len() >= g * k && a.len() >= (m - 1) * lda + c0 + g);
-    let (mp, kp, gp) = (pad32(m), pad32(k), pad32(g));
-    SCRATCH.with(|s| {
-        let (ap, bp, cp) = &mut *s.borrow_mut();
-        ap.clear();
-        ap.resize(mp * gp, 0);
-        pack_a(ap, a, lda, c0, g, m);
-        bp.clear();
-        bp.resize(b_len(g, kp), 0);
-        let zero = vec![0f32; k];
-        for j in (0..gp).step_by(2) {
-            let r0 = if j < g {
-                &b[j * k..(j + 1) * k]
-            } else {
-                &zero[..]
-            };
-            let r1 = if j + 1 < g {
-                &b[(j + 1) * k..(j + 2) * k]
-            } else {
-                &zero[..]
-            };
-            pack_b_pair(bp, g, k, j, r0, r1);
-        }
-        cp.clear();
-        cp.resize(mp * kp, 0.0);
-        for i in 0..m {
-            cp[i * kp..i * kp + k].copy_from_slice(&acc[i * k..(i + 1) * k]);
-        }
-        // SAFETY: AMX is available (checked by gemm_acc_uses_amx); the buffers have the
-        // sizes `gemm` wants: A mp × gp, B of g rows and kp columns, C mp × kp.
-        unsafe { gemm(cp, mp, kp, ap, bp, g) };
-        for i in 0..m {
-            acc[i * k..(i + 1) * k].copy_from_slice(&cp[i * kp..i * kp + k]);
-        }
-    });
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::asm;
@@ -305,41 +241,6 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
-    }
-
-    /// The tiled `gemm_acc` against float64 of the same bf16 inputs (accumulating into
-    /// f32 values that are not rounded), on odd shapes and a strided, offset `a`.
-    #[test]
-    fn gemm_acc_matches_the_reference() {
-        for &(m, k, g) in &[(45, 16, 576), (256, 64, 256), (33, 100, 70)] {
-            if !gemm_acc_uses_amx(m, k, g) {
-                eprintln!("no AMX here: skipped");
-                return;
-            }
-            let lda = g + 5;
-            let a = lcg(4, m * lda);
-            let b = lcg(5, g * k);
-            let c0 = lcg(6, m * k);
-            let mut acc = c0.clone();
-            gemm_acc(&mut acc, m, k, &a, lda, 2, g, &b);
-            let r = |x: f32| f64::from(bf16_to_f32(bf16(x)));
-            for i in 0..m {
-                for j in 0..k {
-                    let (mut want, mut mag) =
-                        (f64::from(c0[i * k + j]), f64::from(c0[i * k + j]).abs());
-                    for p in 0..g {
-                        let t = r(a[i * lda + 2 + p]) * r(b[p * k + j]);
-                        want += t;
-                        mag += t.abs();
-                    }
-                    let got = f64::from(acc[i * k + j]);
-                    assert!(
-                        (got - want).abs() <= 1e-6 * mag,
-                        "({m}, {k}, {g}) at ({i}, {j}): {got} vs {want}"
-                    );
-                }
-            }
-        }
     }
 
     #[test]

@@ -17,7 +17,6 @@ use crate::config::ModelConfig;
 use crate::forward::{Forward, SeqBatch};
 use crate::lora::{LoraAdapter, LoraMatrix, Proj};
 use crate::weights::Weight;
-use brise_kernels::amx;
 use brise_kernels::attn::{self, HeadRows};
 use brise_kernels::matmul::{GradScratch, gemm_acc, matmul_backward_input};
 use brise_kernels::ops;
@@ -345,10 +344,9 @@ impl Forward<'_> {
                     )
                 };
                 let m = hi - lo;
-                // The two long products (over k and n) take bf16 tiles where AMX is.
-                amx::gemm_acc(t, m, rank, &xs[lo * k..], k, 0, k, at);
+                gemm_acc(t, m, rank, &xs[lo * k..], k, 0, k, at);
                 t.iter_mut().for_each(|v| *v *= scale);
-                amx::gemm_acc(dt, m, rank, &dys[lo * n..], n, 0, n, b);
+                gemm_acc(dt, m, rank, &dys[lo * n..], n, 0, n, b);
                 dt.iter_mut().for_each(|v| *v *= scale);
                 gemm_acc(dxr, m, k, dt, rank, 0, rank, a);
             });
