@@ -70,16 +70,6 @@ pub fn b_tiles(g: usize) -> usize {
     pad32(g) / 32
 }
 
-/// Writes row `j` (`k` values) of B into the VNNI layout `bp` for `g` rows.
-pub fn pack_b_row(bp: &mut [u16], g: usize, k: usize, j: usize, row: &[f32]) {
-    let kbs = b_tiles(g);
-    let (kb, p, e) = (j / 32, (j % 32) / 2, j % 2);
-    for (c, &v) in row[..k].iter().enumerate() {
-        let (nb, cc) = (c / 16, c % 16);
-        bp[(nb * kbs + kb) * 512 + p * 32 + 2 * cc + e] = bf16(v);
-    }
-}
-
 /// Writes rows `j` and `j + 1` (`j` even; `k` values each) of B into the VNNI layout
 /// `bp` for `g` rows: one pass of 64-byte runs, the pairs interleaved.
 pub fn pack_b_pair(bp: &mut [u16], g: usize, k: usize, j: usize, r0: &[f32], r1: &[f32]) {
@@ -117,7 +107,7 @@ pub fn pack_a(ap: &mut [u16], a: &[f32], lda: usize, c0: usize, g: usize, rows: 
 }
 
 /// `c (m_pad × k_pad, rows of k_pad) += a · b`, with `a` from [`pack_a`] (`m_pad` rows,
-/// a multiple of 32) and `b` from [`pack_b_row`] for `g` rows and `k_pad` columns.
+/// a multiple of 32) and `b` from [`pack_b_pair`] for `g` rows and `k_pad` columns.
 ///
 /// # Safety
 /// [`available`] returned true, and the buffers have the sizes above.
@@ -278,8 +268,16 @@ mod tests {
             let mut ap = vec![0u16; mp * pad32(g)];
             pack_a(&mut ap, &a, lda, 3, g, m);
             let mut bp = vec![0u16; b_len(g, kp)];
-            for j in 0..g {
-                pack_b_row(&mut bp, g, k, j, &bm[j * k..(j + 1) * k]);
+            let zero = vec![0f32; k];
+            let row = |j: usize| {
+                if j < g {
+                    &bm[j * k..(j + 1) * k]
+                } else {
+                    &zero[..]
+                }
+            };
+            for j in (0..g).step_by(2) {
+                pack_b_pair(&mut bp, g, k, j, row(j), row(j + 1));
             }
             let mut c = vec![0f32; mp * kp];
             for i in 0..m {

@@ -361,40 +361,6 @@ impl Ledger {
         Ok(j.filter(|j| tenant.is_none_or(|t| j.tenant == t || j.tenant == SYSTEM_TENANT)))
     }
 
-    /// Jobs, newest first: a tenant's and the server's own (all with `None`), created
-    /// before the job `after` when given, at most `limit`.
-    pub async fn jobs(
-        &self,
-        tenant: Option<&str>,
-        after: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<Job>> {
-        let before = match after {
-            Some(a) => match self.job(tenant, a).await? {
-                Some(j) => Some((j.created_at_ms, j.id)),
-                None => return Err(LedgerError::Invalid(format!("no fine-tuning job {a}"))),
-            },
-            None => None,
-        };
-        let (t_ms, t_id) = before.unwrap_or((i64::MAX, String::new()));
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM fine_tuning_jobs \
-             WHERE ($1 = 0 OR tenant = $2 OR tenant = $3) \
-             AND (created_at_ms < $4 OR (created_at_ms = $4 AND id < $5) OR $6 = 0) \
-             ORDER BY created_at_ms DESC, id DESC LIMIT $7"
-        )))
-        .bind(i64::from(tenant.is_some()))
-        .bind(tenant.unwrap_or(""))
-        .bind(SYSTEM_TENANT)
-        .bind(t_ms)
-        .bind(&t_id)
-        .bind(i64::from(after.is_some()))
-        .bind(limit.clamp(1, 1000))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(job_from_row).collect()
-    }
-
     /// A page of jobs, newest first, with the number matching: a tenant's and the
     /// server's own (all with `None`), of `model` and in `status` when given, after the
     /// job `after` (a cursor) or past `offset` of them.
@@ -616,25 +582,6 @@ impl Ledger {
         Err(last.expect("tried").into())
     }
 
-    /// A job's events after `after_seq` (oldest first), at most `limit`.
-    pub async fn job_events(
-        &self,
-        job_id: &str,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<JobEvent>> {
-        let rows = sqlx::query(
-            "SELECT job_id, seq, created_at_ms, level, kind, message, data FROM fine_tuning_events \
-             WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(job_id)
-        .bind(after_seq)
-        .bind(limit.clamp(1, 100_000))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_from_row).collect()
-    }
-
     /// Cancels a job: a queued one at once, a running one at its next step (its
     /// runner ends it). A finished job is returned unchanged.
     pub async fn cancel_job(&self, tenant: Option<&str>, id: &str, actor: &str) -> Result<Job> {
@@ -822,18 +769,29 @@ mod tests {
             // Tenants see their own jobs.
             assert!(l.job(Some("b"), &j1.id).await.unwrap().is_none());
             let mine: Vec<String> = l
-                .jobs(Some("a"), None, 10)
+                .jobs_page(Some("a"), None, None, None, 0, 10)
                 .await
                 .unwrap()
+                .0
                 .into_iter()
                 .map(|j| j.id)
                 .collect();
             assert_eq!(mine.len(), 2);
             assert!(mine.contains(&j1.id) && mine.contains(&j3.id));
-            assert_eq!(l.jobs(None, None, 10).await.unwrap().len(), 3);
+            assert_eq!(
+                l.jobs_page(None, None, None, None, 0, 10)
+                    .await
+                    .unwrap()
+                    .0
+                    .len(),
+                3
+            );
             // Paging: after the newest, the rest.
-            let all = l.jobs(None, None, 10).await.unwrap();
-            let rest = l.jobs(None, Some(&all[0].id), 10).await.unwrap();
+            let (all, _) = l.jobs_page(None, None, None, None, 0, 10).await.unwrap();
+            let (rest, _) = l
+                .jobs_page(None, None, None, Some(&all[0].id), 0, 10)
+                .await
+                .unwrap();
             assert_eq!(rest.len(), 2);
             assert_eq!(rest[0].id, all[1].id);
             // Oldest first, only served models.
@@ -869,11 +827,17 @@ mod tests {
                 (z.status, z.trained_tokens),
                 (JobStatus::Cancelled, Some(10))
             );
-            let ev = l.job_events(&j1.id, 0, 100).await.unwrap();
+            let ev = l.job_events_page(&j1.id, None, false, 100).await.unwrap();
             let seqs: Vec<i64> = ev.iter().map(|e| e.seq).collect();
             assert_eq!(seqs, vec![1, 2, 3]);
             assert!(ev[2].message.contains("Cancellation requested by admin"));
-            assert_eq!(l.job_events(&j1.id, 2, 100).await.unwrap().len(), 1);
+            assert_eq!(
+                l.job_events_page(&j1.id, Some(2), false, 100)
+                    .await
+                    .unwrap()
+                    .len(),
+                1
+            );
             db.drop_db(l).await;
         }
     }
@@ -932,9 +896,19 @@ mod tests {
                 l.job(None, &j.id).await.unwrap().unwrap().status,
                 JobStatus::Failed
             );
-            let n_events = l.job_events(&j.id, 0, 100).await.unwrap().len();
+            let n_events = l
+                .job_events_page(&j.id, None, false, 100)
+                .await
+                .unwrap()
+                .len();
             l.cancel_job(None, &j.id, "x").await.unwrap();
-            assert_eq!(l.job_events(&j.id, 0, 100).await.unwrap().len(), n_events);
+            assert_eq!(
+                l.job_events_page(&j.id, None, false, 100)
+                    .await
+                    .unwrap()
+                    .len(),
+                n_events
+            );
 
             // One job of the servers' own queued or running per model.
             let mut sys = new_job(SYSTEM_TENANT, "m");
@@ -978,7 +952,7 @@ mod tests {
                     .await
                     .unwrap();
             }
-            let all = l.job_events(&j.id, 0, 1000).await.unwrap();
+            let all = l.job_events_page(&j.id, None, false, 1000).await.unwrap();
             let desc = l.job_events_page(&j.id, None, true, 3).await.unwrap();
             assert_eq!(desc.iter().map(|e| e.seq).collect::<Vec<_>>(), {
                 let n = all.len() as i64;
@@ -1003,7 +977,14 @@ mod tests {
             n.source = "ledger".into();
             let j = l.create_job(n).await.unwrap();
             assert!(l.job(Some("a"), &j.id).await.unwrap().is_some());
-            assert_eq!(l.jobs(Some("a"), None, 10).await.unwrap().len(), 1);
+            assert_eq!(
+                l.jobs_page(Some("a"), None, None, None, 0, 10)
+                    .await
+                    .unwrap()
+                    .0
+                    .len(),
+                1
+            );
             db.drop_db(l).await;
         }
     }

@@ -927,7 +927,10 @@ pub async fn job_json(l: &Ledger, j: &Job, detail: bool) -> ApiResult<Value> {
             "brise": brise,
         });
         if detail {
-            let ev = l.job_events(&j.id, 0, 100_000).await.map_err(db)?;
+            let ev = l
+                .job_events_page(&j.id, None, false, 100_000)
+                .await
+                .map_err(db)?;
             v["events"] = json!(ev
                 .iter()
                 .filter(|e| e.kind == "message")

@@ -40,12 +40,13 @@ async fn last_run(l: &Ledger, model: &str) -> brise_ledger::Result<(i64, bool)> 
         .map(|v| v.created_at_ms)
         .max()
         .unwrap_or(0);
-    let jobs = l.jobs(Some(SYSTEM_TENANT), None, 1000).await?;
-    let mine = jobs
-        .iter()
-        .filter(|j| j.model == model && j.tenant == SYSTEM_TENANT);
-    let busy = mine.clone().any(|j| !j.status.finished());
-    let j = mine.map(|j| j.created_at_ms).max().unwrap_or(0);
+    // At most one of the servers' own jobs per model is unfinished (a unique index), and
+    // then it is the newest one.
+    let (newest, _) = l
+        .jobs_page(Some(SYSTEM_TENANT), Some(model), None, None, 0, 1)
+        .await?;
+    let busy = newest.first().is_some_and(|j| !j.status.finished());
+    let j = newest.first().map_or(0, |j| j.created_at_ms);
     Ok((v.max(j), busy))
 }
 

@@ -706,6 +706,14 @@ fn adapter_card(m: &ServedModel, a: &ServedAdapter) -> Value {
 async fn list_models(State(s): St, Extension(tenant): Extension<Tenant>) -> ApiResult<Response> {
     let models = ready(&s)?;
     let mut data = Vec::new();
+    // Versions trained by another tenant's fine-tuning job are that tenant's.
+    let owners = match &s.ledger {
+        Some(l) => l
+            .version_owners()
+            .await
+            .map_err(|e| ApiError::internal(format!("reading the fine-tuning jobs: {e}")))?,
+        None => Default::default(),
+    };
     for m in models {
         data.push(model_card(m));
         data.extend(m.adapters.iter().map(|a| adapter_card(m, a)));
@@ -718,11 +726,6 @@ async fn list_models(State(s): St, Extension(tenant): Extension<Tenant>) -> ApiR
                 .adapters(Some(&m.id))
                 .await
                 .map_err(|e| ApiError::internal(format!("reading the adapter registry: {e}")))?;
-            // Versions trained by another tenant's fine-tuning job are that tenant's.
-            let owners = l
-                .version_owners()
-                .await
-                .map_err(|e| ApiError::internal(format!("reading the fine-tuning jobs: {e}")))?;
             for v in versions.iter().rev() {
                 use brise_ledger::adapters::AdapterStatus;
                 let listed = matches!(v.status, AdapterStatus::Candidate | AdapterStatus::Retired)
