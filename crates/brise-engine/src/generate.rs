@@ -67,6 +67,14 @@ pub struct GenerateOptions {
     pub min_tokens: usize,
     /// The LoRA adapter (version) this request runs with; `None` for the base model.
     pub lora: Option<Arc<LoraAdapter>>,
+    /// Control tokens written into the output as their text (as llama.cpp's preserved
+    /// tokens), such as Mistral's `[TOOL_CALLS]`; other control tokens write nothing.
+    pub preserve: Vec<u32>,
+    /// Tokens the output starts with, as given (while the constraint allows them): a
+    /// forced tool call opens with its format's own token (`[TOOL_CALLS]`,
+    /// `<tool_call>`), which a byte-level constraint could also match spelled out in
+    /// ordinary tokens.
+    pub prefix: Vec<u32>,
 }
 
 impl Default for GenerateOptions {
@@ -80,6 +88,8 @@ impl Default for GenerateOptions {
             logprobs: None,
             min_tokens: 0,
             lora: None,
+            preserve: Vec::new(),
+            prefix: Vec::new(),
         }
     }
 }
@@ -281,6 +291,8 @@ pub struct Decoder {
     masked: Vec<f32>,
     logprobs: Option<usize>,
     min_tokens: usize,
+    preserve: Vec<u32>,
+    prefix: Vec<u32>,
 }
 
 impl Decoder {
@@ -298,15 +310,22 @@ impl Decoder {
             masked: Vec::new(),
             logprobs: opts.logprobs,
             min_tokens: opts.min_tokens,
+            preserve: opts.preserve.clone(),
+            prefix: opts.prefix.clone(),
         }
     }
 
+    /// The bytes `tok` adds to the output.
+    fn piece(preserve: &[u32], tk: &Tokenizer, tok: u32) -> Vec<u8> {
+        tk.token_to_piece(tok, preserve.contains(&tok))
+    }
+
     /// Whether the constraint (if any) lets `tok` come next.
-    fn allowed(json: &JsonMatcher, tk: &Tokenizer, tok: u32) -> bool {
+    fn allowed(json: &JsonMatcher, preserve: &[u32], tk: &Tokenizer, tok: u32) -> bool {
         if tk.is_eog(tok) {
             json.is_complete()
         } else {
-            json.allows(&tk.token_to_piece(tok, false))
+            json.allows(&Self::piece(preserve, tk, tok))
         }
     }
 
@@ -314,6 +333,14 @@ impl Decoder {
     /// is kept when the constraint allows it, otherwise every disallowed token is masked
     /// and the sampler draws again.
     fn sample(&mut self, tk: &Tokenizer, logits: &[f32], history: &[u32]) -> Option<u32> {
+        if let Some(&t) = self.prefix.get(self.tokens.len())
+            && self
+                .json
+                .as_ref()
+                .is_none_or(|j| Self::allowed(j, &self.preserve, tk, t))
+        {
+            return Some(t);
+        }
         // min_tokens holds back the end, unless a finished constrained value allows
         // nothing else (the constraint wins: its output stays valid).
         let constraint_done = self.json.as_ref().is_some_and(|j| !j.can_continue());
@@ -339,14 +366,14 @@ impl Decoder {
         let Some(json) = &self.json else {
             return Some(tok);
         };
-        if Self::allowed(json, tk, tok) {
+        if Self::allowed(json, &self.preserve, tk, tok) {
             return Some(tok);
         }
         self.masked.clear();
         self.masked.extend_from_slice(logits);
         let mut any = false;
         for (id, l) in self.masked.iter_mut().enumerate() {
-            if l.is_finite() && Self::allowed(json, tk, id as u32) {
+            if l.is_finite() && Self::allowed(json, &self.preserve, tk, id as u32) {
                 any = true;
             } else {
                 *l = f32::NEG_INFINITY;
@@ -380,7 +407,7 @@ impl Decoder {
         if let Some(j) = &mut self.json
             && !tk.is_eog(tok)
         {
-            j.advance(&tk.token_to_piece(tok, false));
+            j.advance(&Self::piece(&self.preserve, tk, tok));
         }
         if tk.is_eog(tok) {
             let text = self.finish(FinishReason::Stop);
@@ -390,7 +417,7 @@ impl Decoder {
             };
         }
         self.tokens.push(tok);
-        let piece = self.utf8.push(&tk.token_to_piece(tok, false));
+        let piece = self.utf8.push(&Self::piece(&self.preserve, tk, tok));
         let mut scan = StopScan {
             stops: &self.stops,
             pending: std::mem::take(&mut self.pending),

@@ -12,6 +12,8 @@ fn main() {
     let k: usize = a[3].parse().unwrap();
     let threads: usize = a[4].parse().unwrap();
     let copies: usize = a.get(5).map(|s| s.parse().unwrap()).unwrap_or(1);
+    // Activation rows per call (1: GEMV, the decode of one sequence).
+    let m: usize = a.get(6).map(|s| s.parse().unwrap()).unwrap_or(1);
     let rb = ty.row_bytes(k).unwrap();
     let mut data = vec![0u8; n * rb * copies];
     for (i, b) in data.iter_mut().enumerate() {
@@ -23,8 +25,9 @@ fn main() {
         blk[1] = 0x20;
     }
     let pool = ThreadPool::new(threads);
-    let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
-    let mut out = vec![0f32; n];
+    let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut out = vec![0f32; m * n];
+    let steps: Vec<RowStep> = RowStep::all(m).collect();
     let mut sc = MatmulScratch::default();
     let packed: Vec<_> = (0..copies)
         .map(|c| {
@@ -40,7 +43,7 @@ fn main() {
             )
         })
         .collect();
-    let iters = 2000 / copies.max(1);
+    let iters = (2000 / copies.max(1) / m).max(20);
     let t = Instant::now();
     for it in 0..iters {
         let c = it % copies;
@@ -52,22 +55,14 @@ fn main() {
             packed: packed[c].as_ref(),
             kpacked: None,
         };
-        matmul(
-            &pool,
-            Kernels::best(),
-            &w,
-            &x,
-            1,
-            &[RowStep::SINGLE],
-            &mut sc,
-            &mut out,
-        );
+        matmul(&pool, Kernels::best(), &w, &x, m, &steps, &mut sc, &mut out);
     }
     let dt = t.elapsed().as_secs_f64();
     let bytes = (n * rb * iters) as f64;
     println!(
-        "{ty} {n}x{k} threads={threads}: {:.1} us/call, {:.2} GB/s",
+        "{ty} {n}x{k} m={m} threads={threads}: {:.1} us/call, {:.2} GB/s of weights, {:.1} GMAC/s",
         dt / iters as f64 * 1e6,
-        bytes / dt / 1e9
+        bytes / dt / 1e9,
+        (n * k * m * iters) as f64 / dt / 1e9
     );
 }

@@ -132,6 +132,33 @@ impl ChatTemplate {
             strftime_utc(&fmt, secs)
         });
         env.add_filter("tojson", tojson);
+        // Jinja2's `int` and `float` give their default for text that is not a number
+        // (Mistral's templates rely on it to type tool results); minijinja's fail.
+        env.add_filter("int", |v: Value, default: Option<i64>| -> Value {
+            let d = Value::from(default.unwrap_or(0));
+            if let Some(s) = v.as_str() {
+                let t = s.trim();
+                return match t.parse::<i64>() {
+                    Ok(i) => Value::from(i),
+                    Err(_) => t
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|f| f.is_finite())
+                        .map_or(d, |f| Value::from(f.trunc() as i64)),
+                };
+            }
+            match f64::try_from(v.clone()) {
+                Ok(f) if f.is_finite() => Value::from(f.trunc() as i64),
+                _ => i64::try_from(v).map_or(d, Value::from),
+            }
+        });
+        env.add_filter("float", |v: Value, default: Option<f64>| -> Value {
+            let d = Value::from(default.unwrap_or(0.0));
+            match v.as_str() {
+                Some(s) => s.trim().parse::<f64>().map_or(d, Value::from),
+                None => f64::try_from(v).map_or(d, Value::from),
+            }
+        });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::Template(format!("does not parse: {e}")))?;
         Ok(ChatTemplate {
@@ -177,6 +204,10 @@ impl ChatTemplate {
 pub enum ToolFormat {
     /// `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>` (Qwen2.5, Hermes).
     Hermes,
+    /// `[TOOL_CALLS] [{"name": …, "arguments": {…}, "id": …}, …]` (Mistral's v3
+    /// tokenizers: Mistral 7B v0.3 and its template), where `[TOOL_CALLS]` is a control
+    /// token and call ids are 9 letters or digits.
+    Mistral,
 }
 
 /// A tool call parsed from a model's output.
@@ -184,56 +215,131 @@ pub enum ToolFormat {
 pub struct ToolCall {
     pub name: String,
     pub arguments: serde_json::Value,
+    /// The id the model wrote, when it wrote one in its format's shape.
+    pub id: Option<String>,
 }
 
 impl ChatTemplate {
     /// The tool-call format the template renders, if it renders tools at all.
     pub fn tool_format(&self) -> Option<ToolFormat> {
-        (self.source.contains("tools") && self.source.contains("<tool_call>"))
-            .then_some(ToolFormat::Hermes)
+        if !self.source.contains("tools") {
+            None
+        } else if self.source.contains("[TOOL_CALLS]") {
+            Some(ToolFormat::Mistral)
+        } else if self.source.contains("<tool_call>") {
+            Some(ToolFormat::Hermes)
+        } else {
+            None
+        }
     }
+}
+
+/// Whether `id` is a Mistral tool call id: 9 ASCII letters or digits.
+pub fn is_mistral_call_id(id: &str) -> bool {
+    id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 impl ToolFormat {
     /// What opens a call in the output.
     pub fn open(self) -> &'static str {
-        "<tool_call>"
+        match self {
+            ToolFormat::Hermes => "<tool_call>",
+            ToolFormat::Mistral => "[TOOL_CALLS]",
+        }
+    }
+
+    /// Control tokens the output must keep as text so calls can be found (llama.cpp's
+    /// "preserved tokens"): without them `[TOOL_CALLS]` would decode to nothing.
+    pub fn preserved(self) -> &'static [&'static str] {
+        match self {
+            ToolFormat::Hermes => &[],
+            ToolFormat::Mistral => &["[TOOL_CALLS]"],
+        }
     }
 
     /// Exact text around one forced call's JSON object.
     pub fn wrap(self) -> (&'static str, &'static str) {
-        ("<tool_call>\n", "\n</tool_call>")
+        match self {
+            ToolFormat::Hermes => ("<tool_call>\n", "\n</tool_call>"),
+            ToolFormat::Mistral => ("[TOOL_CALLS] [", "]"),
+        }
     }
 
     /// Splits generated text into its content and tool calls. `None` when the text opens
     /// a call that is not a JSON object with a string `name` and object `arguments`.
     pub fn parse(self, text: &str) -> Option<(String, Vec<ToolCall>)> {
-        let (open, close) = ("<tool_call>", "</tool_call>");
-        let mut content = String::new();
-        let mut calls = Vec::new();
-        let mut rest = text;
-        while let Some(i) = rest.find(open) {
-            content.push_str(&rest[..i]);
-            let after = &rest[i + open.len()..];
-            let (body, next) = match after.find(close) {
-                Some(j) => (&after[..j], &after[j + close.len()..]),
-                // The end of generation may come before the closing tag.
-                None => (after, ""),
-            };
-            let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
-            let name = v.get("name")?.as_str()?.to_string();
-            let arguments = match v.get("arguments") {
-                Some(a @ serde_json::Value::Object(_)) => a.clone(),
-                Some(serde_json::Value::String(s)) => serde_json::from_str(s).ok()?,
-                None => serde_json::json!({}),
-                _ => return None,
-            };
-            calls.push(ToolCall { name, arguments });
-            rest = next;
+        match self {
+            ToolFormat::Hermes => parse_hermes(text),
+            ToolFormat::Mistral => parse_mistral(text),
         }
-        content.push_str(rest);
-        Some((content.trim().to_string(), calls))
     }
+}
+
+/// One call object: `name`, `arguments` (an object, or JSON text of one), and an `id`
+/// kept when it is a string.
+fn call_of(v: &serde_json::Value) -> Option<ToolCall> {
+    let name = v.get("name")?.as_str()?.to_string();
+    let arguments = match v.get("arguments") {
+        Some(a @ serde_json::Value::Object(_)) => a.clone(),
+        Some(serde_json::Value::String(s)) => serde_json::from_str(s).ok()?,
+        None => serde_json::json!({}),
+        _ => return None,
+    };
+    let id = v.get("id").and_then(|i| i.as_str()).map(str::to_string);
+    Some(ToolCall {
+        name,
+        arguments,
+        id,
+    })
+}
+
+/// `[TOOL_CALLS]` then a JSON array of calls (or one call object); the text before the
+/// first `[TOOL_CALLS]` is the content. Everything after it must be calls.
+fn parse_mistral(text: &str) -> Option<(String, Vec<ToolCall>)> {
+    let open = ToolFormat::Mistral.open();
+    let Some(i) = text.find(open) else {
+        return Some((text.trim().to_string(), Vec::new()));
+    };
+    let content = text[..i].trim().to_string();
+    let mut calls = Vec::new();
+    for part in text[i + open.len()..].split(open) {
+        let part = part.trim();
+        if part.is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(part).ok()?;
+        match &v {
+            serde_json::Value::Array(items) => {
+                for it in items {
+                    calls.push(call_of(it)?);
+                }
+            }
+            serde_json::Value::Object(_) => calls.push(call_of(&v)?),
+            _ => return None,
+        }
+    }
+    Some((content, calls))
+}
+
+fn parse_hermes(text: &str) -> Option<(String, Vec<ToolCall>)> {
+    let (open, close) = ("<tool_call>", "</tool_call>");
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(open) {
+        content.push_str(&rest[..i]);
+        let after = &rest[i + open.len()..];
+        let (body, next) = match after.find(close) {
+            Some(j) => (&after[..j], &after[j + close.len()..]),
+            // The end of generation may come before the closing tag.
+            None => (after, ""),
+        };
+        let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+        calls.push(call_of(&v)?);
+        rest = next;
+    }
+    content.push_str(rest);
+    Some((content.trim().to_string(), calls))
 }
 
 /// Enough of strftime for chat templates (%d %b %B %Y %m %H %M), in UTC.
@@ -314,11 +420,72 @@ mod tool_tests {
                 .is_none()
         );
     }
+
+    #[test]
+    fn mistral_calls_parse() {
+        let f = ToolFormat::Mistral;
+        let (c, calls) = f
+            .parse("[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}, \"id\": \"a1B2c3D4e\"}, {\"name\": \"f\", \"arguments\": \"{\\\"x\\\": 1}\"}]")
+            .unwrap();
+        assert_eq!(c, "");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, serde_json::json!({"city": "Paris"}));
+        assert_eq!(calls[0].id.as_deref(), Some("a1B2c3D4e"));
+        assert_eq!(calls[1].arguments, serde_json::json!({"x": 1}));
+        assert_eq!(calls[1].id, None);
+        let (c, calls) = f
+            .parse("Let me check. [TOOL_CALLS] {\"name\": \"g\", \"arguments\": {}}")
+            .unwrap();
+        assert_eq!((c.as_str(), calls.len()), ("Let me check.", 1));
+        assert_eq!(f.parse("plain").unwrap(), ("plain".to_string(), vec![]));
+        // A cut-off or malformed list is not a call.
+        assert!(f.parse("[TOOL_CALLS] [{\"name\": \"g\", \"argu").is_none());
+        assert!(f.parse("[TOOL_CALLS] [1]").is_none());
+        assert!(is_mistral_call_id("a1B2c3D4e"));
+        assert!(!is_mistral_call_id("call_1234"));
+        assert!(!is_mistral_call_id("a1B2c3D4"));
+    }
+
+    #[test]
+    fn formats_from_templates() {
+        let t = |src: &str| ChatTemplate::new(src, "<s>", "</s>").unwrap().tool_format();
+        assert_eq!(
+            t("{% if tools %}[TOOL_CALLS]{% endif %}{{ messages[0].content }}"),
+            Some(ToolFormat::Mistral)
+        );
+        assert_eq!(
+            t("{% if tools %}<tool_call>{% endif %}{{ messages[0].content }}"),
+            Some(ToolFormat::Hermes)
+        );
+        assert_eq!(t("{{ messages[0].content }}"), None);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int_and_float_filters_default_like_jinja2() {
+        // The expected text is Jinja2 3.1's rendering of the same template and contents.
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content|int }} {{ m.content|float }} {{ m.content|int(7) }}|{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let msgs: Vec<Message> = ["21", " 2.5 ", "{\"t\": 1}", "x"]
+            .iter()
+            .map(|c| {
+                serde_json::from_value(serde_json::json!({"role": "user", "content": c})).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            t.render(&msgs, false, None).unwrap(),
+            "21 21.0 21|2 2.5 2|0 0.0 7|0 0.0 7|"
+        );
+    }
 
     #[test]
     fn python_methods_and_raise() {

@@ -911,13 +911,40 @@ struct ChoiceState {
     in_call: bool,
 }
 
-/// OpenAI's `tool_calls`: arguments as JSON text.
-fn tool_calls_json(calls: &[ToolCall]) -> Vec<Value> {
+/// A new call id in the format's shape: OpenAI's `call_…`, or Mistral's 9 letters and
+/// digits (its chat templates refuse any other id when the call comes back in the
+/// history).
+fn new_call_id(tf: ToolFormat) -> String {
+    match tf {
+        ToolFormat::Hermes => format!("call_{}", uuid::Uuid::new_v4().simple()),
+        ToolFormat::Mistral => {
+            const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+            let mut r = uuid::Uuid::new_v4().as_u128();
+            (0..9)
+                .map(|_| {
+                    let c = ALNUM[(r % 62) as usize] as char;
+                    r /= 62;
+                    c
+                })
+                .collect()
+        }
+    }
+}
+
+/// OpenAI's `tool_calls`: arguments as JSON text; the model's own id when it wrote a
+/// valid one.
+fn tool_calls_json(tf: ToolFormat, calls: &[ToolCall]) -> Vec<Value> {
     calls
         .iter()
         .map(|c| {
+            let id = match (&c.id, tf) {
+                (Some(id), ToolFormat::Mistral) if brise_model::chat::is_mistral_call_id(id) => {
+                    id.clone()
+                }
+                _ => new_call_id(tf),
+            };
             json!({
-                "id": format!("call_{}", uuid::Uuid::new_v4().simple()),
+                "id": id,
                 "type": "function",
                 "function": {"name": c.name, "arguments": c.arguments.to_string()},
             })
@@ -1140,6 +1167,12 @@ async fn chat(
         }
         _ => req.json.clone(),
     };
+    // A forced call opens with the format's own token, as the model was taught.
+    let forced = matches!(req.tool_choice, ToolChoice::Required | ToolChoice::Named(_));
+    let prefix: Vec<u32> = match tf {
+        Some(f) if forced => m.model.tokenizer.token_id(f.open()).into_iter().collect(),
+        _ => Vec::new(),
+    };
     chat_like(
         &s,
         m,
@@ -1149,6 +1182,7 @@ async fn chat(
         constraint,
         "chatcmpl",
         tf,
+        prefix,
         rec,
     )
     .await
@@ -1165,14 +1199,23 @@ async fn chat_like(
     json: Option<Arc<Schema>>,
     id_prefix: &str,
     tools: Option<ToolFormat>,
+    prefix: Vec<u32>,
     rec: Recorder,
 ) -> ApiResult<Response> {
+    // The format's control tokens stay in the text, where the calls are parsed.
+    let tk = &m.model.tokenizer;
+    let preserve: Vec<u32> = tools
+        .map(|tf| tf.preserved())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|t| tk.token_id(t))
+        .collect();
     let jobs = (0..p.n)
         .map(|c| {
-            Ok((
-                prompt.clone(),
-                options(m, p, ad.as_deref(), prompt.len(), c, json.clone())?,
-            ))
+            let mut o = options(m, p, ad.as_deref(), prompt.len(), c, json.clone())?;
+            o.preserve = preserve.clone();
+            o.prefix = prefix.clone();
+            Ok((prompt.clone(), o))
         })
         .collect::<ApiResult<Vec<_>>>()?;
     let run = submit(s, m, jobs)?;
@@ -1217,7 +1260,7 @@ async fn chat_like(
                     json!({
                         "role": "assistant",
                         "content": if content.is_empty() { Value::Null } else { json!(content) },
-                        "tool_calls": tool_calls_json(&calls),
+                        "tool_calls": tool_calls_json(tools.expect("parsed with a format"), &calls),
                     }),
                     "tool_calls",
                 ),
@@ -1309,7 +1352,19 @@ async fn fim_inner(
             ),
         )
     })?;
-    chat_like(s, m, &req.params, ad, prompt, None, "fim", None, rec).await
+    chat_like(
+        s,
+        m,
+        &req.params,
+        ad,
+        prompt,
+        None,
+        "fim",
+        None,
+        Vec::new(),
+        rec,
+    )
+    .await
 }
 
 async fn completions(
@@ -1684,7 +1739,7 @@ fn stream(
                         let c = &st.choices[i];
                         match tf.parse(&c.text) {
                             Some((_, calls)) if !calls.is_empty() => {
-                                let mut tc = tool_calls_json(&calls);
+                                let mut tc = tool_calls_json(tf, &calls);
                                 for (k, call) in tc.iter_mut().enumerate() {
                                     call["index"] = json!(k);
                                 }
