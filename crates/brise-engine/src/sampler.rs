@@ -112,13 +112,7 @@ impl Sampler {
             p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
         let needs_copy = penalize || !p.logit_bias.is_empty();
         if p.temperature <= 0.0 && !needs_copy {
-            return argmax(
-                logits
-                    .iter()
-                    .copied()
-                    .enumerate()
-                    .map(|(i, v)| (i as u32, v)),
-            );
+            return argmax_slice(logits);
         }
         self.cand.clear();
         self.cand
@@ -206,6 +200,30 @@ fn argmax(it: impl Iterator<Item = (u32, f32)>) -> u32 {
     best.0
 }
 
+/// [`argmax`] of a slice (the first of the largest values; NaN never wins; 0 when
+/// nothing beats −∞), in two passes the compiler vectorizes: the maximum, then its
+/// first position. Greedy decoding calls it once per token over the whole vocabulary.
+fn argmax_slice(x: &[f32]) -> u32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in m.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut best = f32::NEG_INFINITY;
+    for &v in m.iter().chain(tail) {
+        if v > best {
+            best = v;
+        }
+    }
+    if best == f32::NEG_INFINITY {
+        return 0;
+    }
+    x.iter().position(|&v| v == best).unwrap_or(0) as u32
+}
+
 fn softmax(c: &[(u32, f32)], temp: f32) -> Vec<f64> {
     let max = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1)) as f64;
     let e: Vec<f64> = c
@@ -222,6 +240,48 @@ mod tests {
 
     fn logits() -> Vec<f32> {
         (0..100).map(|i| ((i * 37 % 100) as f32) * 0.05).collect()
+    }
+
+    #[test]
+    fn slice_argmax_equals_the_scalar_one() {
+        let scalar = |x: &[f32]| argmax(x.iter().copied().enumerate().map(|(i, v)| (i as u32, v)));
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as u32
+        };
+        for n in [0usize, 1, 15, 16, 17, 100, 49152, 151936] {
+            for case in 0..6 {
+                let mut x: Vec<f32> = (0..n)
+                    .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
+                    .collect();
+                match case {
+                    // Ties: the first of several maxima wins.
+                    1 if n > 3 => {
+                        let (a, b) = (next() as usize % n, next() as usize % n);
+                        x[a] = 50.0;
+                        x[b] = 50.0;
+                    }
+                    // NaN never wins; −∞ everywhere gives 0.
+                    2 if n > 0 => x[next() as usize % n] = f32::NAN,
+                    3 => x.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
+                    4 if n > 1 => {
+                        x.iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+                        x[n - 1] = f32::NAN;
+                    }
+                    // Signed zeros compare equal: the first one wins.
+                    5 if n > 2 => {
+                        x.iter_mut().for_each(|v| *v = -1.0);
+                        x[1] = -0.0;
+                        x[2] = 0.0;
+                    }
+                    _ => {}
+                }
+                assert_eq!(argmax_slice(&x), scalar(&x), "n={n} case {case}");
+            }
+        }
     }
 
     #[test]

@@ -43,7 +43,7 @@ fn main() {
             )
         })
         .collect();
-    let iters = (2000 / copies.max(1) / m).max(20);
+    let iters = (20000 / copies.max(1) / m).max(20);
     let t = Instant::now();
     for it in 0..iters {
         let c = it % copies;

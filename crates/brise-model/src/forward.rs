@@ -109,6 +109,24 @@ impl<T> SyncMut<T> {
     }
 }
 
+/// [`ops::swiglu`] split over the pool's threads when it is large enough to pay for
+/// the wake-up (elementwise, so the result is the same).
+fn par_swiglu(pool: &ThreadPool, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    let nt = pool.n_threads();
+    if nt == 1 || n < 8192 {
+        return ops::swiglu(gate, up, out);
+    }
+    let op = SyncMut(out.as_mut_ptr());
+    pool.run(|t| {
+        let r = brise_kernels::pool::split_range(n, nt, t, 16);
+        // SAFETY: the threads' ranges are disjoint and inside `out`, whose borrow this
+        // call holds.
+        let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(r.start), r.len()) };
+        ops::swiglu(&gate[r.clone()], &up[r], o);
+    });
+}
+
 pub struct Forward<'m> {
     pub cfg: &'m ModelConfig,
     pub w: &'m ModelWeights,
@@ -469,7 +487,12 @@ impl Forward<'_> {
                 lt.gate.extend_from_slice(&st.gate[..r * nf]);
                 lt.up.extend_from_slice(&st.up[..r * nf]);
             }
-            ops::swiglu(&st.gate[..r * nf], &st.up[..r * nf], &mut st.tmp[..r * nf]);
+            par_swiglu(
+                pool,
+                &st.gate[..r * nf],
+                &st.up[..r * nf],
+                &mut st.tmp[..r * nf],
+            );
             std::mem::swap(&mut st.tmp, &mut st.gate);
             trace(st, "ffn_swiglu", li, |s| &s.gate, r * nf);
             self.mm(
@@ -555,7 +578,16 @@ impl Forward<'_> {
         let (nh, nkv) = (cfg.n_head, cfg.n_head_kv);
         let qd = nh * hd;
         let group = nh / nkv;
-        let work = rows.len() * nh;
+        // One work item is a row and a KV head with all its query heads: the keys and
+        // values are read from memory once, by one core, and reused from its cache.
+        // With fewer items than that keeps the threads busy (one sequence's decode),
+        // items are single heads.
+        let per = if rows.len() * nkv >= 4 * pool.n_threads() {
+            group
+        } else {
+            1
+        };
+        let work = rows.len() * nh / per;
         let q = &st.q;
         let attn = SyncMut(st.attn.as_mut_ptr());
         let scores = SyncMut(st.scores.as_mut_ptr());
@@ -579,84 +611,98 @@ impl Forward<'_> {
             // Interleaved: later rows attend to more positions, so contiguous ranges
             // would leave one thread with most of the work.
             for wi in (t..work).step_by(nt) {
-                let (i, h) = (wi / nh, wi % nh);
+                let (i, h0) = (wi / (nh / per), wi % (nh / per) * per);
+                let kvh = h0 / group;
                 let row = &rows[i];
                 let cache = &*batch[row.seq].cache;
-                let kvh = h / group;
                 let lo = match cfg.sliding_window {
                     Some(w) => (row.pos + 1).saturating_sub(w),
                     None => 0,
                 };
                 let hi = row.pos + 1;
-                let kq_order =
-                    if row.step >= 2 && hd.is_multiple_of(16) && row.n_kv.is_multiple_of(4) {
-                        DotOrder::Tiny
-                    } else {
-                        DotOrder::Vec
-                    };
-                let kqv_order =
-                    if row.step >= 2 && row.n_kv.is_multiple_of(16) && hd.is_multiple_of(4) {
-                        DotOrder::Tiny
-                    } else {
-                        DotOrder::Vec
-                    };
-                ops::f32_to_f16_bytes(&q[i * qd + h * hd..i * qd + (h + 1) * hd], q16);
-                if block16::supported(kq_order, hd) {
-                    let qf = &mut pr[..hd];
-                    for (d, v) in qf.iter_mut().enumerate() {
-                        *v = half::f16::from_le_bytes([q16[2 * d], q16[2 * d + 1]]).to_f32();
-                    }
-                    let mut s16 = [0f32; 16];
+                // Decode reads each sequence's keys and values once per layer, in an order
+                // the hardware prefetcher does not follow: ask for all of it up front.
+                if row.step == 1 && per > 1 {
                     for kb in lo / 16..hi.div_ceil(16) {
-                        block16::kq(kq_order, cache.k_block(li, kvh, kb), qf, hd, &mut s16);
-                        for (j, v) in s16.iter().enumerate() {
-                            let pos = kb * 16 + j;
-                            if pos >= lo && pos < hi {
-                                sc[pos] = v * scale;
+                        ops::prefetch(cache.k_block(li, kvh, kb));
+                    }
+                    ops::prefetch(&cache.v_rows(li, kvh)[lo * hd * 2..hi * hd * 2]);
+                }
+                for h in h0..h0 + per {
+                    let kq_order =
+                        if row.step >= 2 && hd.is_multiple_of(16) && row.n_kv.is_multiple_of(4) {
+                            DotOrder::Tiny
+                        } else {
+                            DotOrder::Vec
+                        };
+                    let kqv_order =
+                        if row.step >= 2 && row.n_kv.is_multiple_of(16) && hd.is_multiple_of(4) {
+                            DotOrder::Tiny
+                        } else {
+                            DotOrder::Vec
+                        };
+                    ops::f32_to_f16_bytes(&q[i * qd + h * hd..i * qd + (h + 1) * hd], q16);
+                    if block16::supported(kq_order, hd) {
+                        let qf = &mut pr[..hd];
+                        for (d, v) in qf.iter_mut().enumerate() {
+                            *v = half::f16::from_le_bytes([q16[2 * d], q16[2 * d + 1]]).to_f32();
+                        }
+                        let mut s16 = [0f32; 16];
+                        for kb in lo / 16..hi.div_ceil(16) {
+                            block16::kq(kq_order, cache.k_block(li, kvh, kb), qf, hd, &mut s16);
+                            for (j, v) in s16.iter().enumerate() {
+                                let pos = kb * 16 + j;
+                                if pos >= lo && pos < hi {
+                                    sc[pos] = v * scale;
+                                }
                             }
                         }
+                    } else {
+                        let mut krow = vec![0u8; hd * 2];
+                        for pos in lo..hi {
+                            cache.k_row(li, kvh, pos, &mut krow);
+                            sc[pos] = attn::dot_f16(kq_order, &krow, q16, 0, hd, hd) * scale;
+                        }
                     }
-                } else {
-                    let mut krow = vec![0u8; hd * 2];
-                    for pos in lo..hi {
-                        cache.k_row(li, kvh, pos, &mut krow);
-                        sc[pos] = attn::dot_f16(kq_order, &krow, q16, 0, hd, hd) * scale;
+                    attn::softmax_masked(sc, lo, hi, row.n_kv, pr);
+                    if let Some((buf, (p_off, total))) = tape_probs {
+                        // SAFETY: (row i, head h) owns these hi − lo values of the tape's
+                        // buffer (sized to nh · total by the caller); no other work item
+                        // writes them.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                buf.get().add(h * total + p_off[i]),
+                                hi - lo,
+                            )
+                        };
+                        dst.copy_from_slice(&pr[lo..hi]);
                     }
-                }
-                attn::softmax_masked(sc, lo, hi, row.n_kv, pr);
-                if let Some((buf, (p_off, total))) = tape_probs {
-                    // SAFETY: (row i, head h) owns these hi − lo values of the tape's
-                    // buffer (sized to nh · total by the caller); no other work item
-                    // writes them.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(buf.get().add(h * total + p_off[i]), hi - lo)
+                    ops::f32_to_f16_bytes(&pr[lo..hi], &mut p16[lo * 2..hi * 2]);
+                    // SAFETY: this (row, head) output belongs to this thread alone.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(attn.get().add(i * qd + h * hd), hd)
                     };
-                    dst.copy_from_slice(&pr[lo..hi]);
-                }
-                ops::f32_to_f16_bytes(&pr[lo..hi], &mut p16[lo * 2..hi * 2]);
-                // SAFETY: this (row, head) output belongs to this thread alone.
-                let out =
-                    unsafe { std::slice::from_raw_parts_mut(attn.get().add(i * qd + h * hd), hd) };
-                let vr = cache.v_rows(li, kvh);
-                if hd.is_multiple_of(16) {
-                    // The probabilities as f32 values of their f16 rounding.
-                    for (v, c) in pr[lo..hi]
-                        .iter_mut()
-                        .zip(p16[lo * 2..hi * 2].chunks_exact(2))
-                    {
-                        *v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                    }
-                    let mut o16 = [0f32; 16];
-                    for d0 in (0..hd).step_by(16) {
-                        block16::kqv(kqv_order, vr, hd, d0, pr, lo, hi, row.n_kv, &mut o16);
-                        out[d0..d0 + 16].copy_from_slice(&o16);
-                    }
-                } else {
-                    for (d, o) in out.iter_mut().enumerate() {
-                        let col: Vec<u8> = (0..hi)
-                            .flat_map(|j| [vr[(j * hd + d) * 2], vr[(j * hd + d) * 2 + 1]])
-                            .collect();
-                        *o = attn::dot_f16(kqv_order, &col, p16, lo, hi, row.n_kv.max(hi));
+                    let vr = cache.v_rows(li, kvh);
+                    if hd.is_multiple_of(16) {
+                        // The probabilities as f32 values of their f16 rounding.
+                        for (v, c) in pr[lo..hi]
+                            .iter_mut()
+                            .zip(p16[lo * 2..hi * 2].chunks_exact(2))
+                        {
+                            *v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                        }
+                        let mut o16 = [0f32; 16];
+                        for d0 in (0..hd).step_by(16) {
+                            block16::kqv(kqv_order, vr, hd, d0, pr, lo, hi, row.n_kv, &mut o16);
+                            out[d0..d0 + 16].copy_from_slice(&o16);
+                        }
+                    } else {
+                        for (d, o) in out.iter_mut().enumerate() {
+                            let col: Vec<u8> = (0..hi)
+                                .flat_map(|j| [vr[(j * hd + d) * 2], vr[(j * hd + d) * 2 + 1]])
+                                .collect();
+                            *o = attn::dot_f16(kqv_order, &col, p16, lo, hi, row.n_kv.max(hi));
+                        }
                     }
                 }
             }

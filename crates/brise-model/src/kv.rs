@@ -75,9 +75,16 @@ impl KvCache {
     pub(crate) fn set_k(&mut self, layer: usize, head: usize, pos: usize, k: &[f32]) {
         let base = head * self.head_bytes() + (pos / 16) * 16 * self.head_dim * 2 + (pos % 16) * 2;
         let buf = &mut self.k[layer];
-        for (d, x) in k.iter().enumerate() {
+        let mut h = [0u8; 2 * 256];
+        let h = if k.len() <= 256 {
+            &mut h[..2 * k.len()]
+        } else {
+            &mut vec![0u8; 2 * k.len()][..]
+        };
+        brise_kernels::ops::f32_to_f16_bytes(k, h);
+        for (d, c) in h.chunks_exact(2).enumerate() {
             let o = base + d * 32;
-            buf[o..o + 2].copy_from_slice(&half::f16::from_f32(*x).to_le_bytes());
+            buf[o..o + 2].copy_from_slice(c);
         }
     }
 
