@@ -119,6 +119,42 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`rms_norm`] of each of the `x.len() / w.len()` rows of `x`. Each row's sum is the
+/// same sequential f64 sum, but eight rows' sums advance together, so the adds of
+/// different rows overlap instead of waiting on one another (a row alone is a chain of
+/// dependent adds).
+pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let e = w.len();
+    let rows = x.len() / e;
+    assert!(out.len() >= rows * e);
+    let mut r0 = 0;
+    while r0 + 8 <= rows {
+        let mut sums = [0f64; 8];
+        for i in 0..e {
+            for (j, s) in sums.iter_mut().enumerate() {
+                let v = x[(r0 + j) * e + i];
+                *s += (v * v) as f64;
+            }
+        }
+        for (j, sum) in sums.iter().enumerate() {
+            let mean = (sum / e as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            let r = r0 + j;
+            for ((o, v), wi) in out[r * e..(r + 1) * e]
+                .iter_mut()
+                .zip(&x[r * e..(r + 1) * e])
+                .zip(w)
+            {
+                *o = v * scale * wi;
+            }
+        }
+        r0 += 8;
+    }
+    for r in r0..rows {
+        rms_norm(&x[r * e..(r + 1) * e], w, eps, &mut out[r * e..(r + 1) * e]);
+    }
+}
+
 /// Backward of [`rms_norm`] with respect to `x` (the weight is frozen): with
 /// r = 1/√(mean(x²) + eps), dx_j = r·w_j·dy_j − x_j·r³/n·Σ_i dy_i·w_i·x_i.
 pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dout: &[f32], dx: &mut [f32]) {
@@ -270,6 +306,38 @@ pub fn f32_to_f16_bytes(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// `out[i]` = the f16 at bytes `2i..2i+2` of `h` (little-endian), exactly.
+pub fn f16_bytes_to_f32(h: &[u8], out: &mut [f32]) {
+    let n = out.len().min(h.len() / 2);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: F16C (with its AVX) is present (checked); `n` is within both slices.
+        done = unsafe { f16_to_f32_f16c(&h[..2 * n], &mut out[..n]) };
+    }
+    for (o, c) in out[done..n]
+        .iter_mut()
+        .zip(h[2 * done..2 * n].chunks_exact(2))
+    {
+        *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_to_f32_f16c(h: &[u8], out: &mut [f32]) -> usize {
+    use core::arch::x86_64::*;
+    let n = out.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: i + 8 ≤ n ≤ out.len(), and h holds 2 bytes per value of out.
+        unsafe {
+            let v = _mm_loadu_si128(h.as_ptr().add(2 * i) as *const __m128i);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(v));
+        }
+    }
+    n
+}
+
 /// Eight values at a time with `vcvtps2ph` (round to nearest even, as `half` does);
 /// returns how many it converted (a multiple of 8).
 #[cfg(target_arch = "x86_64")]
@@ -314,6 +382,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rms_norm_rows_equals_rms_norm_bitwise() {
+        let e = 576;
+        for rows in [1usize, 7, 8, 9, 17] {
+            let x: Vec<f32> = (0..rows * e)
+                .map(|i| ((i as f32) * 0.37).sin() * 3.0)
+                .collect();
+            let w: Vec<f32> = (0..e).map(|i| 1.0 + (i as f32 * 0.01).cos()).collect();
+            let mut got = vec![0f32; rows * e];
+            rms_norm_rows(&x, &w, 1e-5, &mut got);
+            for r in 0..rows {
+                let mut want = vec![0f32; e];
+                rms_norm(&x[r * e..(r + 1) * e], &w, 1e-5, &mut want);
+                for (a, b) in got[r * e..(r + 1) * e].iter().zip(&want) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "rows={rows} row {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn f16_conversion_equals_half_bitwise() {
         let mut x: Vec<f32> = (0..4099)
             .map(|i| ((i as f32) * 0.731).sin() * 10f32.powi(i % 13 - 8))
@@ -337,6 +425,18 @@ mod tests {
         for (i, v) in x.iter().enumerate() {
             let want = half::f16::from_f32(*v).to_le_bytes();
             assert_eq!(&got[2 * i..2 * i + 2], &want, "{v}");
+        }
+        // And back, for every f16 bit pattern but NaNs (whose payloads both keep).
+        let all: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        let mut back = vec![0f32; 1 << 16];
+        f16_bytes_to_f32(&all, &mut back);
+        for (b, v) in back.iter().enumerate() {
+            let want = half::f16::from_bits(b as u16).to_f32();
+            if !want.is_nan() {
+                assert_eq!(v.to_bits(), want.to_bits(), "{b:#x}");
+            } else {
+                assert!(v.is_nan());
+            }
         }
     }
 

@@ -350,14 +350,12 @@ impl Forward<'_> {
             if let Some(lt) = lt.as_deref_mut() {
                 lt.x_in.extend_from_slice(&st.x[..r * e]);
             }
-            for i in 0..r {
-                ops::rms_norm(
-                    &st.x[i * e..(i + 1) * e],
-                    &lw.attn_norm,
-                    cfg.rms_eps,
-                    &mut st.xn[i * e..(i + 1) * e],
-                );
-            }
+            ops::rms_norm_rows(
+                &st.x[..r * e],
+                &lw.attn_norm,
+                cfg.rms_eps,
+                &mut st.xn[..r * e],
+            );
             trace(st, "attn_norm", li, |s| &s.xn, r * e);
             // Q, K and V share their input: one quantization, one parallel section.
             matmul_many(
@@ -462,14 +460,12 @@ impl Forward<'_> {
                 lt.x_mid.extend_from_slice(&st.x[..r * e]);
             }
 
-            for i in 0..r {
-                ops::rms_norm(
-                    &st.x[i * e..(i + 1) * e],
-                    &lw.ffn_norm,
-                    cfg.rms_eps,
-                    &mut st.xn[i * e..(i + 1) * e],
-                );
-            }
+            ops::rms_norm_rows(
+                &st.x[..r * e],
+                &lw.ffn_norm,
+                cfg.rms_eps,
+                &mut st.xn[..r * e],
+            );
             matmul_many(
                 pool,
                 self.kern,
@@ -644,9 +640,7 @@ impl Forward<'_> {
                     ops::f32_to_f16_bytes(&q[i * qd + h * hd..i * qd + (h + 1) * hd], q16);
                     if block16::supported(kq_order, hd) {
                         let qf = &mut pr[..hd];
-                        for (d, v) in qf.iter_mut().enumerate() {
-                            *v = half::f16::from_le_bytes([q16[2 * d], q16[2 * d + 1]]).to_f32();
-                        }
+                        ops::f16_bytes_to_f32(q16, qf);
                         let mut s16 = [0f32; 16];
                         for kb in lo / 16..hi.div_ceil(16) {
                             block16::kq(kq_order, cache.k_block(li, kvh, kb), qf, hd, &mut s16);
@@ -685,12 +679,7 @@ impl Forward<'_> {
                     let vr = cache.v_rows(li, kvh);
                     if hd.is_multiple_of(16) {
                         // The probabilities as f32 values of their f16 rounding.
-                        for (v, c) in pr[lo..hi]
-                            .iter_mut()
-                            .zip(p16[lo * 2..hi * 2].chunks_exact(2))
-                        {
-                            *v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                        }
+                        ops::f16_bytes_to_f32(&p16[lo * 2..hi * 2], &mut pr[lo..hi]);
                         let mut o16 = [0f32; 16];
                         for d0 in (0..hd).step_by(16) {
                             block16::kqv(kqv_order, vr, hd, d0, pr, lo, hi, row.n_kv, &mut o16);
