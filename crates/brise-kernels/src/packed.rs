@@ -314,9 +314,10 @@ pub(crate) mod x86 {
 
     /// 16 rows × NA activation rows over all `nb` blocks of a row group.
     /// `block_sum` selects the repacked-Q4_0 order (one FMA per block of the block's
-    /// integer sum) instead of ggml's per-lane vec_dot order.
+    /// integer sum) instead of ggml's per-lane vec_dot order. `PF`: prefetch the tiles
+    /// ahead, for the first pass over a group (later passes find them in cache).
     #[inline(always)]
-    unsafe fn group<const NA: usize>(
+    unsafe fn group<const NA: usize, const PF: bool>(
         ty: GgmlType,
         block_sum: bool,
         tiles: *const u8,
@@ -333,9 +334,10 @@ pub(crate) mod x86 {
             let mut summs = [_mm512_setzero_ps(); NA];
             for b in 0..nb {
                 let t = tiles.add(b * ts);
-                // Weights stream from memory once: request lines well ahead so several
-                // misses are in flight (one demand stream alone is latency-bound).
-                if NA == 1 {
+                // Weights stream from memory (L3 at best) once: request lines well ahead
+                // so several misses are in flight (one demand stream alone is
+                // latency-bound, for a batch of rows as for one).
+                if PF {
                     let pf = t.add(PREFETCH);
                     let mut o = 0;
                     while o < ts {
@@ -422,16 +424,14 @@ pub(crate) mod x86 {
                         let tiles = data.add(g * nb * ts);
                         let mut c = c0;
                         while c + 2 <= c1 {
-                            group::<2>(
-                                t,
-                                block_sum,
-                                tiles,
-                                ts,
-                                nb,
-                                [acts.add(c * act_stride), acts.add((c + 1) * act_stride)],
-                                [&preps[c], &preps[c + 1]],
-                                [tmp.as_mut_ptr(), tmp.as_mut_ptr().add(GROUP)],
-                            );
+                            let a = [acts.add(c * act_stride), acts.add((c + 1) * act_stride)];
+                            let p = [&preps[c], &preps[c + 1]];
+                            let o = [tmp.as_mut_ptr(), tmp.as_mut_ptr().add(GROUP)];
+                            if c == c0 {
+                                group::<2, true>(t, block_sum, tiles, ts, nb, a, p, o);
+                            } else {
+                                group::<2, false>(t, block_sum, tiles, ts, nb, a, p, o);
+                            }
                             for j in 0..2 {
                                 std::ptr::copy_nonoverlapping(
                                     tmp.as_ptr().add(j * GROUP),
@@ -442,7 +442,7 @@ pub(crate) mod x86 {
                             c += 2;
                         }
                         if c < c1 {
-                            group::<1>(
+                            group::<1, true>(
                                 t,
                                 block_sum,
                                 tiles,
