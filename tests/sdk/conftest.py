@@ -155,8 +155,10 @@ class BriseServer:
         assert rc == 0, f"brise serve exited with code {rc} on SIGTERM (want 0, a graceful shutdown): {self.describe()}"
 
 
-def _serve(tmp_path_factory, name: str, extra_args: list[str]):
-    srv = BriseServer(tmp_path_factory.mktemp(name) / "serve.log", extra_args)
+def serve(tmp_path_factory, name: str, extra_args: list[str], base_args: list[str] | None = None):
+    """A started server (its log in a fresh directory called `name`); killed if it does
+    not become ready. Fixtures yield it and `stop()` it."""
+    srv = BriseServer(tmp_path_factory.mktemp(name) / "serve.log", extra_args, base_args)
     try:
         srv.wait_ready()
     except BaseException:
@@ -168,7 +170,7 @@ def _serve(tmp_path_factory, name: str, extra_args: list[str]):
 @pytest.fixture(scope="session")
 def brise(tmp_path_factory):
     """The main server (no API keys)."""
-    srv = _serve(tmp_path_factory, "brise", [])
+    srv = serve(tmp_path_factory, "brise", [])
     yield srv
     srv.stop()
 
@@ -179,7 +181,7 @@ def auth_server(tmp_path_factory):
     args = []
     for k in API_KEYS:
         args += ["--api-key", k]
-    srv = _serve(tmp_path_factory, "brise-auth", args)
+    srv = serve(tmp_path_factory, "brise-auth", args)
     yield srv
     srv.stop()
 

@@ -10,17 +10,12 @@ import subprocess
 import httpx
 import pytest
 
-from conftest import BRISE_BIN, MODEL, BriseServer, user
+from conftest import BRISE_BIN, MODEL, serve, user
 
 
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory):
-    srv = BriseServer(tmp_path_factory.mktemp("console") / "serve.log", ["--api-key", "acme=key-a", "--api-key", "beta=key-b"])
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.kill()
-        raise
+    srv = serve(tmp_path_factory, "console", ["--api-key", "acme=key-a", "--api-key", "beta=key-b"])
     yield srv
     srv.stop()
 

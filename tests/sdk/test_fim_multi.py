@@ -10,7 +10,7 @@ import openai
 import pytest
 from mistralai.client import Mistral, errors
 
-from conftest import BriseServer
+from conftest import serve
 
 QWEN = "qwen2.5-coder:0.5b"
 SMOL = "smollm2:135m"
@@ -20,13 +20,7 @@ SUFFIX = "\n\nprint(is_even(4))\n"
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    srv = BriseServer(tmp_path_factory.mktemp("two") / "serve.log", [],
-                      ["-t", "2", "--parallel", "2", "-c", "4096", SMOL, QWEN])
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.kill()
-        raise
+    srv = serve(tmp_path_factory, "two", [], ["-t", "2", "--parallel", "2", "-c", "4096", SMOL, QWEN])
     yield srv
     srv.stop()
 

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import BRISE_BIN, MODEL, BriseServer, user
+from conftest import BRISE_BIN, MODEL, BriseServer, serve, user
 
 
 def show(ledger, cid: str) -> tuple[int, dict | None]:
@@ -97,12 +97,7 @@ def test_pairwise_choice(brise, oai, http):
 
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory):
-    srv = BriseServer(tmp_path_factory.mktemp("tenants") / "serve.log", ["--api-key", "acme=key-a", "--api-key", "beta=key-b"])
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.kill()
-        raise
+    srv = serve(tmp_path_factory, "tenants", ["--api-key", "acme=key-a", "--api-key", "beta=key-b"])
     yield srv
     srv.stop()
 

@@ -9,17 +9,12 @@ import json
 import httpx
 import pytest
 
-from conftest import IS_SMOLLM2, MODEL, BriseServer
+import conftest
+from conftest import IS_SMOLLM2, MODEL
 
 
 def serve(tmp_path_factory, name, args):
-    srv = BriseServer(tmp_path_factory.mktemp(name) / "serve.log", [], ["-t", "2", "-c", "2048", *args])
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.kill()
-        raise
-    return srv
+    return conftest.serve(tmp_path_factory, name, [], ["-t", "2", "-c", "2048", *args])
 
 
 # End-of-sequence tokens banned, so a generation runs until max_tokens or the timeout.

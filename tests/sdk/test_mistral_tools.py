@@ -12,7 +12,7 @@ import openai
 import pytest
 from mistralai.client import Mistral
 
-from conftest import FIXTURES, BriseServer
+from conftest import FIXTURES, serve
 
 TINY = "tiny-mistral-f16"
 # A random model writes any string it may: enums keep its calls short and checkable.
@@ -32,13 +32,7 @@ CALL_ID = re.compile(r"^[A-Za-z0-9]{9}$")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model = str(FIXTURES / "tiny-mistral" / "tiny-mistral-f16.gguf")
-    srv = BriseServer(tmp_path_factory.mktemp("tiny") / "serve.log", [],
-                      ["-t", "2", "--parallel", "2", "-c", "1024", model])
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.kill()
-        raise
+    srv = serve(tmp_path_factory, "tiny", [], ["-t", "2", "--parallel", "2", "-c", "1024", model])
     yield srv
     srv.stop()
 
