@@ -764,6 +764,18 @@ async fn get_model(
 /// The LoRA adapter a request gets (by `model` = `id:name` or `adapter`; else the
 /// promoted version, if any). Resolved once per request: the version it starts with is
 /// the one it finishes with, whatever is promoted meanwhile.
+/// The served model and adapter a request names (`model`, `adapter`), loading a
+/// registry version on its first use.
+async fn model_and_adapter<'a>(
+    s: &'a AppState,
+    tenant: &Tenant,
+    p: &GenParams,
+) -> ApiResult<(&'a ServedModel, Option<Arc<ServedAdapter>>)> {
+    crate::versions::preload(s, &tenant.0, &p.model, p.adapter.as_deref()).await?;
+    let m = find(s, &p.model)?;
+    Ok((m, adapter_of(m, p)?))
+}
+
 fn adapter_of(m: &ServedModel, p: &GenParams) -> ApiResult<Option<Arc<ServedAdapter>>> {
     m.adapter_for(&p.model, p.adapter.as_deref())
         .map_err(|e| ApiError::param("adapter", e))
@@ -1117,15 +1129,7 @@ async fn chat(
     let body = body_bytes(body)?;
     ready(&s)?;
     let req = request::parse_chat(&body, n_vocab_of(&s))?;
-    crate::versions::preload(
-        &s,
-        &tenant.0,
-        &req.params.model,
-        req.params.adapter.as_deref(),
-    )
-    .await?;
-    let m = find(&s, &req.params.model)?;
-    let ad = adapter_of(m, &req.params)?;
+    let (m, ad) = model_and_adapter(&s, &tenant, &req.params).await?;
     let rec = Recorder::new(
         &s,
         m,
@@ -1324,15 +1328,7 @@ async fn fim_inner(
     let body = body_bytes(body)?;
     ready(s)?;
     let req = request::parse_fim(&body, n_vocab_of(s))?;
-    crate::versions::preload(
-        s,
-        &tenant.0,
-        &req.params.model,
-        req.params.adapter.as_deref(),
-    )
-    .await?;
-    let m = find(s, &req.params.model)?;
-    let ad = adapter_of(m, &req.params)?;
+    let (m, ad) = model_and_adapter(s, tenant, &req.params).await?;
     let rec = Recorder::new(
         s,
         m,
@@ -1376,15 +1372,7 @@ async fn completions(
     let body = body_bytes(body)?;
     ready(&s)?;
     let req = request::parse_completion(&body, n_vocab_of(&s))?;
-    crate::versions::preload(
-        &s,
-        &tenant.0,
-        &req.params.model,
-        req.params.adapter.as_deref(),
-    )
-    .await?;
-    let m = find(&s, &req.params.model)?;
-    let ad = adapter_of(m, &req.params)?;
+    let (m, ad) = model_and_adapter(&s, &tenant, &req.params).await?;
     let rec = Recorder::new(
         &s,
         m,

@@ -34,11 +34,7 @@ pub fn quantize_act_row(vec_dot_ty: GgmlType, x: &[f32], out: &mut [u8]) {
                 o.copy_from_slice(&v.to_le_bytes());
             }
         }
-        GgmlType::F16 => {
-            for (o, v) in out.chunks_exact_mut(2).zip(x) {
-                o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
-            }
-        }
+        GgmlType::F16 => crate::ops::f32_to_f16_bytes(x, out),
         GgmlType::BF16 => {
             for (o, v) in out.chunks_exact_mut(2).zip(x) {
                 o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
