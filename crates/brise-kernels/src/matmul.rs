@@ -499,6 +499,98 @@ pub struct MatmulScratch {
     preps: Vec<ActPrep>,
 }
 
+/// The activation rows of a matrix product.
+pub enum Acts<'a> {
+    Rows(&'a [f32]),
+    /// Rows made inside the product's parallel section: each thread calls
+    /// `make(rows, out)` for its own rows (`out` holds exactly those rows of the buffer)
+    /// and quantizes them, so the step that feeds a product (a norm, SwiGLU) needs no
+    /// parallel section, or serial pass, of its own. The buffer holds the rows after.
+    Make(&'a mut [f32], MakeRows<'a>),
+}
+
+pub type MakeRows<'a> = &'a (dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync);
+
+impl<'a> Acts<'a> {
+    /// The rows, made now (split over the pool) by a path that has no section to make
+    /// them in.
+    fn into_rows(self, pool: &ThreadPool, m: usize, k: usize) -> &'a [f32] {
+        match self {
+            Acts::Rows(x) => x,
+            Acts::Make(x, make) => {
+                assert_eq!(x.len(), m * k, "activation shape");
+                if m < 2 || pool.n_threads() == 1 {
+                    make(0..m, x);
+                } else {
+                    let xp = SyncPtr(x.as_mut_ptr());
+                    let nt = pool.n_threads();
+                    pool.run(|t| {
+                        let r = split_range(m, nt, t, 1);
+                        // SAFETY: the threads' row ranges are disjoint and inside `x`,
+                        // whose borrow this call holds.
+                        let xs = unsafe {
+                            std::slice::from_raw_parts_mut(xp.get().add(r.start * k), r.len() * k)
+                        };
+                        make(r, xs);
+                    });
+                }
+                x
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Acts::Rows(x) => x.len(),
+            Acts::Make(x, _) => x.len(),
+        }
+    }
+}
+
+/// The activations as the threads of one section see them: each makes (if asked) and
+/// quantizes its own rows, then a barrier, then all read every row.
+#[derive(Clone, Copy)]
+struct SectionActs<'a> {
+    x: SyncPtr,
+    make: Option<MakeRows<'a>>,
+    k: usize,
+}
+
+impl<'a> SectionActs<'a> {
+    fn new(acts: &'a mut Acts, k: usize) -> SectionActs<'a> {
+        match acts {
+            // Only read through this pointer.
+            Acts::Rows(x) => SectionActs {
+                x: SyncPtr(x.as_ptr() as *mut f32),
+                make: None,
+                k,
+            },
+            Acts::Make(x, make) => SectionActs {
+                x: SyncPtr(x.as_mut_ptr()),
+                make: Some(*make),
+                k,
+            },
+        }
+    }
+
+    /// Makes rows `r` (when asked) and returns them.
+    ///
+    /// # Safety
+    /// The threads of a section pass disjoint ranges inside the buffer, and nobody
+    /// reads those rows before the section's barrier.
+    unsafe fn rows(&self, r: std::ops::Range<usize>) -> &[f32] {
+        let k = self.k;
+        // SAFETY: per the contract, these rows belong to this thread until the barrier.
+        unsafe {
+            if let Some(make) = self.make {
+                let xs = std::slice::from_raw_parts_mut(self.x.get().add(r.start * k), r.len() * k);
+                make(r.clone(), xs);
+            }
+            std::slice::from_raw_parts(self.x.get().add(r.start * k), r.len() * k)
+        }
+    }
+}
+
 /// Weight rows per cache block: small enough to stay in L2 across activation rows.
 const ROW_BLOCK: usize = 16;
 
@@ -514,20 +606,36 @@ pub fn matmul(
     scratch: &mut MatmulScratch,
     out: &mut [f32],
 ) {
+    matmul_acts(pool, kern, w, Acts::Rows(x), m, steps, scratch, out)
+}
+
+/// [`matmul`] of activation rows that may be made in its own parallel section.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_acts(
+    pool: &ThreadPool,
+    kern: Kernels,
+    w: &WeightRef,
+    acts: Acts,
+    m: usize,
+    steps: &[RowStep],
+    scratch: &mut MatmulScratch,
+    out: &mut [f32],
+) {
     let (n, k) = (w.n, w.k);
-    assert_eq!(x.len(), m * k, "activation shape");
+    assert_eq!(acts.len(), m * k, "activation shape");
     assert_eq!(steps.len(), m, "one step per activation row");
     assert_eq!(out.len(), m * n, "output shape");
     if let Some(p) = w.packed
         && kern.isa() == crate::Isa::Avx512Vnni
     {
-        return matmul_packed(pool, p, x, m, scratch, out);
+        return matmul_packed_many(pool, &[p], acts, m, scratch, &mut [out]);
     }
     if let Some(p) = w.kpacked
         && kern.isa() == crate::Isa::Avx512Vnni
     {
-        return matmul_kpacked(pool, p, x, m, steps, scratch, out);
+        return matmul_kpacked(pool, p, acts, m, steps, scratch, out);
     }
+    let x = acts.into_rows(pool, m, k);
     let MatmulScratch {
         act: act_buf,
         paths,
@@ -583,46 +691,6 @@ pub fn matmul(
     });
 }
 
-/// Quantizes the activation rows for lanes16 weights of type `ty` (in parallel when
-/// there are many) and builds their per-block prep.
-fn prepare_packed_acts(
-    pool: &ThreadPool,
-    ty: GgmlType,
-    k: usize,
-    x: &[f32],
-    m: usize,
-    scratch: &mut MatmulScratch,
-) -> usize {
-    let vt = ty.vec_dot_type();
-    let arb = act_row_bytes(vt, k);
-    let nb = k / 32;
-    let MatmulScratch { act, preps, .. } = scratch;
-    act.resize(m * arb, 0);
-    if preps.len() < m {
-        preps.resize_with(m, ActPrep::default);
-    }
-    if m < 8 {
-        for i in 0..m {
-            quantize_act_row(vt, &x[i * k..(i + 1) * k], &mut act[i * arb..(i + 1) * arb]);
-            preps[i].build(ty, &act[i * arb..(i + 1) * arb], nb);
-        }
-    } else {
-        let ap = SyncBytes(act.as_mut_ptr());
-        let pp = SyncPreps(preps.as_mut_ptr());
-        let nt = pool.n_threads();
-        pool.run(|t| {
-            for i in split_range(m, nt, t, 1) {
-                // SAFETY: each thread owns activation rows (and their preps) i of its range;
-                // the buffers hold m rows.
-                let a = unsafe { std::slice::from_raw_parts_mut(ap.get().add(i * arb), arb) };
-                quantize_act_row(vt, &x[i * k..(i + 1) * k], a);
-                unsafe { &mut *pp.get().add(i) }.build(ty, a, nb);
-            }
-        });
-    }
-    arb
-}
-
 #[derive(Clone, Copy)]
 struct SyncPreps(*mut ActPrep);
 // SAFETY: as `SyncPtr`: each thread touches its own elements.
@@ -634,43 +702,56 @@ impl SyncPreps {
     }
 }
 
-/// The AVX-512 path over lanes16 weights. Every row's arithmetic is ggml's vec_dot order
-/// (or, for Q4_0 with a multiple of 8 rows, the repacked order llama.cpp uses), whatever
-/// the batch, so no per-row path is needed.
-fn matmul_packed(
-    pool: &ThreadPool,
-    w: &Packed,
-    x: &[f32],
-    m: usize,
-    scratch: &mut MatmulScratch,
-    out: &mut [f32],
-) {
-    let mut outs = [out];
-    matmul_packed_many(pool, &[w], x, m, scratch, &mut outs);
-}
-
-/// Several lanes16 matrices of one type and row length over the same activations (Q, K
-/// and V; gate and up): the activations are quantized once and one parallel section
-/// covers all the matrices' row groups.
+/// The AVX-512 path over lanes16 weights, for several matrices of one type and row
+/// length over the same activations (Q, K and V; gate and up). Every row's arithmetic
+/// is ggml's vec_dot order (or, for Q4_0 with a multiple of 8 rows, the repacked order
+/// llama.cpp uses), whatever the batch, so no per-row path is needed. One parallel
+/// section: each thread makes, quantizes and preps its share of the activation rows,
+/// then, after a barrier, multiplies its share of every matrix's row groups by all.
 fn matmul_packed_many(
     pool: &ThreadPool,
     ws: &[&Packed],
-    x: &[f32],
+    mut acts: Acts,
     m: usize,
     scratch: &mut MatmulScratch,
     outs: &mut [&mut [f32]],
 ) {
     let (ty, k) = (ws[0].ty, ws[0].k);
     assert!(ws.iter().all(|w| w.ty == ty && w.k == k));
-    let arb = prepare_packed_acts(pool, ty, k, x, m, scratch);
+    let vt = ty.vec_dot_type();
+    let arb = act_row_bytes(vt, k);
     let nb = k / 32;
-    let (act, preps) = (&scratch.act[..], &scratch.preps[..m]);
+    scratch.act.resize(m * arb, 0);
+    if scratch.preps.len() < m {
+        scratch.preps.resize_with(m, ActPrep::default);
+    }
+    let ap = SyncBytes(scratch.act.as_mut_ptr());
+    let pp = SyncPreps(scratch.preps.as_mut_ptr());
+    let sa = SectionActs::new(&mut acts, k);
     // The full groups of every matrix, numbered consecutively.
     let fulls: Vec<usize> = ws.iter().map(|w| w.n / GROUP).collect();
     let total: usize = fulls.iter().sum();
     let outps: Vec<SyncPtr> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
     let nt = pool.n_threads();
     pool.run(|t| {
+        let mine = split_range(m, nt, t, 1);
+        // SAFETY: the threads' row ranges are disjoint, and nobody reads rows, their
+        // quantized bytes or their preps before the barrier below.
+        let x = unsafe { sa.rows(mine.clone()) };
+        for (j, i) in mine.enumerate() {
+            // SAFETY: as above; the buffers hold m rows.
+            let a = unsafe { std::slice::from_raw_parts_mut(ap.get().add(i * arb), arb) };
+            quantize_act_row(vt, &x[j * k..(j + 1) * k], a);
+            unsafe { &mut *pp.get().add(i) }.build(ty, a, nb);
+        }
+        pool.barrier();
+        // SAFETY: every row was written before the barrier; from here on all only read.
+        let (act, preps) = unsafe {
+            (
+                std::slice::from_raw_parts(ap.get(), m * arb),
+                std::slice::from_raw_parts(pp.get(), m),
+            )
+        };
         let mut tmp = [0f32; 2 * GROUP];
         let mine = split_range(total, nt, t, 1);
         let mut base = 0;
@@ -701,6 +782,7 @@ fn matmul_packed_many(
             base += fulls[wi];
         }
     });
+    let (act, preps) = (&scratch.act[..], &scratch.preps[..m]);
     // Last, partial groups: into a buffer, keeping the real rows.
     for (wi, w) in ws.iter().enumerate() {
         let (groups, full) = (w.groups(), fulls[wi]);
@@ -747,6 +829,21 @@ pub fn matmul_many(
     scratch: &mut MatmulScratch,
     outs: &mut [&mut [f32]],
 ) {
+    matmul_many_acts(pool, kern, ws, Acts::Rows(x), m, steps, scratch, outs)
+}
+
+/// [`matmul_many`] of activation rows that may be made in its parallel section.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_many_acts(
+    pool: &ThreadPool,
+    kern: Kernels,
+    ws: &[WeightRef],
+    acts: Acts,
+    m: usize,
+    steps: &[RowStep],
+    scratch: &mut MatmulScratch,
+    outs: &mut [&mut [f32]],
+) {
     assert_eq!(ws.len(), outs.len());
     let packed: Option<Vec<&Packed>> = ws.iter().map(|w| w.packed).collect();
     if let Some(ps) = packed
@@ -754,13 +851,34 @@ pub fn matmul_many(
         && ps.iter().all(|p| p.ty == ps[0].ty && p.k == ps[0].k)
     {
         for (w, o) in ws.iter().zip(outs.iter()) {
-            assert_eq!(x.len(), m * w.k);
+            assert_eq!(acts.len(), m * w.k);
             assert_eq!(o.len(), m * w.n);
         }
-        return matmul_packed_many(pool, &ps, x, m, scratch, outs);
+        return matmul_packed_many(pool, &ps, acts, m, scratch, outs);
     }
-    for (w, o) in ws.iter().zip(outs.iter_mut()) {
-        matmul(pool, kern, w, x, m, steps, scratch, o);
+    match acts {
+        Acts::Rows(x) => {
+            for (w, o) in ws.iter().zip(outs.iter_mut()) {
+                matmul(pool, kern, w, x, m, steps, scratch, o);
+            }
+        }
+        // The first product makes the rows in its section; the others read them.
+        Acts::Make(x, make) => {
+            let (w0, o0) = (&ws[0], &mut *outs[0]);
+            matmul_acts(
+                pool,
+                kern,
+                w0,
+                Acts::Make(&mut *x, make),
+                m,
+                steps,
+                scratch,
+                o0,
+            );
+            for (w, o) in ws.iter().zip(outs.iter_mut()).skip(1) {
+                matmul(pool, kern, w, x, m, steps, scratch, o);
+            }
+        }
     }
 }
 
@@ -768,7 +886,7 @@ pub fn matmul_many(
 fn matmul_kpacked(
     pool: &ThreadPool,
     w: &KPacked,
-    x: &[f32],
+    mut acts: Acts,
     m: usize,
     steps: &[RowStep],
     scratch: &mut MatmulScratch,
@@ -779,13 +897,8 @@ fn matmul_kpacked(
     let nb = w.blocks();
     let MatmulScratch { act, .. } = scratch;
     act.resize(m * arb, 0);
-    for i in 0..m {
-        quantize_act_row(
-            GgmlType::Q8K,
-            &x[i * k..(i + 1) * k],
-            &mut act[i * arb..(i + 1) * arb],
-        );
-    }
+    let ap = SyncBytes(act.as_mut_ptr());
+    let sa = SectionActs::new(&mut acts, k);
     use crate::quant::ggml_exact::Path as P;
     let modes: Vec<KMode> = steps
         .iter()
@@ -800,9 +913,21 @@ fn matmul_kpacked(
     let groups = w.groups();
     let full = n / crate::kpacked::GROUP;
     let outp = SyncPtr(out.as_mut_ptr());
-    let act = &act[..];
     let nt = pool.n_threads();
     pool.run(|t| {
+        // As in `matmul_packed_many`: this thread's activation rows, then a barrier.
+        let mine = split_range(m, nt, t, 1);
+        // SAFETY: the threads' row ranges are disjoint; nobody reads them before the
+        // barrier.
+        let x = unsafe { sa.rows(mine.clone()) };
+        for (j, i) in mine.enumerate() {
+            // SAFETY: as above; the buffer holds m rows.
+            let a = unsafe { std::slice::from_raw_parts_mut(ap.get().add(i * arb), arb) };
+            quantize_act_row(GgmlType::Q8K, &x[j * k..(j + 1) * k], a);
+        }
+        pool.barrier();
+        // SAFETY: all rows were written before the barrier; from here on all only read.
+        let act = unsafe { std::slice::from_raw_parts(ap.get(), m * arb) };
         let gr = split_range(full, nt, t, 1);
         // SAFETY: AVX-512 VNNI is present (checked by the caller via the kernels' ISA);
         // the packed matrix and activations cover every group and row; threads write
@@ -822,6 +947,7 @@ fn matmul_kpacked(
             )
         };
     });
+    let act = &act[..];
     if groups > full {
         let g = crate::kpacked::GROUP;
         let mut buf = vec![0f32; m * g];

@@ -120,7 +120,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// [`rms_norm`] of each of the `x.len() / w.len()` rows of `x`. Each row's sum is the
-/// same sequential f64 sum, but eight rows' sums advance together, so the adds of
+/// same sequential f64 sum, but up to eight rows' sums advance together, so the adds of
 /// different rows overlap instead of waiting on one another (a row alone is a chain of
 /// dependent adds).
 pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -128,31 +128,42 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let rows = x.len() / e;
     assert!(out.len() >= rows * e);
     let mut r0 = 0;
-    while r0 + 8 <= rows {
-        let mut sums = [0f64; 8];
-        for i in 0..e {
-            for (j, s) in sums.iter_mut().enumerate() {
-                let v = x[(r0 + j) * e + i];
-                *s += (v * v) as f64;
-            }
-        }
-        for (j, sum) in sums.iter().enumerate() {
-            let mean = (sum / e as f64) as f32;
-            let scale = 1.0 / (mean + eps).sqrt();
-            let r = r0 + j;
-            for ((o, v), wi) in out[r * e..(r + 1) * e]
-                .iter_mut()
-                .zip(&x[r * e..(r + 1) * e])
-                .zip(w)
-            {
-                *o = v * scale * wi;
-            }
-        }
-        r0 += 8;
+    while r0 < rows {
+        let left = rows - r0;
+        let (x, out) = (&x[r0 * e..], &mut out[r0 * e..]);
+        r0 += if left >= 8 {
+            rms_norm_chunk::<8>(x, w, eps, out)
+        } else if left >= 4 {
+            rms_norm_chunk::<4>(x, w, eps, out)
+        } else if left >= 2 {
+            rms_norm_chunk::<2>(x, w, eps, out)
+        } else {
+            rms_norm_chunk::<1>(x, w, eps, out)
+        };
     }
-    for r in r0..rows {
-        rms_norm(&x[r * e..(r + 1) * e], w, eps, &mut out[r * e..(r + 1) * e]);
+}
+
+fn rms_norm_chunk<const R: usize>(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> usize {
+    let e = w.len();
+    let mut sums = [0f64; R];
+    for i in 0..e {
+        for (j, s) in sums.iter_mut().enumerate() {
+            let v = x[j * e + i];
+            *s += (v * v) as f64;
+        }
     }
+    for (j, sum) in sums.iter().enumerate() {
+        let mean = (sum / e as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, v), wi) in out[j * e..(j + 1) * e]
+            .iter_mut()
+            .zip(&x[j * e..(j + 1) * e])
+            .zip(w)
+        {
+            *o = v * scale * wi;
+        }
+    }
+    R
 }
 
 /// Backward of [`rms_norm`] with respect to `x` (the weight is frozen): with
@@ -384,7 +395,7 @@ mod tests {
     #[test]
     fn rms_norm_rows_equals_rms_norm_bitwise() {
         let e = 576;
-        for rows in [1usize, 7, 8, 9, 17] {
+        for rows in [1usize, 2, 3, 4, 5, 6, 7, 8, 9, 15, 17] {
             let x: Vec<f32> = (0..rows * e)
                 .map(|i| ((i as f32) * 0.37).sin() * 3.0)
                 .collect();

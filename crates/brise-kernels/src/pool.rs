@@ -18,6 +18,11 @@ struct Shared {
     job: UnsafeCell<Option<Job>>,
     remaining: AtomicUsize,
     panicked: AtomicBool,
+    /// Set when any share of the current job panics, so shares waiting at a barrier
+    /// give up instead of waiting forever.
+    abort: AtomicBool,
+    bar_count: AtomicUsize,
+    bar_gen: AtomicU64,
     shutdown: AtomicBool,
     sleeping: Vec<AtomicBool>,
     spin: Duration,
@@ -48,6 +53,9 @@ impl ThreadPool {
             job: UnsafeCell::new(None),
             remaining: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            bar_count: AtomicUsize::new(0),
+            bar_gen: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             sleeping: (1..n).map(|_| AtomicBool::new(false)).collect(),
             spin,
@@ -91,6 +99,8 @@ impl ThreadPool {
         // SAFETY: see `impl Sync for Shared`.
         unsafe { *sh.job.get() = Some(job) };
         sh.remaining.store(self.handles.len(), Ordering::Relaxed);
+        sh.abort.store(false, Ordering::Relaxed);
+        sh.bar_count.store(0, Ordering::Relaxed);
         sh.epoch.fetch_add(1, Ordering::SeqCst);
         for (i, t) in self.threads.iter().enumerate() {
             if sh.sleeping[i].load(Ordering::SeqCst) {
@@ -98,6 +108,9 @@ impl ThreadPool {
             }
         }
         let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
+        if mine.is_err() {
+            sh.abort.store(true, Ordering::SeqCst);
+        }
         let mut spins = 0u32;
         while sh.remaining.load(Ordering::Acquire) != 0 {
             spins += 1;
@@ -109,11 +122,46 @@ impl ThreadPool {
         }
         // SAFETY: all workers are done with the job.
         unsafe { *sh.job.get() = None };
+        let worker_panicked = sh.panicked.swap(false, Ordering::SeqCst);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
-        if sh.panicked.swap(false, Ordering::SeqCst) {
+        if worker_panicked {
             panic!("a worker thread panicked in a parallel kernel");
+        }
+    }
+}
+
+impl ThreadPool {
+    /// Called by every share of a job the same number of times: returns once all have
+    /// reached it, and what each wrote before is visible to all after (a job's phases,
+    /// such as quantizing its own rows and then reading everyone's, in one section
+    /// instead of two). Panics if another share panicked, which would never arrive.
+    pub fn barrier(&self) {
+        let n = self.n_threads();
+        if n == 1 {
+            return;
+        }
+        let sh = &*self.shared;
+        let generation = sh.bar_gen.load(Ordering::Acquire);
+        if sh.bar_count.fetch_add(1, Ordering::AcqRel) + 1 == n {
+            // Reset before the release: a share leaving this barrier for the next one
+            // sees the count at zero.
+            sh.bar_count.store(0, Ordering::Relaxed);
+            sh.bar_gen.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while sh.bar_gen.load(Ordering::Acquire) == generation {
+            if sh.abort.load(Ordering::Relaxed) {
+                panic!("another share of this parallel kernel panicked");
+            }
+            spins += 1;
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+            } else {
+                thread::yield_now();
+            }
         }
     }
 }
@@ -150,6 +198,7 @@ fn worker(sh: Arc<Shared>, idx: usize) {
         if let Some(job) = job
             && catch_unwind(AssertUnwindSafe(|| job(idx))).is_err()
         {
+            sh.abort.store(true, Ordering::SeqCst);
             sh.panicked.store(true, Ordering::SeqCst);
         }
         sh.remaining.fetch_sub(1, Ordering::Release);
@@ -219,6 +268,49 @@ mod tests {
         assert!(r.is_err());
         let c = AtomicUsize::new(0);
         pool.run(|_| {
+            c.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(c.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn barrier_orders_phases() {
+        for n in 1..4 {
+            let pool = ThreadPool::new(n);
+            for _ in 0..200 {
+                let slots: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                let bad = AtomicUsize::new(0);
+                pool.run(|i| {
+                    for phase in 1..4 {
+                        slots[i].store(phase, Ordering::Relaxed);
+                        pool.barrier();
+                        // Every share has written this phase, none the next one yet.
+                        if slots.iter().any(|s| s.load(Ordering::Relaxed) != phase) {
+                            bad.fetch_add(1, Ordering::Relaxed);
+                        }
+                        pool.barrier();
+                    }
+                });
+                assert_eq!(bad.load(Ordering::Relaxed), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn barrier_after_a_panic_does_not_hang() {
+        let pool = ThreadPool::new(2);
+        for bad in 0..2 {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                pool.run(|i| {
+                    assert!(i != bad, "boom");
+                    pool.barrier();
+                })
+            }));
+            assert!(r.is_err());
+        }
+        let c = AtomicUsize::new(0);
+        pool.run(|_| {
+            pool.barrier();
             c.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(c.load(Ordering::Relaxed), 2);

@@ -3,9 +3,9 @@
 use crate::config::ModelConfig;
 use crate::kv::KvCache;
 use crate::lora::{LoraAdapter, Proj};
-use crate::weights::{ModelWeights, Weight};
+use crate::weights::{LayerWeights, ModelWeights, Weight};
 use brise_kernels::attn::{self, DotOrder, block16};
-use brise_kernels::matmul::{MatmulScratch, RowStep, matmul, matmul_many};
+use brise_kernels::matmul::{Acts, MatmulScratch, RowStep, matmul, matmul_acts, matmul_many_acts};
 use brise_kernels::ops;
 use brise_kernels::pool::ThreadPool;
 use brise_kernels::quant::Kernels;
@@ -97,8 +97,14 @@ struct Row {
 /// offset, and one head's size.
 type TapeProbs<'a> = (SyncMut<f32>, (&'a [usize], usize));
 
-#[derive(Clone, Copy)]
 struct SyncMut<T>(*mut T);
+// By hand: the derive would require `T: Copy`, and only the pointer is copied.
+impl<T> Clone for SyncMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncMut<T> {}
 // SAFETY: shared between the pool's threads, each writing disjoint elements while the
 // owning borrow is held by the dispatching call.
 unsafe impl<T> Send for SyncMut<T> {}
@@ -107,24 +113,6 @@ impl<T> SyncMut<T> {
     fn get(self) -> *mut T {
         self.0
     }
-}
-
-/// [`ops::swiglu`] split over the pool's threads when it is large enough to pay for
-/// the wake-up (elementwise, so the result is the same).
-fn par_swiglu(pool: &ThreadPool, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let nt = pool.n_threads();
-    if nt == 1 || n < 8192 {
-        return ops::swiglu(gate, up, out);
-    }
-    let op = SyncMut(out.as_mut_ptr());
-    pool.run(|t| {
-        let r = brise_kernels::pool::split_range(n, nt, t, 16);
-        // SAFETY: the threads' ranges are disjoint and inside `out`, whose borrow this
-        // call holds.
-        let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(r.start), r.len()) };
-        ops::swiglu(&gate[r.clone()], &up[r], o);
-    });
 }
 
 pub struct Forward<'m> {
@@ -345,24 +333,29 @@ impl Forward<'_> {
         if let Some(t) = tape.as_deref_mut() {
             t.rope.extend_from_slice(&st.rope[..r * cfg.n_rot]);
         }
+        // Decoding (one row per sequence, so each cache has one writer): the biases,
+        // RoPE and the cache writes run in the attention's parallel section. Adapters,
+        // tapes and traces need the values in between, so they keep the serial steps.
+        let fuse_rope = tape.is_none()
+            && spans.is_empty()
+            && st.trace.is_none()
+            && rows.iter().all(|row| row.step == 1);
         for (li, lw) in self.w.layers.iter().enumerate() {
             let mut lt = tape.as_deref_mut().map(|t| t.layer(li));
             if let Some(lt) = lt.as_deref_mut() {
                 lt.x_in.extend_from_slice(&st.x[..r * e]);
             }
-            ops::rms_norm_rows(
-                &st.x[..r * e],
-                &lw.attn_norm,
-                cfg.rms_eps,
-                &mut st.xn[..r * e],
-            );
-            trace(st, "attn_norm", li, |s| &s.xn, r * e);
-            // Q, K and V share their input: one quantization, one parallel section.
-            matmul_many(
+            // Q, K and V share their input: one norm and quantization, in the products'
+            // one parallel section.
+            let (x, eps) = (&st.x, cfg.rms_eps);
+            let norm = |rs: std::ops::Range<usize>, out: &mut [f32]| {
+                ops::rms_norm_rows(&x[rs.start * e..rs.end * e], &lw.attn_norm, eps, out)
+            };
+            matmul_many_acts(
                 pool,
                 self.kern,
                 &[lw.wq.as_ref(), lw.wk.as_ref(), lw.wv.as_ref()],
-                &st.xn[..r * e],
+                Acts::Make(&mut st.xn[..r * e], &norm),
                 r,
                 &steps,
                 &mut st.mm,
@@ -372,55 +365,20 @@ impl Forward<'_> {
                     &mut st.v[..r * kvd],
                 ],
             );
-            for i in 0..r {
-                if let Some(b) = &lw.bq {
-                    ops::add_assign(&mut st.q[i * qd..(i + 1) * qd], b);
+            trace(st, "attn_norm", li, |s| &s.xn, r * e);
+            if !fuse_rope {
+                for i in 0..r {
+                    self.add_qkv_bias(lw, &mut st.q, &mut st.k, &mut st.v, i, 0..nkv);
                 }
-                if let Some(b) = &lw.bk {
-                    ops::add_assign(&mut st.k[i * kvd..(i + 1) * kvd], b);
-                }
-                if let Some(b) = &lw.bv {
-                    ops::add_assign(&mut st.v[i * kvd..(i + 1) * kvd], b);
-                }
-            }
-            // PEFT adds the adapter after the base layer's bias.
-            self.lora(pool, &spans, li, Proj::Q, &st.xn, &mut st.q);
-            self.lora(pool, &spans, li, Proj::K, &st.xn, &mut st.k);
-            self.lora(pool, &spans, li, Proj::V, &st.xn, &mut st.v);
-            for i in 0..r {
-                let rc = &st.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
-                for h in 0..nh {
-                    ops::rope_apply(
-                        cfg.rope_style,
-                        &mut st.q[i * qd + h * hd..i * qd + (h + 1) * hd],
-                        cfg.n_rot,
-                        rc,
-                    );
-                }
-                for h in 0..nkv {
-                    ops::rope_apply(
-                        cfg.rope_style,
-                        &mut st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd],
-                        cfg.n_rot,
-                        rc,
-                    );
-                }
-            }
-            for (i, row) in rows.iter().enumerate() {
-                let cache = &mut *batch[row.seq].cache;
-                for h in 0..nkv {
-                    cache.set_k(
-                        li,
-                        h,
-                        row.pos,
-                        &st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd],
-                    );
-                    cache.set_v(
-                        li,
-                        h,
-                        row.pos,
-                        &st.v[i * kvd + h * hd..i * kvd + (h + 1) * hd],
-                    );
+                // PEFT adds the adapter after the base layer's bias.
+                self.lora(pool, &spans, li, Proj::Q, &st.xn, &mut st.q);
+                self.lora(pool, &spans, li, Proj::K, &st.xn, &mut st.k);
+                self.lora(pool, &spans, li, Proj::V, &st.xn, &mut st.v);
+                for (i, row) in rows.iter().enumerate() {
+                    let rc = &st.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
+                    let cache = &mut *batch[row.seq].cache;
+                    let (q, k, v) = (&mut st.q, &mut st.k, &st.v);
+                    self.rope_and_store(q, k, v, i, row.pos, li, rc, cache, 0..nkv);
                 }
             }
             trace(st, "Qcur", li, |s| &s.q, r * qd);
@@ -446,6 +404,7 @@ impl Forward<'_> {
                 scale,
                 max_ctx,
                 probs_out.zip(tape_probs),
+                fuse_rope.then_some(lw),
             );
             trace(st, "kqv_out", li, |s| &s.attn, r * qd);
             let mut lt = tape.as_deref_mut().map(|t| t.layer(li));
@@ -460,17 +419,15 @@ impl Forward<'_> {
                 lt.x_mid.extend_from_slice(&st.x[..r * e]);
             }
 
-            ops::rms_norm_rows(
-                &st.x[..r * e],
-                &lw.ffn_norm,
-                cfg.rms_eps,
-                &mut st.xn[..r * e],
-            );
-            matmul_many(
+            let (x, eps) = (&st.x, cfg.rms_eps);
+            let norm = |rs: std::ops::Range<usize>, out: &mut [f32]| {
+                ops::rms_norm_rows(&x[rs.start * e..rs.end * e], &lw.ffn_norm, eps, out)
+            };
+            matmul_many_acts(
                 pool,
                 self.kern,
                 &[lw.w_gate.as_ref(), lw.w_up.as_ref()],
-                &st.xn[..r * e],
+                Acts::Make(&mut st.xn[..r * e], &norm),
                 r,
                 &steps,
                 &mut st.mm,
@@ -483,26 +440,28 @@ impl Forward<'_> {
                 lt.gate.extend_from_slice(&st.gate[..r * nf]);
                 lt.up.extend_from_slice(&st.up[..r * nf]);
             }
-            par_swiglu(
-                pool,
-                &st.gate[..r * nf],
-                &st.up[..r * nf],
-                &mut st.tmp[..r * nf],
-            );
+            // SwiGLU into `gate`, made in the down product's section; its output goes
+            // to `xn`, free since the gate and up products read it.
             std::mem::swap(&mut st.tmp, &mut st.gate);
-            trace(st, "ffn_swiglu", li, |s| &s.gate, r * nf);
-            self.mm(
+            let (g, u) = (&st.tmp, &st.up);
+            let swiglu = |rs: std::ops::Range<usize>, out: &mut [f32]| {
+                let span = rs.start * nf..rs.end * nf;
+                ops::swiglu(&g[span.clone()], &u[span], out)
+            };
+            matmul_acts(
                 pool,
-                &mut st.mm,
-                &lw.w_down,
-                &st.gate,
+                self.kern,
+                &lw.w_down.as_ref(),
+                Acts::Make(&mut st.gate[..r * nf], &swiglu),
                 r,
                 &steps,
-                &mut st.tmp,
+                &mut st.mm,
+                &mut st.xn[..r * e],
             );
-            self.lora(pool, &spans, li, Proj::Down, &st.gate, &mut st.tmp);
-            trace(st, "ffn_out", li, |s| &s.tmp, r * e);
-            ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
+            trace(st, "ffn_swiglu", li, |s| &s.gate, r * nf);
+            self.lora(pool, &spans, li, Proj::Down, &st.gate, &mut st.xn);
+            trace(st, "ffn_out", li, |s| &s.xn, r * e);
+            ops::add_assign(&mut st.x[..r * e], &st.xn[..r * e]);
             trace(st, "l_out", li, |s| &s.x, r * e);
         }
         for sb in batch.iter_mut() {
@@ -554,20 +513,92 @@ impl Forward<'_> {
         }
     }
 
+    /// Adds Q, K and V's biases (Qwen2 has them) to row `i`'s heads of the KV heads
+    /// `kvh` and their query heads.
+    #[allow(clippy::too_many_arguments)]
+    fn add_qkv_bias(
+        &self,
+        lw: &LayerWeights,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &mut [f32],
+        i: usize,
+        kvh: std::ops::Range<usize>,
+    ) {
+        let cfg = self.cfg;
+        let hd = cfg.head_dim;
+        let (qd, kvd, g) = (
+            cfg.n_head * hd,
+            cfg.n_head_kv * hd,
+            cfg.n_head / cfg.n_head_kv,
+        );
+        let (qs, ks) = (
+            kvh.start * g * hd..kvh.end * g * hd,
+            kvh.start * hd..kvh.end * hd,
+        );
+        if let Some(b) = &lw.bq {
+            ops::add_assign(&mut q[i * qd..(i + 1) * qd][qs.clone()], &b[qs]);
+        }
+        if let Some(b) = &lw.bk {
+            ops::add_assign(&mut k[i * kvd..(i + 1) * kvd][ks.clone()], &b[ks.clone()]);
+        }
+        if let Some(b) = &lw.bv {
+            ops::add_assign(&mut v[i * kvd..(i + 1) * kvd][ks.clone()], &b[ks]);
+        }
+    }
+
+    /// RoPE on row `i`'s KV heads `kvh` and their query heads (cos/sin `rc`), and those
+    /// keys and values into `cache` at `pos`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_store(
+        &self,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        i: usize,
+        pos: usize,
+        li: usize,
+        rc: &[f32],
+        cache: &mut KvCache,
+        kvh: std::ops::Range<usize>,
+    ) {
+        let cfg = self.cfg;
+        let hd = cfg.head_dim;
+        let (qd, kvd, g) = (
+            cfg.n_head * hd,
+            cfg.n_head_kv * hd,
+            cfg.n_head / cfg.n_head_kv,
+        );
+        for h in kvh.start * g..kvh.end * g {
+            let qh = &mut q[i * qd + h * hd..i * qd + (h + 1) * hd];
+            ops::rope_apply(cfg.rope_style, qh, cfg.n_rot, rc);
+        }
+        for h in kvh {
+            let kh = &mut k[i * kvd + h * hd..i * kvd + (h + 1) * hd];
+            ops::rope_apply(cfg.rope_style, kh, cfg.n_rot, rc);
+            cache.set_k(li, h, pos, kh);
+            cache.set_v(li, h, pos, &v[i * kvd + h * hd..i * kvd + (h + 1) * hd]);
+        }
+    }
+
     /// Causal (and sliding-window) attention of every row and head over its sequence's
-    /// cache, in llama.cpp's arithmetic (see `brise_kernels::attn`).
+    /// cache, in llama.cpp's arithmetic (see `brise_kernels::attn`). With `fused`
+    /// (decoding rows, one per sequence), first each thread adds the biases, applies RoPE
+    /// and stores keys and values for its rows ([`Forward::rope_and_store`]), and a
+    /// barrier separates that from the attention.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         pool: &ThreadPool,
         st: &mut ForwardState,
-        batch: &[SeqBatch],
+        batch: &mut [SeqBatch],
         rows: &[Row],
         li: usize,
         scale: f32,
         max_ctx: usize,
         // The tape's probabilities: its buffer, each row's offset, and one head's size.
         tape_probs: Option<TapeProbs>,
+        fused: Option<&LayerWeights>,
     ) {
         let cfg = self.cfg;
         let hd = cfg.head_dim;
@@ -584,7 +615,20 @@ impl Forward<'_> {
             1
         };
         let work = rows.len() * nh / per;
-        let q = &st.q;
+        let r = rows.len();
+        let kvd = nkv * hd;
+        if fused.is_some() {
+            assert!(rows.iter().all(|row| row.step == 1), "one row per sequence");
+            assert!(st.q.len() >= r * qd && st.k.len() >= r * kvd && st.v.len() >= r * kvd);
+            assert!(st.rope.len() >= r * cfg.n_rot);
+        }
+        let (qp, kp, vp) = (
+            SyncMut(st.q.as_mut_ptr()),
+            SyncMut(st.k.as_mut_ptr()),
+            SyncMut(st.v.as_mut_ptr()),
+        );
+        let rope = &st.rope;
+        let bp = SyncMut(batch.as_mut_ptr());
         let attn = SyncMut(st.attn.as_mut_ptr());
         let scores = SyncMut(st.scores.as_mut_ptr());
         let probs = SyncMut(st.probs.as_mut_ptr());
@@ -604,13 +648,52 @@ impl Forward<'_> {
                 )
             };
             let (q16, p16) = q16.split_at_mut(hd * 2);
+            // Items of whole KV groups do their own heads' step just before their
+            // attention (a decoding row reads only its own sequence's cache); single
+            // heads need every head of the row done first.
+            let prep = |i: usize, kvh: std::ops::Range<usize>| {
+                let lw = fused.expect("fused");
+                // SAFETY: these heads of row i's q, k and v, and their cells of its
+                // sequence's cache (no other row has that sequence), are written by this
+                // thread alone, and read by nobody before (the item itself, or everyone
+                // after the barrier). Sizes asserted above.
+                // Row i alone (as row 0 of one-row slices): other threads hold theirs.
+                let (q, k, v, cache) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(qp.get().add(i * qd), qd),
+                        std::slice::from_raw_parts_mut(kp.get().add(i * kvd), kvd),
+                        std::slice::from_raw_parts_mut(vp.get().add(i * kvd), kvd),
+                        &mut *(*bp.get().add(rows[i].seq)).cache,
+                    )
+                };
+                self.add_qkv_bias(lw, q, k, v, 0, kvh.clone());
+                let rc = &rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
+                self.rope_and_store(q, k, v, 0, rows[i].pos, li, rc, cache, kvh);
+            };
+            if fused.is_some() && per == 1 {
+                for i in brise_kernels::pool::split_range(r, nt, t, 1) {
+                    prep(i, 0..nkv);
+                }
+                pool.barrier();
+            }
             // Interleaved: later rows attend to more positions, so contiguous ranges
             // would leave one thread with most of the work.
             for wi in (t..work).step_by(nt) {
                 let (i, h0) = (wi / (nh / per), wi % (nh / per) * per);
                 let kvh = h0 / group;
                 let row = &rows[i];
-                let cache = &*batch[row.seq].cache;
+                if fused.is_some() && per > 1 {
+                    prep(i, kvh..kvh + 1);
+                }
+                // SAFETY: from here on this row's q and its sequence's cache are only read
+                // (prepared by this item above, or by everyone before the barrier); the
+                // batch outlives this call.
+                let (q, cache) = unsafe {
+                    (
+                        std::slice::from_raw_parts(qp.get().add(i * qd) as *const f32, qd),
+                        &*(*bp.get().add(row.seq)).cache,
+                    )
+                };
                 let lo = match cfg.sliding_window {
                     Some(w) => (row.pos + 1).saturating_sub(w),
                     None => 0,
@@ -637,7 +720,7 @@ impl Forward<'_> {
                         } else {
                             DotOrder::Vec
                         };
-                    ops::f32_to_f16_bytes(&q[i * qd + h * hd..i * qd + (h + 1) * hd], q16);
+                    ops::f32_to_f16_bytes(&q[h * hd..(h + 1) * hd], q16);
                     if block16::supported(kq_order, hd) {
                         let qf = &mut pr[..hd];
                         ops::f16_bytes_to_f32(q16, qf);
