@@ -119,6 +119,65 @@ fn check(key: &str, file: &str) {
         "{key}: greedy outputs differ:\n{}",
         report.join("\n")
     );
+    check_batched(key, &model, &pool, results);
+}
+
+/// The first 8 prompts decoded together, one row per sequence per step (the server's
+/// batched decoding, where RoPE, the biases and the cache writes run inside the attention's
+/// section): each sequence's greedy tokens are still llama.cpp's.
+fn check_batched(key: &str, model: &Model, pool: &ThreadPool, results: &[serde_json::Value]) {
+    let fwd = model.forward();
+    let mut st = ForwardState::default();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let rs = &results[..8.min(results.len())];
+    let mut caches: Vec<KvCache> = rs.iter().map(|_| KvCache::new(&model.cfg, 1024)).collect();
+    let mut next = Vec::new();
+    for (r, cache) in rs.iter().zip(&mut caches) {
+        let prompt = ids(&r["prompt_ids"]);
+        fwd.run(
+            pool,
+            &mut st,
+            &mut [SeqBatch {
+                cache,
+                tokens: &prompt,
+                logits: LogitsWanted::Last,
+                lora: None,
+            }],
+        );
+        next.push(argmax(&st.logits));
+    }
+    let want: Vec<Vec<u32>> = rs.iter().map(|r| ids(&r["generated"])).collect();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); rs.len()];
+    for _ in 0..want[0].len() {
+        for (g, t) in got.iter_mut().zip(&next) {
+            g.push(*t);
+        }
+        let toks: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
+        let mut batch: Vec<SeqBatch> = caches
+            .iter_mut()
+            .zip(&toks)
+            .map(|(cache, t)| SeqBatch {
+                cache,
+                tokens: t,
+                logits: LogitsWanted::Last,
+                lora: None,
+            })
+            .collect();
+        fwd.run(pool, &mut st, &mut batch);
+        let nv = model.cfg.n_vocab;
+        next = (0..rs.len())
+            .map(|i| argmax(&st.logits[i * nv..(i + 1) * nv]))
+            .collect();
+    }
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "{key} prompt {i}, decoded in a batch of {}", rs.len());
+    }
 }
 
 #[test]
