@@ -590,13 +590,13 @@ pub mod block16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86b {
+pub(crate) mod x86b {
     use super::DotOrder;
     use core::arch::x86_64::*;
 
     /// ggml's AVX-512 `ggml_v_expf`, the same operations as `ops::expf`.
     #[inline(always)]
-    unsafe fn expf(x: __m512) -> __m512 {
+    pub(crate) unsafe fn expf(x: __m512) -> __m512 {
         unsafe {
             let r = _mm512_set1_ps(f32::from_bits(0x4b40_0000));
             let z = _mm512_fmadd_ps(x, _mm512_set1_ps(f32::from_bits(0x3fb8_aa3b)), r);

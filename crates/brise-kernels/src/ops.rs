@@ -57,6 +57,11 @@ fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// out[i] = silu(gate[i]) · up[i]  (SwiGLU).
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked).
+        return unsafe { swiglu_avx512(gate, up, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: FMA and AVX2 are present (checked).
         return unsafe { swiglu_fma(gate, up, out) };
@@ -68,6 +73,29 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 #[target_feature(enable = "fma,avx2")]
 unsafe fn swiglu_fma(gate: &[f32], up: &[f32], out: &mut [f32]) {
     swiglu_body(gate, up, out)
+}
+
+/// ggml's AVX-512 SwiGLU (`ggml_v_silu`: x / (1 + e^(0 − x)), times up), 16 values at a
+/// time: the same operations as [`silu`] lane by lane (`expf` is its vector twin), so the
+/// same bits, without the scalar path's emulation of `vscalefps` through f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len().min(gate.len()).min(up.len());
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 ≤ n, inside all three slices.
+        unsafe {
+            let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let e = crate::attn::x86b::expf(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+            let u = _mm512_loadu_ps(up.as_ptr().add(i));
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_mul_ps(s, u));
+        }
+        i += 16;
+    }
+    swiglu_body(&gate[i..n], &up[i..n], &mut out[i..n]);
 }
 
 /// Backward of [`swiglu`]: dgate = dout·up·silu'(gate), dup = dout·silu(gate), with
@@ -531,6 +559,46 @@ mod tests {
             assert!(
                 (fd - g).abs() <= tol * (1.0 + fd.abs().max(g.abs())),
                 "d/dx[{j}]: analytic {g}, finite differences {fd}"
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_simd_equals_its_scalar_model_bitwise() {
+        let mut g: Vec<f32> = (0..40_000)
+            .map(|i| {
+                let t = (i as f32 * 0.618_034).fract();
+                (t - 0.5) * [0.01f32, 1.0, 8.0, 30.0, 120.0, 400.0][i % 6]
+            })
+            .collect();
+        g.extend([
+            0.0,
+            -0.0,
+            87.0,
+            -87.0,
+            104.0,
+            -104.0,
+            1e-40,
+            -1e-40,
+            f32::MAX,
+            f32::MIN,
+        ]);
+        g.extend([f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE, 3.0]);
+        let u: Vec<f32> = (0..g.len())
+            .map(|i| 1.0 + (i as f32 * 0.37).sin())
+            .collect();
+        let mut got = vec![0f32; g.len()];
+        swiglu(&g, &u, &mut got);
+        let mut want = vec![0f32; g.len()];
+        swiglu_body(&g, &u, &mut want);
+        for i in 0..g.len() {
+            assert!(
+                got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan()),
+                "gate {} up {}: {} vs {}",
+                g[i],
+                u[i],
+                got[i],
+                want[i]
             );
         }
     }
