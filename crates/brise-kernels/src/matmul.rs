@@ -752,7 +752,7 @@ fn matmul_packed_many(
                 std::slice::from_raw_parts(pp.get(), m),
             )
         };
-        let mut tmp = [0f32; 2 * GROUP];
+        let mut tmp = [0f32; 4 * GROUP];
         let mine = split_range(total, nt, t, 1);
         let mut base = 0;
         for (wi, w) in ws.iter().enumerate() {
@@ -804,7 +804,7 @@ fn matmul_packed_many(
                     preps,
                     buf.as_mut_ptr(),
                     GROUP,
-                    &mut [0f32; 2 * GROUP],
+                    &mut [0f32; 4 * GROUP],
                 );
             }
             for i in 0..m {

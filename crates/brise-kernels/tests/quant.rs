@@ -305,6 +305,10 @@ fn packed_matmul_is_bit_identical_to_the_ggml_models() {
             (16, 96, 5),
             (72, 1024, 2),
             (35, 64, 4),
+            // The kernel takes activation rows 4, then 2, then 1 at a time, in chunks of 64.
+            (40, 256, 7),
+            (32, 128, 9),
+            (16, 64, 70),
         ] {
             let w: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, ty, k)).collect();
             let x: Vec<f32> = (0..m * k).map(|_| rng.normal() * 2.0).collect();
