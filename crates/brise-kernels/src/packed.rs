@@ -423,63 +423,46 @@ pub(crate) mod x86 {
                     for g in groups.clone() {
                         let tiles = data.add(g * nb * ts);
                         let mut c = c0;
+                        // `NA` activation rows from `c` on, through one decode of each tile
+                        // (prefetching it when `PF`), into `out`.
+                        macro_rules! pass {
+                            ($na:literal, $pf:expr) => {{
+                                let a = std::array::from_fn::<_, $na, _>(|j| {
+                                    acts.add((c + j) * act_stride)
+                                });
+                                let p = std::array::from_fn::<_, $na, _>(|j| &preps[c + j]);
+                                let o = std::array::from_fn::<_, $na, _>(|j| {
+                                    tmp.as_mut_ptr().add(j * GROUP)
+                                });
+                                if $pf {
+                                    group::<$na, true>(t, block_sum, tiles, ts, nb, a, p, o);
+                                } else {
+                                    group::<$na, false>(t, block_sum, tiles, ts, nb, a, p, o);
+                                }
+                                for j in 0..$na {
+                                    std::ptr::copy_nonoverlapping(
+                                        tmp.as_ptr().add(j * GROUP),
+                                        out.add((c + j) * ldo + (g - g0) * GROUP),
+                                        GROUP,
+                                    );
+                                }
+                            }};
+                        }
                         // Four activation rows per pass share each tile's decode. Their
                         // 32 accumulators do not all fit in registers, but the spills
                         // go to L1 through ports the kernel leaves idle: 10% faster
                         // than two rows at 8 and 64 rows (`mmbench`), and eight rows
                         // were slower again.
                         while c + 4 <= c1 {
-                            let a = [0, 1, 2, 3].map(|j| acts.add((c + j) * act_stride));
-                            let p = [0, 1, 2, 3].map(|j| &preps[c + j]);
-                            let o = [0, 1, 2, 3].map(|j| tmp.as_mut_ptr().add(j * GROUP));
-                            if c == c0 {
-                                group::<4, true>(t, block_sum, tiles, ts, nb, a, p, o);
-                            } else {
-                                group::<4, false>(t, block_sum, tiles, ts, nb, a, p, o);
-                            }
-                            for j in 0..4 {
-                                std::ptr::copy_nonoverlapping(
-                                    tmp.as_ptr().add(j * GROUP),
-                                    out.add((c + j) * ldo + (g - g0) * GROUP),
-                                    GROUP,
-                                );
-                            }
+                            pass!(4, c == c0);
                             c += 4;
                         }
-                        while c + 2 <= c1 {
-                            let a = [acts.add(c * act_stride), acts.add((c + 1) * act_stride)];
-                            let p = [&preps[c], &preps[c + 1]];
-                            let o = [tmp.as_mut_ptr(), tmp.as_mut_ptr().add(GROUP)];
-                            if c == c0 {
-                                group::<2, true>(t, block_sum, tiles, ts, nb, a, p, o);
-                            } else {
-                                group::<2, false>(t, block_sum, tiles, ts, nb, a, p, o);
-                            }
-                            for j in 0..2 {
-                                std::ptr::copy_nonoverlapping(
-                                    tmp.as_ptr().add(j * GROUP),
-                                    out.add((c + j) * ldo + (g - g0) * GROUP),
-                                    GROUP,
-                                );
-                            }
+                        if c + 2 <= c1 {
+                            pass!(2, c == c0);
                             c += 2;
                         }
                         if c < c1 {
-                            group::<1, true>(
-                                t,
-                                block_sum,
-                                tiles,
-                                ts,
-                                nb,
-                                [acts.add(c * act_stride)],
-                                [&preps[c]],
-                                [tmp.as_mut_ptr()],
-                            );
-                            std::ptr::copy_nonoverlapping(
-                                tmp.as_ptr(),
-                                out.add(c * ldo + (g - g0) * GROUP),
-                                GROUP,
-                            );
+                            pass!(1, true);
                         }
                     }
                     c0 = c1;

@@ -513,6 +513,13 @@ impl Forward<'_> {
         }
     }
 
+    /// (head size, Q row width, K/V row width, query heads per KV head).
+    fn head_dims(&self) -> (usize, usize, usize, usize) {
+        let c = self.cfg;
+        let hd = c.head_dim;
+        (hd, c.n_head * hd, c.n_head_kv * hd, c.n_head / c.n_head_kv)
+    }
+
     /// Adds Q, K and V's biases (Qwen2 has them) to row `i`'s heads of the KV heads
     /// `kvh` and their query heads.
     #[allow(clippy::too_many_arguments)]
@@ -525,13 +532,7 @@ impl Forward<'_> {
         i: usize,
         kvh: std::ops::Range<usize>,
     ) {
-        let cfg = self.cfg;
-        let hd = cfg.head_dim;
-        let (qd, kvd, g) = (
-            cfg.n_head * hd,
-            cfg.n_head_kv * hd,
-            cfg.n_head / cfg.n_head_kv,
-        );
+        let (hd, qd, kvd, g) = self.head_dims();
         let (qs, ks) = (
             kvh.start * g * hd..kvh.end * g * hd,
             kvh.start * hd..kvh.end * hd,
@@ -563,12 +564,7 @@ impl Forward<'_> {
         kvh: std::ops::Range<usize>,
     ) {
         let cfg = self.cfg;
-        let hd = cfg.head_dim;
-        let (qd, kvd, g) = (
-            cfg.n_head * hd,
-            cfg.n_head_kv * hd,
-            cfg.n_head / cfg.n_head_kv,
-        );
+        let (hd, qd, kvd, g) = self.head_dims();
         for h in kvh.start * g..kvh.end * g {
             let qh = &mut q[i * qd + h * hd..i * qd + (h + 1) * hd];
             ops::rope_apply(cfg.rope_style, qh, cfg.n_rot, rc);

@@ -20,6 +20,15 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// A fixture's list of token ids.
+fn fixture_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn check(key: &str, file: &str) {
     let fx = read_json(&format!("greedy/{key}.json"));
     let model = Model::load(&model(file), Kernels::best()).unwrap();
@@ -31,20 +40,10 @@ fn check(key: &str, file: &str) {
     let results = fx["results"].as_array().unwrap();
     for (pi, r) in results.iter().enumerate() {
         let prompt = r["prompt"].as_str().unwrap();
-        let want_prompt: Vec<u32> = r["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want_prompt = fixture_ids(&r["prompt_ids"]);
         let ids = model.tokenizer.encode(prompt, true, false).unwrap();
         assert_eq!(ids, want_prompt, "{key} prompt {pi} tokenization");
-        let want: Vec<u32> = r["generated"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want = fixture_ids(&r["generated"]);
         let margins: Vec<f64> = r["margins"]
             .as_array()
             .unwrap()
@@ -128,18 +127,11 @@ fn check(key: &str, file: &str) {
 fn check_batched(key: &str, model: &Model, pool: &ThreadPool, results: &[serde_json::Value]) {
     let fwd = model.forward();
     let mut st = ForwardState::default();
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
     let rs = &results[..8.min(results.len())];
     let mut caches: Vec<KvCache> = rs.iter().map(|_| KvCache::new(&model.cfg, 1024)).collect();
     let mut next = Vec::new();
     for (r, cache) in rs.iter().zip(&mut caches) {
-        let prompt = ids(&r["prompt_ids"]);
+        let prompt = fixture_ids(&r["prompt_ids"]);
         fwd.run(
             pool,
             &mut st,
@@ -152,7 +144,7 @@ fn check_batched(key: &str, model: &Model, pool: &ThreadPool, results: &[serde_j
         );
         next.push(argmax(&st.logits));
     }
-    let want: Vec<Vec<u32>> = rs.iter().map(|r| ids(&r["generated"])).collect();
+    let want: Vec<Vec<u32>> = rs.iter().map(|r| fixture_ids(&r["generated"])).collect();
     let mut got: Vec<Vec<u32>> = vec![Vec::new(); rs.len()];
     for _ in 0..want[0].len() {
         for (g, t) in got.iter_mut().zip(&next) {
