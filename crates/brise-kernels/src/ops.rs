@@ -358,24 +358,158 @@ pub fn softmax_backward(p: &[f32], dp: &[f32], ds: &mut [f32]) {
     }
 }
 
+/// A row's `log Σ exp(z)` as its parts: the max and `Σ expf(z − max)` in f64.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogSumExp {
+    pub max: f32,
+    pub sum: f64,
+}
+
+impl LogSumExp {
+    pub fn value(&self) -> f64 {
+        self.max as f64 + self.sum.ln()
+    }
+}
+
+/// `log Σ exp(z)` of a row of logits: [`expf`] of `z − max`, summed in f64 in 16 lanes
+/// (lane `l` takes the entries `≡ l mod 16`, in order) and then by a fixed tree, so the
+/// AVX-512 path and this scalar one give the same bits.
+pub fn log_sum_exp(z: &[f32]) -> LogSumExp {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked).
+        return unsafe { log_sum_exp_avx512(z) };
+    }
+    log_sum_exp_ref(z)
+}
+
+/// The scalar model of [`log_sum_exp`].
+pub fn log_sum_exp_ref(z: &[f32]) -> LogSumExp {
+    let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut acc = [0f64; 16];
+    for (i, v) in z.iter().enumerate() {
+        acc[i % 16] += expf(*v - max) as f64;
+    }
+    LogSumExp {
+        max,
+        sum: reduce16_f64(&acc),
+    }
+}
+
+/// 16 f64 lanes summed as the AVX-512 path sums its two 8-lane accumulators.
+fn reduce16_f64(a: &[f64; 16]) -> f64 {
+    let mut s8 = [0f64; 8];
+    for l in 0..8 {
+        s8[l] = a[l] + a[l + 8];
+    }
+    let s4: [f64; 4] = std::array::from_fn(|l| s8[l] + s8[l + 4]);
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+unsafe fn log_sum_exp_avx512(z: &[f32]) -> LogSumExp {
+    use std::arch::x86_64::*;
+    let n = z.len();
+    let body = n / 16 * 16;
+    let tail: u16 = ((1u32 << (n - body)) - 1) as u16;
+    // SAFETY: loads of 16 stay below `body`; the tail's loads are masked to `n`.
+    unsafe {
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < body {
+            m = _mm512_max_ps(m, _mm512_loadu_ps(z.as_ptr().add(i)));
+            i += 16;
+        }
+        let last = _mm512_mask_loadu_ps(
+            _mm512_set1_ps(f32::NEG_INFINITY),
+            tail,
+            z.as_ptr().add(body),
+        );
+        let max = _mm512_reduce_max_ps(_mm512_max_ps(m, last));
+        let mv = _mm512_set1_ps(max);
+        let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+        let mut add = |e: __m512| {
+            lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+            hi = _mm512_add_pd(
+                hi,
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(e),
+                ))),
+            );
+        };
+        let mut i = 0;
+        while i < body {
+            add(crate::attn::x86b::expf(_mm512_sub_ps(
+                _mm512_loadu_ps(z.as_ptr().add(i)),
+                mv,
+            )));
+            i += 16;
+        }
+        if tail != 0 {
+            let x = _mm512_maskz_loadu_ps(tail, z.as_ptr().add(body));
+            add(_mm512_maskz_mov_ps(
+                tail,
+                crate::attn::x86b::expf(_mm512_sub_ps(x, mv)),
+            ));
+        }
+        let mut acc = [0f64; 16];
+        _mm512_storeu_pd(acc.as_mut_ptr(), lo);
+        _mm512_storeu_pd(acc.as_mut_ptr().add(8), hi);
+        LogSumExp {
+            max,
+            sum: reduce16_f64(&acc),
+        }
+    }
+}
+
+/// `dz = scale · (softmax(z) − onehot(target))`, the softmax as `expf(z − max)` times
+/// `scale / sum` rounded once to f32 (`lse` is the row's [`log_sum_exp`]).
+pub fn softmax_grad(z: &[f32], lse: &LogSumExp, target: usize, scale: f32, dz: &mut [f32]) {
+    let n = z.len().min(dz.len());
+    let k = (scale as f64 / lse.sum) as f32;
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked); `n` is within both slices.
+        done = unsafe { softmax_grad_avx512(&z[..n], lse.max, k, &mut dz[..n]) };
+    }
+    for (d, v) in dz[done..n].iter_mut().zip(&z[done..n]) {
+        *d = expf(*v - lse.max) * k;
+    }
+    dz[target] -= scale;
+}
+
+/// The 16-wide body of [`softmax_grad`]; returns how many entries it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+unsafe fn softmax_grad_avx512(z: &[f32], max: f32, k: f32, dz: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let body = z.len() / 16 * 16;
+    let (mv, kv) = (_mm512_set1_ps(max), _mm512_set1_ps(k));
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 16 ≤ body ≤ both lengths.
+        unsafe {
+            let e = crate::attn::x86b::expf(_mm512_sub_ps(_mm512_loadu_ps(z.as_ptr().add(i)), mv));
+            _mm512_storeu_ps(dz.as_mut_ptr().add(i), _mm512_mul_ps(e, kv));
+        }
+        i += 16;
+    }
+    body
+}
+
 /// Cross-entropy of one row of logits against `target`: returns −log softmax(z)[t], and
 /// writes its gradient times `scale` into `dz` (softmax(z) − onehot(t), scaled).
 pub fn cross_entropy(z: &[f32], target: usize, scale: f32, dz: &mut [f32]) -> f32 {
-    let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-    let sum: f64 = z.iter().map(|v| ((*v - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
-    for (d, v) in dz.iter_mut().zip(z) {
-        *d = (((*v as f64) - lse).exp() * scale as f64) as f32;
-    }
-    dz[target] -= scale;
-    (lse - z[target] as f64) as f32
+    let lse = log_sum_exp(z);
+    softmax_grad(z, &lse, target, scale, dz);
+    (lse.value() - z[target] as f64) as f32
 }
 
 /// log softmax(z)[t], in f64 (DPO and KTO compare sums of these).
 pub fn log_prob(z: &[f32], target: usize) -> f64 {
-    let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-    let sum: f64 = z.iter().map(|v| ((*v - max) as f64).exp()).sum();
-    z[target] as f64 - (max as f64 + sum.ln())
+    z[target] as f64 - log_sum_exp(z).value()
 }
 
 /// Rounds f32 values to f16 (round to nearest even) into little-endian bytes.
@@ -733,6 +867,37 @@ mod tests {
             y
         };
         check_grad(&x, &c, &f, &ds, 5e-3);
+    }
+
+    #[test]
+    fn log_sum_exp_paths_agree_bitwise_and_track_f64() {
+        for n in [1usize, 2, 15, 16, 17, 31, 100, 1000, 49152] {
+            let z: Vec<f32> = noise(n, n as u64 + 3).iter().map(|v| v * 12.0).collect();
+            let (a, b) = (log_sum_exp(&z), log_sum_exp_ref(&z));
+            assert_eq!(a.max.to_bits(), b.max.to_bits(), "n={n}");
+            assert_eq!(a.sum.to_bits(), b.sum.to_bits(), "n={n}");
+            let m = z.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
+            let exact = m + z.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln();
+            assert!(
+                (a.value() - exact).abs() < 1e-6 * exact.abs().max(1.0),
+                "n={n}: {} vs {exact}",
+                a.value()
+            );
+            let t = n / 2;
+            let mut dz = vec![0f32; n];
+            softmax_grad(&z, &a, t, -0.25, &mut dz);
+            for (i, (d, v)) in dz.iter().zip(&z).enumerate() {
+                let p = (*v as f64 - exact).exp();
+                let want = -0.25 * (p - if i == t { 1.0 } else { 0.0 });
+                assert!(
+                    (*d as f64 - want).abs() < 1e-6,
+                    "n={n} i={i}: {d} vs {want}"
+                );
+                let scalar =
+                    expf(*v - a.max) * (-0.25f64 / a.sum) as f32 - if i == t { -0.25 } else { 0.0 };
+                assert_eq!(d.to_bits(), scalar.to_bits(), "n={n} i={i}");
+            }
+        }
     }
 
     #[test]

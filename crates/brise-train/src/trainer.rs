@@ -11,6 +11,7 @@ pub use crate::data::Method;
 use crate::data::{Item, Seq};
 use crate::loss::{self, KtoConfig, PairLogps};
 use crate::optim::{AdamWConfig, AdamWState, adamw_step, clip_factor, cosine_with_warmup};
+use brise_kernels::ops;
 use brise_kernels::pool::ThreadPool;
 use brise_model::Model;
 use brise_model::forward::{BackwardState, ForwardState, LogitsWanted, LoraGrads, SeqBatch, Tape};
@@ -360,46 +361,36 @@ impl<'m> Trainer<'m> {
             &mut batch,
             taped.then_some(&mut self.tape),
         );
-        // Per row: the target's NLL and, for a taped pass, softmax − onehot, in one
-        // pass over the logits, rows split over the pool's threads.
+        // Per row: the target's NLL from the row's log-sum-exp, rows split over the
+        // pool's threads; then, for a taped pass, each sequence's coefficient and the
+        // scaled `softmax − onehot` in a second parallel pass.
         let targets: Vec<u32> = rows
             .iter()
             .flat_map(|r| r.targets.iter().copied())
             .collect();
         let off = targets.len();
-        let mut nll = vec![0f64; off];
-        if taped {
-            self.dlogits.resize(off * v, 0.0);
-        }
+        let mut lses = vec![ops::LogSumExp { max: 0.0, sum: 1.0 }; off];
+        let nt = self.pool.n_threads();
         {
-            let nt = self.pool.n_threads();
             let logits = &self.st.logits;
-            let nllp = SyncPtr(nll.as_mut_ptr());
-            let dlp = SyncPtr(self.dlogits.as_mut_ptr());
-            let targets = &targets;
+            let lp = SyncPtr(lses.as_mut_ptr());
             self.pool.run(|th| {
                 for j in (th..off).step_by(nt) {
-                    let z = &logits[j * v..(j + 1) * v];
-                    let t = targets[j] as usize;
-                    let val = if taped {
-                        // SAFETY: row j of dlogits (off · v values, sized above) belongs
-                        // to this thread alone.
-                        let dz = unsafe { std::slice::from_raw_parts_mut(dlp.get().add(j * v), v) };
-                        brise_kernels::ops::cross_entropy(z, t, 1.0, dz) as f64
-                    } else {
-                        -brise_kernels::ops::log_prob(z, t)
-                    };
-                    // SAFETY: element j of nll is this thread's alone.
-                    unsafe { *nllp.get().add(j) = val };
+                    let l = ops::log_sum_exp(&logits[j * v..(j + 1) * v]);
+                    // SAFETY: element j of lses is this thread's alone.
+                    unsafe { *lp.get().add(j) = l };
                 }
             });
         }
+        let logits = &self.st.logits;
         let mut o = 0;
         let logps: Vec<f64> = rows
             .iter()
             .map(|r| {
                 let n = r.targets.len();
-                let lp = -nll[o..o + n].iter().sum::<f64>();
+                let lp = (o..o + n)
+                    .map(|j| logits[j * v + targets[j] as usize] as f64 - lses[j].value())
+                    .sum::<f64>();
                 o += n;
                 lp
             })
@@ -407,15 +398,23 @@ impl<'m> Trainer<'m> {
         if let Some((coef, first)) = coefs {
             // ∂loss/∂z = c · ∂logp/∂z = −c · (softmax − onehot).
             let cs = coef(first, &logps);
-            let mut o = 0;
-            for (k, r) in rows.iter().enumerate() {
-                let n = r.targets.len();
-                let c = -cs[k] as f32;
-                for d in &mut self.dlogits[o * v..(o + n) * v] {
-                    *d *= c;
+            let scales: Vec<f32> = rows
+                .iter()
+                .zip(&cs)
+                .flat_map(|(r, c)| std::iter::repeat_n(-*c as f32, r.targets.len()))
+                .collect();
+            self.dlogits.resize(off * v, 0.0);
+            let dlp = SyncPtr(self.dlogits.as_mut_ptr());
+            let (targets, lses, scales) = (&targets, &lses, &scales);
+            self.pool.run(|th| {
+                for j in (th..off).step_by(nt) {
+                    // SAFETY: row j of dlogits (off · v values, sized above) belongs
+                    // to this thread alone.
+                    let dz = unsafe { std::slice::from_raw_parts_mut(dlp.get().add(j * v), v) };
+                    let z = &logits[j * v..(j + 1) * v];
+                    ops::softmax_grad(z, &lses[j], targets[j] as usize, scales[j], dz);
                 }
-                o += n;
-            }
+            });
             fwd.backward(
                 &self.pool,
                 &self.tape,
