@@ -71,6 +71,39 @@ pub fn lora_up(isa: Isa, bt: &[f32], n: usize, t: &[f32], y: &mut [f32]) {
     axpy_rows_ref(bt, n, t, y)
 }
 
+/// [`lora_down`] then [`lora_up`] for each of `m` rows: `y_i += B (scale · A x_i)` with
+/// `x` of `m × k`, `y` of `m × n` and `t` room for `m × rank` values (`rank` = the rows
+/// of `a`). Each row gets exactly the bits the one-row functions give it; the AVX-512
+/// path shares each row of A and Bᵀ between four rows of `x` and keeps sixteen dot
+/// products in flight, where the one-row path waits on one FMA chain at a time.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_rows(
+    isa: Isa,
+    a: &[f32],
+    bt: &[f32],
+    (k, n): (usize, usize),
+    rank: usize,
+    scale: f32,
+    x: &[f32],
+    y: &mut [f32],
+    m: usize,
+    t: &mut [f32],
+) {
+    assert!(a.len() >= rank * k && bt.len() >= rank * n);
+    assert!(x.len() >= m * k && y.len() >= m * n && t.len() >= m * rank);
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        // SAFETY: an `Isa` of Avx512Vnni is only used on CPUs with AVX-512F (the caller
+        // got it from detection); the lengths are asserted above.
+        return unsafe { x86::lora_rows(a, bt, (k, n), rank, scale, x, y, m, t) };
+    }
+    for i in 0..m {
+        let ti = &mut t[i * rank..(i + 1) * rank];
+        lora_down(isa, a, k, &x[i * k..(i + 1) * k], scale, ti);
+        lora_up(isa, bt, n, ti, &mut y[i * n..(i + 1) * n]);
+    }
+}
+
 /// `y += a · x`, elementwise (one FMA per element, as [`lora_up`] with one row).
 pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
     let n = y.len();
@@ -179,6 +212,139 @@ mod x86 {
             s = a[j].mul_add(x[j], s);
         }
         s
+    }
+
+    /// [`super::lora_rows`] on AVX-512: 16 FMA lanes are one register, so each dot
+    /// product's lanes, tree and tail are the AVX2 kernel's, and each output element's
+    /// FMA chain runs in increasing rank as in `axpy_rows`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn lora_rows(
+        a: &[f32],
+        bt: &[f32],
+        (k, n): (usize, usize),
+        rank: usize,
+        scale: f32,
+        x: &[f32],
+        y: &mut [f32],
+        m: usize,
+        t: &mut [f32],
+    ) {
+        let mut i = 0;
+        while i < m {
+            let rows = (m - i).min(4);
+            // SAFETY: rows i..i + rows are within x, y and t (the caller asserted m rows).
+            unsafe {
+                match rows {
+                    4 => down::<4>(a, k, rank, scale, x, i, t),
+                    3 => down::<3>(a, k, rank, scale, x, i, t),
+                    2 => down::<2>(a, k, rank, scale, x, i, t),
+                    _ => down::<1>(a, k, rank, scale, x, i, t),
+                }
+                match rows {
+                    4 => up::<4>(bt, n, rank, t, y, i),
+                    3 => up::<3>(bt, n, rank, t, y, i),
+                    2 => up::<2>(bt, n, rank, t, y, i),
+                    _ => up::<1>(bt, n, rank, t, y, i),
+                }
+            }
+            i += rows;
+        }
+    }
+
+    /// `t[i + r][j] = scale · a_j · x_{i + r}` for `R` rows, four rank rows at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    unsafe fn down<const R: usize>(
+        a: &[f32],
+        k: usize,
+        rank: usize,
+        scale: f32,
+        x: &[f32],
+        i: usize,
+        t: &mut [f32],
+    ) {
+        let body = k / LANES * LANES;
+        let px = x.as_ptr();
+        let mut j0 = 0;
+        while j0 < rank {
+            let js = (rank - j0).min(4);
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            let mut c = 0;
+            while c < body {
+                // SAFETY: c + 16 ≤ body ≤ k, rows j0..j0 + js of a and i..i + R of x exist.
+                unsafe {
+                    let xs: [__m512; R] =
+                        std::array::from_fn(|r| _mm512_loadu_ps(px.add((i + r) * k + c)));
+                    for jj in 0..js {
+                        let av = _mm512_loadu_ps(a.as_ptr().add((j0 + jj) * k + c));
+                        for r in 0..R {
+                            acc[r][jj] = _mm512_fmadd_ps(av, xs[r], acc[r][jj]);
+                        }
+                    }
+                }
+                c += LANES;
+            }
+            for (r, accr) in acc.iter().enumerate() {
+                for (jj, v) in accr.iter().enumerate().take(js) {
+                    let s8 = _mm256_add_ps(
+                        _mm512_castps512_ps256(*v),
+                        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*v))),
+                    );
+                    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+                    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+                    let mut s = _mm_cvtss_f32(s1);
+                    let (ar, xr) = (&a[(j0 + jj) * k..], &x[(i + r) * k..]);
+                    for c in body..k {
+                        s = ar[c].mul_add(xr[c], s);
+                    }
+                    t[(i + r) * rank + j0 + jj] = scale * s;
+                }
+            }
+            j0 += js;
+        }
+    }
+
+    /// `y[i + r] += Σ_j t[i + r][j] · bt_j` for `R` rows, 32 outputs at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    unsafe fn up<const R: usize>(
+        bt: &[f32],
+        n: usize,
+        rank: usize,
+        t: &[f32],
+        y: &mut [f32],
+        i: usize,
+    ) {
+        let (pb, py, pt) = (bt.as_ptr(), y.as_mut_ptr(), t.as_ptr());
+        let mut o = 0;
+        while o < n {
+            let w0 = (n - o).min(16);
+            let w1 = (n - o).saturating_sub(16).min(16);
+            let (m0, m1) = (((1u32 << w0) - 1) as u16, ((1u32 << w1) - 1) as u16);
+            // SAFETY: masked lanes stay below n in every row of y and bt; rows i..i + R
+            // of y and t and the rank rows of bt exist.
+            unsafe {
+                let mut v0: [__m512; R] =
+                    std::array::from_fn(|r| _mm512_maskz_loadu_ps(m0, py.add((i + r) * n + o)));
+                let mut v1: [__m512; R] = std::array::from_fn(|r| {
+                    _mm512_maskz_loadu_ps(m1, py.add((i + r) * n + o + 16))
+                });
+                for j in 0..rank {
+                    let b0 = _mm512_maskz_loadu_ps(m0, pb.add(j * n + o));
+                    let b1 = _mm512_maskz_loadu_ps(m1, pb.add(j * n + o + 16));
+                    for r in 0..R {
+                        let tv = _mm512_set1_ps(*pt.add((i + r) * rank + j));
+                        v0[r] = _mm512_fmadd_ps(tv, b0, v0[r]);
+                        v1[r] = _mm512_fmadd_ps(tv, b1, v1[r]);
+                    }
+                }
+                for r in 0..R {
+                    _mm512_mask_storeu_ps(py.add((i + r) * n + o), m0, v0[r]);
+                    _mm512_mask_storeu_ps(py.add((i + r) * n + o + 16), m1, v1[r]);
+                }
+            }
+            o += 32;
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -339,6 +505,38 @@ mod tests {
                     lora_up(isa, &bt, n, &t, &mut y);
                     axpy_rows_ref(&bt, n, &t, &mut y_ref);
                     assert_eq!(bits(&y), bits(&y_ref), "{isa} up n={n} r={r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_equal_row_by_row_bitwise() {
+        for isa in Isa::supported() {
+            for (k, n) in [
+                (1, 1),
+                (15, 17),
+                (16, 32),
+                (33, 47),
+                (576, 192),
+                (100, 1536),
+            ] {
+                for rank in [1, 3, 4, 5, 16] {
+                    for m in [1, 2, 3, 4, 5, 9] {
+                        let a = data(rank * k, 31 + k as u64);
+                        let bt = data(rank * n, 32 + n as u64);
+                        let x = data(m * k, 33 + m as u64);
+                        let y0 = data(m * n, 34);
+                        let (mut y, mut t) = (y0.clone(), vec![0f32; m * rank]);
+                        lora_rows(isa, &a, &bt, (k, n), rank, 0.3, &x, &mut y, m, &mut t);
+                        let mut want = y0.clone();
+                        let mut tr = vec![0f32; rank];
+                        for i in 0..m {
+                            lora_down(Isa::Scalar, &a, k, &x[i * k..(i + 1) * k], 0.3, &mut tr);
+                            lora_up(Isa::Scalar, &bt, n, &tr, &mut want[i * n..(i + 1) * n]);
+                        }
+                        assert_eq!(bits(&y), bits(&want), "{isa} k={k} n={n} r={rank} m={m}");
+                    }
                 }
             }
         }

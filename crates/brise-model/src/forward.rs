@@ -169,19 +169,24 @@ impl Forward<'_> {
         let end = spans.iter().map(|(r, _)| r.end).max().unwrap_or(0);
         assert!(x.len() >= end * k && y.len() >= end * n);
         let yp = SyncMut(y.as_mut_ptr());
+        // Thread t takes the adapted rows total·t/nt.. of the spans laid end to end.
         let work = |t: usize, nt: usize| {
-            let mut tbuf = vec![0f32; rank];
+            let (lo, hi) = (total * t / nt, total * (t + 1) / nt);
+            let mut tbuf = vec![0f32; (hi - lo) * rank];
             let mut idx = 0;
             for (range, ad) in spans {
-                for i in range.clone() {
-                    if idx % nt == t {
-                        // SAFETY: row i of y (in bounds, asserted above) is written by
-                        // this thread alone while `y`'s borrow is held by this call.
-                        let yr = unsafe { std::slice::from_raw_parts_mut(yp.get().add(i * n), n) };
-                        ad.apply_row(isa, li, p, &x[i * k..(i + 1) * k], yr, &mut tbuf);
-                    }
-                    idx += 1;
+                let (s0, s1) = (idx.max(lo), (idx + range.len()).min(hi));
+                if s1 > s0 {
+                    let i0 = range.start + s0 - idx;
+                    let rows = s1 - s0;
+                    // SAFETY: rows i0..i0 + rows of y (in bounds, asserted above) are
+                    // written by this thread alone while `y`'s borrow is held by this call.
+                    let yr =
+                        unsafe { std::slice::from_raw_parts_mut(yp.get().add(i0 * n), rows * n) };
+                    let xr = &x[i0 * k..(i0 + rows) * k];
+                    ad.apply_rows(isa, li, p, xr, yr, rows, &mut tbuf);
                 }
+                idx += range.len();
             }
         };
         // Decoding steps are small: waking the pool would cost more than the work.

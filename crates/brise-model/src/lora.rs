@@ -508,6 +508,26 @@ impl LoraAdapter {
         brise_kernels::lora::lora_down(isa, &m.a, m.k, &x[..m.k], self.scale, t);
         brise_kernels::lora::lora_up(isa, &m.bt, m.n, t, &mut y[..m.n]);
     }
+
+    /// [`LoraAdapter::apply_row`] for `rows` consecutive rows of `x` and `y`, with the
+    /// same bits per row; `t` holds `rows · rank` values.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_rows(
+        &self,
+        isa: Isa,
+        layer: usize,
+        p: Proj,
+        x: &[f32],
+        y: &mut [f32],
+        rows: usize,
+        t: &mut [f32],
+    ) {
+        let Some(m) = self.matrix(layer, p) else {
+            return;
+        };
+        let r = self.config.r;
+        brise_kernels::lora::lora_rows(isa, &m.a, &m.bt, (m.k, m.n), r, self.scale, x, y, rows, t);
+    }
 }
 
 impl Proj {
