@@ -71,11 +71,9 @@ pub fn lora_up(isa: Isa, bt: &[f32], n: usize, t: &[f32], y: &mut [f32]) {
     axpy_rows_ref(bt, n, t, y)
 }
 
-/// [`lora_down`] then [`lora_up`] for each of `m` rows: `y_i += B (scale · A x_i)` with
+/// [`lora_down_rows`] then [`lora_up_rows`]: `y_i += B (scale · A x_i)` for `m` rows,
 /// `x` of `m × k`, `y` of `m × n` and `t` room for `m × rank` values (`rank` = the rows
-/// of `a`). Each row gets exactly the bits the one-row functions give it; the AVX-512
-/// path shares each row of A and Bᵀ between four rows of `x` and keeps sixteen dot
-/// products in flight, where the one-row path waits on one FMA chain at a time.
+/// of `a`), with the bits of [`lora_down`] and [`lora_up`] row by row.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_rows(
     isa: Isa,
@@ -89,18 +87,70 @@ pub fn lora_rows(
     m: usize,
     t: &mut [f32],
 ) {
-    assert!(a.len() >= rank * k && bt.len() >= rank * n);
-    assert!(x.len() >= m * k && y.len() >= m * n && t.len() >= m * rank);
+    lora_down_rows(isa, a, k, rank, scale, x, m, t);
+    lora_up_rows(isa, bt, n, rank, t, y, m);
+}
+
+/// `t[i·rank + j] = scale · (a_j · x_i)` for `m` rows `x_i` of `k` values and the `rank`
+/// rows `a_j`: [`lora_down`] row by row, with its bits. The AVX-512 path shares each row
+/// of `a` between four rows of `x` and keeps sixteen dot products in flight, where the
+/// one-row path waits on one FMA chain at a time.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_down_rows(
+    isa: Isa,
+    a: &[f32],
+    k: usize,
+    rank: usize,
+    scale: f32,
+    x: &[f32],
+    m: usize,
+    t: &mut [f32],
+) {
+    assert!(a.len() >= rank * k && x.len() >= m * k && t.len() >= m * rank);
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni {
         // SAFETY: an `Isa` of Avx512Vnni is only used on CPUs with AVX-512F (the caller
         // got it from detection); the lengths are asserted above.
-        return unsafe { x86::lora_rows(a, bt, (k, n), rank, scale, x, y, m, t) };
+        return unsafe { x86::down_rows(a, k, rank, scale, x, m, t) };
     }
     for i in 0..m {
-        let ti = &mut t[i * rank..(i + 1) * rank];
-        lora_down(isa, a, k, &x[i * k..(i + 1) * k], scale, ti);
-        lora_up(isa, bt, n, ti, &mut y[i * n..(i + 1) * n]);
+        lora_down(
+            isa,
+            a,
+            k,
+            &x[i * k..(i + 1) * k],
+            scale,
+            &mut t[i * rank..(i + 1) * rank],
+        );
+    }
+}
+
+/// `y_i += Σ_j t[i·rank + j] · bt_j` for `m` rows `y_i` of `n` values and the `rank`
+/// rows `bt_j`: [`lora_up`] row by row, with its bits (each element's FMA chain in
+/// increasing `j`).
+pub fn lora_up_rows(
+    isa: Isa,
+    bt: &[f32],
+    n: usize,
+    rank: usize,
+    t: &[f32],
+    y: &mut [f32],
+    m: usize,
+) {
+    assert!(bt.len() >= rank * n && y.len() >= m * n && t.len() >= m * rank);
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        // SAFETY: as in `lora_down_rows`.
+        return unsafe { x86::up_rows(bt, n, rank, t, y, m) };
+    }
+    for i in 0..m {
+        lora_up(
+            isa,
+            bt,
+            n,
+            &t[i * rank..(i + 1) * rank],
+            &mut y[i * n..(i + 1) * n],
+        );
     }
 }
 
@@ -214,26 +264,22 @@ mod x86 {
         s
     }
 
-    /// [`super::lora_rows`] on AVX-512: 16 FMA lanes are one register, so each dot
-    /// product's lanes, tree and tail are the AVX2 kernel's, and each output element's
-    /// FMA chain runs in increasing rank as in `axpy_rows`.
+    /// [`super::lora_down_rows`] on AVX-512: 16 FMA lanes are one register, so each dot
+    /// product's lanes, tree and tail are the AVX2 kernel's.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn lora_rows(
+    pub unsafe fn down_rows(
         a: &[f32],
-        bt: &[f32],
-        (k, n): (usize, usize),
+        k: usize,
         rank: usize,
         scale: f32,
         x: &[f32],
-        y: &mut [f32],
         m: usize,
         t: &mut [f32],
     ) {
         let mut i = 0;
         while i < m {
             let rows = (m - i).min(4);
-            // SAFETY: rows i..i + rows are within x, y and t (the caller asserted m rows).
+            // SAFETY: rows i..i + rows are within x and t (the caller asserted m rows).
             unsafe {
                 match rows {
                     4 => down::<4>(a, k, rank, scale, x, i, t),
@@ -241,6 +287,20 @@ mod x86 {
                     2 => down::<2>(a, k, rank, scale, x, i, t),
                     _ => down::<1>(a, k, rank, scale, x, i, t),
                 }
+            }
+            i += rows;
+        }
+    }
+
+    /// [`super::lora_up_rows`] on AVX-512: each output element's FMA chain runs in
+    /// increasing rank, as in `axpy_rows`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    pub unsafe fn up_rows(bt: &[f32], n: usize, rank: usize, t: &[f32], y: &mut [f32], m: usize) {
+        let mut i = 0;
+        while i < m {
+            let rows = (m - i).min(4);
+            // SAFETY: rows i..i + rows are within y and t (the caller asserted m rows).
+            unsafe {
                 match rows {
                     4 => up::<4>(bt, n, rank, t, y, i),
                     3 => up::<3>(bt, n, rank, t, y, i),

@@ -18,7 +18,8 @@ use crate::forward::{Forward, SeqBatch};
 use crate::lora::{LoraAdapter, LoraMatrix, Proj};
 use crate::weights::Weight;
 use brise_kernels::attn::{self, HeadRows};
-use brise_kernels::matmul::{GradScratch, gemm_acc, matmul_backward_input};
+use brise_kernels::lora;
+use brise_kernels::matmul::{GradScratch, matmul_backward_input};
 use brise_kernels::ops;
 use brise_kernels::pool::ThreadPool;
 
@@ -209,8 +210,6 @@ pub struct BackwardState {
     dt: Vec<f32>,
     tt: Vec<f32>,
     dtt: Vec<f32>,
-    at: Vec<f32>,
-    b: Vec<f32>,
     heads: Vec<attn::HeadScratch>,
     grad: GradScratch,
 }
@@ -233,17 +232,6 @@ fn par_rows(pool: &ThreadPool, r: usize, f: impl Fn(usize, usize) + Sync) {
 unsafe fn rows_mut<'a>(p: SyncMut, lo: usize, hi: usize, width: usize) -> &'a mut [f32] {
     // SAFETY: as the caller promises.
     unsafe { std::slice::from_raw_parts_mut(p.get().add(lo * width), (hi - lo) * width) }
-}
-
-/// `out (cols × rows) = inᵀ` for `inp` of `rows × cols`.
-fn transpose(inp: &[f32], rows: usize, cols: usize, out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(rows * cols, 0.0);
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = inp[r * cols + c];
-        }
-    }
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -280,10 +268,12 @@ impl Forward<'_> {
 
     /// Backward of the adapter on projection `p` of layer `li` over the adapted rows:
     /// adds its input gradient into `dx` and its parameter gradients into `grads`.
-    /// With `t = scale · X Aᵀ` and `dt = dY B`: `dBᵀ += tᵀ dY`, `dA += scale · dtᵀ X`
-    /// and `dX += scale · dt A`, five dense products (`gemm_acc`); the rows are split
-    /// over threads for the per-row products and the rank rows for the parameter ones,
-    /// so no sum depends on the thread count.
+    /// With `t = scale · A x` and `dt = scale · Bᵀ dy` per row: `dX += dt A`,
+    /// `dBᵀ += tᵀ dY` and `dA += dtᵀ X`. One parallel section: the per-row products on
+    /// each thread's rows (with the forward's kernels, so `t` has the forward's bits),
+    /// then, after the pool's barrier, the parameter products on each thread's rank
+    /// rows, summed over the rows in increasing order, so no sum depends on the thread
+    /// count.
     #[allow(clippy::too_many_arguments)]
     fn lora_grad(
         &self,
@@ -309,66 +299,68 @@ impl Forward<'_> {
         let rank = ad.rank();
         let scale = ad.scale();
         let nt = pool.n_threads();
-        // Aᵀ (k × rank) and B (n × rank), for the per-row products.
-        transpose(a, rank, k, &mut bs.at);
-        transpose(bt, rank, n, &mut bs.b);
+        let isa = self.kern.isa();
         for &(r0, r1, adapted) in &tape.seqs {
             if !adapted || r1 == r0 {
                 continue;
             }
             let rows = r1 - r0;
-            bs.t.clear();
-            bs.t.resize(rows * rank, 0.0);
-            bs.dt.clear();
-            bs.dt.resize(rows * rank, 0.0);
+            for v in [&mut bs.t, &mut bs.dt, &mut bs.tt, &mut bs.dtt] {
+                grow(v, rows * rank);
+            }
             let (xs, dys) = (&x[r0 * k..r1 * k], &dy[r0 * n..r1 * n]);
-            let (tp, dtp, dxp) = (
+            let (tp, dtp, ttp, dttp) = (
                 SyncMut(bs.t.as_mut_ptr()),
                 SyncMut(bs.dt.as_mut_ptr()),
-                SyncMut(dx[r0 * k..r1 * k].as_mut_ptr()),
+                SyncMut(bs.tt.as_mut_ptr()),
+                SyncMut(bs.dtt.as_mut_ptr()),
             );
-            let (at, b) = (&bs.at, &bs.b);
-            pool.run(|th| {
-                let lo = rows * th / nt;
-                let hi = rows * (th + 1) / nt;
-                if hi == lo {
-                    return;
-                }
-                // SAFETY: rows lo..hi of t, dt (rows · rank values, sized above) and of
-                // this span of dx belong to this thread alone.
-                let (t, dt, dxr) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(tp.get().add(lo * rank), (hi - lo) * rank),
-                        std::slice::from_raw_parts_mut(dtp.get().add(lo * rank), (hi - lo) * rank),
-                        std::slice::from_raw_parts_mut(dxp.get().add(lo * k), (hi - lo) * k),
-                    )
-                };
-                let m = hi - lo;
-                gemm_acc(t, m, rank, &xs[lo * k..], k, 0, k, at);
-                t.iter_mut().for_each(|v| *v *= scale);
-                gemm_acc(dt, m, rank, &dys[lo * n..], n, 0, n, b);
-                dt.iter_mut().for_each(|v| *v *= scale);
-                gemm_acc(dxr, m, k, dt, rank, 0, rank, a);
-            });
-            // tᵀ and (scale · dt)ᵀ, rank × rows, for the parameter products.
-            transpose(&bs.t, rows, rank, &mut bs.tt);
-            transpose(&bs.dt, rows, rank, &mut bs.dtt);
-            let (tt, dtt) = (&bs.tt, &bs.dtt);
+            let dxp = SyncMut(dx[r0 * k..r1 * k].as_mut_ptr());
             let (dap, dbp) = (SyncMut(da.as_mut_ptr()), SyncMut(dbt.as_mut_ptr()));
             pool.run(|th| {
-                let (j0, j1) = (rank * th / nt, rank * (th + 1) / nt);
-                if j1 == j0 {
-                    return;
+                let (lo, hi) = (rows * th / nt, rows * (th + 1) / nt);
+                if hi > lo {
+                    // SAFETY: rows lo..hi of t and dt (rows · rank values, grown above)
+                    // and of this span of dx belong to this thread alone.
+                    let (t, dt, dxr) = unsafe {
+                        (
+                            rows_mut(tp, lo, hi, rank),
+                            rows_mut(dtp, lo, hi, rank),
+                            rows_mut(dxp, lo, hi, k),
+                        )
+                    };
+                    let mm = hi - lo;
+                    lora::lora_down_rows(isa, a, k, rank, scale, &xs[lo * k..], mm, t);
+                    lora::lora_down_rows(isa, bt, n, rank, scale, &dys[lo * n..], mm, dt);
+                    lora::lora_up_rows(isa, a, k, rank, dt, dxr, mm);
+                    for i in lo..hi {
+                        for j in 0..rank {
+                            // SAFETY: columns lo..hi of tᵀ and dtᵀ (rank × rows) are
+                            // this thread's alone.
+                            unsafe {
+                                *ttp.get().add(j * rows + i) = t[(i - lo) * rank + j];
+                                *dttp.get().add(j * rows + i) = dt[(i - lo) * rank + j];
+                            }
+                        }
+                    }
                 }
-                // SAFETY: rank rows j0..j1 of dA and dBᵀ belong to this thread alone.
-                let (da, dbt) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(dap.get().add(j0 * k), (j1 - j0) * k),
-                        std::slice::from_raw_parts_mut(dbp.get().add(j0 * n), (j1 - j0) * n),
-                    )
-                };
-                gemm_acc(dbt, j1 - j0, n, &tt[j0 * rows..], rows, 0, rows, dys);
-                gemm_acc(da, j1 - j0, k, &dtt[j0 * rows..], rows, 0, rows, xs);
+                pool.barrier();
+                let (j0, j1) = (rank * th / nt, rank * (th + 1) / nt);
+                if j1 > j0 {
+                    // SAFETY: every thread's writes to tᵀ and dtᵀ are done (the barrier)
+                    // and only read now; rank rows j0..j1 of dA and dBᵀ are this
+                    // thread's alone.
+                    let (tt, dtt, da, dbt) = unsafe {
+                        (
+                            std::slice::from_raw_parts(ttp.get().add(j0 * rows), (j1 - j0) * rows),
+                            std::slice::from_raw_parts(dttp.get().add(j0 * rows), (j1 - j0) * rows),
+                            rows_mut(dap, j0, j1, k),
+                            rows_mut(dbp, j0, j1, n),
+                        )
+                    };
+                    lora::lora_up_rows(isa, dys, n, rows, tt, dbt, j1 - j0);
+                    lora::lora_up_rows(isa, xs, k, rows, dtt, da, j1 - j0);
+                }
             });
         }
     }
