@@ -74,9 +74,18 @@ pub fn b_tiles(g: usize) -> usize {
 /// `bp` for `g` rows: one pass of 64-byte runs, the pairs interleaved.
 pub fn pack_b_pair(bp: &mut [u16], g: usize, k: usize, j: usize, r0: &[f32], r1: &[f32]) {
     debug_assert!(j.is_multiple_of(2));
+    assert!(r0.len() >= k && r1.len() >= k && bp.len() >= b_len(g, k));
     let kbs = b_tiles(g);
     let (kb, p) = (j / 32, (j % 32) / 2);
-    for nb in 0..k.div_ceil(16) {
+    let full = k / 16;
+    let mut nb0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked); the lengths are asserted above.
+        unsafe { x86::pack_b_pair(bp, kbs, kb, p, full, r0, r1) };
+        nb0 = full;
+    }
+    for nb in nb0..k.div_ceil(16) {
         let o = (nb * kbs + kb) * 512 + p * 32;
         let dst = &mut bp[o..o + 32];
         let c0 = nb * 16;
@@ -96,22 +105,39 @@ pub fn b_len(g: usize, k: usize) -> usize {
 /// Rows `rows` of A (`a[i·lda + c0 ..][..g]`) as bf16 rows of `pad32(g)`.
 pub fn pack_a(ap: &mut [u16], a: &[f32], lda: usize, c0: usize, g: usize, rows: usize) {
     let gp = pad32(g);
+    #[cfg(target_arch = "x86_64")]
+    let simd = std::arch::is_x86_feature_detected!("avx512f");
     for i in 0..rows {
         let src = &a[i * lda + c0..i * lda + c0 + g];
         let dst = &mut ap[i * gp..i * gp + gp];
-        for (d, &s) in dst.iter_mut().zip(src) {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX-512F is present (checked).
+            done = unsafe { x86::to_bf16(src, dst) };
+        }
+        for (d, &s) in dst[done..].iter_mut().zip(&src[done..]) {
             *d = bf16(s);
         }
         dst[g..].fill(0);
     }
 }
 
-/// `c (m_pad × k_pad, rows of k_pad) += a · b`, with `a` from [`pack_a`] (`m_pad` rows,
-/// a multiple of 32) and `b` from [`pack_b_pair`] for `g` rows and `k_pad` columns.
+/// `c (m_pad × k_pad, rows of k_pad) += a · b` (or `=` when not `accumulate`, so `c`
+/// need not be zeroed first), with `a` from [`pack_a`] (`m_pad` rows, a multiple of 32)
+/// and `b` from [`pack_b_pair`] for `g` rows and `k_pad` columns.
 ///
 /// # Safety
 /// [`available`] returned true, and the buffers have the sizes above.
-pub unsafe fn gemm(c: &mut [f32], m_pad: usize, k_pad: usize, a: &[u16], b: &[u16], g: usize) {
+pub unsafe fn gemm(
+    c: &mut [f32],
+    m_pad: usize,
+    k_pad: usize,
+    a: &[u16],
+    b: &[u16],
+    g: usize,
+    accumulate: bool,
+) {
     let kbs = b_tiles(g);
     assert!(m_pad.is_multiple_of(32) && k_pad.is_multiple_of(32));
     assert!(
@@ -120,12 +146,15 @@ pub unsafe fn gemm(c: &mut [f32], m_pad: usize, k_pad: usize, a: &[u16], b: &[u1
             && b.len() >= k_pad / 16 * kbs * 512
     );
     if kbs == 0 {
+        if !accumulate {
+            c[..m_pad * k_pad].fill(0.0);
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller checked AMX; the asserts above bound every tile access.
     unsafe {
-        x86::gemm(c, m_pad, k_pad, a, b, kbs)
+        x86::gemm(c, m_pad, k_pad, a, b, kbs, accumulate)
     }
 }
 
@@ -147,6 +176,69 @@ mod x86 {
         TileCfg(c)
     }
 
+    /// [`super::bf16`] of `src`'s first multiple of 16 values into `dst`; returns how
+    /// many it wrote.
+    ///
+    /// SAFETY: AVX-512F is present.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) -> usize {
+        use std::arch::x86_64::*;
+        let body = src.len().min(dst.len()) / 16 * 16;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 ≤ body, inside both slices.
+            unsafe {
+                let x = _mm512_castps_si512(_mm512_loadu_ps(src.as_ptr().add(i)));
+                let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+                let r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd);
+                let h = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(r));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+            }
+            i += 16;
+        }
+        body
+    }
+
+    /// The first `full` column blocks of [`super::pack_b_pair`]: [`super::bf16`]'s
+    /// rounding on 16 lanes, each u32 lane then holding row 0's bf16 in its low half and
+    /// row 1's in its high half, which is the pair's interleaved layout.
+    ///
+    /// SAFETY: AVX-512F is present; `r0` and `r1` hold `16 · full` values and `bp` the
+    /// layout's `(full · kbs) · 512` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    pub unsafe fn pack_b_pair(
+        bp: &mut [u16],
+        kbs: usize,
+        kb: usize,
+        p: usize,
+        full: usize,
+        r0: &[f32],
+        r1: &[f32],
+    ) {
+        use std::arch::x86_64::*;
+        let round = |x: __m512i| {
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+            _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd)
+        };
+        for nb in 0..full {
+            let o = (nb * kbs + kb) * 512 + p * 32;
+            // SAFETY: columns 16·nb.. of both rows and the 32 values at o are in bounds.
+            unsafe {
+                let a = round(_mm512_castps_si512(_mm512_loadu_ps(
+                    r0.as_ptr().add(16 * nb),
+                )));
+                let b = round(_mm512_castps_si512(_mm512_loadu_ps(
+                    r1.as_ptr().add(16 * nb),
+                )));
+                let v = _mm512_or_si512(
+                    _mm512_srli_epi32::<16>(a),
+                    _mm512_and_si512(b, _mm512_set1_epi32(0xffff_0000u32 as i32)),
+                );
+                _mm512_storeu_si512(bp.as_mut_ptr().add(o) as *mut __m512i, v);
+            }
+        }
+    }
+
     /// SAFETY: see `super::gemm`.
     pub unsafe fn gemm(
         c: &mut [f32],
@@ -155,6 +247,7 @@ mod x86 {
         a: &[u16],
         b: &[u16],
         kbs: usize,
+        accumulate: bool,
     ) {
         let cfg = config();
         let ldc = k_pad * 4;
@@ -172,10 +265,18 @@ mod x86 {
                     let pa = a.as_ptr().add(i0 * kbs * 32) as *const u8;
                     let pb = b.as_ptr().add((j0 / 16) * kbs * 512) as *const u8;
                     asm!(
+                        "test {acc}, {acc}",
+                        "jz 3f",
                         "tileloadd tmm0, [{c} + {ldc}*1]",
                         "tileloadd tmm1, [{c1} + {ldc}*1]",
                         "tileloadd tmm2, [{c2} + {ldc}*1]",
                         "tileloadd tmm3, [{c3} + {ldc}*1]",
+                        "jmp 2f",
+                        "3:",
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
                         "2:",
                         "tileloadd tmm4, [{a0} + {lda}*1]",
                         "tileloadd tmm5, [{a1} + {lda}*1]",
@@ -207,6 +308,7 @@ mod x86 {
                         b1 = inout(reg) pb.add(kbs * 1024) => _,
                         s64 = in(reg) 64usize,
                         n = inout(reg) kbs => _,
+                        acc = in(reg) usize::from(accumulate),
                         options(nostack),
                     );
                 }
@@ -231,6 +333,26 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn pair_packing_matches_its_scalar_model() {
+        for (g, k) in [(2, 16), (64, 576), (70, 100), (33, 47)] {
+            let rows = lcg(9, (g + 1) * k);
+            let mut got = vec![0u16; b_len(g, k)];
+            let mut want = got.clone();
+            for j in (0..g).step_by(2) {
+                let (r0, r1) = (&rows[j * k..(j + 1) * k], &rows[(j + 1) * k..(j + 2) * k]);
+                pack_b_pair(&mut got, g, k, j, r0, r1);
+                let (kbs, kb, p) = (b_tiles(g), j / 32, (j % 32) / 2);
+                for c in 0..k {
+                    let o = (c / 16 * kbs + kb) * 512 + p * 32 + 2 * (c % 16);
+                    want[o] = bf16(r0[c]);
+                    want[o + 1] = bf16(r1[c]);
+                }
+            }
+            assert_eq!(got, want, "g {g} k {k}");
+        }
     }
 
     #[test]
@@ -284,7 +406,7 @@ mod tests {
                 c[i * kp..i * kp + k].copy_from_slice(&c0[i * k..(i + 1) * k]);
             }
             // SAFETY: AMX is available (checked) and the buffers are sized as `gemm` says.
-            unsafe { gemm(&mut c, mp, kp, &ap, &bp, g) };
+            unsafe { gemm(&mut c, mp, kp, &ap, &bp, g, true) };
             let r = |x: f32| f64::from(bf16_to_f32(bf16(x)));
             for i in 0..m {
                 for j in 0..k {
@@ -304,6 +426,15 @@ mod tests {
                 // Padding columns stay zero.
                 assert!(c[i * kp + k..(i + 1) * kp].iter().all(|&x| x == 0.0));
             }
+            // Without accumulation, C's old contents (NaN here) do not matter.
+            let mut fresh = vec![f32::NAN; mp * kp];
+            // SAFETY: as above.
+            unsafe { gemm(&mut fresh, mp, kp, &ap, &bp, g, false) };
+            let mut c1 = vec![0f32; mp * kp];
+            // SAFETY: as above.
+            unsafe { gemm(&mut c1, mp, kp, &ap, &bp, g, true) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fresh), bits(&c1), "m {m} g {g} k {k}: C from zero");
         }
     }
 }

@@ -54,11 +54,7 @@ impl<'a> WeightRef<'a> {
     /// `tmp` holds a row's bytes when the matrix is repacked.
     pub fn dequantize_row(&self, r: usize, tmp: &mut Vec<u8>, out: &mut [f32]) {
         match (self.packed, self.kpacked) {
-            (Some(p), _) => {
-                tmp.resize(self.row_bytes(), 0);
-                p.unpack_row(r, tmp);
-                crate::quant::dequantize_row(self.ty, tmp, out);
-            }
+            (Some(p), _) => p.dequantize_row(r, tmp, out),
             (_, Some(p)) => p.dequantize_row(r, out),
             _ => crate::quant::dequantize_row(self.ty, self.row(r), out),
         }
@@ -172,49 +168,55 @@ fn backward_input_amx(
     let nt = pool.n_threads();
     // Thread t's rows of dx: whole 32-row blocks.
     let rows = |t: usize| split_range(mp, nt, t, 32);
+    // Rows whose C can be dx itself: k is a whole number of tiles and the block real.
+    let direct = |t: usize| k == kp && rows(t).end <= m;
     scratch.amx_rows.resize_with(nt, Default::default);
     scratch.per_thread.resize_with(nt, Default::default);
     for (t, (a, c)) in scratch.amx_rows.iter_mut().enumerate() {
         let r = rows(t).len();
-        a.clear();
-        a.resize(r * amx::pad32(AMX_SLAB.min(n)), 0);
-        c.clear();
-        c.resize(r * kp, 0.0);
+        grow_to(a, r * amx::pad32(AMX_SLAB.min(n)));
+        if !direct(t) {
+            grow_to(c, r * kp);
+        }
     }
     for (_, wblk, _) in scratch.per_thread.iter_mut() {
         wblk.resize(2 * k, 0.0);
     }
-    scratch.amx_b.clear();
-    scratch.amx_b.resize(amx::b_len(AMX_SLAB.min(n), kp), 0);
+    grow_to(&mut scratch.amx_b, amx::b_len(AMX_SLAB.min(n), kp));
     let parts = SyncParts(scratch.per_thread.as_mut_ptr());
     let bptr = SyncU16(scratch.amx_b.as_mut_ptr());
     let blen = scratch.amx_b.len();
     let mine = SyncRows(scratch.amx_rows.as_mut_ptr());
+    let dxp = SyncPtr(dx.as_mut_ptr());
     let mut r0 = 0;
     while r0 < n {
         let g = AMX_SLAB.min(n - r0);
         let gp = amx::pad32(g);
-        // W's rows r0..r0+g into the shared tile layout, the threads taking row ranges.
+        let (first, last) = (r0 == 0, r0 + g == n);
+        // W's rows r0..r0+g into the shared tile layout, the threads taking row ranges;
+        // then, after the barrier, each thread's rows of the product.
         pool.run(|t| {
             // SAFETY: thread t alone uses element t of `per_thread`; the rows j of this
             // thread's range write only their own (kb, p, e) slots of B, disjoint from
             // every other thread's, and `blen` is B's length.
             let (_, wblk, tmp) = unsafe { &mut *parts.get().add(t) };
-            let b = unsafe { std::slice::from_raw_parts_mut(bptr.get(), blen) };
-            for j in split_range(gp, nt, t, 2).step_by(2) {
-                let (w0, w1) = wblk.split_at_mut(k);
-                for (row, dst) in [(j, &mut w0[..]), (j + 1, &mut w1[..k])] {
-                    if row < g {
-                        w.dequantize_row(r0 + row, tmp, dst);
-                    } else {
-                        dst.fill(0.0);
+            {
+                let b = unsafe { std::slice::from_raw_parts_mut(bptr.get(), blen) };
+                for j in split_range(gp, nt, t, 2).step_by(2) {
+                    let (w0, w1) = wblk.split_at_mut(k);
+                    for (row, dst) in [(j, &mut w0[..]), (j + 1, &mut w1[..k])] {
+                        if row < g {
+                            w.dequantize_row(r0 + row, tmp, dst);
+                        } else {
+                            dst.fill(0.0);
+                        }
                     }
+                    amx::pack_b_pair(b, g, k, j, w0, &w1[..k]);
                 }
-                amx::pack_b_pair(b, g, k, j, w0, &w1[..k]);
             }
-        });
-        pool.run(|t| {
-            // SAFETY: thread t alone uses element t of `amx_rows`; B is only read now.
+            pool.barrier();
+            // SAFETY: thread t alone uses element t of `amx_rows` and rows rr of dx; B
+            // is only read now (every thread's writes are behind the barrier).
             let (a, c) = unsafe { &mut *mine.get().add(t) };
             let b = unsafe { std::slice::from_raw_parts(bptr.get(), blen) };
             let rr = rows(t);
@@ -227,19 +229,34 @@ fn backward_input_amx(
                 amx::pack_a(ap, &dy[real.start * n..], n, r0, g, real.len());
             }
             ap[real.len() * gp..].fill(0);
+            let cr = if direct(t) {
+                // SAFETY: rows rr (all below m) of dx are this thread's alone.
+                unsafe { std::slice::from_raw_parts_mut(dxp.get().add(rr.start * k), rr.len() * k) }
+            } else {
+                &mut c[..rr.len() * kp]
+            };
             // SAFETY: AMX is available (the caller checked); A has rr.len() rows of gp,
-            // B the layout of g rows and kp columns, C rr.len() × kp.
-            unsafe { amx::gemm(c, rr.len(), kp, ap, b, g) };
+            // B the layout of g rows and kp columns, C rr.len() × kp; the first slab
+            // starts C from zero.
+            unsafe { amx::gemm(cr, rr.len(), kp, ap, b, g, !first) };
+            if last && !direct(t) {
+                for i in real {
+                    let o = (i - rr.start) * kp;
+                    // SAFETY: row i (below m) of dx is this thread's alone.
+                    let d = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(i * k), k) };
+                    d.copy_from_slice(&c[o..o + k]);
+                }
+            }
         });
         r0 += g;
     }
-    for t in 0..nt {
-        let rr = rows(t);
-        let c = &scratch.amx_rows[t].1;
-        for i in rr.start.min(m)..rr.end.min(m) {
-            let o = (i - rr.start) * kp;
-            dx[i * k..(i + 1) * k].copy_from_slice(&c[o..o + k]);
-        }
+}
+
+/// Grows `v` to at least `n` elements, leaving what it holds: for buffers every use
+/// overwrites, so a call does not pay to zero them.
+fn grow_to<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
     }
 }
 
@@ -1112,12 +1129,23 @@ mod tests {
     /// reused scratch.
     #[test]
     fn backward_input_amx_matches_its_bf16_reference() {
-        let (ty, n, k, m) = (GgmlType::Q4_1, AMX_SLAB + 76, 96, 45);
+        for (ty, m) in [
+            (GgmlType::Q4_1, 45),
+            (GgmlType::Q8_0, 64),
+            (GgmlType::Q4_1, 96),
+        ] {
+            check_backward_amx(ty, m);
+        }
+    }
+
+    fn check_backward_amx(ty: GgmlType, m: usize) {
+        let (n, k) = (AMX_SLAB + 76, 96);
         if !backward_input_uses_amx(m, n) {
             eprintln!("no AMX here: skipped");
             return;
         }
         let data = weights(ty, n, k, 9);
+        let packed = Packed::pack(ty, n, k, &data);
         let rb = ty.row_bytes(k).unwrap();
         let dy: Vec<f32> = (0..m * n)
             .map(|i| ((i * 29 % 23) as f32 - 11.0) * 0.0371)
@@ -1142,23 +1170,23 @@ mod tests {
                 }
             }
         }
-        let w = WeightRef {
-            ty,
-            n,
-            k,
-            data: &data,
-            packed: None,
-            kpacked: None,
-        };
         let mut scratch = GradScratch::default();
-        for threads in [1, 2, 3, 2] {
+        for (threads, repacked) in [(1, false), (2, true), (3, false), (2, false), (1, true)] {
+            let w = WeightRef {
+                ty,
+                n,
+                k,
+                data: if repacked { &[] } else { &data },
+                packed: repacked.then_some(&packed),
+                kpacked: None,
+            };
             let pool = ThreadPool::new(threads);
             let mut dx = vec![f32::NAN; m * k];
             matmul_backward_input(&pool, &w, &dy, m, &mut scratch, &mut dx);
             for (i, (a, (b, g))) in dx.iter().zip(want.iter().zip(&mag)).enumerate() {
                 assert!(
                     (*a as f64 - b).abs() <= 1e-6 * g + 1e-30,
-                    "{threads} threads at {i}: {a} vs {b}"
+                    "{ty} m {m}, {threads} threads, repacked {repacked} at {i}: {a} vs {b}"
                 );
             }
         }

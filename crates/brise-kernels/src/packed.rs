@@ -133,6 +133,24 @@ impl Packed {
         Packed { ty, n, k, data }
     }
 
+    /// Row `r` dequantized into `out` (`k` values), with the bits of unpacking it and
+    /// [`crate::quant::dequantize_row`]: straight from the tiles on AVX-512 for Q4_0,
+    /// Q4_1 and Q8_0 (the training backward reads every weight row each step), through
+    /// the GGUF bytes (`tmp`) otherwise.
+    pub fn dequantize_row(&self, r: usize, tmp: &mut Vec<u8>, out: &mut [f32]) {
+        assert!(r < self.n && out.len() >= self.k);
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512F is present (checked); row r and its k values exist.
+            return unsafe { x86::dequantize_row(self, r, out) };
+        }
+        tmp.resize(self.ty.row_bytes(self.k).expect("packable"), 0);
+        self.unpack_row(r, tmp);
+        crate::quant::dequantize_row(self.ty, tmp, &mut out[..self.k]);
+    }
+
     /// Row `r` in GGUF layout (for embedding lookups and tests).
     pub fn unpack_row(&self, r: usize, out: &mut [u8]) {
         let bs = self.ty.type_size();
@@ -242,9 +260,14 @@ mod tests {
             let p = Packed::pack(ty, n, k, &src);
             assert_eq!(p.data.len(), 3 * 3 * p.tile_size());
             let mut row = vec![0u8; rb];
+            let (mut got, mut want, mut tmp) = (vec![0f32; k], vec![0f32; k], Vec::new());
             for r in 0..n {
                 p.unpack_row(r, &mut row);
                 assert_eq!(row, &src[r * rb..(r + 1) * rb], "{ty} row {r}");
+                p.dequantize_row(r, &mut tmp, &mut got);
+                crate::quant::dequantize_row(ty, &row, &mut want);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{ty} row {r} dequantized");
             }
         }
     }
@@ -258,6 +281,79 @@ pub(crate) mod x86 {
     //! its `ActPrep` `nb` entries, and that each output pointer covers 16 floats.
     use super::{ActPrep, GROUP, offsets};
     use crate::ggml_type::GgmlType;
+
+    /// [`super::Packed::dequantize_row`] for Q4_0, Q4_1 and Q8_0: each block's codes
+    /// gathered from the tile's 4-byte runs, converted 16 at a time, and scaled as the
+    /// scalar dequantization does (`d · q + m` as a product then a sum; `(q − 8) · d`
+    /// and `q · d` as `d · q`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn dequantize_row(p: &super::Packed, r: usize, out: &mut [f32]) {
+        let (g, rr) = (r / GROUP, r % GROUP);
+        let (od, om, _, oq) = offsets(p.ty);
+        let ts = p.tile_size();
+        let nb = p.blocks();
+        let group = &p.data[g * nb * ts..(g + 1) * nb * ts];
+        for b in 0..nb {
+            // SAFETY: tile b of the group (ts bytes) holds the scales, mins and codes
+            // read below at their offsets; block b's 32 values are inside out (k = 32 ·
+            // blocks, asserted by the caller).
+            unsafe {
+                let t = group.as_ptr().add(b * ts);
+                let f16 = |o: usize| {
+                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                        (t.add(o) as *const u16).read_unaligned() as i32,
+                    )))
+                };
+                let run = |l: usize| (t.add(oq + l * 64 + rr * 4) as *const i32).read_unaligned();
+                let d = _mm512_set1_ps(f16(od + 2 * rr));
+                let y = out.as_mut_ptr().add(32 * b);
+                match p.ty {
+                    GgmlType::Q8_0 => {
+                        let v = _mm256_xor_si256(
+                            _mm256_setr_epi32(
+                                run(0),
+                                run(1),
+                                run(2),
+                                run(3),
+                                run(4),
+                                run(5),
+                                run(6),
+                                run(7),
+                            ),
+                            _mm256_set1_epi8(0x80u8 as i8),
+                        );
+                        for h in 0..2 {
+                            let q = _mm512_cvtepi8_epi32(if h == 0 {
+                                _mm256_castsi256_si128(v)
+                            } else {
+                                _mm256_extracti128_si256::<1>(v)
+                            });
+                            let x = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
+                            _mm512_storeu_ps(y.add(16 * h), x);
+                        }
+                    }
+                    _ => {
+                        let v = _mm_setr_epi32(run(0), run(1), run(2), run(3));
+                        let lo = _mm_and_si128(v, _mm_set1_epi8(0x0f));
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), _mm_set1_epi8(0x0f));
+                        let m = om.map(|om| _mm512_set1_ps(f16(om + 2 * rr)));
+                        for (h, q) in [lo, hi].into_iter().enumerate() {
+                            let mut q = _mm512_cvtepu8_epi32(q);
+                            if m.is_none() {
+                                q = _mm512_sub_epi32(q, _mm512_set1_epi32(8));
+                            }
+                            let x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q));
+                            let x = match m {
+                                Some(m) => _mm512_add_ps(x, m),
+                                None => x,
+                            };
+                            _mm512_storeu_ps(y.add(16 * h), x);
+                        }
+                    }
+                }
+            }
+        }
+    }
     use core::arch::x86_64::*;
 
     /// Prefetch distance in bytes for the streaming (one activation row) kernel.
