@@ -316,7 +316,7 @@ pub fn attention_backward_head(
     }
 }
 
-/// Buffers of [`attention_backward_head_dense`].
+/// Buffers of [`attention_backward_head_dense`] and [`attention_backward_head_amx`].
 #[derive(Default)]
 pub struct HeadScratch {
     q: Vec<f32>,
@@ -327,6 +327,137 @@ pub struct HeadScratch {
     pt: Vec<f32>,
     ds: Vec<f32>,
     dst: Vec<f32>,
+    /// The AMX path's bf16 operands and its f32 product.
+    a16: Vec<u16>,
+    b16: Vec<u16>,
+    c: Vec<f32>,
+}
+
+/// Whether [`attention_backward_head_fast`] takes the AMX path for `rows` positions.
+pub fn backward_uses_amx(rows: usize) -> bool {
+    crate::amx::available() && rows >= 32
+}
+
+/// [`attention_backward_head_amx`] when AMX is here and the sequence is long enough to
+/// fill its tiles, else [`attention_backward_head_dense`].
+pub fn attention_backward_head_fast(
+    h: &HeadRows,
+    dq: (&mut [f32], usize),
+    dk: &mut [f32],
+    dv: &mut [f32],
+    sc: &mut HeadScratch,
+) {
+    if backward_uses_amx(h.lo.len()) {
+        attention_backward_head_amx(h, dq, dk, dv, sc)
+    } else {
+        attention_backward_head_dense(h, dq, dk, dv, sc)
+    }
+}
+
+/// [`attention_backward_head_dense`] with its four products on AMX bf16 tiles (inputs
+/// rounded to bf16, sums in f32, as the base matrices' `dx` already is): `dP = dO·Vᵀ`,
+/// `dQ = s·dS·K`, and `dKᵀ = s·Qᵀ·dS`, `dVᵀ = dOᵀ·P` so that the two `rows × rows`
+/// matrices are always the right-hand operand and never need transposing. The caller
+/// checked [`backward_uses_amx`].
+pub fn attention_backward_head_amx(
+    h: &HeadRows,
+    dq: (&mut [f32], usize),
+    dk: &mut [f32],
+    dv: &mut [f32],
+    sc: &mut HeadScratch,
+) {
+    use crate::amx::{self, pad32};
+    assert!(amx::available(), "the caller checks backward_uses_amx");
+    let hd = h.hd;
+    let r = h.lo.len();
+    let (rp, hp) = (pad32(r), pad32(hd));
+    let gather = |src: (&[f32], usize), out: &mut Vec<f32>| {
+        out.clear();
+        for i in 0..r {
+            out.extend_from_slice(&src.0[i * src.1..i * src.1 + hd]);
+        }
+    };
+    gather(h.k, &mut sc.k);
+    gather(h.dout, &mut sc.dout);
+    // Qᵀ, Vᵀ and dOᵀ (hd × r): the left operands of dKᵀ and dVᵀ, the right one of dP.
+    let transpose = |src: (&[f32], usize), out: &mut Vec<f32>| {
+        out.clear();
+        out.resize(hd * r, 0.0);
+        for i in 0..r {
+            for d in 0..hd {
+                out[d * r + i] = src.0[i * src.1 + d];
+            }
+        }
+    };
+    transpose(h.q, &mut sc.q);
+    transpose(h.v, &mut sc.vt);
+    transpose(h.dout, &mut sc.pt);
+    sc.p.clear();
+    sc.p.resize(r * r, 0.0);
+    for i in 0..r {
+        let lo = h.lo[i];
+        sc.p[i * r + lo..i * r + i + 1]
+            .copy_from_slice(&h.probs[h.p_off[i]..h.p_off[i] + i + 1 - lo]);
+    }
+    // C (m × n, rows of pad32(n)) = A (m × g, rows of lda) · B (g rows of n).
+    let prod =
+        |sc: &mut HeadScratch, a: &[f32], lda: usize, m: usize, g: usize, b: &[f32], n: usize| {
+            let (mp, gp, np) = (pad32(m), pad32(g), pad32(n));
+            sc.a16.clear();
+            sc.a16.resize(mp * gp, 0);
+            amx::pack_a(&mut sc.a16, a, lda, 0, g, m);
+            sc.b16.clear();
+            sc.b16.resize(amx::b_len(g, np), 0);
+            let zero = vec![0f32; n];
+            for j in (0..g).step_by(2) {
+                let r1 = if j + 1 < g {
+                    &b[(j + 1) * n..(j + 2) * n]
+                } else {
+                    &zero[..]
+                };
+                amx::pack_b_pair(&mut sc.b16, g, n, j, &b[j * n..(j + 1) * n], r1);
+            }
+            if sc.c.len() < mp * np {
+                sc.c.resize(mp * np, 0.0);
+            }
+            // SAFETY: AMX is available (asserted); A is mp × gp bf16, B the pair layout of
+            // g rows and np columns, C mp × np, as `gemm` requires.
+            unsafe { amx::gemm(&mut sc.c, mp, np, &sc.a16, &sc.b16, g, false) };
+        };
+    // dP = dO · Vᵀ, then dS = s · P ∘ (dP − rowsum(P ∘ dP)) in place (r × r).
+    let dout = std::mem::take(&mut sc.dout);
+    let vt = std::mem::take(&mut sc.vt);
+    prod(sc, &dout, hd, r, hd, &vt, r);
+    sc.ds.clear();
+    sc.ds.resize(r * r, 0.0);
+    for i in 0..r {
+        let (p, dp) = (&sc.p[i * r..(i + 1) * r], &sc.c[i * rp..i * rp + r]);
+        let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
+        for ((d, pv), dpv) in sc.ds[i * r..(i + 1) * r].iter_mut().zip(p).zip(dp) {
+            *d = pv * (*dpv - dot) * h.scale;
+        }
+    }
+    let (dq, dqs) = dq;
+    let (ds, k) = (std::mem::take(&mut sc.ds), std::mem::take(&mut sc.k));
+    prod(sc, &ds, r, r, r, &k, hd);
+    for i in 0..r {
+        dq[i * dqs..i * dqs + hd].copy_from_slice(&sc.c[i * hp..i * hp + hd]);
+    }
+    // dKᵀ = Qᵀ · dS and dVᵀ = dOᵀ · P (hd × r), added into dk and dv transposed back.
+    let (qt, dot, p) = (
+        std::mem::take(&mut sc.q),
+        std::mem::take(&mut sc.pt),
+        std::mem::take(&mut sc.p),
+    );
+    for (a, b, out) in [(&qt, &ds, &mut *dk), (&dot, &p, &mut *dv)] {
+        prod(sc, a, r, hd, r, b, r);
+        for d in 0..hd {
+            for i in 0..r {
+                out[i * hd + d] += sc.c[d * rp + i];
+            }
+        }
+    }
+    (sc.q, sc.pt, sc.p, sc.ds, sc.k, sc.dout, sc.vt) = (qt, dot, p, ds, k, dout, vt);
 }
 
 /// [`attention_backward_head`] as dense products (`gemm_acc`) over the sequence's
@@ -941,6 +1072,91 @@ mod backward_tests {
         f
     }
 
+    /// The AMX path against the f32 one: each gradient within 1e-2 of it in relative
+    /// L2 (its inputs are rounded to bf16, 2^-9 relative each).
+    fn check_amx_close(h: &HeadRows, rows: usize, want: (&[f32], &[f32], &[f32])) {
+        if !crate::amx::available() {
+            return;
+        }
+        let hd = h.hd;
+        let (mut dq, mut dk, mut dv) = (
+            vec![f32::NAN; rows * hd],
+            vec![0f32; rows * hd],
+            vec![0f32; rows * hd],
+        );
+        attention_backward_head_amx(
+            h,
+            (&mut dq, hd),
+            &mut dk,
+            &mut dv,
+            &mut HeadScratch::default(),
+        );
+        for (name, got, want) in [
+            ("dq", &dq, want.0),
+            ("dk", &dk, want.1),
+            ("dv", &dv, want.2),
+        ] {
+            let err: f64 = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+            let rel = (err / norm).sqrt();
+            assert!(
+                rel < 1e-2,
+                "AMX {name}, {rows} rows: relative L2 error {rel}"
+            );
+        }
+    }
+
+    /// A long head (the AMX path's sizes: several 32-row tiles, padding) against the
+    /// f32 dense path.
+    #[test]
+    fn amx_backward_tracks_the_f32_one() {
+        for (rows, hd, win) in [(80, 64, usize::MAX), (256, 64, usize::MAX), (45, 48, 20)] {
+            let scale = 1.0 / (hd as f32).sqrt();
+            let q: Vec<f32> = data(rows * hd, 5).iter().map(|x| x * 2.0).collect();
+            let k: Vec<f32> = data(rows * hd, 6).iter().map(|x| x * 2.0).collect();
+            let v = data(rows * hd, 7);
+            let w = data(rows * hd, 8);
+            let lo: Vec<usize> = (0..rows).map(|i| (i + 1).saturating_sub(win)).collect();
+            let (mut p_off, mut probs) = (Vec::new(), Vec::new());
+            for i in 0..rows {
+                p_off.push(probs.len());
+                let mut p: Vec<f32> = (lo[i]..=i)
+                    .map(|j| scale * (0..hd).map(|d| q[i * hd + d] * k[j * hd + d]).sum::<f32>())
+                    .collect();
+                crate::ops::softmax(&mut p);
+                probs.extend(p);
+            }
+            let h = HeadRows {
+                hd,
+                scale,
+                lo: &lo,
+                p_off: &p_off,
+                probs: &probs,
+                q: (&q, hd),
+                k: (&k, hd),
+                v: (&v, hd),
+                dout: (&w, hd),
+            };
+            let (mut dq, mut dk, mut dv) = (
+                vec![0f32; rows * hd],
+                vec![0f32; rows * hd],
+                vec![0f32; rows * hd],
+            );
+            attention_backward_head_dense(
+                &h,
+                (&mut dq, hd),
+                &mut dk,
+                &mut dv,
+                &mut HeadScratch::default(),
+            );
+            check_amx_close(&h, rows, (&dq, &dk, &dv));
+        }
+    }
+
     #[test]
     fn matches_finite_differences_with_and_without_a_window() {
         let (rows, hd) = (7, 6);
@@ -1007,6 +1223,7 @@ mod backward_tests {
                 }
             }
             let (_, dq, dk, dv) = &grads[0];
+            check_amx_close(&h, rows, (dq, dk, dv));
             for (isa, a, b, c) in &grads[1..] {
                 assert!(
                     a == dq && b == dk && c == dv,

@@ -154,6 +154,68 @@ pub fn lora_up_rows(
     }
 }
 
+/// A parameter gradient of LoRA over `m` rows, on the output columns `cols`:
+/// `out[j·n + o] += Σ_i t[i·rank + j] · y[i·n + o]` for every rank row `j`, each
+/// element's FMA chain in increasing `i` (so the result does not depend on how the
+/// columns are split). With `t` the rows' `A x` and `y` their `dy` this is `dBᵀ`; with
+/// `t` their `Bᵀ dy` and `y` their `x`, `dA`. `t` stays in its row layout: the AVX-512
+/// path keeps sixteen rank rows of a 16-column block in registers and reads `y` once.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_params(
+    isa: Isa,
+    t: &[f32],
+    rank: usize,
+    y: &[f32],
+    n: usize,
+    m: usize,
+    cols: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    assert!(out.len() >= rank * n);
+    // SAFETY: `out` is borrowed mutably for the call and holds rank · n values.
+    unsafe { lora_params_cols(isa, t, rank, y, n, m, cols, out.as_mut_ptr()) }
+}
+
+/// [`lora_params`] writing through a pointer, so that threads can each take their own
+/// columns of one output.
+///
+/// # Safety
+/// `out` points to `rank · n` values, and while the call runs no one else reads or
+/// writes the columns `cols` of them.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn lora_params_cols(
+    isa: Isa,
+    t: &[f32],
+    rank: usize,
+    y: &[f32],
+    n: usize,
+    m: usize,
+    cols: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    assert!(t.len() >= m * rank && y.len() >= m * n && cols.end <= n);
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        // SAFETY: as in `lora_down_rows`; the lengths are asserted above and `out` is
+        // the caller's promise.
+        return unsafe { x86::params(t, rank, y, n, m, cols, out) };
+    }
+    let _ = isa;
+    for j in 0..rank {
+        for o in cols.clone() {
+            // SAFETY: element (j, o) is inside out and in this call's columns.
+            unsafe {
+                let p = out.add(j * n + o);
+                let mut v = *p;
+                for i in 0..m {
+                    v = t[i * rank + j].mul_add(y[i * n + o], v);
+                }
+                *p = v;
+            }
+        }
+    }
+}
+
 /// `y += a · x`, elementwise (one FMA per element, as [`lora_up`] with one row).
 pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
     let n = y.len();
@@ -309,6 +371,78 @@ mod x86 {
                 }
             }
             i += rows;
+        }
+    }
+
+    /// [`super::lora_params`] on AVX-512: rank rows in blocks of up to 16, each
+    /// 16-column block's sums in registers over all `m` rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    pub unsafe fn params(
+        t: &[f32],
+        rank: usize,
+        y: &[f32],
+        n: usize,
+        m: usize,
+        cols: std::ops::Range<usize>,
+        po: *mut f32,
+    ) {
+        let mut j0 = 0;
+        while j0 < rank {
+            let js = match rank - j0 {
+                16.. => 16,
+                8.. => 8,
+                4.. => 4,
+                _ => 1,
+            };
+            // SAFETY: as the caller promised, for rank rows j0..j0 + js.
+            unsafe {
+                match js {
+                    16 => params_block::<16>(t, rank, y, n, m, cols.clone(), po, j0),
+                    8 => params_block::<8>(t, rank, y, n, m, cols.clone(), po, j0),
+                    4 => params_block::<4>(t, rank, y, n, m, cols.clone(), po, j0),
+                    _ => params_block::<1>(t, rank, y, n, m, cols.clone(), po, j0),
+                }
+            }
+            j0 += js;
+        }
+    }
+
+    /// Rank rows `j0..j0 + R` of [`params`], their sums in `R` registers.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn params_block<const R: usize>(
+        t: &[f32],
+        rank: usize,
+        y: &[f32],
+        n: usize,
+        m: usize,
+        cols: std::ops::Range<usize>,
+        po: *mut f32,
+        j0: usize,
+    ) {
+        let (pt, py) = (t.as_ptr(), y.as_ptr());
+        let mut o = cols.start;
+        while o < cols.end {
+            let w = (cols.end - o).min(16);
+            let mask = ((1u32 << w) - 1) as u16;
+            // SAFETY: the masked lanes stay below cols.end ≤ n in every row of y and
+            // out; rows j0..j0 + R of out and m rows of t and y exist (asserted).
+            unsafe {
+                let mut acc: [__m512; R] = std::array::from_fn(|jj| {
+                    _mm512_maskz_loadu_ps(mask, po.add((j0 + jj) * n + o))
+                });
+                for i in 0..m {
+                    let yv = _mm512_maskz_loadu_ps(mask, py.add(i * n + o));
+                    let ti = pt.add(i * rank + j0);
+                    for (jj, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*ti.add(jj)), yv, *a);
+                    }
+                }
+                for (jj, a) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(po.add((j0 + jj) * n + o), mask, *a);
+                }
+            }
+            o += 16;
         }
     }
 
@@ -598,6 +732,32 @@ mod tests {
                         assert_eq!(bits(&y), bits(&want), "{isa} k={k} n={n} r={rank} m={m}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn params_equal_their_scalar_model_bitwise() {
+        for isa in Isa::supported() {
+            for (rank, n, m) in [(1, 5, 3), (4, 17, 9), (16, 576, 40), (20, 33, 7)] {
+                let t = data(m * rank, 41);
+                let y = data(m * n, 42);
+                let out0 = data(rank * n, 43);
+                let mut got = out0.clone();
+                // Two column ranges, as two threads would take them.
+                let cut = n / 2 / 16 * 16;
+                lora_params(isa, &t, rank, &y, n, m, 0..cut, &mut got);
+                lora_params(isa, &t, rank, &y, n, m, cut..n, &mut got);
+                let mut want = out0.clone();
+                for j in 0..rank {
+                    for o in 0..n {
+                        for i in 0..m {
+                            want[j * n + o] =
+                                t[i * rank + j].mul_add(y[i * n + o], want[j * n + o]);
+                        }
+                    }
+                }
+                assert_eq!(bits(&got), bits(&want), "{isa} rank {rank} n {n} m {m}");
             }
         }
     }

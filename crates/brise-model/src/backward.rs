@@ -21,7 +21,7 @@ use brise_kernels::attn::{self, HeadRows};
 use brise_kernels::lora;
 use brise_kernels::matmul::{GradScratch, matmul_backward_input};
 use brise_kernels::ops;
-use brise_kernels::pool::ThreadPool;
+use brise_kernels::pool::{ThreadPool, split_range};
 
 /// What one layer's backward needs, `rows ×` width each, in batch row order.
 #[derive(Default)]
@@ -208,8 +208,6 @@ pub struct BackwardState {
     dv_h: Vec<f32>,
     t: Vec<f32>,
     dt: Vec<f32>,
-    tt: Vec<f32>,
-    dtt: Vec<f32>,
     heads: Vec<attn::HeadScratch>,
     grad: GradScratch,
 }
@@ -305,16 +303,11 @@ impl Forward<'_> {
                 continue;
             }
             let rows = r1 - r0;
-            for v in [&mut bs.t, &mut bs.dt, &mut bs.tt, &mut bs.dtt] {
+            for v in [&mut bs.t, &mut bs.dt] {
                 grow(v, rows * rank);
             }
             let (xs, dys) = (&x[r0 * k..r1 * k], &dy[r0 * n..r1 * n]);
-            let (tp, dtp, ttp, dttp) = (
-                SyncMut(bs.t.as_mut_ptr()),
-                SyncMut(bs.dt.as_mut_ptr()),
-                SyncMut(bs.tt.as_mut_ptr()),
-                SyncMut(bs.dtt.as_mut_ptr()),
-            );
+            let (tp, dtp) = (SyncMut(bs.t.as_mut_ptr()), SyncMut(bs.dt.as_mut_ptr()));
             let dxp = SyncMut(dx[r0 * k..r1 * k].as_mut_ptr());
             let (dap, dbp) = (SyncMut(da.as_mut_ptr()), SyncMut(dbt.as_mut_ptr()));
             pool.run(|th| {
@@ -333,33 +326,22 @@ impl Forward<'_> {
                     lora::lora_down_rows(isa, a, k, rank, scale, &xs[lo * k..], mm, t);
                     lora::lora_down_rows(isa, bt, n, rank, scale, &dys[lo * n..], mm, dt);
                     lora::lora_up_rows(isa, a, k, rank, dt, dxr, mm);
-                    for i in lo..hi {
-                        for j in 0..rank {
-                            // SAFETY: columns lo..hi of tᵀ and dtᵀ (rank × rows) are
-                            // this thread's alone.
-                            unsafe {
-                                *ttp.get().add(j * rows + i) = t[(i - lo) * rank + j];
-                                *dttp.get().add(j * rows + i) = dt[(i - lo) * rank + j];
-                            }
-                        }
-                    }
                 }
                 pool.barrier();
-                let (j0, j1) = (rank * th / nt, rank * (th + 1) / nt);
-                if j1 > j0 {
-                    // SAFETY: every thread's writes to tᵀ and dtᵀ are done (the barrier)
-                    // and only read now; rank rows j0..j1 of dA and dBᵀ are this
-                    // thread's alone.
-                    let (tt, dtt, da, dbt) = unsafe {
-                        (
-                            std::slice::from_raw_parts(ttp.get().add(j0 * rows), (j1 - j0) * rows),
-                            std::slice::from_raw_parts(dttp.get().add(j0 * rows), (j1 - j0) * rows),
-                            rows_mut(dap, j0, j1, k),
-                            rows_mut(dbp, j0, j1, n),
-                        )
-                    };
-                    lora::lora_up_rows(isa, dys, n, rows, tt, dbt, j1 - j0);
-                    lora::lora_up_rows(isa, xs, k, rows, dtt, da, j1 - j0);
+                // SAFETY: every thread's rows of t and dt are written (the barrier) and
+                // only read now.
+                let (t, dt) = unsafe {
+                    (
+                        std::slice::from_raw_parts(tp.get(), rows * rank),
+                        std::slice::from_raw_parts(dtp.get(), rows * rank),
+                    )
+                };
+                let cols = |w: usize| split_range(w, nt, th, 16);
+                // SAFETY: dBᵀ and dA hold rank · n and rank · k values, and this thread's
+                // columns of them are its alone.
+                unsafe {
+                    lora::lora_params_cols(isa, t, rank, dys, n, rows, cols(n), dbp.get());
+                    lora::lora_params_cols(isa, dt, rank, xs, k, rows, cols(k), dap.get());
                 }
             });
         }
@@ -652,7 +634,7 @@ impl Forward<'_> {
                         std::slice::from_raw_parts_mut(dvp.get().add(off), rows * hd),
                     )
                 };
-                attn::attention_backward_head_dense(&hr, (dq, hd), dk, dv, &mut hs);
+                attn::attention_backward_head_fast(&hr, (dq, hd), dk, dv, &mut hs);
             }
             dps.lock().unwrap_or_else(|e| e.into_inner())[th] = hs;
         });
