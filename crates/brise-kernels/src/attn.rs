@@ -392,12 +392,16 @@ pub fn attention_backward_head_amx(
     transpose(h.q, &mut sc.q);
     transpose(h.v, &mut sc.vt);
     transpose(h.dout, &mut sc.pt);
-    sc.p.clear();
-    sc.p.resize(r * r, 0.0);
+    // P (r × r), each row written whole: zeros outside the row's window.
+    if sc.p.len() < r * r {
+        sc.p.resize(r * r, 0.0);
+    }
     for i in 0..r {
         let lo = h.lo[i];
-        sc.p[i * r + lo..i * r + i + 1]
-            .copy_from_slice(&h.probs[h.p_off[i]..h.p_off[i] + i + 1 - lo]);
+        let row = &mut sc.p[i * r..(i + 1) * r];
+        row[..lo].fill(0.0);
+        row[lo..=i].copy_from_slice(&h.probs[h.p_off[i]..h.p_off[i] + i + 1 - lo]);
+        row[i + 1..].fill(0.0);
     }
     // C (m × n, rows of pad32(n)) = A (m × g, rows of lda) · B (g rows of n).
     let prod =
@@ -428,14 +432,25 @@ pub fn attention_backward_head_amx(
     let dout = std::mem::take(&mut sc.dout);
     let vt = std::mem::take(&mut sc.vt);
     prod(sc, &dout, hd, r, hd, &vt, r);
-    sc.ds.clear();
-    sc.ds.resize(r * r, 0.0);
+    if sc.ds.len() < r * r {
+        sc.ds.resize(r * r, 0.0);
+    }
+    // Only the window [lo, i] of a row has P ≠ 0, so only it has dS ≠ 0.
+    // AMX implies AVX2 and FMA.
+    let isa = crate::cpu::Isa::Avx2;
     for i in 0..r {
-        let (p, dp) = (&sc.p[i * r..(i + 1) * r], &sc.c[i * rp..i * rp + r]);
-        let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
-        for ((d, pv), dpv) in sc.ds[i * r..(i + 1) * r].iter_mut().zip(p).zip(dp) {
+        let lo = h.lo[i];
+        let (p, dp) = (
+            &sc.p[i * r + lo..=i * r + i],
+            &sc.c[i * rp + lo..=i * rp + i],
+        );
+        let dot = lora::dot(isa, p, dp);
+        let row = &mut sc.ds[i * r..(i + 1) * r];
+        row[..lo].fill(0.0);
+        for ((d, pv), dpv) in row[lo..=i].iter_mut().zip(p).zip(dp) {
             *d = pv * (*dpv - dot) * h.scale;
         }
+        row[i + 1..].fill(0.0);
     }
     let (dq, dqs) = dq;
     let (ds, k) = (std::mem::take(&mut sc.ds), std::mem::take(&mut sc.k));

@@ -492,17 +492,6 @@ impl Forward<'_> {
             bs.dx = dx;
             self.attention_backward(pool, tape, li, &dattn, bs);
             bs.dattn = dattn;
-            for i in 0..r {
-                let rc = &tape.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
-                for h in 0..nh {
-                    let d = &mut bs.dq[i * qd + h * hd..i * qd + (h + 1) * hd];
-                    ops::rope_backward(cfg.rope_style, d, cfg.n_rot, rc);
-                }
-                for h in 0..nkv {
-                    let d = &mut bs.dk[i * kvd + h * hd..i * kvd + (h + 1) * hd];
-                    ops::rope_backward(cfg.rope_style, d, cfg.n_rot, rc);
-                }
-            }
             self.norm_rows(pool, &lt.x_in, &lw.attn_norm, r, &mut bs.xn);
             let mut dxn = std::mem::take(&mut bs.dxn);
             self.base_grad(pool, &mut bs.grad, &lw.wq, &bs.dq, r, &mut dxn);
@@ -608,6 +597,11 @@ impl Forward<'_> {
             .flat_map(|&(r0, r1, _)| (0..nh).map(move |h| (r0, r1, h)))
             .filter(|&(r0, r1, _)| r1 > r0)
             .collect();
+        let (dqo, dko, dvo) = (
+            SyncMut(bs.dq.as_mut_ptr()),
+            SyncMut(bs.dk.as_mut_ptr()),
+            SyncMut(bs.dv.as_mut_ptr()),
+        );
         pool.run(|th| {
             let mut hs = std::mem::take(&mut dps.lock().unwrap_or_else(|e| e.into_inner())[th]);
             for &(r0, r1, h) in work.iter().skip(th).step_by(nt) {
@@ -637,24 +631,50 @@ impl Forward<'_> {
                 attn::attention_backward_head_fast(&hr, (dq, hd), dk, dv, &mut hs);
             }
             dps.lock().unwrap_or_else(|e| e.into_inner())[th] = hs;
-        });
-        bs.heads = dps.into_inner().unwrap_or_else(|e| e.into_inner());
-        for i in 0..r {
-            for h in 0..nh {
-                let src = &bs.dq_h[h * r * hd + i * hd..h * r * hd + (i + 1) * hd];
-                bs.dq[i * qd + h * hd..i * qd + (h + 1) * hd].copy_from_slice(src);
-            }
-            for g in 0..nkv {
-                let dk = &mut bs.dk[i * kvd + g * hd..i * kvd + (g + 1) * hd];
-                let dv = &mut bs.dv[i * kvd + g * hd..i * kvd + (g + 1) * hd];
-                dk.fill(0.0);
-                dv.fill(0.0);
-                for h in g * group..(g + 1) * group {
-                    let o = h * r * hd + i * hd;
-                    ops::add_assign(dk, &bs.dk_h[o..o + hd]);
-                    ops::add_assign(dv, &bs.dv_h[o..o + hd]);
+            // Then each thread's rows: dq, and dk, dv summed over each KV head's query
+            // heads, back in row layout, then RoPE's backward.
+            pool.barrier();
+            // SAFETY: every head's writes are done (the barrier); the head-major buffers
+            // are only read now, and rows lo..hi of dq, dk and dv are this thread's.
+            let (lo, hi) = (r * th / nt, r * (th + 1) / nt);
+            let (dqh, dkh, dvh, dq, dk, dv) = unsafe {
+                (
+                    std::slice::from_raw_parts(dqp.get(), r * qd),
+                    std::slice::from_raw_parts(dkp.get(), r * qd),
+                    std::slice::from_raw_parts(dvp.get(), r * qd),
+                    rows_mut(dqo, lo, hi, qd),
+                    rows_mut(dko, lo, hi, kvd),
+                    rows_mut(dvo, lo, hi, kvd),
+                )
+            };
+            for i in lo..hi {
+                let (qi, ki) = ((i - lo) * qd, (i - lo) * kvd);
+                for h in 0..nh {
+                    let src = &dqh[h * r * hd + i * hd..h * r * hd + (i + 1) * hd];
+                    dq[qi + h * hd..qi + (h + 1) * hd].copy_from_slice(src);
+                }
+                for g in 0..nkv {
+                    let dk = &mut dk[ki + g * hd..ki + (g + 1) * hd];
+                    let dv = &mut dv[ki + g * hd..ki + (g + 1) * hd];
+                    dk.fill(0.0);
+                    dv.fill(0.0);
+                    for h in g * group..(g + 1) * group {
+                        let o = h * r * hd + i * hd;
+                        ops::add_assign(dk, &dkh[o..o + hd]);
+                        ops::add_assign(dv, &dvh[o..o + hd]);
+                    }
+                }
+                let rc = &tape.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
+                for h in 0..nh {
+                    let d = &mut dq[qi + h * hd..qi + (h + 1) * hd];
+                    ops::rope_backward(cfg.rope_style, d, cfg.n_rot, rc);
+                }
+                for h in 0..nkv {
+                    let d = &mut dk[ki + h * hd..ki + (h + 1) * hd];
+                    ops::rope_backward(cfg.rope_style, d, cfg.n_rot, rc);
                 }
             }
-        }
+        });
+        bs.heads = dps.into_inner().unwrap_or_else(|e| e.into_inner());
     }
 }
