@@ -108,9 +108,43 @@ pub fn matmul_backward_input(
         "caller sizes the buffers"
     );
     if backward_input_uses_amx(m, n) {
-        return backward_input_amx(pool, w, dy, m, scratch, dx);
+        return backward_input_amx(pool, &[(*w, dy)], m, scratch, dx);
     }
     backward_input_f32(pool, w, dy, m, scratch, dx)
+}
+
+/// `dx[..m·k] = Σ_i dy_i · W_i` for matrices of one input width `k` (Q, K and V, or
+/// gate and up, which read the same normed rows): on AMX one product whose slabs run
+/// over the matrices in turn, accumulating in its tiles; otherwise each product then
+/// the sum, in order. `tmp` holds a product for that sum.
+pub fn matmul_backward_input_sum(
+    pool: &ThreadPool,
+    parts: &[(WeightRef, &[f32])],
+    m: usize,
+    scratch: &mut GradScratch,
+    tmp: &mut [f32],
+    dx: &mut [f32],
+) {
+    let Some(((w0, _), _)) = parts.split_first() else {
+        return;
+    };
+    let k = w0.k;
+    for (w, dy) in parts {
+        assert!(w.k == k && dy.len() >= m * w.n && dx.len() >= m * k && tmp.len() >= m * k);
+    }
+    if parts.iter().all(|(w, _)| backward_input_uses_amx(m, w.n)) {
+        return backward_input_amx(pool, parts, m, scratch, dx);
+    }
+    for (i, (w, dy)) in parts.iter().enumerate() {
+        if i == 0 {
+            matmul_backward_input(pool, w, dy, m, scratch, dx);
+        } else {
+            matmul_backward_input(pool, w, dy, m, scratch, tmp);
+            for (o, v) in dx[..m * k].iter_mut().zip(&tmp[..m * k]) {
+                *o += *v;
+            }
+        }
+    }
 }
 
 /// The f32 path of [`matmul_backward_input`] (every CPU; the reference for the AMX one).
@@ -154,16 +188,18 @@ pub fn backward_input_f32(
     }
 }
 
+/// `dx = Σ dy_i · W_i` on AMX: slabs of up to [`AMX_SLAB`] rows of each matrix in turn,
+/// the first starting the tiles from zero and the rest accumulating.
 fn backward_input_amx(
     pool: &ThreadPool,
-    w: &WeightRef,
-    dy: &[f32],
+    parts: &[(WeightRef, &[f32])],
     m: usize,
     scratch: &mut GradScratch,
     dx: &mut [f32],
 ) {
     use crate::amx;
-    let (n, k) = (w.n, w.k);
+    let k = parts[0].0.k;
+    let n_max = parts.iter().map(|(w, _)| w.n).max().unwrap_or(0);
     let (mp, kp) = (amx::pad32(m), amx::pad32(k));
     let nt = pool.n_threads();
     // Thread t's rows of dx: whole 32-row blocks.
@@ -174,7 +210,7 @@ fn backward_input_amx(
     scratch.per_thread.resize_with(nt, Default::default);
     for (t, (a, c)) in scratch.amx_rows.iter_mut().enumerate() {
         let r = rows(t).len();
-        grow_to(a, r * amx::pad32(AMX_SLAB.min(n)));
+        grow_to(a, r * amx::pad32(AMX_SLAB.min(n_max)));
         if !direct(t) {
             grow_to(c, r * kp);
         }
@@ -182,24 +218,30 @@ fn backward_input_amx(
     for (_, wblk, _) in scratch.per_thread.iter_mut() {
         wblk.resize(2 * k, 0.0);
     }
-    grow_to(&mut scratch.amx_b, amx::b_len(AMX_SLAB.min(n), kp));
-    let parts = SyncParts(scratch.per_thread.as_mut_ptr());
+    grow_to(&mut scratch.amx_b, amx::b_len(AMX_SLAB.min(n_max), kp));
+    let per = SyncParts(scratch.per_thread.as_mut_ptr());
     let bptr = SyncU16(scratch.amx_b.as_mut_ptr());
     let blen = scratch.amx_b.len();
     let mine = SyncRows(scratch.amx_rows.as_mut_ptr());
     let dxp = SyncPtr(dx.as_mut_ptr());
-    let mut r0 = 0;
-    while r0 < n {
+    let slabs: Vec<(usize, usize)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (w, _))| (0..w.n).step_by(AMX_SLAB).map(move |r0| (i, r0)))
+        .collect();
+    for (si, &(pi, r0)) in slabs.iter().enumerate() {
+        let (w, dy) = (&parts[pi].0, parts[pi].1);
+        let n = w.n;
         let g = AMX_SLAB.min(n - r0);
         let gp = amx::pad32(g);
-        let (first, last) = (r0 == 0, r0 + g == n);
+        let (first, last) = (si == 0, si + 1 == slabs.len());
         // W's rows r0..r0+g into the shared tile layout, the threads taking row ranges;
         // then, after the barrier, each thread's rows of the product.
         pool.run(|t| {
             // SAFETY: thread t alone uses element t of `per_thread`; the rows j of this
             // thread's range write only their own (kb, p, e) slots of B, disjoint from
             // every other thread's, and `blen` is B's length.
-            let (_, wblk, tmp) = unsafe { &mut *parts.get().add(t) };
+            let (_, wblk, tmp) = unsafe { &mut *per.get().add(t) };
             {
                 let b = unsafe { std::slice::from_raw_parts_mut(bptr.get(), blen) };
                 for j in split_range(gp, nt, t, 2).step_by(2) {
@@ -248,7 +290,6 @@ fn backward_input_amx(
                 }
             }
         });
-        r0 += g;
     }
 }
 
@@ -1187,6 +1228,69 @@ mod tests {
                 assert!(
                     (*a as f64 - b).abs() <= 1e-6 * g + 1e-30,
                     "{ty} m {m}, {threads} threads, repacked {repacked} at {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// The sum of products (on AMX one product over every matrix's slabs) against the
+    /// products one by one and their sum, with a slab boundary and repacked matrices.
+    #[test]
+    fn backward_input_sum_equals_the_sum_of_products() {
+        let (k, m) = (96, 40);
+        let shapes = [
+            (GgmlType::Q4_1, 1100),
+            (GgmlType::Q8_0, 64),
+            (GgmlType::Q4_1, 200),
+        ];
+        let data: Vec<Vec<u8>> = shapes.iter().map(|&(ty, n)| weights(ty, n, k, n)).collect();
+        let packed: Vec<Packed> = shapes
+            .iter()
+            .zip(&data)
+            .map(|(&(ty, n), d)| Packed::pack(ty, n, k, d))
+            .collect();
+        let dys: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|&(_, n)| {
+                (0..m * n)
+                    .map(|i| ((i * 17 % 29) as f32 - 14.0) * 0.02)
+                    .collect()
+            })
+            .collect();
+        let parts: Vec<(WeightRef, &[f32])> = shapes
+            .iter()
+            .zip(&packed)
+            .zip(&dys)
+            .map(|((&(ty, n), p), dy)| {
+                let w = WeightRef {
+                    ty,
+                    n,
+                    k,
+                    data: &[],
+                    packed: Some(p),
+                    kpacked: None,
+                };
+                (w, &dy[..])
+            })
+            .collect();
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut scratch = GradScratch::default();
+            let mut want = vec![0f32; m * k];
+            let mut one = vec![0f32; m * k];
+            for (w, dy) in &parts {
+                matmul_backward_input(&pool, w, dy, m, &mut scratch, &mut one);
+                for (a, b) in want.iter_mut().zip(&one) {
+                    *a += *b;
+                }
+            }
+            let (mut got, mut tmp) = (vec![f32::NAN; m * k], vec![0f32; m * k]);
+            matmul_backward_input_sum(&pool, &parts, m, &mut scratch, &mut tmp, &mut got);
+            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-3 * scale,
+                    "{threads} threads at {i}: {a} vs {b}"
                 );
             }
         }

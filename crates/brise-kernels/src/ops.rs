@@ -256,6 +256,61 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dout: &[f32], dx: &mut 
     }
 }
 
+/// `dx += ` [`rms_norm_backward`] of each of the `x.len() / w.len()` rows, with its bits:
+/// the rows' sequential f64 sums advance up to eight at a time, as
+/// in [`rms_norm_rows`].
+pub fn rms_norm_backward_add_rows(x: &[f32], w: &[f32], eps: f32, dout: &[f32], dx: &mut [f32]) {
+    let e = w.len();
+    let rows = x.len() / e;
+    assert!(dout.len() >= rows * e && dx.len() >= rows * e);
+    let mut r0 = 0;
+    while r0 < rows {
+        let left = rows - r0;
+        let (x, dout, dx) = (&x[r0 * e..], &dout[r0 * e..], &mut dx[r0 * e..]);
+        r0 += if left >= 8 {
+            norm_backward_chunk::<8>(x, w, eps, dout, dx)
+        } else if left >= 4 {
+            norm_backward_chunk::<4>(x, w, eps, dout, dx)
+        } else if left >= 2 {
+            norm_backward_chunk::<2>(x, w, eps, dout, dx)
+        } else {
+            norm_backward_chunk::<1>(x, w, eps, dout, dx)
+        };
+    }
+}
+
+fn norm_backward_chunk<const R: usize>(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    dout: &[f32],
+    dx: &mut [f32],
+) -> usize {
+    let e = w.len();
+    let n = e as f64;
+    let (mut sums, mut dots) = ([0f64; R], [0f64; R]);
+    for i in 0..e {
+        for j in 0..R {
+            let v = x[j * e + i] as f64;
+            sums[j] += v * v;
+            dots[j] += dout[j * e + i] as f64 * w[i] as f64 * v;
+        }
+    }
+    for j in 0..R {
+        let r = 1.0 / (sums[j] / n + eps as f64).sqrt();
+        let c = dots[j] * r * r * r / n;
+        let (x, dout, dx) = (
+            &x[j * e..(j + 1) * e],
+            &dout[j * e..(j + 1) * e],
+            &mut dx[j * e..(j + 1) * e],
+        );
+        for i in 0..e {
+            dx[i] += (r * w[i] as f64 * dout[i] as f64 - x[i] as f64 * c) as f32;
+        }
+    }
+    R
+}
+
 /// In-place x += y.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
@@ -867,6 +922,28 @@ mod tests {
             y
         };
         check_grad(&x, &c, &f, &ds, 5e-3);
+    }
+
+    #[test]
+    fn norm_backward_rows_equal_row_by_row_bitwise() {
+        let e = 96;
+        for rows in [1usize, 2, 3, 5, 8, 9, 17] {
+            let x = noise(rows * e, 3);
+            let dout = noise(rows * e, 4);
+            let w: Vec<f32> = noise(e, 5).iter().map(|v| 1.0 + v).collect();
+            let d0 = noise(rows * e, 6);
+            let mut got = d0.clone();
+            rms_norm_backward_add_rows(&x, &w, 1e-5, &dout, &mut got);
+            let mut want = d0.clone();
+            let mut t = vec![0f32; e];
+            for i in 0..rows {
+                let r = i * e..(i + 1) * e;
+                rms_norm_backward(&x[r.clone()], &w, 1e-5, &dout[r.clone()], &mut t);
+                add_assign(&mut want[r], &t);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{rows} rows");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::lora::{LoraAdapter, LoraMatrix, Proj};
 use crate::weights::Weight;
 use brise_kernels::attn::{self, HeadRows};
 use brise_kernels::lora;
-use brise_kernels::matmul::{GradScratch, matmul_backward_input};
+use brise_kernels::matmul::{GradScratch, matmul_backward_input, matmul_backward_input_sum};
 use brise_kernels::ops;
 use brise_kernels::pool::{ThreadPool, split_range};
 
@@ -458,9 +458,14 @@ impl Forward<'_> {
             bs.dact = dact;
             self.norm_rows(pool, &lt.x_mid, &lw.ffn_norm, r, &mut bs.xn);
             let mut dxn = std::mem::take(&mut bs.dxn);
-            self.base_grad(pool, &mut bs.grad, &lw.w_gate, &bs.dgate, r, &mut dxn);
-            self.base_grad(pool, &mut bs.grad, &lw.w_up, &bs.dup, r, &mut bs.tmp);
-            ops::add_assign(&mut dxn[..r * e], &bs.tmp[..r * e]);
+            matmul_backward_input_sum(
+                pool,
+                &[(lw.w_gate.as_ref(), &bs.dgate), (lw.w_up.as_ref(), &bs.dup)],
+                r,
+                &mut bs.grad,
+                &mut bs.tmp,
+                &mut dxn,
+            );
             let (xn, dgate, dup) = (
                 std::mem::take(&mut bs.xn),
                 std::mem::take(&mut bs.dgate),
@@ -494,11 +499,18 @@ impl Forward<'_> {
             bs.dattn = dattn;
             self.norm_rows(pool, &lt.x_in, &lw.attn_norm, r, &mut bs.xn);
             let mut dxn = std::mem::take(&mut bs.dxn);
-            self.base_grad(pool, &mut bs.grad, &lw.wq, &bs.dq, r, &mut dxn);
-            self.base_grad(pool, &mut bs.grad, &lw.wk, &bs.dk, r, &mut bs.tmp);
-            ops::add_assign(&mut dxn[..r * e], &bs.tmp[..r * e]);
-            self.base_grad(pool, &mut bs.grad, &lw.wv, &bs.dv, r, &mut bs.tmp);
-            ops::add_assign(&mut dxn[..r * e], &bs.tmp[..r * e]);
+            matmul_backward_input_sum(
+                pool,
+                &[
+                    (lw.wq.as_ref(), &bs.dq),
+                    (lw.wk.as_ref(), &bs.dk),
+                    (lw.wv.as_ref(), &bs.dv),
+                ],
+                r,
+                &mut bs.grad,
+                &mut bs.tmp,
+                &mut dxn,
+            );
             let (xn, dq, dk, dv) = (
                 std::mem::take(&mut bs.xn),
                 std::mem::take(&mut bs.dq),
@@ -521,19 +533,11 @@ impl Forward<'_> {
         par_rows(pool, r, |lo, hi| {
             // SAFETY: rows lo..hi of out (asserted in bounds) are this thread's alone.
             let o = unsafe { rows_mut(op, lo, hi, e) };
-            for i in lo..hi {
-                let k = i - lo;
-                ops::rms_norm(
-                    &x[i * e..(i + 1) * e],
-                    w,
-                    self.cfg.rms_eps,
-                    &mut o[k * e..(k + 1) * e],
-                );
-            }
+            ops::rms_norm_rows(&x[lo * e..hi * e], w, self.cfg.rms_eps, o);
         });
     }
 
-    /// `bs.dx += ∂norm(x)/∂x · dxn`, row by row.
+    /// `bs.dx += ∂norm(x)/∂x · dxn`, each thread for its rows.
     fn norm_backward_add(
         &self,
         pool: &ThreadPool,
@@ -544,23 +548,13 @@ impl Forward<'_> {
         bs: &mut BackwardState,
     ) {
         let e = self.cfg.n_embd;
-        assert!(bs.tmp.len() >= r * e && bs.dx.len() >= r * e);
-        let (tp, dp) = (SyncMut(bs.tmp.as_mut_ptr()), SyncMut(bs.dx.as_mut_ptr()));
+        assert!(bs.dx.len() >= r * e);
+        let dp = SyncMut(bs.dx.as_mut_ptr());
         par_rows(pool, r, |lo, hi| {
-            // SAFETY: rows lo..hi of tmp and dx (asserted in bounds) are this thread's.
-            let (t, d) = unsafe { (rows_mut(tp, lo, hi, e), rows_mut(dp, lo, hi, e)) };
-            for i in lo..hi {
-                let k = (i - lo) * e..(i - lo + 1) * e;
-                let row = i * e..(i + 1) * e;
-                ops::rms_norm_backward(
-                    &x[row.clone()],
-                    w,
-                    self.cfg.rms_eps,
-                    &dxn[row],
-                    &mut t[k.clone()],
-                );
-                ops::add_assign(&mut d[k.clone()], &t[k]);
-            }
+            // SAFETY: rows lo..hi of dx (asserted in bounds) are this thread's.
+            let d = unsafe { rows_mut(dp, lo, hi, e) };
+            let rows = lo * e..hi * e;
+            ops::rms_norm_backward_add_rows(&x[rows.clone()], w, self.cfg.rms_eps, &dxn[rows], d);
         });
     }
 

@@ -74,6 +74,34 @@ fn trace(
     }
 }
 
+/// Appends `src` to the tape buffer `dst` (rounded through f16 when `f16`, as the cache
+/// holds keys and values), the pool's threads each copying a range: a taped step copies
+/// tens of MB.
+fn tape_extend(pool: &ThreadPool, dst: &mut Vec<f32>, src: &[f32], f16: bool) {
+    let (old, n) = (dst.len(), src.len());
+    dst.reserve(n);
+    let p = SyncMut(dst.as_mut_ptr());
+    let nt = pool.n_threads();
+    pool.run(|t| {
+        let r = brise_kernels::pool::split_range(n, nt, t, 16);
+        // SAFETY: dst has room for old + n values (reserved above); this thread alone
+        // writes values old + r of it, which are initialized here before set_len.
+        let out = unsafe { std::slice::from_raw_parts_mut(p.get().add(old + r.start), r.len()) };
+        let src = &src[r];
+        if f16 {
+            let mut buf = [0u8; 512];
+            for (o, s) in out.chunks_mut(256).zip(src.chunks(256)) {
+                ops::f32_to_f16_bytes(s, &mut buf[..2 * s.len()]);
+                ops::f16_bytes_to_f32(&buf[..2 * s.len()], o);
+            }
+        } else {
+            out.copy_from_slice(src);
+        }
+    });
+    // SAFETY: every value old..old + n was written above (the ranges cover 0..n).
+    unsafe { dst.set_len(old + n) };
+}
+
 fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
@@ -348,7 +376,7 @@ impl Forward<'_> {
         for (li, lw) in self.w.layers.iter().enumerate() {
             let mut lt = tape.as_deref_mut().map(|t| t.layer(li));
             if let Some(lt) = lt.as_deref_mut() {
-                lt.x_in.extend_from_slice(&st.x[..r * e]);
+                tape_extend(pool, &mut lt.x_in, &st.x[..r * e], false);
             }
             // Q, K and V share their input: one norm and quantization, in the products'
             // one parallel section.
@@ -389,11 +417,10 @@ impl Forward<'_> {
             trace(st, "Qcur", li, |s| &s.q, r * qd);
             trace(st, "Kcur", li, |s| &s.k, r * kvd);
             if let Some(lt) = lt.as_deref_mut() {
-                lt.q.extend_from_slice(&st.q[..r * qd]);
+                tape_extend(pool, &mut lt.q, &st.q[..r * qd], false);
                 // As the cache holds them: the attention saw f16 keys and values.
-                let f16r = |v: &f32| half::f16::from_f32(*v).to_f32();
-                lt.k.extend(st.k[..r * kvd].iter().map(f16r));
-                lt.v.extend(st.v[..r * kvd].iter().map(f16r));
+                tape_extend(pool, &mut lt.k, &st.k[..r * kvd], true);
+                tape_extend(pool, &mut lt.v, &st.v[..r * kvd], true);
             }
             let probs_out = lt.map(|lt| {
                 lt.probs.resize(lt.n_probs, 0.0);
@@ -414,14 +441,14 @@ impl Forward<'_> {
             trace(st, "kqv_out", li, |s| &s.attn, r * qd);
             let mut lt = tape.as_deref_mut().map(|t| t.layer(li));
             if let Some(lt) = lt.as_deref_mut() {
-                lt.attn.extend_from_slice(&st.attn[..r * qd]);
+                tape_extend(pool, &mut lt.attn, &st.attn[..r * qd], false);
             }
             self.mm(pool, &mut st.mm, &lw.wo, &st.attn, r, &steps, &mut st.tmp);
             self.lora(pool, &spans, li, Proj::O, &st.attn, &mut st.tmp);
             ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
             trace(st, "ffn_inp", li, |s| &s.x, r * e);
             if let Some(lt) = lt.as_deref_mut() {
-                lt.x_mid.extend_from_slice(&st.x[..r * e]);
+                tape_extend(pool, &mut lt.x_mid, &st.x[..r * e], false);
             }
 
             let (x, eps) = (&st.x, cfg.rms_eps);
@@ -442,8 +469,8 @@ impl Forward<'_> {
             self.lora(pool, &spans, li, Proj::Up, &st.xn, &mut st.up);
             let nf = cfg.n_ff;
             if let Some(lt) = lt {
-                lt.gate.extend_from_slice(&st.gate[..r * nf]);
-                lt.up.extend_from_slice(&st.up[..r * nf]);
+                tape_extend(pool, &mut lt.gate, &st.gate[..r * nf], false);
+                tape_extend(pool, &mut lt.up, &st.up[..r * nf], false);
             }
             // SwiGLU into `gate`, made in the down product's section; its output goes
             // to `xn`, free since the gate and up products read it.
@@ -473,7 +500,7 @@ impl Forward<'_> {
             sb.cache.advance(sb.tokens.len());
         }
         if let Some(t) = tape {
-            t.x_out.extend_from_slice(&st.x[..r * e]);
+            tape_extend(pool, &mut t.x_out, &st.x[..r * e], false);
         }
 
         let n_out = want.iter().filter(|w| **w).count();
