@@ -222,60 +222,6 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
     lora_up(isa, &x[..n], n, &[a], y);
 }
 
-/// Backward of `y += scale · B (A x)` for one row, the part that needs only this row:
-/// `t = scale · A x` (recomputed), `dt = Bᵀ-rows · dy`, and `dx += scale · Aᵀ dt`.
-/// `t` and `dt` hold `rank` values and are kept for [`lora_backward_params`].
-#[allow(clippy::too_many_arguments)]
-pub fn lora_backward_row(
-    isa: Isa,
-    a: &[f32],
-    bt: &[f32],
-    (k, n): (usize, usize),
-    scale: f32,
-    x: &[f32],
-    dy: &[f32],
-    t: &mut [f32],
-    dt: &mut [f32],
-    dx: &mut [f32],
-) {
-    lora_down(isa, a, k, x, scale, t);
-    for (j, d) in dt.iter_mut().enumerate() {
-        *d = dot(isa, &bt[j * n..(j + 1) * n], &dy[..n]);
-    }
-    for (j, &d) in dt.iter().enumerate() {
-        axpy(isa, &mut dx[..k], scale * d, &a[j * k..(j + 1) * k]);
-    }
-}
-
-/// The parameter gradients of `y += scale · B (A x)` over `m` rows, for the rank rows
-/// `js`: `dbt[j] += Σ_i t[i][j] · dy[i]` and `da[j] += scale · Σ_i dt[i][j] · x[i]`,
-/// with `t` and `dt` (`m × rank`) from [`lora_backward_row`]. Rows are summed in
-/// increasing `i`, so the result does not depend on how `js` is split over threads.
-#[allow(clippy::too_many_arguments)]
-pub fn lora_backward_params(
-    isa: Isa,
-    (k, n): (usize, usize),
-    rank: usize,
-    scale: f32,
-    x: &[f32],
-    dy: &[f32],
-    t: &[f32],
-    dt: &[f32],
-    m: usize,
-    js: std::ops::Range<usize>,
-    da: &mut [f32],
-    dbt: &mut [f32],
-) {
-    for j in js {
-        let dbj = &mut dbt[j * n..(j + 1) * n];
-        let daj = &mut da[j * k..(j + 1) * k];
-        for i in 0..m {
-            axpy(isa, dbj, t[i * rank + j], &dy[i * n..(i + 1) * n]);
-            axpy(isa, daj, scale * dt[i * rank + j], &x[i * k..(i + 1) * k]);
-        }
-    }
-}
-
 /// `a · x` in [`dot_ref`]'s order, on every ISA.
 pub fn dot(isa: Isa, a: &[f32], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -620,39 +566,25 @@ mod tests {
         let x: Vec<f32> = data(m * k, 23).iter().map(|v| v * 0.1).collect();
         let w: Vec<f32> = data(m * n, 24).iter().map(|v| v * 0.1).collect();
         for isa in Isa::supported() {
+            // As the trainer's backward runs them: t = s·A x, dt = s·Bᵀ dy, dX += dt A,
+            // then dBᵀ += tᵀ dY and dA += dtᵀ X, each split over two "threads" (row
+            // ranges, then column ranges) to check the split does not matter.
             let (mut t, mut dt) = (vec![0f32; m * r], vec![0f32; m * r]);
             let mut dx = vec![0f32; m * k];
-            for i in 0..m {
-                lora_backward_row(
-                    isa,
-                    &a,
-                    &bt,
-                    (k, n),
-                    scale,
-                    &x[i * k..(i + 1) * k],
-                    &w[i * n..(i + 1) * n],
-                    &mut t[i * r..(i + 1) * r],
-                    &mut dt[i * r..(i + 1) * r],
-                    &mut dx[i * k..(i + 1) * k],
+            for rows in [0..1, 1..m] {
+                let mm = rows.len();
+                let (t, dt) = (
+                    &mut t[rows.start * r..rows.end * r],
+                    &mut dt[rows.start * r..rows.end * r],
                 );
+                lora_down_rows(isa, &a, k, r, scale, &x[rows.start * k..], mm, t);
+                lora_down_rows(isa, &bt, n, r, scale, &w[rows.start * n..], mm, dt);
+                lora_up_rows(isa, &a, k, r, dt, &mut dx[rows.start * k..rows.end * k], mm);
             }
             let (mut da, mut dbt) = (vec![0f32; r * k], vec![0f32; r * n]);
-            // Split over two "threads" to check the split does not matter.
-            for js in [0..1, 1..r] {
-                lora_backward_params(
-                    isa,
-                    (k, n),
-                    r,
-                    scale,
-                    &x,
-                    &w,
-                    &t,
-                    &dt,
-                    m,
-                    js,
-                    &mut da,
-                    &mut dbt,
-                );
+            for (lo, hi) in [(0, 16), (16, usize::MAX)] {
+                lora_params(isa, &t, r, &w, n, m, lo.min(n)..hi.min(n), &mut dbt);
+                lora_params(isa, &dt, r, &x, k, m, lo.min(k)..hi.min(k), &mut da);
             }
             let h = 1e-2f32;
             let fd = |which: u8, idx: usize| {

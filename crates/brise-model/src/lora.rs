@@ -490,27 +490,9 @@ impl LoraAdapter {
         self.layers.get(layer)?[p as usize].as_ref()
     }
 
-    /// `y += scale · B (A x)` for one row of this layer's projection `p` (a no-op if the
-    /// adapter does not target it). `t` is scratch of at least `rank` values.
-    pub fn apply_row(
-        &self,
-        isa: Isa,
-        layer: usize,
-        p: Proj,
-        x: &[f32],
-        y: &mut [f32],
-        t: &mut [f32],
-    ) {
-        let Some(m) = self.matrix(layer, p) else {
-            return;
-        };
-        let t = &mut t[..self.config.r];
-        brise_kernels::lora::lora_down(isa, &m.a, m.k, &x[..m.k], self.scale, t);
-        brise_kernels::lora::lora_up(isa, &m.bt, m.n, t, &mut y[..m.n]);
-    }
-
-    /// [`LoraAdapter::apply_row`] for `rows` consecutive rows of `x` and `y`, with the
-    /// same bits per row; `t` holds `rows · rank` values.
+    /// `y += scale · B (A x)` for `rows` consecutive rows of `x` and `y` (each row the
+    /// bits of `lora_down` then `lora_up`; a no-op if the adapter does not target `p`).
+    /// `t` holds `rows · rank` values.
     #[allow(clippy::too_many_arguments)]
     pub fn apply_rows(
         &self,
