@@ -176,6 +176,15 @@ mod x86 {
         TileCfg(c)
     }
 
+    /// [`super::bf16`]'s rounding on 16 f32 bit patterns: the bf16 is each lane's high half.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn round_bf16(x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+        _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd)
+    }
+
     /// [`super::bf16`] of `src`'s first multiple of 16 values into `dst`; returns how
     /// many it wrote.
     ///
@@ -189,9 +198,7 @@ mod x86 {
             // SAFETY: i + 16 ≤ body, inside both slices.
             unsafe {
                 let x = _mm512_castps_si512(_mm512_loadu_ps(src.as_ptr().add(i)));
-                let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-                let r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd);
-                let h = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(r));
+                let h = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(round_bf16(x)));
                 _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
             }
             i += 16;
@@ -216,18 +223,14 @@ mod x86 {
         r1: &[f32],
     ) {
         use std::arch::x86_64::*;
-        let round = |x: __m512i| {
-            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-            _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd)
-        };
         for nb in 0..full {
             let o = (nb * kbs + kb) * 512 + p * 32;
             // SAFETY: columns 16·nb.. of both rows and the 32 values at o are in bounds.
             unsafe {
-                let a = round(_mm512_castps_si512(_mm512_loadu_ps(
+                let a = round_bf16(_mm512_castps_si512(_mm512_loadu_ps(
                     r0.as_ptr().add(16 * nb),
                 )));
-                let b = round(_mm512_castps_si512(_mm512_loadu_ps(
+                let b = round_bf16(_mm512_castps_si512(_mm512_loadu_ps(
                     r1.as_ptr().add(16 * nb),
                 )));
                 let v = _mm512_or_si512(

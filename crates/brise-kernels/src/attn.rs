@@ -327,7 +327,8 @@ pub struct HeadScratch {
     pt: Vec<f32>,
     ds: Vec<f32>,
     dst: Vec<f32>,
-    /// The AMX path's bf16 operands and its f32 product.
+    /// The AMX path's dP (f32), bf16 operands and f32 product.
+    dp: Vec<f32>,
     a16: Vec<u16>,
     b16: Vec<u16>,
     c: Vec<f32>,
@@ -413,7 +414,12 @@ pub fn attention_backward_head_amx(
             amx::pack_a(&mut sc.a16, a, lda, 0, g, m);
             sc.b16.clear();
             sc.b16.resize(amx::b_len(g, np), 0);
-            let zero = vec![0f32; n];
+            // An odd g's last pair takes a zero row.
+            let zero = if g % 2 == 1 {
+                vec![0f32; n]
+            } else {
+                Vec::new()
+            };
             for j in (0..g).step_by(2) {
                 let r1 = if j + 1 < g {
                     &b[(j + 1) * n..(j + 2) * n]
@@ -435,9 +441,9 @@ pub fn attention_backward_head_amx(
     // dP in f32: dS takes the difference dP − rowsum(P ∘ dP), which would amplify
     // bf16's rounding of dO and V (with dP on tiles the learning scenario's held-out
     // share fell from 90% to 80%).
-    sc.dst.clear();
-    sc.dst.resize(r * r, 0.0);
-    crate::matmul::gemm_acc(&mut sc.dst, r, r, &dout, hd, 0, hd, &vt);
+    sc.dp.clear();
+    sc.dp.resize(r * r, 0.0);
+    crate::matmul::gemm_acc(&mut sc.dp, r, r, &dout, hd, 0, hd, &vt);
     if sc.ds.len() < r * r {
         sc.ds.resize(r * r, 0.0);
     }
@@ -448,7 +454,7 @@ pub fn attention_backward_head_amx(
         let lo = h.lo[i];
         let (p, dp) = (
             &sc.p[i * r + lo..=i * r + i],
-            &sc.dst[i * r + lo..=i * r + i],
+            &sc.dp[i * r + lo..=i * r + i],
         );
         let dot = lora::dot(isa, p, dp);
         let row = &mut sc.ds[i * r..(i + 1) * r];
@@ -1093,6 +1099,29 @@ mod backward_tests {
         f
     }
 
+    /// Each row's window start, probabilities' offsets and causal softmax probabilities
+    /// over a window of `win` keys, as a taped forward stores them.
+    fn window_probs(
+        q: &[f32],
+        k: &[f32],
+        rows: usize,
+        hd: usize,
+        win: usize,
+        scale: f32,
+    ) -> (Vec<usize>, Vec<usize>, Vec<f32>) {
+        let lo: Vec<usize> = (0..rows).map(|i| (i + 1).saturating_sub(win)).collect();
+        let (mut p_off, mut probs) = (Vec::new(), Vec::new());
+        for i in 0..rows {
+            p_off.push(probs.len());
+            let mut p: Vec<f32> = (lo[i]..=i)
+                .map(|j| scale * (0..hd).map(|d| q[i * hd + d] * k[j * hd + d]).sum::<f32>())
+                .collect();
+            crate::ops::softmax(&mut p);
+            probs.extend(p);
+        }
+        (lo, p_off, probs)
+    }
+
     /// The AMX path against the f32 one: each gradient within 1e-2 of it in relative
     /// L2 (its inputs are rounded to bf16, 2^-9 relative each).
     fn check_amx_close(h: &HeadRows, rows: usize, want: (&[f32], &[f32], &[f32])) {
@@ -1141,16 +1170,7 @@ mod backward_tests {
             let k: Vec<f32> = data(rows * hd, 6).iter().map(|x| x * 2.0).collect();
             let v = data(rows * hd, 7);
             let w = data(rows * hd, 8);
-            let lo: Vec<usize> = (0..rows).map(|i| (i + 1).saturating_sub(win)).collect();
-            let (mut p_off, mut probs) = (Vec::new(), Vec::new());
-            for i in 0..rows {
-                p_off.push(probs.len());
-                let mut p: Vec<f32> = (lo[i]..=i)
-                    .map(|j| scale * (0..hd).map(|d| q[i * hd + d] * k[j * hd + d]).sum::<f32>())
-                    .collect();
-                crate::ops::softmax(&mut p);
-                probs.extend(p);
-            }
+            let (lo, p_off, probs) = window_probs(&q, &k, rows, hd, win, scale);
             let h = HeadRows {
                 hd,
                 scale,
@@ -1187,18 +1207,7 @@ mod backward_tests {
         let v = data(rows * hd, 3);
         let w = data(rows * hd, 4);
         for win in [usize::MAX, 3] {
-            let lo: Vec<usize> = (0..rows).map(|i| (i + 1).saturating_sub(win)).collect();
-            let mut p_off = Vec::new();
-            let mut probs = Vec::new();
-            for i in 0..rows {
-                p_off.push(probs.len());
-                let s: Vec<f32> = (lo[i]..=i)
-                    .map(|j| scale * (0..hd).map(|d| q[i * hd + d] * k[j * hd + d]).sum::<f32>())
-                    .collect();
-                let mut p = s.clone();
-                crate::ops::softmax(&mut p);
-                probs.extend(p);
-            }
+            let (lo, p_off, probs) = window_probs(&q, &k, rows, hd, win, scale);
             let h = HeadRows {
                 hd,
                 scale,
