@@ -1,51 +1,97 @@
-//! AMX bf16 tiles for the training backward's largest product, `dx = dy · W` through the
-//! frozen base (`matmul::matmul_backward_input`): inputs rounded to bf16, products
-//! accumulated in f32 by `tdpbf16ps`, as PyTorch's autocast does on this hardware.
+//! bf16 products for the training backward's largest products, `dx = dy · W` through
+//! the frozen base (`matmul::matmul_backward_input`) and three of the attention
+//! backward's: inputs rounded to bf16, products accumulated in f32, as PyTorch's autocast
+//! does on this hardware. Two kernels share one operand layout: AMX tiles (`tdpbf16ps`)
+//! where the CPU has AMX-BF16, else AVX512-BF16's `vdpbf16ps` (AMD Zen 4 and later,
+//! Intel Cooper Lake), which does the same pairs of bf16 products 16 lanes at a time.
 //!
 //! Inference never comes here (its kernels reproduce llama.cpp's arithmetic); training
 //! only needs gradients within the tolerances its tests state against TRL and finite
-//! differences, and bf16 inputs keep them (`BRISE_NO_AMX=1` turns this off).
+//! differences, and bf16 inputs keep them. `BRISE_NO_BF16=1` turns both kernels off (f32
+//! everywhere); `BRISE_NO_AMX=1` turns off only the tiles.
 //!
 //! Layouts, all zero-padded to whole tiles:
 //! - A (`m × g`, the rows of `dy`): bf16, row-major, rows of `g_pad` (a multiple of 32).
 //! - B (`g × k`, rows of W): "VNNI" pairs, one 1 KiB tile per (32 rows of g, 16 columns
 //!   of k): element `[p][2c + e]` is `B[32·kb + 2p + e][16·nb + c]`; the tiles of one
-//!   column block follow each other along g.
+//!   column block follow each other along g, so a column block is one run of 64-byte
+//!   pair rows, which is also what `vdpbf16ps` reads.
 //! - C (`m × k` f32): rows of `k_pad` (a multiple of 32), computed in 32 × 32 blocks of
-//!   four 16 × 16 tiles.
+//!   four 16 × 16 tiles (AMX) or 8 × 48 blocks of zmm registers (AVX512-BF16).
 
 use std::sync::OnceLock;
 
-/// Whether the AMX bf16 path runs here: the CPU has AMX-TILE and AMX-BF16, Linux granted
-/// this process the tile state, and `BRISE_NO_AMX` is not set.
+/// Which kernel [`gemm`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX-TILE and AMX-BF16, with the tile state granted by Linux.
+    Tiles,
+    /// AVX512-BF16 (`vdpbf16ps`) with AVX-512F/BW.
+    Avx512Bf16,
+}
+
+/// The bf16 kernel here, if any: AMX first, then AVX512-BF16; none when `BRISE_NO_BF16`
+/// is set (`BRISE_NO_AMX` skips only the tiles).
+pub fn kernel() -> Option<Kernel> {
+    static K: OnceLock<Option<Kernel>> = OnceLock::new();
+    *K.get_or_init(|| {
+        if std::env::var_os("BRISE_NO_BF16").is_some() {
+            return None;
+        }
+        if std::env::var_os("BRISE_NO_AMX").is_none() && detect_tiles() {
+            return Some(Kernel::Tiles);
+        }
+        detect_avx512_bf16().then_some(Kernel::Avx512Bf16)
+    })
+}
+
+/// Whether the bf16 products run here (on either kernel).
 pub fn available() -> bool {
-    static A: OnceLock<bool> = OnceLock::new();
-    *A.get_or_init(|| std::env::var_os("BRISE_NO_AMX").is_none() && detect())
+    kernel().is_some()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512_bf16() -> bool {
+    false
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    let l7 = std::arch::x86_64::__cpuid_count(7, 0);
-    let (bf16, tile) = (l7.edx & (1 << 22) != 0, l7.edx & (1 << 24) != 0);
-    if !(bf16 && tile && std::arch::is_x86_feature_detected!("avx512f")) {
-        return false;
-    }
-    // Linux gives a process the (8 KiB) tile state only once it asks for it.
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: arch_prctl with integer arguments; a refusal is a return value.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        )
-    };
-    r == 0
+fn detect_tiles() -> bool {
+    static T: OnceLock<bool> = OnceLock::new();
+    *T.get_or_init(|| {
+        let l7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (bf16, tile) = (l7.edx & (1 << 22) != 0, l7.edx & (1 << 24) != 0);
+        if !(bf16 && tile && std::arch::is_x86_feature_detected!("avx512f")) {
+            return false;
+        }
+        // Linux gives a process the (8 KiB) tile state only once it asks for it.
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with integer arguments; a refusal is a return value.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        r == 0
+    })
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
+fn detect_tiles() -> bool {
     false
 }
 
@@ -151,11 +197,47 @@ pub unsafe fn gemm(
         }
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller checked AMX; the asserts above bound every tile access.
+    // SAFETY: the caller checked `available`; the asserts above bound every access.
     unsafe {
-        x86::gemm(c, m_pad, k_pad, a, b, kbs, accumulate)
+        gemm_with(
+            kernel().expect("the caller checks available"),
+            c,
+            m_pad,
+            k_pad,
+            a,
+            b,
+            kbs,
+            accumulate,
+        )
     }
+}
+
+/// [`gemm`] on a given kernel (`kbs` tiles along g), so tests can run each one here.
+///
+/// # Safety
+/// The CPU has `kern` (for tiles, with the tile state granted), and the buffers have
+/// [`gemm`]'s sizes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_with(
+    kern: Kernel,
+    c: &mut [f32],
+    m_pad: usize,
+    k_pad: usize,
+    a: &[u16],
+    b: &[u16],
+    kbs: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as the caller promises.
+    unsafe {
+        match kern {
+            Kernel::Tiles => x86::gemm(c, m_pad, k_pad, a, b, kbs, accumulate),
+            Kernel::Avx512Bf16 => x86::gemm_dp(c, m_pad, k_pad, a, b, kbs, accumulate),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (kern, c, m_pad, k_pad, a, b, kbs, accumulate);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -322,6 +404,102 @@ mod x86 {
         // SAFETY: gives the tile state back (and marks it unused for context switches).
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
+
+    /// Column blocks of 16 per register block of [`gemm_dp`]: 8 rows × 3 blocks are 24
+    /// accumulators, plus 3 of B and A's broadcast, of the 32 zmm registers.
+    const DP_NB: usize = 3;
+
+    /// [`super::gemm`] on AVX512-BF16: C in blocks of 8 rows × up to 3 column blocks held
+    /// in registers through one pass over g's pairs; per pair, each row's two bf16 of A
+    /// are broadcast and `vdpbf16ps` adds their products with B's 16 columns.
+    ///
+    /// SAFETY: see `super::gemm`; the CPU has AVX512-BF16, F and BW.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn gemm_dp(
+        c: &mut [f32],
+        m_pad: usize,
+        k_pad: usize,
+        a: &[u16],
+        b: &[u16],
+        kbs: usize,
+        accumulate: bool,
+    ) {
+        let nbs = k_pad / 16;
+        let (lda, bstride, pairs) = (kbs * 32, kbs * 512, kbs * 16);
+        let mut nb = 0;
+        while nb < nbs {
+            let w = (nbs - nb).min(DP_NB);
+            for i0 in (0..m_pad).step_by(8) {
+                // SAFETY: rows i0..i0+8 (m_pad is a multiple of 32) and column blocks
+                // nb..nb+w are inside C, A and B as the caller sized them.
+                unsafe {
+                    let pc = c.as_mut_ptr().add(i0 * k_pad + nb * 16);
+                    let pa = a.as_ptr().add(i0 * lda);
+                    let pb = b.as_ptr().add(nb * bstride);
+                    match w {
+                        3 => dp_block::<3>(pc, k_pad, pa, lda, pb, bstride, pairs, accumulate),
+                        2 => dp_block::<2>(pc, k_pad, pa, lda, pb, bstride, pairs, accumulate),
+                        _ => dp_block::<1>(pc, k_pad, pa, lda, pb, bstride, pairs, accumulate),
+                    }
+                }
+            }
+            nb += w;
+        }
+    }
+
+    /// One block of [`gemm_dp`]: 8 rows of C (rows of `ldc`) × `NB` column blocks.
+    ///
+    /// SAFETY: AVX512-BF16, F and BW; `c` has 8 rows of `16·NB` values, `a` 8 rows of
+    /// `2·pairs`, and `b` `NB` column blocks of `pairs` 32-value pair rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dp_block<const NB: usize>(
+        c: *mut f32,
+        ldc: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        bstride: usize,
+        pairs: usize,
+        accumulate: bool,
+    ) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); NB]; 8];
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    // SAFETY: inside C's block (the caller's promise).
+                    *v = unsafe { _mm512_loadu_ps(c.add(r * ldc + 16 * j)) };
+                }
+            }
+        }
+        for q in 0..pairs {
+            let mut bv = [_mm512_setzero_si512(); NB];
+            for (j, v) in bv.iter_mut().enumerate() {
+                // SAFETY: pair row q of column block j is inside B.
+                *v = unsafe { _mm512_loadu_si512(b.add(j * bstride + q * 32) as *const __m512i) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: A's pair q of row r is inside A; an unaligned 4-byte read.
+                let pair = unsafe { (a.add(r * lda + 2 * q) as *const i32).read_unaligned() };
+                // SAFETY: __m512i and __m512bh are both 64 bytes of plain lanes; the
+                // instruction reads them as 32 bf16.
+                let av: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair)) };
+                for (v, bj) in row.iter_mut().zip(&bv) {
+                    // SAFETY: as above.
+                    let bh: __m512bh = unsafe { std::mem::transmute(*bj) };
+                    *v = _mm512_dpbf16_ps(*v, av, bh);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                // SAFETY: inside C's block.
+                unsafe { _mm512_storeu_ps(c.add(r * ldc + 16 * j), *v) };
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -375,17 +553,30 @@ mod tests {
     /// with every kind of padding (m, g, k not multiples of 32), and accumulation into
     /// a non-zero C.
     #[test]
-    fn tiles_match_the_reference_product() {
-        if !available() {
-            eprintln!("no AMX here: skipped");
-            return;
+    fn kernels_match_the_reference_product() {
+        let kernels: Vec<Kernel> = [
+            detect_tiles().then_some(Kernel::Tiles),
+            detect_avx512_bf16().then_some(Kernel::Avx512Bf16),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if kernels.is_empty() {
+            eprintln!("neither AMX nor AVX512-BF16 here: skipped");
         }
+        for kern in kernels {
+            reference_product(kern);
+        }
+    }
+
+    fn reference_product(kern: Kernel) {
         for &(m, g, k) in &[
             (32, 32, 32),
             (7, 5, 3),
             (45, 70, 100),
             (64, 257, 48),
             (33, 1024, 576),
+            (9, 40, 64),
         ] {
             let (mp, kp) = (pad32(m), pad32(k));
             let lda = g + 3;
@@ -410,8 +601,10 @@ mod tests {
             for i in 0..m {
                 c[i * kp..i * kp + k].copy_from_slice(&c0[i * k..(i + 1) * k]);
             }
-            // SAFETY: AMX is available (checked) and the buffers are sized as `gemm` says.
-            unsafe { gemm(&mut c, mp, kp, &ap, &bp, g, true) };
+            let kbs = b_tiles(g);
+            // SAFETY: the CPU has `kern` (detected) and the buffers are sized as `gemm`
+            // says.
+            unsafe { gemm_with(kern, &mut c, mp, kp, &ap, &bp, kbs, true) };
             let r = |x: f32| f64::from(bf16_to_f32(bf16(x)));
             for i in 0..m {
                 for j in 0..k {
@@ -425,7 +618,7 @@ mod tests {
                     let got = f64::from(c[i * kp + j]);
                     assert!(
                         (got - want).abs() <= 1e-6 * mag + 1e-30,
-                        "m {m} g {g} k {k} at ({i}, {j}): {got} vs {want}"
+                        "{kern:?} m {m} g {g} k {k} at ({i}, {j}): {got} vs {want}"
                     );
                 }
                 // Padding columns stay zero.
@@ -434,12 +627,16 @@ mod tests {
             // Without accumulation, C's old contents (NaN here) do not matter.
             let mut fresh = vec![f32::NAN; mp * kp];
             // SAFETY: as above.
-            unsafe { gemm(&mut fresh, mp, kp, &ap, &bp, g, false) };
+            unsafe { gemm_with(kern, &mut fresh, mp, kp, &ap, &bp, kbs, false) };
             let mut c1 = vec![0f32; mp * kp];
             // SAFETY: as above.
-            unsafe { gemm(&mut c1, mp, kp, &ap, &bp, g, true) };
+            unsafe { gemm_with(kern, &mut c1, mp, kp, &ap, &bp, kbs, true) };
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&fresh), bits(&c1), "m {m} g {g} k {k}: C from zero");
+            assert_eq!(
+                bits(&fresh),
+                bits(&c1),
+                "{kern:?} m {m} g {g} k {k}: C from zero"
+            );
         }
     }
 }

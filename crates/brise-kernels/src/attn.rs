@@ -316,7 +316,7 @@ pub fn attention_backward_head(
     }
 }
 
-/// Buffers of [`attention_backward_head_dense`] and [`attention_backward_head_amx`].
+/// Buffers of [`attention_backward_head_dense`] and [`attention_backward_head_bf16`].
 #[derive(Default)]
 pub struct HeadScratch {
     q: Vec<f32>,
@@ -327,19 +327,19 @@ pub struct HeadScratch {
     pt: Vec<f32>,
     ds: Vec<f32>,
     dst: Vec<f32>,
-    /// The AMX path's dP (f32), bf16 operands and f32 product.
+    /// The bf16 path's dP (f32), bf16 operands and f32 product.
     dp: Vec<f32>,
     a16: Vec<u16>,
     b16: Vec<u16>,
     c: Vec<f32>,
 }
 
-/// Whether [`attention_backward_head_fast`] takes the AMX path for `rows` positions.
-pub fn backward_uses_amx(rows: usize) -> bool {
+/// Whether [`attention_backward_head_fast`] takes the bf16 path for `rows` positions.
+pub fn backward_uses_bf16(rows: usize) -> bool {
     crate::amx::available() && rows >= 32
 }
 
-/// [`attention_backward_head_amx`] when AMX is here and the sequence is long enough to
+/// [`attention_backward_head_bf16`] when bf16 products run here (`amx::available`) and the sequence is long enough to
 /// fill its tiles, else [`attention_backward_head_dense`].
 pub fn attention_backward_head_fast(
     h: &HeadRows,
@@ -348,20 +348,20 @@ pub fn attention_backward_head_fast(
     dv: &mut [f32],
     sc: &mut HeadScratch,
 ) {
-    if backward_uses_amx(h.lo.len()) {
-        attention_backward_head_amx(h, dq, dk, dv, sc)
+    if backward_uses_bf16(h.lo.len()) {
+        attention_backward_head_bf16(h, dq, dk, dv, sc)
     } else {
         attention_backward_head_dense(h, dq, dk, dv, sc)
     }
 }
 
-/// [`attention_backward_head_dense`] with three of its four products on AMX bf16 tiles
+/// [`attention_backward_head_dense`] with three of its four products in bf16 (`amx::gemm`: AMX tiles or AVX512-BF16)
 /// (inputs rounded to bf16, sums in f32, as the base matrices' `dx` already is):
 /// `dQ = s·dS·K`, and `dKᵀ = s·Qᵀ·dS`, `dVᵀ = dOᵀ·P` so that the two `rows × rows`
 /// matrices are always the right-hand operand and never need transposing. `dP = dO·Vᵀ`
 /// stays f32 (`gemm_acc`). The caller
-/// checked [`backward_uses_amx`].
-pub fn attention_backward_head_amx(
+/// checked [`backward_uses_bf16`].
+pub fn attention_backward_head_bf16(
     h: &HeadRows,
     dq: (&mut [f32], usize),
     dk: &mut [f32],
@@ -369,7 +369,7 @@ pub fn attention_backward_head_amx(
     sc: &mut HeadScratch,
 ) {
     use crate::amx::{self, pad32};
-    assert!(amx::available(), "the caller checks backward_uses_amx");
+    assert!(amx::available(), "the caller checks backward_uses_bf16");
     let hd = h.hd;
     let r = h.lo.len();
     let (rp, hp) = (pad32(r), pad32(hd));
@@ -431,7 +431,7 @@ pub fn attention_backward_head_amx(
             if sc.c.len() < mp * np {
                 sc.c.resize(mp * np, 0.0);
             }
-            // SAFETY: AMX is available (asserted); A is mp × gp bf16, B the pair layout of
+            // SAFETY: bf16 products are available (asserted); A is mp × gp bf16, B the pair layout of
             // g rows and np columns, C mp × np, as `gemm` requires.
             unsafe { amx::gemm(&mut sc.c, mp, np, &sc.a16, &sc.b16, g, false) };
         };
@@ -448,7 +448,7 @@ pub fn attention_backward_head_amx(
         sc.ds.resize(r * r, 0.0);
     }
     // Only the window [lo, i] of a row has P ≠ 0, so only it has dS ≠ 0.
-    // AMX implies AVX2 and FMA.
+    // Both bf16 kernels imply AVX2 and FMA (`amx::kernel`).
     let isa = crate::cpu::Isa::Avx2;
     for i in 0..r {
         let lo = h.lo[i];
@@ -1122,9 +1122,9 @@ mod backward_tests {
         (lo, p_off, probs)
     }
 
-    /// The AMX path against the f32 one: each gradient within 1e-2 of it in relative
+    /// The bf16 path against the f32 one: each gradient within 1e-2 of it in relative
     /// L2 (its inputs are rounded to bf16, 2^-9 relative each).
-    fn check_amx_close(h: &HeadRows, rows: usize, want: (&[f32], &[f32], &[f32])) {
+    fn check_bf16_close(h: &HeadRows, rows: usize, want: (&[f32], &[f32], &[f32])) {
         if !crate::amx::available() {
             return;
         }
@@ -1134,7 +1134,7 @@ mod backward_tests {
             vec![0f32; rows * hd],
             vec![0f32; rows * hd],
         );
-        attention_backward_head_amx(
+        attention_backward_head_bf16(
             h,
             (&mut dq, hd),
             &mut dk,
@@ -1155,15 +1155,15 @@ mod backward_tests {
             let rel = (err / norm).sqrt();
             assert!(
                 rel < 1e-2,
-                "AMX {name}, {rows} rows: relative L2 error {rel}"
+                "bf16 {name}, {rows} rows: relative L2 error {rel}"
             );
         }
     }
 
-    /// A long head (the AMX path's sizes: several 32-row tiles, padding) against the
+    /// A long head (the bf16 path's sizes: several 32-row tiles, padding) against the
     /// f32 dense path.
     #[test]
-    fn amx_backward_tracks_the_f32_one() {
+    fn bf16_backward_tracks_the_f32_one() {
         for (rows, hd, win) in [(80, 64, usize::MAX), (256, 64, usize::MAX), (45, 48, 20)] {
             let scale = 1.0 / (hd as f32).sqrt();
             let q: Vec<f32> = data(rows * hd, 5).iter().map(|x| x * 2.0).collect();
@@ -1194,7 +1194,7 @@ mod backward_tests {
                 &mut dv,
                 &mut HeadScratch::default(),
             );
-            check_amx_close(&h, rows, (&dq, &dk, &dv));
+            check_bf16_close(&h, rows, (&dq, &dk, &dv));
         }
     }
 
@@ -1253,7 +1253,7 @@ mod backward_tests {
                 }
             }
             let (_, dq, dk, dv) = &grads[0];
-            check_amx_close(&h, rows, (dq, dk, dv));
+            check_bf16_close(&h, rows, (dq, dk, dv));
             for (isa, a, b, c) in &grads[1..] {
                 assert!(
                     a == dq && b == dk && c == dv,

@@ -66,18 +66,19 @@ impl<'a> WeightRef<'a> {
 pub struct GradScratch {
     /// Per thread: its partial `dx`, a block of dequantized weight rows, a row's bytes.
     per_thread: Vec<(Vec<f32>, Vec<f32>, Vec<u8>)>,
-    /// The AMX path's: W's slab in tile layout (shared), and per thread its rows of
+    /// The bf16 path's: W's slab in tile layout (shared), and per thread its rows of
     /// `dy` in bf16 and of `dx` in f32.
     amx_b: Vec<u16>,
     amx_rows: Vec<(Vec<u16>, Vec<f32>)>,
 }
 
-/// W's rows per slab of the AMX path (its tile layout is 2 bytes a value: 1.2 MB for
+/// W's rows per slab of the bf16 path (its tile layout is 2 bytes a value: 1.2 MB for
 /// 576 columns).
 const AMX_SLAB: usize = 1024;
 
-/// Whether [`matmul_backward_input`] takes the AMX bf16 path for these sizes.
-pub fn backward_input_uses_amx(m: usize, n: usize) -> bool {
+/// Whether [`matmul_backward_input`] takes the bf16 path (AMX or AVX512-BF16) for these
+/// sizes.
+pub fn backward_input_uses_bf16(m: usize, n: usize) -> bool {
     crate::amx::available() && m >= 16 && n >= 64
 }
 
@@ -90,8 +91,8 @@ const GRAD_ROWS: usize = 64;
 /// W stays quantized (QLoRA-style): each thread dequantizes its share of W's rows, a
 /// block at a time, into f32 scratch, and accumulates into its own partial `dx`; the
 /// partials are then summed in thread order, so the result is deterministic for a
-/// given thread count. With AMX ([`backward_input_uses_amx`]) the product runs on bf16
-/// tiles instead (`amx.rs`): W's rows are dequantized slab by slab into the tile layout,
+/// given thread count. With bf16 products ([`backward_input_uses_bf16`]) it runs on
+/// them instead (`amx.rs`: AMX tiles or AVX512-BF16): W's rows are dequantized slab by slab into the tile layout,
 /// shared by the threads, and each thread computes its own rows of `dx` (also
 /// deterministic).
 pub fn matmul_backward_input(
@@ -107,14 +108,14 @@ pub fn matmul_backward_input(
         dy.len() >= m * n && dx.len() >= m * k,
         "caller sizes the buffers"
     );
-    if backward_input_uses_amx(m, n) {
-        return backward_input_amx(pool, &[(*w, dy)], m, scratch, dx);
+    if backward_input_uses_bf16(m, n) {
+        return backward_input_bf16(pool, &[(*w, dy)], m, scratch, dx);
     }
     backward_input_f32(pool, w, dy, m, scratch, dx)
 }
 
 /// `dx[..m·k] = Σ_i dy_i · W_i` for matrices of one input width `k` (Q, K and V, or
-/// gate and up, which read the same normed rows): on AMX one product whose slabs run
+/// gate and up, which read the same normed rows): in bf16 one product whose slabs run
 /// over the matrices in turn, accumulating in its tiles; otherwise each product then
 /// the sum, in order. `tmp` holds a product for that sum.
 pub fn matmul_backward_input_sum(
@@ -132,8 +133,8 @@ pub fn matmul_backward_input_sum(
     for (w, dy) in parts {
         assert!(w.k == k && dy.len() >= m * w.n && dx.len() >= m * k && tmp.len() >= m * k);
     }
-    if parts.iter().all(|(w, _)| backward_input_uses_amx(m, w.n)) {
-        return backward_input_amx(pool, parts, m, scratch, dx);
+    if parts.iter().all(|(w, _)| backward_input_uses_bf16(m, w.n)) {
+        return backward_input_bf16(pool, parts, m, scratch, dx);
     }
     for (i, (w, dy)) in parts.iter().enumerate() {
         if i == 0 {
@@ -147,7 +148,7 @@ pub fn matmul_backward_input_sum(
     }
 }
 
-/// The f32 path of [`matmul_backward_input`] (every CPU; the reference for the AMX one).
+/// The f32 path of [`matmul_backward_input`] (every CPU; the reference for the bf16 one).
 pub fn backward_input_f32(
     pool: &ThreadPool,
     w: &WeightRef,
@@ -188,9 +189,9 @@ pub fn backward_input_f32(
     }
 }
 
-/// `dx = Σ dy_i · W_i` on AMX: slabs of up to [`AMX_SLAB`] rows of each matrix in turn,
+/// `dx = Σ dy_i · W_i` in bf16 (`amx::gemm`): slabs of up to [`AMX_SLAB`] rows of each matrix in turn,
 /// the first starting the tiles from zero and the rest accumulating.
-fn backward_input_amx(
+fn backward_input_bf16(
     pool: &ThreadPool,
     parts: &[(WeightRef, &[f32])],
     m: usize,
@@ -277,7 +278,7 @@ fn backward_input_amx(
             } else {
                 &mut c[..rr.len() * kp]
             };
-            // SAFETY: AMX is available (the caller checked); A has rr.len() rows of gp,
+            // SAFETY: bf16 products are available (the caller checked); A has rr.len() rows of gp,
             // B the layout of g rows and kp columns, C rr.len() × kp; the first slab
             // starts C from zero.
             unsafe { amx::gemm(cr, rr.len(), kp, ap, b, g, !first) };
@@ -1165,24 +1166,24 @@ mod tests {
         }
     }
 
-    /// The AMX path: against float64 of the same bf16-rounded inputs, across a slab
+    /// The bf16 path: against float64 of the same bf16-rounded inputs, across a slab
     /// boundary (n > AMX_SLAB), with padded m and k, for several thread counts and a
     /// reused scratch.
     #[test]
-    fn backward_input_amx_matches_its_bf16_reference() {
+    fn backward_input_bf16_matches_its_bf16_reference() {
         for (ty, m) in [
             (GgmlType::Q4_1, 45),
             (GgmlType::Q8_0, 64),
             (GgmlType::Q4_1, 96),
         ] {
-            check_backward_amx(ty, m);
+            check_backward_bf16(ty, m);
         }
     }
 
-    fn check_backward_amx(ty: GgmlType, m: usize) {
+    fn check_backward_bf16(ty: GgmlType, m: usize) {
         let (n, k) = (AMX_SLAB + 76, 96);
-        if !backward_input_uses_amx(m, n) {
-            eprintln!("no AMX here: skipped");
+        if !backward_input_uses_bf16(m, n) {
+            eprintln!("no bf16 kernel here: skipped");
             return;
         }
         let data = weights(ty, n, k, 9);
@@ -1233,7 +1234,7 @@ mod tests {
         }
     }
 
-    /// The sum of products (on AMX one product over every matrix's slabs) against the
+    /// The sum of products (in bf16 one product over every matrix's slabs) against the
     /// products one by one and their sum, with a slab boundary and repacked matrices.
     #[test]
     fn backward_input_sum_equals_the_sum_of_products() {
