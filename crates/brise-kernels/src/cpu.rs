@@ -5,6 +5,24 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// Whether this is an AMD Zen 4 core (family 19h with AVX-512), which runs 512-bit
+/// operations as two 256-bit halves: some kernels block differently there.
+pub fn zen4() -> bool {
+    static Z: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *Z.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let v = std::arch::x86_64::__cpuid(0);
+            let amd = (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+            let eax = std::arch::x86_64::__cpuid(1).eax;
+            let family = ((eax >> 8) & 0xf) + ((eax >> 20) & 0xff);
+            amd && family == 0x19 && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
 /// Instruction-set levels brise has kernels for, lowest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {

@@ -489,6 +489,20 @@ pub(crate) mod x86 {
         }
     }
 
+    /// Activation rows per pass of [`matmul_groups`] (sharing each tile's decode) for
+    /// `na` rows of `ty`: four, whose accumulators spill to L1 through ports Intel's cores
+    /// leave idle; two on AMD's Zen 4 (which runs a 512-bit operation as two halves)
+    /// for Q8_0, whose eight weight registers make the spills heavier, and for long
+    /// products. `mmbench` on Zen 4, two against four: Q8_0 +27% to +60% (8 to 256
+    /// rows), Q4_1 and Q5_0 +10% to +20% at 128 and 256 rows, Q4_1 −5% to −10% at 8.
+    fn rows_per_pass(ty: GgmlType, na: usize) -> usize {
+        if crate::cpu::zen4() && (ty == GgmlType::Q8_0 || na >= 64) {
+            2
+        } else {
+            4
+        }
+    }
+
     /// Computes `out[c·ldo + (g − g0)·16 + r]` for the 16 rows of each group `g` in
     /// `groups`, for every activation row `c` in `0..na`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
@@ -511,6 +525,7 @@ pub(crate) mod x86 {
                 let t = $t;
                 let ts = GROUP * t.type_size();
                 let na = preps.len();
+                let w = rows_per_pass(t, na);
                 // Activations in chunks that stay in cache while the groups pass over them.
                 let chunk = 64;
                 let mut c0 = 0;
@@ -545,15 +560,15 @@ pub(crate) mod x86 {
                             }};
                         }
                         // Four activation rows per pass share each tile's decode. Their
-                        // 32 accumulators do not all fit in registers, but the spills
-                        // go to L1 through ports the kernel leaves idle: 10% faster
-                        // than two rows at 8 and 64 rows (`mmbench`), and eight rows
-                        // were slower again.
-                        while c + 4 <= c1 {
+                        // 32 accumulators do not all fit in registers, but on Intel the
+                        // spills go to L1 through ports the kernel leaves idle: 10%
+                        // faster than two rows at 8 and 64 rows (`mmbench`), and eight
+                        // rows were slower again. Zen 4 differs (`rows_per_pass`).
+                        while w == 4 && c + 4 <= c1 {
                             pass!(4, c == c0);
                             c += 4;
                         }
-                        if c + 2 <= c1 {
+                        while c + 2 <= c1 {
                             pass!(2, c == c0);
                             c += 2;
                         }
