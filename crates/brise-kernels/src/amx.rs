@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 pub enum Kernel {
     /// AMX-TILE and AMX-BF16, with the tile state granted by Linux.
     Tiles,
-    /// AVX512-BF16 (`vdpbf16ps`) with AVX-512F/BW.
+    /// AVX512-BF16 (`vdpbf16ps`) with AVX-512F/BW/VL/DQ, AVX2 and FMA.
     Avx512Bf16,
 }
 
@@ -72,7 +72,14 @@ fn detect_tiles() -> bool {
     *T.get_or_init(|| {
         let l7 = std::arch::x86_64::__cpuid_count(7, 0);
         let (bf16, tile) = (l7.edx & (1 << 22) != 0, l7.edx & (1 << 24) != 0);
-        if !(bf16 && tile && std::arch::is_x86_feature_detected!("avx512f")) {
+        // The callers' other kernels (the packers, `lora::dot`) need these too.
+        let simd = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if !(bf16 && tile && simd) {
             return false;
         }
         // Linux gives a process the (8 KiB) tile state only once it asks for it.
@@ -185,19 +192,7 @@ pub unsafe fn gemm(
     accumulate: bool,
 ) {
     let kbs = b_tiles(g);
-    assert!(m_pad.is_multiple_of(32) && k_pad.is_multiple_of(32));
-    assert!(
-        c.len() >= m_pad * k_pad
-            && a.len() >= m_pad * kbs * 32
-            && b.len() >= k_pad / 16 * kbs * 512
-    );
-    if kbs == 0 {
-        if !accumulate {
-            c[..m_pad * k_pad].fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: the caller checked `available`; the asserts above bound every access.
+    // SAFETY: the caller checked `available`; `gemm_with` asserts the sizes.
     unsafe {
         gemm_with(
             kernel().expect("the caller checks available"),
@@ -215,8 +210,7 @@ pub unsafe fn gemm(
 /// [`gemm`] on a given kernel (`kbs` tiles along g), so tests can run each one here.
 ///
 /// # Safety
-/// The CPU has `kern` (for tiles, with the tile state granted), and the buffers have
-/// [`gemm`]'s sizes.
+/// The CPU has `kern` (for tiles, with the tile state granted); the sizes are asserted.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_with(
     kern: Kernel,
@@ -228,6 +222,18 @@ unsafe fn gemm_with(
     kbs: usize,
     accumulate: bool,
 ) {
+    assert!(m_pad.is_multiple_of(32) && k_pad.is_multiple_of(32));
+    assert!(
+        c.len() >= m_pad * k_pad
+            && a.len() >= m_pad * kbs * 32
+            && b.len() >= k_pad / 16 * kbs * 512
+    );
+    if kbs == 0 {
+        if !accumulate {
+            c[..m_pad * k_pad].fill(0.0);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as the caller promises.
     unsafe {

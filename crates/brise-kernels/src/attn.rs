@@ -339,8 +339,8 @@ pub fn backward_uses_bf16(rows: usize) -> bool {
     crate::amx::available() && rows >= 32
 }
 
-/// [`attention_backward_head_bf16`] when bf16 products run here (`amx::available`) and the sequence is long enough to
-/// fill its tiles, else [`attention_backward_head_dense`].
+/// [`attention_backward_head_bf16`] when bf16 products run here (`amx::available`) and
+/// the sequence fills whole 32-row blocks, else [`attention_backward_head_dense`].
 pub fn attention_backward_head_fast(
     h: &HeadRows,
     dq: (&mut [f32], usize),

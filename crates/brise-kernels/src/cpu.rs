@@ -15,7 +15,12 @@ pub fn zen4() -> bool {
             let v = std::arch::x86_64::__cpuid(0);
             let amd = (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
             let eax = std::arch::x86_64::__cpuid(1).eax;
-            let family = ((eax >> 8) & 0xf) + ((eax >> 20) & 0xff);
+            let base = (eax >> 8) & 0xf;
+            let family = if base == 0xf {
+                base + ((eax >> 20) & 0xff)
+            } else {
+                base
+            };
             amd && family == 0x19 && std::arch::is_x86_feature_detected!("avx512f")
         }
         #[cfg(not(target_arch = "x86_64"))]
