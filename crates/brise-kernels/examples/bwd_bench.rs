@@ -1,7 +1,7 @@
 //! Wall time of the training backward's product through a frozen base matrix,
 //! `dx = dy · W` (`matmul_backward_input`), for a random Q4_1 or Q8_0 matrix repacked as
-//! the model loads it, in bf16 when the CPU has AMX or AVX512-BF16 (`BRISE_NO_AMX=1` for AVX512-BF16 on an AMX
-//! CPU, `BRISE_NO_BF16=1` for f32).
+//! the model loads it, in bf16 when the CPU has AMX or AVX512-BF16 (`BRISE_NO_AMX=1`
+//! for AVX512-BF16 on an AMX CPU, `BRISE_NO_BF16=1` for f32).
 //!
 //!   cargo run --release -p brise-kernels --example bwd_bench -- [Q4_1|Q8_0] [n] [k] [m] [threads]
 

@@ -50,15 +50,21 @@ pub fn available() -> bool {
     kernel().is_some()
 }
 
+/// The SIMD levels both kernels' callers use besides the bf16 instructions (the
+/// packers, `lora::dot` in the attention backward).
 #[cfg(target_arch = "x86_64")]
-fn detect_avx512_bf16() -> bool {
-    std::arch::is_x86_feature_detected!("avx512bf16")
-        && std::arch::is_x86_feature_detected!("avx512f")
+fn simd_levels() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("avx512dq")
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16") && simd_levels()
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -72,14 +78,7 @@ fn detect_tiles() -> bool {
     *T.get_or_init(|| {
         let l7 = std::arch::x86_64::__cpuid_count(7, 0);
         let (bf16, tile) = (l7.edx & (1 << 22) != 0, l7.edx & (1 << 24) != 0);
-        // The callers' other kernels (the packers, `lora::dot`) need these too.
-        let simd = std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        if !(bf16 && tile && simd) {
+        if !(bf16 && tile && simd_levels()) {
             return false;
         }
         // Linux gives a process the (8 KiB) tile state only once it asks for it.
