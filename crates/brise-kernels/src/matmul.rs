@@ -246,6 +246,9 @@ fn backward_input_bf16(
             {
                 let b = unsafe { std::slice::from_raw_parts_mut(bptr.get(), blen) };
                 for j in split_range(gp, nt, t, 2).step_by(2) {
+                    if j + 1 < g && w.packed.is_some_and(|p| p.pack_bf16_pair(r0 + j, b, g, j)) {
+                        continue;
+                    }
                     let (w0, w1) = wblk.split_at_mut(k);
                     for (row, dst) in [(j, &mut w0[..]), (j + 1, &mut w1[..k])] {
                         if row < g {

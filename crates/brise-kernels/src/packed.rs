@@ -151,6 +151,27 @@ impl Packed {
         crate::quant::dequantize_row(self.ty, tmp, &mut out[..self.k]);
     }
 
+    /// Rows `r` and `r + 1` (`r` even, both real) into pair row `j` of the bf16 layout
+    /// of [`crate::amx::pack_b_pair`] for `g` rows: the bits of dequantizing both rows
+    /// and packing them, in one pass from the tiles (the training backward packs every
+    /// weight row each step). Returns false, writing nothing, where there is no such
+    /// pass (other formats, or no AVX-512): the caller then dequantizes and packs.
+    pub fn pack_bf16_pair(&self, r: usize, bp: &mut [u16], g: usize, j: usize) -> bool {
+        assert!(r.is_multiple_of(2) && r + 1 < self.n && j.is_multiple_of(2) && j + 1 < g);
+        assert!(bp.len() >= crate::amx::b_len(g, self.k));
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            let kbs = crate::amx::b_tiles(g);
+            // SAFETY: AVX-512F is present (checked); rows r, r + 1 exist and B holds the
+            // layout for g rows and k columns (asserted).
+            unsafe { x86::pack_bf16_pair(self, r, bp, kbs, j / 32, (j % 32) / 2) };
+            return true;
+        }
+        false
+    }
+
     /// Row `r` in GGUF layout (for embedding lookups and tests).
     pub fn unpack_row(&self, r: usize, out: &mut [u8]) {
         let bs = self.ty.type_size();
@@ -271,6 +292,43 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn bf16_pairs_equal_dequantize_then_pack() {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
+            // Rows 16..36 of a 37-row matrix as a slab of g = 20 (B padded to 32 rows).
+            let (n, k, r0, g) = (37, 96, 16, 20);
+            let rb = ty.row_bytes(k).unwrap();
+            let src: Vec<u8> = (0..n * rb).map(|i| (i * 131 % 251) as u8).collect();
+            let p = Packed::pack(ty, n, k, &src);
+            let len = crate::amx::b_len(g, k);
+            let (mut got, mut want) = (vec![7u16; len], vec![7u16; len]);
+            let (mut w0, mut w1, mut tmp) = (vec![0f32; k], vec![0f32; k], Vec::new());
+            let mut fused = false;
+            for j in (0..g).step_by(2) {
+                p.dequantize_row(r0 + j, &mut tmp, &mut w0);
+                p.dequantize_row(r0 + j + 1, &mut tmp, &mut w1);
+                crate::amx::pack_b_pair(&mut want, g, k, j, &w0, &w1);
+                if p.pack_bf16_pair(r0 + j, &mut got, g, j) {
+                    fused = true;
+                } else {
+                    crate::amx::pack_b_pair(&mut got, g, k, j, &w0, &w1);
+                }
+            }
+            assert_eq!(got, want, "{ty}");
+            #[cfg(target_arch = "x86_64")]
+            let simd = std::arch::is_x86_feature_detected!("avx512f");
+            #[cfg(not(target_arch = "x86_64"))]
+            let simd = false;
+            let expect = simd && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
+            assert_eq!(fused, expect, "{ty}: which path ran");
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -355,6 +413,112 @@ pub(crate) mod x86 {
         }
     }
     use core::arch::x86_64::*;
+
+    /// [`super::Packed::pack_bf16_pair`]: per block, both rows' codes come from the
+    /// same 8-byte runs of the tile's lane vectors; each row is scaled as
+    /// [`dequantize_row`] scales it, rounded as `amx::bf16` rounds, and the two rows'
+    /// 16-column halves interleaved as `amx::pack_b_pair` does.
+    ///
+    /// SAFETY: AVX-512F; `r` even with `r + 1 < n`; `bp` holds the layout of `kbs` pair
+    /// tiles by `k / 16` column blocks, `kb < kbs`, `pr < 16`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn pack_bf16_pair(
+        p: &super::Packed,
+        r: usize,
+        bp: &mut [u16],
+        kbs: usize,
+        kb: usize,
+        pr: usize,
+    ) {
+        let (g, rr) = (r / GROUP, r % GROUP);
+        let (od, om, _, oq) = offsets(p.ty);
+        let ts = p.tile_size();
+        let nb = p.blocks();
+        let group = &p.data[g * nb * ts..(g + 1) * nb * ts];
+        // SAFETY (all below): AVX-512F (the caller's promise); every tile read is inside
+        // `group` (offsets of its scales, mins and lane vectors; rows rr, rr + 1 < 16),
+        // every store inside `bp` (column block < k / 16, pair tile kb, pair row pr).
+        unsafe {
+            let round = |x: __m512| {
+                let x = _mm512_castps_si512(x);
+                let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+                _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd)
+            };
+            let pair = |a: __m512, b: __m512| {
+                _mm512_or_si512(
+                    _mm512_srli_epi32::<16>(round(a)),
+                    _mm512_and_si512(round(b), _mm512_set1_epi32(0xffff_0000u32 as i32)),
+                )
+            };
+            let bpp = bp.as_mut_ptr();
+            let store = |nbc: usize, v: __m512i| {
+                let o = (nbc * kbs + kb) * 512 + pr * 32;
+                _mm512_storeu_si512(bpp.add(o) as *mut __m512i, v);
+            };
+            for b in 0..nb {
+                let t = group.as_ptr().add(b * ts);
+                // Both rows' f16 values at `o`, each broadcast.
+                let two = |o: usize| {
+                    let v =
+                        _mm_cvtph_ps(_mm_cvtsi32_si128((t.add(o) as *const i32).read_unaligned()));
+                    (
+                        _mm512_broadcastss_ps(v),
+                        _mm512_broadcastss_ps(_mm_movehdup_ps(v)),
+                    )
+                };
+                let (d0, d1) = two(od + 2 * rr);
+                // Lane vectors l and l + 1: [row rr's run, row rr+1's run] of each.
+                let runs = |l: usize| {
+                    let a = _mm_loadl_epi64(t.add(oq + l * 64 + rr * 4) as *const __m128i);
+                    let b = _mm_loadl_epi64(t.add(oq + (l + 1) * 64 + rr * 4) as *const __m128i);
+                    _mm_unpacklo_epi64(a, b)
+                };
+                // Four runs from two pairs of lane vectors, split by row.
+                let split = |v01: __m128i, v23: __m128i| {
+                    let (x, y) = (_mm_castsi128_ps(v01), _mm_castsi128_ps(v23));
+                    (
+                        _mm_castps_si128(_mm_shuffle_ps::<0b10_00_10_00>(x, y)),
+                        _mm_castps_si128(_mm_shuffle_ps::<0b11_01_11_01>(x, y)),
+                    )
+                };
+                let blk = 2 * b;
+                match p.ty {
+                    GgmlType::Q8_0 => {
+                        let flip = _mm_set1_epi8(0x80u8 as i8);
+                        let (a_lo, b_lo) = split(runs(0), runs(2));
+                        let (a_hi, b_hi) = split(runs(4), runs(6));
+                        let f = |q: __m128i, d: __m512| {
+                            let q = _mm512_cvtepi8_epi32(_mm_xor_si128(q, flip));
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(q), d)
+                        };
+                        store(blk, pair(f(a_lo, d0), f(b_lo, d1)));
+                        store(blk + 1, pair(f(a_hi, d0), f(b_hi, d1)));
+                    }
+                    _ => {
+                        let (qa, qb) = split(runs(0), runs(2));
+                        let nib = _mm_set1_epi8(0x0f);
+                        let m = om.map(|om| two(om + 2 * rr));
+                        let f = |q: __m128i, d: __m512, m: Option<__m512>| {
+                            let mut q = _mm512_cvtepu8_epi32(q);
+                            if m.is_none() {
+                                q = _mm512_sub_epi32(q, _mm512_set1_epi32(8));
+                            }
+                            let x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q));
+                            match m {
+                                Some(m) => _mm512_add_ps(x, m),
+                                None => x,
+                            }
+                        };
+                        let (ma, mb) = (m.map(|m| m.0), m.map(|m| m.1));
+                        let lo = |q: __m128i| _mm_and_si128(q, nib);
+                        let hi = |q: __m128i| _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+                        store(blk, pair(f(lo(qa), d0, ma), f(lo(qb), d1, mb)));
+                        store(blk + 1, pair(f(hi(qa), d0, ma), f(hi(qb), d1, mb)));
+                    }
+                }
+            }
+        }
+    }
 
     /// Prefetch distance in bytes for the streaming (one activation row) kernel.
     const PREFETCH: usize = 4096;
