@@ -219,10 +219,13 @@ fn backward_input_bf16(
     for (_, wblk, _) in scratch.per_thread.iter_mut() {
         wblk.resize(2 * k, 0.0);
     }
-    grow_to(&mut scratch.amx_b, amx::b_len(AMX_SLAB.min(n_max), kp));
+    // B starts on a cache line: its 64-byte pair rows are then whole lines, stored by
+    // the packing and loaded by the product without splits.
+    grow_to(&mut scratch.amx_b, amx::b_len(AMX_SLAB.min(n_max), kp) + 32);
+    let skip = scratch.amx_b.as_ptr().align_offset(64).min(32);
     let per = SyncParts(scratch.per_thread.as_mut_ptr());
-    let bptr = SyncU16(scratch.amx_b.as_mut_ptr());
-    let blen = scratch.amx_b.len();
+    let bptr = SyncU16(scratch.amx_b[skip..].as_mut_ptr());
+    let blen = scratch.amx_b.len() - skip;
     let mine = SyncRows(scratch.amx_rows.as_mut_ptr());
     let dxp = SyncPtr(dx.as_mut_ptr());
     let slabs: Vec<(usize, usize)> = parts
