@@ -661,26 +661,6 @@ pub mod block16 {
         kq_ref(order, kt, q, hd, out)
     }
 
-    /// [`kq`] over a key block converted to f32 (`hd` rows of 16 values that are f16
-    /// values): the same bits as [`kq`] on the f16 block, without converting it again for
-    /// every query (a batch of rows converts each block once).
-    pub fn kq_f32(order: DotOrder, kt: &[f32], q: &[f32], hd: usize, out: &mut [f32; 16]) {
-        assert!(supported(order, hd) && kt.len() >= hd * 16 && q.len() >= hd);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F is present (checked); sizes checked above.
-            return unsafe { super::x86b::kq_f32(order, kt.as_ptr(), q.as_ptr(), hd, out) };
-        }
-        kq_ref(order, &to_f16(&kt[..hd * 16]), q, hd, out)
-    }
-
-    /// f16 bytes of values that are f16 values (exact).
-    fn to_f16(x: &[f32]) -> Vec<u8> {
-        x.iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect()
-    }
-
     pub fn supported(order: DotOrder, hd: usize) -> bool {
         match order {
             DotOrder::Vec => hd.is_multiple_of(64) && hd > 0,
@@ -736,31 +716,6 @@ pub mod block16 {
             };
         }
         kqv_ref(order, v, hd, d0, p, lo, hi, n_kv, out)
-    }
-
-    /// [`kqv`] over value rows converted to f32 (rows of `hd` values that are f16
-    /// values): the same bits as [`kqv`] on the f16 rows.
-    #[allow(clippy::too_many_arguments)]
-    pub fn kqv_f32(
-        order: DotOrder,
-        v: &[f32],
-        hd: usize,
-        d0: usize,
-        p: &[f32],
-        lo: usize,
-        hi: usize,
-        n_kv: usize,
-        out: &mut [f32; 16],
-    ) {
-        assert!(d0 + 16 <= hd && v.len() >= hi * hd && p.len() >= hi && hi <= n_kv);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F is present (checked); sizes checked above.
-            return unsafe {
-                super::x86b::kqv_f32(order, v.as_ptr(), hd, d0, p.as_ptr(), lo, hi, n_kv, out)
-            };
-        }
-        kqv_ref(order, &to_f16(&v[..hi * hd]), hd, d0, p, lo, hi, n_kv, out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -907,16 +862,16 @@ pub(crate) mod x86b {
         unsafe { _mm512_set1_ps(*q.add(d)) }
     }
 
-    /// The 16 scores of [`kq`] with key row `d` (16 keys) given by `key`.
-    #[inline(always)]
-    unsafe fn kq_with(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn kq(
         order: DotOrder,
-        key: impl Fn(usize) -> __m512,
+        kt: *const u8,
         q: *const f32,
         hd: usize,
         out: &mut [f32; 16],
     ) {
         unsafe {
+            let key = |d: usize| h16(kt.add(d * 32));
             let r = match order {
                 DotOrder::Tiny => {
                     let mut acc = [_mm512_setzero_ps(); 16];
@@ -946,30 +901,6 @@ pub(crate) mod x86b {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub unsafe fn kq(
-        order: DotOrder,
-        kt: *const u8,
-        q: *const f32,
-        hd: usize,
-        out: &mut [f32; 16],
-    ) {
-        unsafe { kq_with(order, |d| h16(kt.add(d * 32)), q, hd, out) }
-    }
-
-    /// [`kq`] over keys already converted to f32 (the same values, so the same bits).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub unsafe fn kq_f32(
-        order: DotOrder,
-        kt: *const f32,
-        q: *const f32,
-        hd: usize,
-        out: &mut [f32; 16],
-    ) {
-        unsafe { kq_with(order, |d| _mm512_loadu_ps(kt.add(d * 16)), q, hd, out) }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn kqv(
         order: DotOrder,
         v: *const u8,
@@ -982,57 +913,7 @@ pub(crate) mod x86b {
         out: &mut [f32; 16],
     ) {
         unsafe {
-            kqv_with(
-                order,
-                |j| h16(v.add((j * hd + d0) * 2)),
-                p,
-                lo,
-                hi,
-                n_kv,
-                out,
-            )
-        }
-    }
-
-    /// [`kqv`] over values already converted to f32 (the same values, so the same bits).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kqv_f32(
-        order: DotOrder,
-        v: *const f32,
-        hd: usize,
-        d0: usize,
-        p: *const f32,
-        lo: usize,
-        hi: usize,
-        n_kv: usize,
-        out: &mut [f32; 16],
-    ) {
-        unsafe {
-            kqv_with(
-                order,
-                |j| _mm512_loadu_ps(v.add(j * hd + d0)),
-                p,
-                lo,
-                hi,
-                n_kv,
-                out,
-            )
-        }
-    }
-
-    /// The 16 outputs of [`kqv`] with position `j`'s 16 values given by `val`.
-    #[inline(always)]
-    unsafe fn kqv_with(
-        order: DotOrder,
-        val: impl Fn(usize) -> __m512,
-        p: *const f32,
-        lo: usize,
-        hi: usize,
-        n_kv: usize,
-        out: &mut [f32; 16],
-    ) {
-        unsafe {
+            let val = |j: usize| h16(v.add((j * hd + d0) * 2));
             let pr = |j: usize| _mm512_set1_ps(*p.add(j));
             match order {
                 DotOrder::Tiny => {
@@ -1129,36 +1010,6 @@ mod block16_tests {
                 b.map(f32::to_bits),
                 "{order:?} hd={hd}"
             );
-        }
-    }
-
-    #[test]
-    fn f32_blocks_equal_f16_blocks_bitwise() {
-        let hd = 64;
-        for order in [DotOrder::Tiny, DotOrder::Vec] {
-            let kt = rnd(7, hd * 16);
-            let q = as_f32(&rnd(8, hd));
-            let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
-            block16::kq(order, &kt, &q, hd, &mut a);
-            block16::kq_f32(order, &as_f32(&kt), &q, hd, &mut b);
-            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "kq {order:?}");
-            for (lo, hi, n_kv) in [(0, 200, 256), (17, 256, 256), (3, 300, 320)] {
-                if order == DotOrder::Tiny && n_kv % 16 != 0 {
-                    continue;
-                }
-                let v = rnd(9, n_kv * hd);
-                let p = as_f32(&rnd(10, n_kv));
-                let vf = as_f32(&v);
-                for d0 in [0, 32, 48] {
-                    block16::kqv(order, &v, hd, d0, &p, lo, hi, n_kv, &mut a);
-                    block16::kqv_f32(order, &vf, hd, d0, &p, lo, hi, n_kv, &mut b);
-                    assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "kqv {order:?}");
-                    // The scalar fallback of the f32 entry point agrees too.
-                    let mut c = [0f32; 16];
-                    block16::kqv_ref(order, &v, hd, d0, &p, lo, hi, n_kv, &mut c);
-                    assert_eq!(a.map(f32::to_bits), c.map(f32::to_bits));
-                }
-            }
         }
     }
 

@@ -51,9 +51,6 @@ pub struct ForwardState {
     scores: Vec<f32>,
     probs: Vec<f32>,
     qh16: Vec<u8>,
-    /// Keys and values of the sequences with many rows in a step, as f32 (see
-    /// `attention`).
-    kvf: Vec<f32>,
     rope: Vec<f32>,
     sel: Vec<f32>,
     mm: MatmulScratch,
@@ -110,11 +107,6 @@ fn grow(v: &mut Vec<f32>, n: usize) {
         v.resize(n, 0.0);
     }
 }
-
-/// Rows a sequence has in a step from which its keys and values are converted to f32
-/// once for the step's attention, and the most f32 values those copies may take.
-const KVF_MIN_ROWS: usize = 16;
-const KVF_MAX: usize = 16 << 20;
 
 /// Per-row facts of the batch.
 struct Row {
@@ -670,73 +662,7 @@ impl Forward<'_> {
         let probs = SyncMut(st.probs.as_mut_ptr());
         let qh16 = SyncMut(st.qh16.as_mut_ptr());
         let nt = pool.n_threads();
-        // A sequence with many rows in this step has each key block and value row read
-        // by every row's query heads: convert them to f32 once (the same values, so the
-        // kernels give the same bits) instead of once per query. Per sequence: where its
-        // copy starts in `kvf`, its key blocks and its value rows, per KV head.
-        let mut kvf_at: Vec<Option<(usize, usize, usize)>> = vec![None; batch.len()];
-        if fused.is_none() && hd.is_multiple_of(16) {
-            let mut total = 0;
-            for row in rows {
-                let s = row.seq;
-                if row.step >= KVF_MIN_ROWS && kvf_at[s].is_none() {
-                    let hi = row.first + row.step;
-                    let per_head = hi.div_ceil(16) * 16 * hd + hi * hd;
-                    if total + nkv * per_head <= KVF_MAX {
-                        kvf_at[s] = Some((total, hi.div_ceil(16), hi));
-                        total += nkv * per_head;
-                    }
-                }
-            }
-            grow(&mut st.kvf, total);
-        }
-        let kvf = SyncMut(st.kvf.as_mut_ptr());
-        let kvf_at = &kvf_at;
-        let kvf_len = st.kvf.len();
-        let kvf_items: Vec<(usize, usize)> = (0..batch.len())
-            .filter(|&s| kvf_at[s].is_some())
-            .flat_map(|s| (0..nkv).map(move |h| (s, h)))
-            .collect();
         pool.run(|t| {
-            if !kvf_items.is_empty() {
-                for &(s, kvh) in kvf_items.iter().skip(t).step_by(nt) {
-                    let (at, nblk, hi) = kvf_at[s].expect("listed");
-                    let per_head = nblk * 16 * hd + hi * hd;
-                    // SAFETY: (sequence, KV head) owns its region of kvf (sized above);
-                    // its cache is only read during the attention.
-                    let (dst, cache) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(
-                                kvf.get().add(at + kvh * per_head),
-                                per_head,
-                            ),
-                            &*(*bp.get().add(s)).cache,
-                        )
-                    };
-                    let (kd, vd) = dst.split_at_mut(nblk * 16 * hd);
-                    for kb in 0..nblk {
-                        ops::f16_bytes_to_f32(
-                            cache.k_block(li, kvh, kb),
-                            &mut kd[kb * 16 * hd..(kb + 1) * 16 * hd],
-                        );
-                    }
-                    ops::f16_bytes_to_f32(&cache.v_rows(li, kvh)[..hi * hd * 2], vd);
-                }
-                pool.barrier();
-            }
-            // SAFETY: the copies are written (the barrier) and only read from here on.
-            let kvf = unsafe { std::slice::from_raw_parts(kvf.get() as *const f32, kvf_len) };
-            // (key blocks, value rows) of KV head `kvh` of sequence `s`, if converted.
-            let kv32 = |s: usize, kvh: usize| {
-                kvf_at[s].map(|(at, nblk, hi)| {
-                    let per_head = nblk * 16 * hd + hi * hd;
-                    let o = at + kvh * per_head;
-                    (
-                        &kvf[o..o + nblk * 16 * hd],
-                        &kvf[o + nblk * 16 * hd..o + per_head],
-                    )
-                })
-            };
             // SAFETY: each thread uses its own slice of the score, probability and q16
             // buffers (sized by the caller) and writes disjoint (row, head) outputs.
             let sc =
@@ -828,19 +754,7 @@ impl Forward<'_> {
                         ops::f16_bytes_to_f32(q16, qf);
                         let mut s16 = [0f32; 16];
                         for kb in lo / 16..hi.div_ceil(16) {
-                            match kv32(row.seq, kvh) {
-                                Some((kf, _)) => {
-                                    let blk = &kf[kb * 16 * hd..(kb + 1) * 16 * hd];
-                                    block16::kq_f32(kq_order, blk, qf, hd, &mut s16)
-                                }
-                                None => block16::kq(
-                                    kq_order,
-                                    cache.k_block(li, kvh, kb),
-                                    qf,
-                                    hd,
-                                    &mut s16,
-                                ),
-                            }
+                            block16::kq(kq_order, cache.k_block(li, kvh, kb), qf, hd, &mut s16);
                             for (j, v) in s16.iter().enumerate() {
                                 let pos = kb * 16 + j;
                                 if pos >= lo && pos < hi {
@@ -878,16 +792,8 @@ impl Forward<'_> {
                         // The probabilities as f32 values of their f16 rounding.
                         ops::f16_bytes_to_f32(&p16[lo * 2..hi * 2], &mut pr[lo..hi]);
                         let mut o16 = [0f32; 16];
-                        let vf = kv32(row.seq, kvh).map(|(_, vf)| vf);
                         for d0 in (0..hd).step_by(16) {
-                            match vf {
-                                Some(vf) => block16::kqv_f32(
-                                    kqv_order, vf, hd, d0, pr, lo, hi, row.n_kv, &mut o16,
-                                ),
-                                None => block16::kqv(
-                                    kqv_order, vr, hd, d0, pr, lo, hi, row.n_kv, &mut o16,
-                                ),
-                            }
+                            block16::kqv(kqv_order, vr, hd, d0, pr, lo, hi, row.n_kv, &mut o16);
                             out[d0..d0 + 16].copy_from_slice(&o16);
                         }
                     } else {
