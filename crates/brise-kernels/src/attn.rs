@@ -874,9 +874,13 @@ pub(crate) mod x86b {
             let key = |d: usize| h16(kt.add(d * 32));
             let r = match order {
                 DotOrder::Tiny => {
+                    // acc[d % 16] in increasing d, with constant indices so the 16
+                    // accumulators stay in registers (hd is a multiple of 16).
                     let mut acc = [_mm512_setzero_ps(); 16];
-                    for d in 0..hd {
-                        acc[d % 16] = _mm512_fmadd_ps(key(d), hq(q, d), acc[d % 16]);
+                    for i in (0..hd).step_by(16) {
+                        for (l, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(key(i + l), hq(q, i + l), *a);
+                        }
                     }
                     tree(&acc)
                 }
@@ -917,9 +921,30 @@ pub(crate) mod x86b {
             let pr = |j: usize| _mm512_set1_ps(*p.add(j));
             match order {
                 DotOrder::Tiny => {
+                    // acc[j % 16] in increasing j over [lo, hi), block by block with
+                    // constant indices so the 16 accumulators stay in registers; only
+                    // the first and last blocks check the window.
                     let mut acc = [_mm512_setzero_ps(); 16];
-                    for j in lo..hi {
-                        acc[j % 16] = _mm512_fmadd_ps(val(j), pr(j), acc[j % 16]);
+                    if lo < hi {
+                        let (b0, b1) = (lo / 16, (hi - 1) / 16);
+                        let edge = |acc: &mut [__m512; 16], b: usize| {
+                            for (l, a) in acc.iter_mut().enumerate() {
+                                let j = 16 * b + l;
+                                if j >= lo && j < hi {
+                                    *a = _mm512_fmadd_ps(val(j), pr(j), *a);
+                                }
+                            }
+                        };
+                        edge(&mut acc, b0);
+                        for b in b0 + 1..b1 {
+                            for (l, a) in acc.iter_mut().enumerate() {
+                                let j = 16 * b + l;
+                                *a = _mm512_fmadd_ps(val(j), pr(j), *a);
+                            }
+                        }
+                        if b1 > b0 {
+                            edge(&mut acc, b1);
+                        }
                     }
                     _mm512_storeu_ps(out.as_mut_ptr(), tree(&acc));
                 }
