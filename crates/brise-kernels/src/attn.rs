@@ -661,6 +661,33 @@ pub mod block16 {
         kq_ref(order, kt, q, hd, out)
     }
 
+    /// [`kq`] in the tinyBLAS order for several query heads that share the key block
+    /// (one KV group): `qs[h]` is head h's query rounded to f16 (as f32 values), and
+    /// `outs[h]` gets its 16 scores. Each key row is converted once for all heads; each
+    /// head's arithmetic is [`kq`]'s, so the bits are the same.
+    pub fn kq_heads(kt: &[u8], qs: &[&[f32]], hd: usize, outs: &mut [[f32; 16]]) {
+        assert!(supported(DotOrder::Tiny, hd) && kt.len() >= hd * 32);
+        assert!(qs.len() == outs.len() && qs.iter().all(|q| q.len() >= hd));
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            for (qc, oc) in qs.chunks(4).zip(outs.chunks_mut(4)) {
+                // SAFETY: AVX-512F is present (checked); sizes checked above.
+                unsafe {
+                    match qc.len() {
+                        4 => super::x86b::kq_heads::<4>(kt.as_ptr(), qc, hd, oc),
+                        3 => super::x86b::kq_heads::<3>(kt.as_ptr(), qc, hd, oc),
+                        2 => super::x86b::kq_heads::<2>(kt.as_ptr(), qc, hd, oc),
+                        _ => super::x86b::kq_heads::<1>(kt.as_ptr(), qc, hd, oc),
+                    }
+                }
+            }
+            return;
+        }
+        for (q, o) in qs.iter().zip(outs.iter_mut()) {
+            kq_ref(DotOrder::Tiny, kt, q, hd, o);
+        }
+    }
+
     pub fn supported(order: DotOrder, hd: usize) -> bool {
         match order {
             DotOrder::Vec => hd.is_multiple_of(64) && hd > 0,
@@ -716,6 +743,43 @@ pub mod block16 {
             };
         }
         kqv_ref(order, v, hd, d0, p, lo, hi, n_kv, out)
+    }
+
+    /// [`kqv`] in the tinyBLAS order for several query heads that share the value rows
+    /// (one KV group): `ps[h]` and `outs[h]` are head h's probabilities and outputs.
+    /// Each value row is converted from f16 once for all heads; each head's arithmetic
+    /// is [`kqv`]'s, so the bits are the same.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kqv_heads(
+        v: &[u8],
+        hd: usize,
+        d0: usize,
+        ps: &[&[f32]],
+        lo: usize,
+        hi: usize,
+        n_kv: usize,
+        outs: &mut [[f32; 16]],
+    ) {
+        assert!(d0 + 16 <= hd && v.len() >= hi * hd * 2 && hi <= n_kv);
+        assert!(ps.len() == outs.len() && ps.iter().all(|p| p.len() >= hi));
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            for (pc, oc) in ps.chunks(4).zip(outs.chunks_mut(4)) {
+                // SAFETY: AVX-512F is present (checked); sizes checked above.
+                unsafe {
+                    match pc.len() {
+                        4 => super::x86b::kqv_heads::<4>(v.as_ptr(), hd, d0, pc, lo, hi, oc),
+                        3 => super::x86b::kqv_heads::<3>(v.as_ptr(), hd, d0, pc, lo, hi, oc),
+                        2 => super::x86b::kqv_heads::<2>(v.as_ptr(), hd, d0, pc, lo, hi, oc),
+                        _ => super::x86b::kqv_heads::<1>(v.as_ptr(), hd, d0, pc, lo, hi, oc),
+                    }
+                }
+            }
+            return;
+        }
+        for (p, o) in ps.iter().zip(outs.iter_mut()) {
+            kqv_ref(DotOrder::Tiny, v, hd, d0, p, lo, hi, n_kv, o);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -832,6 +896,88 @@ pub(crate) mod x86b {
             let inv = (1.0 / sum) as f32;
             for v in &mut p[lo..hi] {
                 *v *= inv;
+            }
+        }
+    }
+
+    /// [`super::block16::kq_heads`] for `H` heads: per lane slot l, each head's chain
+    /// over dimensions ≡ l (mod 16) in increasing order (the accumulator `acc[d % 16]` of
+    /// the one-head kernel), each key row converted once for the H heads.
+    ///
+    /// SAFETY: AVX-512F, F16C and FMA; `kt` holds `hd` rows of 16 f16 keys, `hd` is a
+    /// multiple of 16, every `qs[h]` holds `hd` values, `qs` and `outs` hold `H` entries.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn kq_heads<const H: usize>(
+        kt: *const u8,
+        qs: &[&[f32]],
+        hd: usize,
+        outs: &mut [[f32; 16]],
+    ) {
+        unsafe {
+            let q: [*const f32; H] = std::array::from_fn(|h| qs[h].as_ptr());
+            // Every slot of every head is written below: no zeroing (a memset per call).
+            let mut t = [[std::mem::MaybeUninit::<__m512>::uninit(); 16]; H];
+            for l in 0..16 {
+                let mut s = [_mm512_setzero_ps(); H];
+                for i in (0..hd).step_by(16) {
+                    let x = h16(kt.add((i + l) * 32));
+                    for h in 0..H {
+                        s[h] = _mm512_fmadd_ps(x, hq(q[h], i + l), s[h]);
+                    }
+                }
+                for h in 0..H {
+                    t[h][l].write(s[h]);
+                }
+            }
+            for h in 0..H {
+                // SAFETY: all 16 slots of head h were written in the loop above.
+                let th: [__m512; 16] = std::array::from_fn(|l| t[h][l].assume_init());
+                _mm512_storeu_ps(outs[h].as_mut_ptr(), tree(&th));
+            }
+        }
+    }
+
+    /// [`super::block16::kqv_heads`] for `H` heads: per lane slot l, each head's chain
+    /// over positions ≡ l (mod 16) in increasing order (the accumulator `acc[j % 16]` of
+    /// the one-head kernel), each value row converted once for the H heads.
+    ///
+    /// SAFETY: AVX-512F, F16C and FMA; `v` holds `hi` rows of `hd` f16 values, `d0 + 16
+    /// ≤ hd`, every `ps[h]` holds `hi` values, `ps` and `outs` hold `H` entries.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub unsafe fn kqv_heads<const H: usize>(
+        v: *const u8,
+        hd: usize,
+        d0: usize,
+        ps: &[&[f32]],
+        lo: usize,
+        hi: usize,
+        outs: &mut [[f32; 16]],
+    ) {
+        unsafe {
+            let p: [*const f32; H] = std::array::from_fn(|h| ps[h].as_ptr());
+            // Every slot of every head is written below: no zeroing (a memset per call).
+            let mut t = [[std::mem::MaybeUninit::<__m512>::uninit(); 16]; H];
+            for l in 0..16 {
+                let mut s = [_mm512_setzero_ps(); H];
+                let mut j = lo - lo % 16 + l;
+                if j < lo {
+                    j += 16;
+                }
+                while j < hi {
+                    let x = h16(v.add((j * hd + d0) * 2));
+                    for h in 0..H {
+                        s[h] = _mm512_fmadd_ps(x, _mm512_set1_ps(*p[h].add(j)), s[h]);
+                    }
+                    j += 16;
+                }
+                for h in 0..H {
+                    t[h][l].write(s[h]);
+                }
+            }
+            for h in 0..H {
+                // SAFETY: all 16 slots of head h were written in the loop above.
+                let th: [__m512; 16] = std::array::from_fn(|l| t[h][l].assume_init());
+                _mm512_storeu_ps(outs[h].as_mut_ptr(), tree(&th));
             }
         }
     }
@@ -1035,6 +1181,75 @@ mod block16_tests {
                 b.map(f32::to_bits),
                 "{order:?} hd={hd}"
             );
+        }
+    }
+
+    #[test]
+    fn kq_heads_equal_one_head_kernels_bitwise() {
+        for hd in [32, 64, 128] {
+            for heads in [1, 3, 4, 7] {
+                let kt = rnd(21, hd * 16);
+                let qs: Vec<Vec<f32>> = (0..heads)
+                    .map(|h| as_f32(&rnd(30 + h as u32, hd)))
+                    .collect();
+                let refs: Vec<&[f32]> = qs.iter().map(|q| &q[..]).collect();
+                let mut got = vec![[0f32; 16]; heads];
+                block16::kq_heads(&kt, &refs, hd, &mut got);
+                for (h, g) in got.iter().enumerate() {
+                    let mut want = [0f32; 16];
+                    block16::kq_ref(DotOrder::Tiny, &kt, &qs[h], hd, &mut want);
+                    assert_eq!(
+                        g.map(f32::to_bits),
+                        want.map(f32::to_bits),
+                        "hd {hd}, {heads} heads, head {h}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kqv_heads_equal_one_head_kernels_bitwise() {
+        let hd = 64;
+        for heads in [1, 3, 4, 7] {
+            for (lo, hi, n_kv) in [(0, 5, 256), (0, 256, 256), (17, 200, 256), (33, 34, 64)] {
+                let v = rnd(11, n_kv * hd);
+                let ps: Vec<Vec<f32>> = (0..heads)
+                    .map(|h| {
+                        let mut p = as_f32(&rnd(12 + h as u32, n_kv));
+                        for (j, x) in p.iter_mut().enumerate() {
+                            if j < lo || j >= hi {
+                                *x = f32::NAN; // outside the window: never read
+                            }
+                        }
+                        p
+                    })
+                    .collect();
+                let refs: Vec<&[f32]> = ps.iter().map(|p| &p[..]).collect();
+                for d0 in [0, 16, 48] {
+                    let mut got = vec![[0f32; 16]; heads];
+                    block16::kqv_heads(&v, hd, d0, &refs, lo, hi, n_kv, &mut got);
+                    for (h, g) in got.iter().enumerate() {
+                        let mut want = [0f32; 16];
+                        block16::kqv_ref(
+                            DotOrder::Tiny,
+                            &v,
+                            hd,
+                            d0,
+                            &ps[h],
+                            lo,
+                            hi,
+                            n_kv,
+                            &mut want,
+                        );
+                        assert_eq!(
+                            g.map(f32::to_bits),
+                            want.map(f32::to_bits),
+                            "{heads} heads, head {h}, [{lo},{hi}) d0={d0}"
+                        );
+                    }
+                }
+            }
         }
     }
 

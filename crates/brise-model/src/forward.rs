@@ -51,6 +51,10 @@ pub struct ForwardState {
     scores: Vec<f32>,
     probs: Vec<f32>,
     qh16: Vec<u8>,
+    /// Per thread, the scores then probabilities of each query head of a KV group, and
+    /// the heads' queries rounded to f16.
+    probs_h: Vec<f32>,
+    q_h: Vec<f32>,
     rope: Vec<f32>,
     sel: Vec<f32>,
     mm: MatmulScratch,
@@ -359,6 +363,8 @@ impl Forward<'_> {
         let nt = pool.n_threads();
         grow(&mut st.scores, nt * max_ctx);
         grow(&mut st.probs, nt * max_ctx);
+        grow(&mut st.probs_h, nt * (cfg.n_head / cfg.n_head_kv) * max_ctx);
+        grow(&mut st.q_h, nt * cfg.n_head / cfg.n_head_kv * hd);
         if st.qh16.len() < nt * (hd + max_ctx) * 2 {
             st.qh16.resize(nt * (hd + max_ctx) * 2, 0);
         }
@@ -661,8 +667,20 @@ impl Forward<'_> {
         let scores = SyncMut(st.scores.as_mut_ptr());
         let probs = SyncMut(st.probs.as_mut_ptr());
         let qh16 = SyncMut(st.qh16.as_mut_ptr());
+        let probs_h = SyncMut(st.probs_h.as_mut_ptr());
+        let q_h = SyncMut(st.q_h.as_mut_ptr());
         let nt = pool.n_threads();
         pool.run(|t| {
+            // SAFETY: as for the buffers below: this thread's slices (sized by the caller).
+            let (ph, qh) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(
+                        probs_h.get().add(t * group * max_ctx),
+                        group * max_ctx,
+                    ),
+                    std::slice::from_raw_parts_mut(q_h.get().add(t * group * hd), group * hd),
+                )
+            };
             // SAFETY: each thread uses its own slice of the score, probability and q16
             // buffers (sized by the caller) and writes disjoint (row, head) outputs.
             let sc =
@@ -735,6 +753,33 @@ impl Forward<'_> {
                     }
                     ops::prefetch(&cache.v_rows(li, kvh)[lo * hd * 2..hi * hd * 2]);
                 }
+                // A whole KV group in tinyBLAS order: the heads' scores come from one
+                // pass over the key blocks, and their value sums from one pass over the
+                // value rows after the loop (each converted from f16 once for all heads).
+                let together = per > 1
+                    && row.step >= 2
+                    && row.n_kv.is_multiple_of(16)
+                    && hd.is_multiple_of(16);
+                if together {
+                    for (hh, qf) in qh.chunks_mut(hd).take(per).enumerate() {
+                        let h = h0 + hh;
+                        ops::f32_to_f16_bytes(&q[h * hd..(h + 1) * hd], q16);
+                        ops::f16_bytes_to_f32(q16, qf);
+                    }
+                    let qs: Vec<&[f32]> = qh.chunks(hd).take(per).collect();
+                    let mut s16 = vec![[0f32; 16]; per];
+                    for kb in lo / 16..hi.div_ceil(16) {
+                        block16::kq_heads(cache.k_block(li, kvh, kb), &qs, hd, &mut s16);
+                        for (hh, s) in s16.iter().enumerate() {
+                            for (j, v) in s.iter().enumerate() {
+                                let pos = kb * 16 + j;
+                                if pos >= lo && pos < hi {
+                                    ph[hh * max_ctx + pos] = v * scale;
+                                }
+                            }
+                        }
+                    }
+                }
                 for h in h0..h0 + per {
                     let kq_order =
                         if row.step >= 2 && hd.is_multiple_of(16) && row.n_kv.is_multiple_of(4) {
@@ -748,25 +793,34 @@ impl Forward<'_> {
                         } else {
                             DotOrder::Vec
                         };
-                    ops::f32_to_f16_bytes(&q[h * hd..(h + 1) * hd], q16);
-                    if block16::supported(kq_order, hd) {
-                        let qf = &mut pr[..hd];
-                        ops::f16_bytes_to_f32(q16, qf);
-                        let mut s16 = [0f32; 16];
-                        for kb in lo / 16..hi.div_ceil(16) {
-                            block16::kq(kq_order, cache.k_block(li, kvh, kb), qf, hd, &mut s16);
-                            for (j, v) in s16.iter().enumerate() {
-                                let pos = kb * 16 + j;
-                                if pos >= lo && pos < hi {
-                                    sc[pos] = v * scale;
+                    let sc = if together {
+                        // This head's scores (its probabilities replace them below).
+                        &mut ph[(h - h0) * max_ctx..(h - h0 + 1) * max_ctx]
+                    } else {
+                        &mut *sc
+                    };
+                    if !together {
+                        ops::f32_to_f16_bytes(&q[h * hd..(h + 1) * hd], q16);
+                        if block16::supported(kq_order, hd) {
+                            let qf = &mut pr[..hd];
+                            ops::f16_bytes_to_f32(q16, qf);
+                            let mut s16 = [0f32; 16];
+                            for kb in lo / 16..hi.div_ceil(16) {
+                                let blk = cache.k_block(li, kvh, kb);
+                                block16::kq(kq_order, blk, qf, hd, &mut s16);
+                                for (j, v) in s16.iter().enumerate() {
+                                    let pos = kb * 16 + j;
+                                    if pos >= lo && pos < hi {
+                                        sc[pos] = v * scale;
+                                    }
                                 }
                             }
-                        }
-                    } else {
-                        let mut krow = vec![0u8; hd * 2];
-                        for pos in lo..hi {
-                            cache.k_row(li, kvh, pos, &mut krow);
-                            sc[pos] = attn::dot_f16(kq_order, &krow, q16, 0, hd, hd) * scale;
+                        } else {
+                            let mut krow = vec![0u8; hd * 2];
+                            for pos in lo..hi {
+                                cache.k_row(li, kvh, pos, &mut krow);
+                                sc[pos] = attn::dot_f16(kq_order, &krow, q16, 0, hd, hd) * scale;
+                            }
                         }
                     }
                     attn::softmax_masked(sc, lo, hi, row.n_kv, pr);
@@ -788,7 +842,10 @@ impl Forward<'_> {
                         std::slice::from_raw_parts_mut(attn.get().add(i * qd + h * hd), hd)
                     };
                     let vr = cache.v_rows(li, kvh);
-                    if hd.is_multiple_of(16) {
+                    if together {
+                        let p = &mut ph[(h - h0) * max_ctx..(h - h0 + 1) * max_ctx];
+                        ops::f16_bytes_to_f32(&p16[lo * 2..hi * 2], &mut p[lo..hi]);
+                    } else if hd.is_multiple_of(16) {
                         // The probabilities as f32 values of their f16 rounding.
                         ops::f16_bytes_to_f32(&p16[lo * 2..hi * 2], &mut pr[lo..hi]);
                         let mut o16 = [0f32; 16];
@@ -802,6 +859,21 @@ impl Forward<'_> {
                                 .flat_map(|j| [vr[(j * hd + d) * 2], vr[(j * hd + d) * 2 + 1]])
                                 .collect();
                             *o = attn::dot_f16(kqv_order, &col, p16, lo, hi, row.n_kv.max(hi));
+                        }
+                    }
+                }
+                if together {
+                    let ps: Vec<&[f32]> = ph.chunks(max_ctx).take(per).collect();
+                    let mut o16 = vec![[0f32; 16]; per];
+                    let vr = cache.v_rows(li, kvh);
+                    for d0 in (0..hd).step_by(16) {
+                        block16::kqv_heads(vr, hd, d0, &ps, lo, hi, row.n_kv, &mut o16);
+                        for (hh, o) in o16.iter().enumerate() {
+                            let at = i * qd + (h0 + hh) * hd + d0;
+                            // SAFETY: this (row, head) output belongs to this thread alone.
+                            let out =
+                                unsafe { std::slice::from_raw_parts_mut(attn.get().add(at), 16) };
+                            out.copy_from_slice(o);
                         }
                     }
                 }
