@@ -64,10 +64,18 @@ pub fn adamw_step(
 /// The global L2 norm of several gradient tensors, and the factor that scales them to
 /// at most `max_norm` (1 when they are already within it), as `clip_grad_norm_` does.
 pub fn clip_factor(grads: &[&[f32]], max_norm: f32) -> (f32, f32) {
-    let total: f64 = grads
-        .iter()
-        .map(|g| g.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>())
-        .sum();
+    let sums: Vec<f64> = grads.iter().map(|g| sum_squares(g)).collect();
+    clip_factor_of(&sums, max_norm)
+}
+
+/// One tensor's sum of squares in f64, as [`clip_factor`] takes it.
+pub fn sum_squares(g: &[f32]) -> f64 {
+    g.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>()
+}
+
+/// [`clip_factor`] from the tensors' [`sum_squares`] (summed in the order given).
+pub fn clip_factor_of(sums: &[f64], max_norm: f32) -> (f32, f32) {
+    let total: f64 = sums.iter().sum();
     let norm = total.sqrt() as f32;
     let coef = max_norm / (norm + 1e-6);
     (norm, coef.min(1.0))

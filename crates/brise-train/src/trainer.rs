@@ -10,7 +10,9 @@
 pub use crate::data::Method;
 use crate::data::{Item, Seq};
 use crate::loss::{self, KtoConfig, PairLogps};
-use crate::optim::{AdamWConfig, AdamWState, adamw_step, clip_factor, cosine_with_warmup};
+use crate::optim::{
+    AdamWConfig, AdamWState, adamw_step, clip_factor_of, cosine_with_warmup, sum_squares,
+};
 use brise_kernels::ops;
 use brise_kernels::pool::ThreadPool;
 use brise_model::Model;
@@ -229,6 +231,11 @@ pub struct Trainer<'m> {
     tape: Tape,
     bs: BackwardState,
     dlogits: Vec<f32>,
+    /// KV caches kept from the last forward batch: a fresh one per sequence and step
+    /// would fault in megabytes of zeroed pages on the dispatching thread each time.
+    caches: Vec<KvCache>,
+    /// The gradients are all zero (the last optimizer step cleared them).
+    grads_clear: bool,
     truncated: usize,
     /// Save a checkpoint into this directory every this many steps (and at the end).
     pub checkpoint: Option<(std::path::PathBuf, u64)>,
@@ -264,6 +271,8 @@ impl<'m> Trainer<'m> {
             tape: Tape::new(),
             bs: BackwardState::default(),
             dlogits: Vec::new(),
+            caches: Vec::new(),
+            grads_clear: true,
             truncated: 0,
             checkpoint: None,
         })
@@ -336,12 +345,19 @@ impl<'m> Trainer<'m> {
     ) -> Vec<f64> {
         let cfg = &self.model.cfg;
         let v = cfg.n_vocab;
-        let mut caches: Vec<KvCache> = rows
-            .iter()
+        let mut caches = std::mem::take(&mut self.caches);
+        caches.truncate(rows.len());
+        for (i, r) in rows.iter().enumerate() {
             // Padded as the gate's scorer and a served slot pad theirs: the padded
             // length picks the attention's arithmetic, so losses match the gate's.
-            .map(|r| KvCache::new(cfg, r.tokens.len().max(1).div_ceil(256) * 256))
-            .collect();
+            let n_ctx = r.tokens.len().max(1).div_ceil(256) * 256;
+            match caches.get_mut(i) {
+                // Positions past the new tokens are never read, so old contents are fine.
+                Some(c) if c.n_ctx() == n_ctx => c.truncate(0),
+                Some(c) => *c = KvCache::new(cfg, n_ctx),
+                None => caches.push(KvCache::new(cfg, n_ctx)),
+            }
+        }
         let lora = adapted.then_some(&self.adapter);
         let mut batch: Vec<SeqBatch> = caches
             .iter_mut()
@@ -424,13 +440,18 @@ impl<'m> Trainer<'m> {
                 &mut self.bs,
             );
         }
+        drop(batch);
+        self.caches = caches;
         logps
     }
 
     /// The loss of `batch` and its gradient, left in `self.grads` (zeroed first).
     /// Returns (loss, tokens, correct).
     pub fn loss_and_grads(&mut self, batch: &[&Item]) -> Result<(f64, usize, usize), String> {
-        self.grads.zero();
+        if !self.grads_clear {
+            self.grads.zero();
+        }
+        self.grads_clear = false;
         let method = self.cfg.method;
         if let Some(bad) = batch.iter().find(|it| it.method() != method) {
             return Err(format!(
@@ -572,21 +593,54 @@ impl<'m> Trainer<'m> {
         if !l.is_finite() {
             return Err(format!("the loss is {l} at step {}", self.step + 1));
         }
-        let (norm, clip) = clip_factor(&self.grads.slices(), self.cfg.max_grad_norm);
+        // The optimizer over the pool's threads, a tensor at a time: each tensor's sum
+        // of squares (then their total in tensor order, as `clip_factor`), then its
+        // update, after which its gradient is cleared for the next step while in cache.
+        let nt = self.pool.n_threads();
+        let sums: Vec<std::sync::Mutex<f64>> = {
+            let gs = self.grads.slices();
+            let out: Vec<std::sync::Mutex<f64>> =
+                gs.iter().map(|_| std::sync::Mutex::new(0.0)).collect();
+            self.pool.run(|th| {
+                for i in (th..gs.len()).step_by(nt) {
+                    *out[i].lock().unwrap_or_else(|e| e.into_inner()) = sum_squares(gs[i]);
+                }
+            });
+            out
+        };
+        let sums: Vec<f64> = sums
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let (norm, clip) = clip_factor_of(&sums, self.cfg.max_grad_norm);
         let warmup = (self.cfg.warmup_ratio * total_steps as f64).ceil() as u64;
         let lr = self.cfg.learning_rate * cosine_with_warmup(self.step, warmup, total_steps);
         self.step += 1;
         let t = self.step;
-        let grads = self.grads.slices_mut();
-        let params = adapter_params(&mut self.adapter);
-        for ((g, p), st) in grads.into_iter().zip(params).zip(&mut self.opt) {
-            if clip < 1.0 {
-                for v in g.iter_mut() {
-                    *v *= clip;
+        let adamw = self.adamw;
+        let jobs: Vec<std::sync::Mutex<OptJob>> = self
+            .grads
+            .slices_mut()
+            .into_iter()
+            .zip(adapter_params(&mut self.adapter))
+            .zip(&mut self.opt)
+            .map(|((g, p), st)| std::sync::Mutex::new((g, p, st)))
+            .collect();
+        self.pool.run(|th| {
+            for job in jobs.iter().skip(th).step_by(nt) {
+                let mut job = job.lock().unwrap_or_else(|e| e.into_inner());
+                let (g, p, st) = &mut *job;
+                if clip < 1.0 {
+                    for v in g.iter_mut() {
+                        *v *= clip;
+                    }
                 }
+                adamw_step(&adamw, st, t, lr as f32, p, g);
+                g.fill(0.0);
             }
-            adamw_step(&self.adamw, st, t, lr as f32, p, g);
-        }
+        });
+        drop(jobs);
+        self.grads_clear = true;
         let secs = t0.elapsed().as_secs_f64();
         Ok(StepReport {
             step: self.step,
@@ -763,6 +817,9 @@ impl<T> SyncPtr<T> {
 /// ∂loss/∂logp of each sequence of a forward batch, given the index of its first
 /// sequence in the pass and the batch's logps.
 type CoefFn<'a> = dyn Fn(usize, &[f64]) -> Vec<f64> + 'a;
+
+/// One tensor's share of an optimizer step: its gradient, parameters and state.
+type OptJob<'a> = (&'a mut [f32], &'a mut [f32], &'a mut AdamWState);
 
 /// The adapter's parameter buffers in [`LoraGrads::slices`] order.
 fn adapter_params(ad: &mut LoraAdapter) -> Vec<&mut [f32]> {
