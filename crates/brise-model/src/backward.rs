@@ -37,6 +37,8 @@ pub(crate) struct LayerTape {
     pub(crate) x_mid: Vec<f32>,
     pub(crate) gate: Vec<f32>,
     pub(crate) up: Vec<f32>,
+    /// Per projection, each adapted row's `t = scale · A x` (rank values).
+    pub(crate) lora_t: [Vec<f32>; 7],
 }
 
 /// The activations of one taped forward (see the module's documentation). Reused across
@@ -123,6 +125,9 @@ impl Tape {
             lt.x_mid.clear();
             lt.gate.clear();
             lt.up.clear();
+            for t in &mut lt.lora_t {
+                t.clear();
+            }
         }
     }
 
@@ -306,6 +311,10 @@ impl Forward<'_> {
             for v in [&mut bs.t, &mut bs.dt] {
                 grow(v, rows * rank);
             }
+            // `t` as the forward computed it, when the tape kept it (else recomputed
+            // with the forward's kernel, so the same bits).
+            let tt = &tape.layers[li].lora_t[p as usize];
+            let taped = (tt.len() >= r1 * rank).then(|| &tt[r0 * rank..r1 * rank]);
             let (xs, dys) = (&x[r0 * k..r1 * k], &dy[r0 * n..r1 * n]);
             let (tp, dtp) = (SyncMut(bs.t.as_mut_ptr()), SyncMut(bs.dt.as_mut_ptr()));
             let dxp = SyncMut(dx[r0 * k..r1 * k].as_mut_ptr());
@@ -323,7 +332,9 @@ impl Forward<'_> {
                         )
                     };
                     let mm = hi - lo;
-                    lora::lora_down_rows(isa, a, k, rank, scale, &xs[lo * k..], mm, t);
+                    if taped.is_none() {
+                        lora::lora_down_rows(isa, a, k, rank, scale, &xs[lo * k..], mm, t);
+                    }
                     lora::lora_down_rows(isa, bt, n, rank, scale, &dys[lo * n..], mm, dt);
                     lora::lora_up_rows(isa, a, k, rank, dt, dxr, mm);
                 }
@@ -332,7 +343,7 @@ impl Forward<'_> {
                 // only read now.
                 let (t, dt) = unsafe {
                     (
-                        std::slice::from_raw_parts(tp.get(), rows * rank),
+                        taped.unwrap_or_else(|| std::slice::from_raw_parts(tp.get(), rows * rank)),
                         std::slice::from_raw_parts(dtp.get(), rows * rank),
                     )
                 };

@@ -190,6 +190,7 @@ impl Forward<'_> {
         p: Proj,
         x: &[f32],
         y: &mut [f32],
+        t_out: Option<&mut Vec<f32>>,
     ) {
         if spans.is_empty() {
             return;
@@ -201,6 +202,12 @@ impl Forward<'_> {
         let end = spans.iter().map(|(r, _)| r.end).max().unwrap_or(0);
         assert!(x.len() >= end * k && y.len() >= end * n);
         let yp = SyncMut(y.as_mut_ptr());
+        // A taped forward keeps each adapted row's `t = scale · A x` (rank values, at the
+        // row's batch index), which the backward needs again.
+        let tp = t_out.map(|v| {
+            v.resize(end * rank, 0.0);
+            SyncMut(v.as_mut_ptr())
+        });
         // Thread t takes the adapted rows total·t/nt.. of the spans laid end to end.
         let work = |t: usize, nt: usize| {
             let (lo, hi) = (total * t / nt, total * (t + 1) / nt);
@@ -217,6 +224,15 @@ impl Forward<'_> {
                         unsafe { std::slice::from_raw_parts_mut(yp.get().add(i0 * n), rows * n) };
                     let xr = &x[i0 * k..(i0 + rows) * k];
                     ad.apply_rows(isa, li, p, xr, yr, rows, &mut tbuf);
+                    if let Some(tp) = tp {
+                        let w = rows * ad.rank();
+                        // SAFETY: rows i0..i0 + rows of the tape's t (end · rank values,
+                        // sized above; one adapter, so its rank is `rank`) are this
+                        // thread's alone.
+                        let dst =
+                            unsafe { std::slice::from_raw_parts_mut(tp.get().add(i0 * rank), w) };
+                        dst.copy_from_slice(&tbuf[..w]);
+                    }
                 }
                 idx += range.len();
             }
@@ -410,9 +426,33 @@ impl Forward<'_> {
                     self.add_qkv_bias(lw, &mut st.q, &mut st.k, &mut st.v, i, 0..nkv);
                 }
                 // PEFT adds the adapter after the base layer's bias.
-                self.lora(pool, &spans, li, Proj::Q, &st.xn, &mut st.q);
-                self.lora(pool, &spans, li, Proj::K, &st.xn, &mut st.k);
-                self.lora(pool, &spans, li, Proj::V, &st.xn, &mut st.v);
+                self.lora(
+                    pool,
+                    &spans,
+                    li,
+                    Proj::Q,
+                    &st.xn,
+                    &mut st.q,
+                    lt.as_deref_mut().map(|l| &mut l.lora_t[Proj::Q as usize]),
+                );
+                self.lora(
+                    pool,
+                    &spans,
+                    li,
+                    Proj::K,
+                    &st.xn,
+                    &mut st.k,
+                    lt.as_deref_mut().map(|l| &mut l.lora_t[Proj::K as usize]),
+                );
+                self.lora(
+                    pool,
+                    &spans,
+                    li,
+                    Proj::V,
+                    &st.xn,
+                    &mut st.v,
+                    lt.as_deref_mut().map(|l| &mut l.lora_t[Proj::V as usize]),
+                );
                 for (i, row) in rows.iter().enumerate() {
                     let rc = &st.rope[i * cfg.n_rot..(i + 1) * cfg.n_rot];
                     let cache = &mut *batch[row.seq].cache;
@@ -450,7 +490,15 @@ impl Forward<'_> {
                 tape_extend(pool, &mut lt.attn, &st.attn[..r * qd], false);
             }
             self.mm(pool, &mut st.mm, &lw.wo, &st.attn, r, &steps, &mut st.tmp);
-            self.lora(pool, &spans, li, Proj::O, &st.attn, &mut st.tmp);
+            self.lora(
+                pool,
+                &spans,
+                li,
+                Proj::O,
+                &st.attn,
+                &mut st.tmp,
+                lt.as_deref_mut().map(|l| &mut l.lora_t[Proj::O as usize]),
+            );
             ops::add_assign(&mut st.x[..r * e], &st.tmp[..r * e]);
             trace(st, "ffn_inp", li, |s| &s.x, r * e);
             if let Some(lt) = lt.as_deref_mut() {
@@ -471,8 +519,25 @@ impl Forward<'_> {
                 &mut st.mm,
                 &mut [&mut st.gate[..r * cfg.n_ff], &mut st.up[..r * cfg.n_ff]],
             );
-            self.lora(pool, &spans, li, Proj::Gate, &st.xn, &mut st.gate);
-            self.lora(pool, &spans, li, Proj::Up, &st.xn, &mut st.up);
+            self.lora(
+                pool,
+                &spans,
+                li,
+                Proj::Gate,
+                &st.xn,
+                &mut st.gate,
+                lt.as_deref_mut()
+                    .map(|l| &mut l.lora_t[Proj::Gate as usize]),
+            );
+            self.lora(
+                pool,
+                &spans,
+                li,
+                Proj::Up,
+                &st.xn,
+                &mut st.up,
+                lt.as_deref_mut().map(|l| &mut l.lora_t[Proj::Up as usize]),
+            );
             let nf = cfg.n_ff;
             if let Some(lt) = lt {
                 tape_extend(pool, &mut lt.gate, &st.gate[..r * nf], false);
@@ -497,7 +562,10 @@ impl Forward<'_> {
                 &mut st.xn[..r * e],
             );
             trace(st, "ffn_swiglu", li, |s| &s.gate, r * nf);
-            self.lora(pool, &spans, li, Proj::Down, &st.gate, &mut st.xn);
+            let t_down = tape
+                .as_deref_mut()
+                .map(|t| &mut t.layer(li).lora_t[Proj::Down as usize]);
+            self.lora(pool, &spans, li, Proj::Down, &st.gate, &mut st.xn, t_down);
             trace(st, "ffn_out", li, |s| &s.xn, r * e);
             ops::add_assign(&mut st.x[..r * e], &st.xn[..r * e]);
             trace(st, "l_out", li, |s| &s.x, r * e);
