@@ -9,7 +9,8 @@ What is run
     process per round, rounds interleaved (brise first in even rounds, PyTorch first in
     odd ones), so drift of this shared machine hits both. Each process reports its
     tokens/s over the measured steps (after one warm-up step) and its peak resident
-    memory; the report gives medians and the ratio brise / PyTorch.
+    memory; the report gives medians, the ratio brise / PyTorch of the medians, and each
+    round's own ratio (its two runs adjacent in time) with their median.
 
     brise: `cargo run --release -p brise-train --example train_bench` (the frozen base
     stays Q4_1, LoRA in f32, the engine's forward and the backward of
@@ -111,6 +112,11 @@ def main():
     for e in ("brise", "pytorch"):
         print(f"  {e:8s} median {med[e]:8.1f} tokens/s, peak RSS {rss[e]:6.0f} MB")
     print(f"  brise / PyTorch+PEFT: {med['brise'] / med['pytorch']:.2f}x")
+    # Each round's two runs are adjacent in time, so their ratio sees the same drift of
+    # this shared machine: the spread of these says how far one run can be trusted.
+    pairs = sorted(b["tokens_per_s"] / t["tokens_per_s"] for b, t in zip(res["brise"], res["pytorch"]))
+    print(f"  per-round ratios: {', '.join(f'{x:.2f}' for x in pairs)}"
+          f" (median {statistics.median(pairs):.2f}x)")
 
 
 if __name__ == "__main__":
