@@ -372,7 +372,7 @@ pub fn attention_backward_head_bf16(
     assert!(amx::available(), "the caller checks backward_uses_bf16");
     let hd = h.hd;
     let r = h.lo.len();
-    let (rp, hp) = (pad32(r), pad32(hd));
+    let hp = pad32(hd);
     let gather = |src: (&[f32], usize), out: &mut Vec<f32>| {
         out.clear();
         for i in 0..r {
@@ -382,12 +382,17 @@ pub fn attention_backward_head_bf16(
     gather(h.k, &mut sc.k);
     gather(h.dout, &mut sc.dout);
     // Qᵀ, Vᵀ and dOᵀ (hd × r): the left operands of dKᵀ and dVᵀ, the right one of dP.
+    // In bands of 16 rows: a band's source rows stay in L1 while each of its columns is
+    // written as one run of 16 (row by row, every write was a different cache line).
     let transpose = |src: (&[f32], usize), out: &mut Vec<f32>| {
         out.clear();
         out.resize(hd * r, 0.0);
-        for i in 0..r {
+        for i0 in (0..r).step_by(16) {
+            let i1 = (i0 + 16).min(r);
             for d in 0..hd {
-                out[d * r + i] = src.0[i * src.1 + d];
+                for (i, o) in (i0..i1).zip(&mut out[d * r + i0..d * r + i1]) {
+                    *o = src.0[i * src.1 + d];
+                }
             }
         }
     };
@@ -405,45 +410,69 @@ pub fn attention_backward_head_bf16(
         row[lo..=i].copy_from_slice(&h.probs[h.p_off[i]..h.p_off[i] + i + 1 - lo]);
         row[i + 1..].fill(0.0);
     }
-    // C (m × n, rows of pad32(n)) = A (m × g, rows of lda) · B (g rows of n).
-    let prod =
-        |sc: &mut HeadScratch, a: &[f32], lda: usize, m: usize, g: usize, b: &[f32], n: usize| {
-            let (mp, gp, np) = (pad32(m), pad32(g), pad32(n));
-            sc.a16.clear();
-            sc.a16.resize(mp * gp, 0);
-            amx::pack_a(&mut sc.a16, a, lda, 0, g, m);
-            sc.b16.clear();
-            sc.b16.resize(amx::b_len(g, np), 0);
-            // An odd g's last pair takes a zero row.
-            let zero = if g % 2 == 1 {
-                vec![0f32; n]
-            } else {
-                Vec::new()
-            };
-            for j in (0..g).step_by(2) {
-                let r1 = if j + 1 < g {
-                    &b[(j + 1) * n..(j + 2) * n]
-                } else {
-                    &zero[..]
-                };
-                amx::pack_b_pair(&mut sc.b16, g, n, j, &b[j * n..(j + 1) * n], r1);
-            }
-            if sc.c.len() < mp * np {
-                sc.c.resize(mp * np, 0.0);
-            }
-            // SAFETY: bf16 products are available (asserted); A is mp × gp bf16, B the pair layout of
-            // g rows and np columns, C mp × np, as `gemm` requires.
-            unsafe { amx::gemm(&mut sc.c, mp, np, &sc.a16, &sc.b16, g, false) };
-        };
+    // C (m × n, rows of pad32(n)) = A[:, c0..c0 + g] (m rows of lda) · B, B's row j
+    // being b[j·ldb + bc0..][..n].
+    #[allow(clippy::too_many_arguments)]
+    fn prod(
+        sc: &mut HeadScratch,
+        a: &[f32],
+        lda: usize,
+        c0: usize,
+        m: usize,
+        g: usize,
+        (b, ldb, bc0): (&[f32], usize, usize),
+        n: usize,
+    ) {
+        let (mp, gp, np) = (pad32(m), pad32(g), pad32(n));
+        sc.a16.clear();
+        sc.a16.resize(mp * gp, 0);
+        amx::pack_a(&mut sc.a16, a, lda, c0, g, m);
+        sc.b16.clear();
+        sc.b16.resize(amx::b_len(g, np), 0);
+        // An odd g's last pair takes a zero row.
+        let zero = vec![0f32; if g % 2 == 1 { n } else { 0 }];
+        let row = |j: usize| &b[j * ldb + bc0..j * ldb + bc0 + n];
+        for j in (0..g).step_by(2) {
+            let r1 = if j + 1 < g { row(j + 1) } else { &zero[..] };
+            amx::pack_b_pair(&mut sc.b16, g, n, j, row(j), r1);
+        }
+        if sc.c.len() < mp * np {
+            sc.c.resize(mp * np, 0.0);
+        }
+        // SAFETY: bf16 products are available (asserted by the caller); A is mp × gp
+        // bf16, B the pair layout of g rows and np columns, C mp × np, as `gemm` requires.
+        unsafe { amx::gemm(&mut sc.c, mp, np, &sc.a16, &sc.b16, g, false) };
+    }
+    // P, dS and so dP's useful part are zero above the diagonal (causal): every product
+    // runs in chunks of rows (or columns) with its sum cut at the diagonal, about 10/16
+    // of the square's work at four chunks. The skipped terms are exact zeros.
+    let chunk = pad32(r.div_ceil(4)).max(32);
+    let chunks: Vec<(usize, usize)> = (0..r)
+        .step_by(chunk)
+        .map(|c0| (c0, (c0 + chunk).min(r)))
+        .collect();
     // dP = dO · Vᵀ, then dS = s · P ∘ (dP − rowsum(P ∘ dP)) in place (r × r).
     let dout = std::mem::take(&mut sc.dout);
     let vt = std::mem::take(&mut sc.vt);
     // dP in f32: dS takes the difference dP − rowsum(P ∘ dP), which would amplify
     // bf16's rounding of dO and V (with dP on tiles the learning scenario's held-out
-    // share fell from 90% to 80%).
-    sc.dp.clear();
-    sc.dp.resize(r * r, 0.0);
-    crate::matmul::gemm_acc(&mut sc.dp, r, r, &dout, hd, 0, hd, &vt);
+    // share fell from 90% to 80%). Rows i0..i1 need columns below i1 only.
+    if sc.dp.len() < r * r {
+        sc.dp.resize(r * r, 0.0);
+    }
+    for &(i0, i1) in &chunks {
+        let (m, w) = (i1 - i0, i1);
+        sc.dst.clear();
+        for d in 0..hd {
+            sc.dst.extend_from_slice(&vt[d * r..d * r + w]);
+        }
+        sc.c.clear();
+        sc.c.resize(m * w, 0.0);
+        crate::matmul::gemm_acc(&mut sc.c, m, w, &dout[i0 * hd..], hd, 0, hd, &sc.dst);
+        for ii in 0..m {
+            sc.dp[(i0 + ii) * r..(i0 + ii) * r + w].copy_from_slice(&sc.c[ii * w..(ii + 1) * w]);
+        }
+    }
     if sc.ds.len() < r * r {
         sc.ds.resize(r * r, 0.0);
     }
@@ -466,21 +495,34 @@ pub fn attention_backward_head_bf16(
     }
     let (dq, dqs) = dq;
     let (ds, k) = (std::mem::take(&mut sc.ds), std::mem::take(&mut sc.k));
-    prod(sc, &ds, r, r, r, &k, hd);
-    for i in 0..r {
-        dq[i * dqs..i * dqs + hd].copy_from_slice(&sc.c[i * hp..i * hp + hd]);
+    // dQ rows i0..i1 = dS[i0..i1, ..i1] · K[..i1].
+    for &(i0, i1) in &chunks {
+        prod(sc, &ds[i0 * r..], r, 0, i1 - i0, i1, (&k, hd, 0), hd);
+        for ii in 0..i1 - i0 {
+            let i = i0 + ii;
+            dq[i * dqs..i * dqs + hd].copy_from_slice(&sc.c[ii * hp..ii * hp + hd]);
+        }
     }
-    // dKᵀ = Qᵀ · dS and dVᵀ = dOᵀ · P (hd × r), added into dk and dv transposed back.
+    // dKᵀ = Qᵀ · dS and dVᵀ = dOᵀ · P (hd × r), added into dk and dv transposed back;
+    // columns j0..j1 sum over the rows from j0 on.
     let (qt, dot, p) = (
         std::mem::take(&mut sc.q),
         std::mem::take(&mut sc.pt),
         std::mem::take(&mut sc.p),
     );
     for (a, b, out) in [(&qt, &ds, &mut *dk), (&dot, &p, &mut *dv)] {
-        prod(sc, a, r, hd, r, b, r);
-        for d in 0..hd {
-            for i in 0..r {
-                out[i * hd + d] += sc.c[d * rp + i];
+        for &(j0, j1) in &chunks {
+            let w = j1 - j0;
+            prod(sc, a, r, j0, hd, r - j0, (&b[j0 * r..], r, j0), w);
+            let wp = pad32(w);
+            // Back to rows, in bands of 16 as the transposes above.
+            for b0 in (0..w).step_by(16) {
+                let b1 = (b0 + 16).min(w);
+                for d in 0..hd {
+                    for (jj, c) in (b0..b1).zip(&sc.c[d * wp + b0..d * wp + b1]) {
+                        out[(j0 + jj) * hd + d] += c;
+                    }
+                }
             }
         }
     }
@@ -1404,7 +1446,12 @@ mod backward_tests {
     /// f32 dense path.
     #[test]
     fn bf16_backward_tracks_the_f32_one() {
-        for (rows, hd, win) in [(80, 64, usize::MAX), (256, 64, usize::MAX), (45, 48, 20)] {
+        for (rows, hd, win) in [
+            (80, 64, usize::MAX),
+            (256, 64, usize::MAX),
+            (45, 48, 20),
+            (300, 64, 100),
+        ] {
             let scale = 1.0 / (hd as f32).sqrt();
             let q: Vec<f32> = data(rows * hd, 5).iter().map(|x| x * 2.0).collect();
             let k: Vec<f32> = data(rows * hd, 6).iter().map(|x| x * 2.0).collect();
