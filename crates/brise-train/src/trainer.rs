@@ -222,6 +222,7 @@ pub struct Trainer<'m> {
     pool: ThreadPool,
     /// The adapter being trained.
     pub adapter: LoraAdapter,
+    /// The gradient `loss_and_grads` left; `step` applies it and clears it to zeros.
     pub grads: LoraGrads,
     opt: Vec<AdamWState>,
     adamw: AdamWConfig,
