@@ -93,6 +93,17 @@ pub fn dot_f16(order: DotOrder, x: &[u8], y: &[u8], start: usize, end: usize, n:
             }
         };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2, F16C and FMA are present (checked) and both rows hold `end`
+        // elements (asserted above).
+        return unsafe {
+            match order {
+                DotOrder::Vec => avx2::dot_f16_vec(x.as_ptr(), y.as_ptr(), start, end, n),
+                DotOrder::Tiny => avx2::dot_f16_tiny(x.as_ptr(), y.as_ptr(), start, end),
+            }
+        };
+    }
     match order {
         DotOrder::Vec => dot_f16_vec_ref(x, y, start, end, n),
         DotOrder::Tiny => dot_f16_tiny_ref(x, y, start, end),
@@ -102,6 +113,115 @@ pub fn dot_f16(order: DotOrder, x: &[u8], y: &[u8], start: usize, end: usize, n:
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("f16c")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// The f16 dots on AVX2 (CPUs without AVX-512): each 16-lane accumulator of llama.cpp's
+/// AVX-512 order as two 8-lane halves, the same FMAs per lane and the same reduce tree,
+/// so the bits equal the scalar references' (and the AVX-512 kernels').
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::reduce16;
+    use core::arch::x86_64::*;
+
+    /// 16 f16 lanes from `p` as two halves, zero outside `[start, end)` relative to
+    /// element `base`.
+    #[inline(always)]
+    unsafe fn load16(p: *const u8, base: usize, start: usize, end: usize) -> (__m256, __m256) {
+        unsafe {
+            if base >= start && base + 16 <= end {
+                let lo = _mm_loadu_si128(p.add(2 * base) as *const __m128i);
+                let hi = _mm_loadu_si128(p.add(2 * base + 16) as *const __m128i);
+                return (_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi));
+            }
+            let mut t = [0u16; 16];
+            let ph = p as *const u16;
+            for (l, v) in t.iter_mut().enumerate() {
+                if base + l >= start && base + l < end {
+                    *v = ph.add(base + l).read_unaligned();
+                }
+            }
+            let lo = _mm_loadu_si128(t.as_ptr() as *const __m128i);
+            let hi = _mm_loadu_si128(t.as_ptr().add(8) as *const __m128i);
+            (_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn lanes(a: (__m256, __m256)) -> [f32; 16] {
+        let mut out = [0f32; 16];
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), a.0);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), a.1);
+        }
+        out
+    }
+
+    /// # Safety
+    /// AVX2, F16C and FMA are present; `x` and `y` hold at least `end` f16 values.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn dot_f16_tiny(x: *const u8, y: *const u8, start: usize, end: usize) -> f32 {
+        unsafe {
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = start / 16 * 16;
+            while i < end {
+                let (x0, x1) = load16(x, i, start, end);
+                let (y0, y1) = load16(y, i, start, end);
+                a0 = _mm256_fmadd_ps(x0, y0, a0);
+                a1 = _mm256_fmadd_ps(x1, y1, a1);
+                i += 16;
+            }
+            reduce16(&lanes((a0, a1)))
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_f16_tiny`], with `end <= n`.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn dot_f16_vec(
+        x: *const u8,
+        y: *const u8,
+        start: usize,
+        end: usize,
+        n: usize,
+    ) -> f32 {
+        unsafe {
+            let np = n & !63;
+            let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); 4];
+            let simd_end = end.min(np);
+            let mut i = start / 64 * 64;
+            while i < simd_end {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let b = i + 16 * j;
+                    let (x0, x1) = load16(x, b, start, simd_end);
+                    let (y0, y1) = load16(y, b, start, simd_end);
+                    a.0 = _mm256_fmadd_ps(x0, y0, a.0);
+                    a.1 = _mm256_fmadd_ps(x1, y1, a.1);
+                }
+                i += 64;
+            }
+            let add = |p: (__m256, __m256), q: (__m256, __m256)| {
+                (_mm256_add_ps(p.0, q.0), _mm256_add_ps(p.1, q.1))
+            };
+            acc[0] = add(acc[0], acc[2]);
+            acc[1] = add(acc[1], acc[3]);
+            acc[0] = add(acc[0], acc[1]);
+            let mut sum = reduce16(&lanes(acc[0])) as f64;
+            let (xh, yh) = (x as *const u16, y as *const u16);
+            for i in np.max(start)..end {
+                let a = half::f16::from_bits(xh.add(i).read_unaligned()).to_f32();
+                let b = half::f16::from_bits(yh.add(i).read_unaligned()).to_f32();
+                sum += (a * b) as f64;
+            }
+            sum as f32
+        }
+    }
 }
 
 /// ggml's soft_max over a row of `n_kv` scores of which only `[lo, hi)` are unmasked:
@@ -624,6 +744,21 @@ mod tests {
                     let b = dot_f16(DotOrder::Tiny, &x, &y, start, end, n);
                     assert_eq!(a.to_bits(), b.to_bits(), "tiny n={n} [{start},{end})");
                 }
+                // The AVX2 kernels, also where AVX-512 would be picked first.
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: AVX2, F16C and FMA checked; both rows hold n elements.
+                    let v = unsafe { avx2::dot_f16_vec(x.as_ptr(), y.as_ptr(), start, end, n) };
+                    assert_eq!(a.to_bits(), v.to_bits(), "AVX2 vec n={n} [{start},{end})");
+                    if n % 16 == 0 {
+                        let r = dot_f16_tiny_ref(&x, &y, start, end);
+                        // SAFETY: as above.
+                        let t = unsafe { avx2::dot_f16_tiny(x.as_ptr(), y.as_ptr(), start, end) };
+                        assert_eq!(r.to_bits(), t.to_bits(), "AVX2 tiny n={n} [{start},{end})");
+                    }
+                } else {
+                    eprintln!("NOTE: no AVX2+F16C+FMA here: the AVX2 f16 dots are not tested");
+                }
             }
         }
     }
@@ -751,10 +886,8 @@ pub mod block16 {
             let k: Vec<u8> = (0..hd)
                 .flat_map(|d| [kt[(d * 16 + key) * 2], kt[(d * 16 + key) * 2 + 1]])
                 .collect();
-            *o = match order {
-                DotOrder::Vec => super::dot_f16_vec_ref(&k, q, 0, hd, hd),
-                DotOrder::Tiny => super::dot_f16_tiny_ref(&k, q, 0, hd),
-            };
+            // The SIMD dots where the CPU has them (tested equal to the scalar ones).
+            *o = super::dot_f16(order, &k, q, 0, hd, hd);
             let _ = h;
         }
     }
@@ -845,10 +978,7 @@ pub mod block16 {
             let col: Vec<u8> = (0..hi)
                 .flat_map(|j| [v[(j * hd + d0 + i) * 2], v[(j * hd + d0 + i) * 2 + 1]])
                 .collect();
-            *o = match order {
-                DotOrder::Vec => super::dot_f16_vec_ref(&col, p, lo, hi, n_kv),
-                DotOrder::Tiny => super::dot_f16_tiny_ref(&col, p, lo, hi),
-            };
+            *o = super::dot_f16(order, &col, p, lo, hi, n_kv);
         }
     }
 }
