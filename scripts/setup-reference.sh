@@ -27,6 +27,7 @@ PINNED=(
   "safetensors==0.8.0"
   "Jinja2==3.1.6"
   "protobuf==7.36.2"   # sentencepiece_model_pb2 (SentencePiece model proto) in gen_mistral_tok.py
+  "sacrebleu==2.6.0"   # chrF, the learning gate's closeness metric (gen_chrf.py)
 )
 
 if [[ ! -x "$VENV/bin/python" ]]; then

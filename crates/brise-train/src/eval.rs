@@ -21,6 +21,7 @@
 //! The gate passes when no check fails, at least one feedback metric (NLL, preference or
 //! KTO accuracy) passes, and the perplexity check passes.
 
+use crate::behaviour::{Behaviour, REPEAT_CHRF};
 use crate::data::{Example, Item, Seq};
 use brise_kernels::ops;
 use brise_kernels::pool::ThreadPool;
@@ -123,6 +124,57 @@ impl<'m> Scorer<'m> {
                 ops::log_prob(&self.st.logits[row * nv..(row + 1) * nv], t as usize)
             })
             .collect())
+    }
+
+    /// Greedy generation (argmax, as `temperature: 0` serves) of at most `max_new`
+    /// tokens after `prompt`, stopping after an end-of-generation token (kept).
+    pub fn generate(
+        &mut self,
+        adapter: Option<&LoraAdapter>,
+        prompt: &[u32],
+        max_new: usize,
+    ) -> Result<Vec<u32>> {
+        let cfg = &self.model.cfg;
+        if prompt.is_empty() {
+            return Err(EvalError::Invalid("generation needs a prompt".into()));
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+            return Err(EvalError::Invalid(format!(
+                "token {t} is outside the vocabulary of {} ({} tokens)",
+                self.model.name, cfg.n_vocab
+            )));
+        }
+        let max_new = max_new.min(cfg.n_ctx_train.saturating_sub(prompt.len()));
+        let mut cache = KvCache::new(cfg, (prompt.len() + max_new).div_ceil(256) * 256);
+        let nv = cfg.n_vocab;
+        let mut out = Vec::new();
+        let mut next: Vec<u32> = prompt.to_vec();
+        while out.len() < max_new {
+            self.model.forward().run(
+                &self.pool,
+                &mut self.st,
+                &mut [SeqBatch {
+                    cache: &mut cache,
+                    tokens: &next,
+                    logits: LogitsWanted::Last,
+                    lora: adapter,
+                }],
+            );
+            let row = &self.st.logits[..nv];
+            let mut best = 0;
+            for (i, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = i;
+                }
+            }
+            let t = best as u32;
+            out.push(t);
+            if self.model.tokenizer.is_eog(t) {
+                break;
+            }
+            next = vec![t];
+        }
+        Ok(out)
     }
 
     /// The sum of the completion's token log-probabilities.
@@ -303,6 +355,9 @@ pub fn metrics(
     m
 }
 
+/// The default of [`GateConfig::chrf_min_gain`] (see docs/ARCHITECTURE.md, "The gate").
+pub const DEFAULT_CHRF_MIN_GAIN: f64 = 5.0;
+
 /// The gate's thresholds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -318,6 +373,13 @@ pub struct GateConfig {
     pub ppl_max_increase: f64,
     /// Tokens per perplexity window (capped at the model's training context).
     pub ppl_window: usize,
+    /// Generate on the held-out prompts and require the answers to change the way users
+    /// asked ([`crate::behaviour`]). Off: the likelihood checks alone decide.
+    pub behaviour: bool,
+    /// The candidate's mean chrF to the held-out corrected answers must exceed the
+    /// current version's by at least this many points (of 100), and its answers must be
+    /// closer on more than half of the prompts.
+    pub chrf_min_gain: f64,
 }
 
 impl Default for GateConfig {
@@ -328,6 +390,8 @@ impl Default for GateConfig {
             kto_min_accuracy: 0.5,
             ppl_max_increase: 0.05,
             ppl_window: 256,
+            behaviour: true,
+            chrf_min_gain: DEFAULT_CHRF_MIN_GAIN,
         }
     }
 }
@@ -350,6 +414,12 @@ impl GateConfig {
             return Err(EvalError::Invalid(format!(
                 "ppl_max_increase must be a fraction of at least 0, not {}",
                 self.ppl_max_increase
+            )));
+        }
+        if !(self.chrf_min_gain.is_finite() && (0.0..100.0).contains(&self.chrf_min_gain)) {
+            return Err(EvalError::Invalid(format!(
+                "chrf_min_gain must be at least 0 and below 100 points, not {}",
+                self.chrf_min_gain
             )));
         }
         if self.ppl_window < 2 {
@@ -560,6 +630,142 @@ pub fn decide(
     (passed, checks, summary)
 }
 
+/// The gate's decision with the behavioural checks: [`decide`]'s checks, then
+/// `chrf` (closeness to held-out corrections), `pair_wins` and `repeats`. It passes when
+/// no check fails, perplexity passes, and at least one behavioural check passes; when
+/// every behavioural check is skipped (nothing held out to compare answers with, or
+/// neither version repeats a thumbed-down answer), [`decide`]'s rule stands and the
+/// summary says so.
+pub fn decide_with_behaviour(
+    cfg: &GateConfig,
+    cand: &Metrics,
+    cur: &Metrics,
+    base: Option<&Metrics>,
+    b: &Behaviour,
+) -> (bool, Vec<Check>, String) {
+    let (likely_pass, mut checks, likely_summary) = decide(cfg, cand, cur, base);
+    let first = checks.len();
+    let check = |metric: &str, c, r, rule: String, outcome, why: String| Check {
+        metric: metric.into(),
+        candidate: c,
+        reference: r,
+        against: "current".into(),
+        rule,
+        outcome,
+        why,
+    };
+    checks.push(match (b.candidate_chrf, b.current_chrf, b.candidate_win_rate) {
+        (Some(c), Some(r), Some(w)) => {
+            let ok = c - r >= cfg.chrf_min_gain && w > 0.5;
+            check(
+                "chrf",
+                Some(c),
+                Some(r),
+                format!(
+                    "mean chrF to the held-out corrections must rise by at least {} points, closer on more than half of the prompts",
+                    cfg.chrf_min_gain
+                ),
+                if ok { Outcome::Pass } else { Outcome::Fail },
+                format!(
+                    "{r:.1} → {c:.1} ({:+.1} points), closer on {:.0}% of {} prompts",
+                    c - r,
+                    w * 100.0,
+                    b.references
+                ),
+            )
+        }
+        _ => check(
+            "chrf",
+            None,
+            None,
+            "mean chrF to the held-out corrections must rise".into(),
+            Outcome::Skipped,
+            "no held-out corrected or preferred answers".into(),
+        ),
+    });
+    checks.push(match b.pair_win_rate {
+        Some(w) => check(
+            "pair_wins",
+            Some(w),
+            None,
+            "the candidate's answers must lean towards the chosen answer more than the current version's on more than half of the held-out pairs".into(),
+            if w > 0.5 { Outcome::Pass } else { Outcome::Fail },
+            format!("{:.0}% of {} pairs", w * 100.0, b.pairs),
+        ),
+        None => check(
+            "pair_wins",
+            None,
+            None,
+            "win more than half of the held-out pairs".into(),
+            Outcome::Skipped,
+            "no held-out pairwise choices".into(),
+        ),
+    });
+    let (c, r) = (b.candidate_repeats, b.current_repeats);
+    checks.push(if b.rejected == 0 {
+        check(
+            "repeats",
+            None,
+            None,
+            "must repeat fewer thumbed-down answers".into(),
+            Outcome::Skipped,
+            "no held-out thumbed-down answers".into(),
+        )
+    } else {
+        let (outcome, why) = if c < r {
+            (Outcome::Pass, format!("{r} → {c} of {}", b.rejected))
+        } else if c > r || c > 0 {
+            (
+                Outcome::Fail,
+                format!("{r} → {c} of {}: not fewer", b.rejected),
+            )
+        } else {
+            (
+                Outcome::Skipped,
+                format!("neither version repeats any of the {}", b.rejected),
+            )
+        };
+        check(
+            "repeats",
+            Some(c as f64),
+            Some(r as f64),
+            format!(
+                "must repeat fewer of the held-out thumbed-down answers (chrF ≥ {REPEAT_CHRF})"
+            ),
+            outcome,
+            why,
+        )
+    });
+    let beh = &checks[first..];
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| c.outcome == Outcome::Fail)
+        .map(|c| format!("{} ({})", c.metric, c.why))
+        .collect();
+    let any_beh = beh.iter().any(|c| c.outcome == Outcome::Pass);
+    let all_skipped = beh.iter().all(|c| c.outcome == Outcome::Skipped);
+    if all_skipped {
+        let summary = format!(
+            "{likely_summary} (no behavioural check applied: nothing held out to compare answers with)"
+        );
+        return (likely_pass, checks, summary);
+    }
+    let ppl_pass = checks
+        .iter()
+        .find(|c| c.metric == "ppl")
+        .is_some_and(|c| c.outcome == Outcome::Pass);
+    let passed = failed.is_empty() && any_beh && ppl_pass;
+    let summary = if passed {
+        "passed: answers on held-out prompts moved towards the feedback, general text within bounds"
+            .to_string()
+    } else if !failed.is_empty() {
+        format!("failed: {}", failed.join("; "))
+    } else {
+        likely_summary
+    };
+    (passed, checks, summary)
+}
+
 /// A version as the gate sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct Version<'a> {
@@ -600,6 +806,10 @@ pub struct GateReport {
     pub held_out: HeldOut,
     pub general_text_sha256: String,
     pub seconds: f64,
+    /// The answers both versions gave on held-out prompts, scored (when
+    /// [`GateConfig::behaviour`] is on).
+    #[serde(default)]
+    pub behaviour: Option<Behaviour>,
 }
 
 /// Scores the candidate, the current version and (when the current one is an adapter)
@@ -635,7 +845,20 @@ pub fn evaluate(
     let base_m = current
         .adapter
         .map(|_| metrics(&base.0, &base.0, Some(base.1)));
-    let (passed, checks, summary) = decide(cfg, &cand_m, &cur_m, base_m.as_ref());
+    let beh = if cfg.behaviour {
+        Some(crate::behaviour::compare(
+            s,
+            candidate.adapter,
+            current.adapter,
+            held_out,
+        )?)
+    } else {
+        None
+    };
+    let (passed, checks, summary) = match &beh {
+        Some(b) => decide_with_behaviour(cfg, &cand_m, &cur_m, base_m.as_ref(), b),
+        None => decide(cfg, &cand_m, &cur_m, base_m.as_ref()),
+    };
     let mut ho = HeldOut {
         examples: held_out.len(),
         ..Default::default()
@@ -671,6 +894,7 @@ pub fn evaluate(
             .map(|b| format!("{b:02x}"))
             .collect(),
         seconds: t0.elapsed().as_secs_f64(),
+        behaviour: beh,
     })
 }
 
@@ -749,6 +973,9 @@ impl GateReport {
                 c.metric, c.against, c.rule, c.why
             );
         }
+        if let Some(b) = &self.behaviour {
+            s += &b.to_markdown(&self.candidate.name, &self.current.name);
+        }
         s += &format!(
             "\nGeneral text sha256 `{}`; evaluated in {:.1} s.\n",
             self.general_text_sha256, self.seconds
@@ -773,6 +1000,68 @@ mod tests {
 
     fn outcome(checks: &[Check], metric: &str) -> Outcome {
         checks.iter().find(|c| c.metric == metric).unwrap().outcome
+    }
+
+    fn beh(refs: usize, chrf: (f64, f64), wins: f64) -> Behaviour {
+        Behaviour {
+            references: refs,
+            current_chrf: (refs > 0).then_some(chrf.0),
+            candidate_chrf: (refs > 0).then_some(chrf.1),
+            candidate_win_rate: (refs > 0).then_some(wins),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn behaviour_decides_over_likelihoods() {
+        let cfg = GateConfig::default();
+        let cur = m(Some(2.0), None, None, Some(10.0));
+        // NLL halved but the answers did not move: refused (the issue's −50% NLL case).
+        let better = m(Some(1.0), None, None, Some(10.2));
+        let (ok, checks, summary) =
+            decide_with_behaviour(&cfg, &better, &cur, None, &beh(10, (30.0, 31.0), 0.6));
+        assert!(!ok, "{summary}");
+        assert_eq!(outcome(&checks, "nll"), Outcome::Pass);
+        assert_eq!(outcome(&checks, "chrf"), Outcome::Fail);
+        // Closer by more than the margin on most prompts: passes.
+        let (ok, checks, summary) =
+            decide_with_behaviour(&cfg, &better, &cur, None, &beh(10, (30.0, 60.0), 0.9));
+        assert!(ok, "{summary}");
+        assert_eq!(outcome(&checks, "chrf"), Outcome::Pass);
+        // A big mean gain from a few prompts while most got worse: refused.
+        let (ok, _, _) =
+            decide_with_behaviour(&cfg, &better, &cur, None, &beh(10, (30.0, 60.0), 0.4));
+        assert!(!ok);
+        // Perplexity still bounds it.
+        let worse_text = m(Some(1.0), None, None, Some(10.6));
+        let (ok, checks, _) =
+            decide_with_behaviour(&cfg, &worse_text, &cur, None, &beh(10, (30.0, 60.0), 0.9));
+        assert!(!ok && outcome(&checks, "ppl") == Outcome::Fail);
+        // Thumbed-down answers said again: fewer passes, as many fails.
+        let kto = Behaviour {
+            rejected: 4,
+            current_repeats: 3,
+            candidate_repeats: 1,
+            ..Default::default()
+        };
+        let (cand, cur_k) = (
+            m(None, None, Some(0.75), Some(10.0)),
+            m(None, None, Some(0.0), Some(10.0)),
+        );
+        assert!(decide_with_behaviour(&cfg, &cand, &cur_k, None, &kto).0);
+        let same = Behaviour {
+            candidate_repeats: 3,
+            ..kto.clone()
+        };
+        let (ok, checks, _) = decide_with_behaviour(&cfg, &cand, &cur_k, None, &same);
+        assert!(!ok && outcome(&checks, "repeats") == Outcome::Fail);
+        // Nothing to generate against: the likelihood rule stands, and says so.
+        let none = Behaviour {
+            rejected: 2,
+            ..Default::default()
+        };
+        let (ok, _, summary) = decide_with_behaviour(&cfg, &cand, &cur_k, None, &none);
+        assert!(ok && summary.contains("no behavioural check"), "{summary}");
     }
 
     #[test]

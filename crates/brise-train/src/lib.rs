@@ -5,6 +5,7 @@
 //! (`trainer`), and the evaluation gate (`eval`) that decides whether a trained version
 //! is promoted.
 
+pub mod behaviour;
 pub mod data;
 pub mod eval;
 pub mod loss;

@@ -203,9 +203,31 @@ fn evaluation_reports_every_version_and_check() {
     assert!(c.ppl.unwrap() > 1.0 && c.ppl != b.ppl);
     assert!(r.base.is_none(), "the current version is the base");
     let metrics: Vec<&str> = r.checks.iter().map(|c| c.metric.as_str()).collect();
-    assert_eq!(metrics, ["nll", "pref_accuracy", "kto_accuracy", "ppl"]);
+    assert_eq!(
+        metrics,
+        [
+            "nll",
+            "pref_accuracy",
+            "kto_accuracy",
+            "ppl",
+            "chrf",
+            "pair_wins",
+            "repeats"
+        ]
+    );
+    // Both versions answered the held-out prompts (greedy), scored against the answers
+    // users gave.
+    let beh = r.behaviour.as_ref().unwrap();
+    assert_eq!(beh.samples.len(), beh.references + beh.rejected);
+    assert_eq!((beh.pairs, beh.rejected), (1, 1));
+    assert!(beh.samples.iter().all(|x| !x.reference.is_empty()));
+    assert!(
+        beh.samples.iter().any(|x| x.candidate != x.current),
+        "the adapter changed no answer: {:?}",
+        beh.samples
+    );
     // The report's verdict is the rule applied to its own numbers.
-    let (passed, _, _) = brise_train::eval::decide(&cfg, c, b, None);
+    let (passed, _, _) = brise_train::eval::decide_with_behaviour(&cfg, c, b, None, beh);
     assert_eq!(r.passed, passed);
     // JSON round trip, and Markdown with every number.
     // (serde_json's default parser may round the last digit of a float.)
@@ -249,11 +271,12 @@ fn evaluation_reports_every_version_and_check() {
     .unwrap();
     assert_eq!(r2.base.as_ref().unwrap().metrics, r.current.metrics);
     assert_eq!(r2.current.metrics.nll, r.candidate.metrics.nll);
-    let last = r2.checks.last().unwrap();
-    assert_eq!(
-        (last.metric.as_str(), last.outcome),
-        ("ppl_vs_base", Outcome::Pass)
-    );
+    let vs_base = r2
+        .checks
+        .iter()
+        .find(|c| c.metric == "ppl_vs_base")
+        .unwrap();
+    assert_eq!(vs_base.outcome, Outcome::Pass);
     // No held-out data: the gate cannot pass, and says why.
     let r3 = evaluate(&mut s, cand, base, &[], &cfg).unwrap();
     assert!(!r3.passed);
