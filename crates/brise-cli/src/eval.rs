@@ -26,7 +26,8 @@ pub struct EvalArgs {
     /// The dataset's format: openai-sft, openai-dpo, mistral-sft, trl-sft, trl-dpo, trl-kto
     #[arg(long)]
     pub format: Option<Format>,
-    /// Ledger feedback on completions of this model id only (as `brise serve` recorded it)
+    /// Ledger feedback on completions of this model id (as `brise serve` recorded it)
+    /// [default: the id --model was served under]
     #[arg(long)]
     pub ledger_model: Option<String>,
     /// Ledger feedback given at or after this time: unix seconds, or YYYY-MM-DD (UTC)
@@ -69,7 +70,20 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         None => GateConfig::default(),
     };
     gate.validate()?;
-    let path = registry::ensure_local(registry::resolve(&a.model)?)?;
+    // Ledger data: the model's feedback, found by whatever names it (a name, a path,
+    // the id it was served under, a version id).
+    let ledger = match a.data {
+        None => Some(ledger::open(a.ledger.as_deref())?),
+        Some(_) => None,
+    };
+    let found = match &ledger {
+        Some((rt, l)) => crate::which::find(rt, Some(l), &a.model)?,
+        None => crate::which::LedgerModel {
+            id: String::new(),
+            path: registry::ensure_local(registry::resolve(&a.model)?)?,
+        },
+    };
+    let path = found.path.clone();
     let model = Model::load(&path, run::kernels(None)?)
         .with_context(|| format!("loading {}", path.display()))?;
     let cand = a
@@ -87,9 +101,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         (Some(p), Some(f)) => Dataset::from_jsonl(p, f, &model, &opts)?,
         (Some(_), None) => bail!("--data needs --format"),
         (None, _) => {
-            let (rt, l) = ledger::open(a.ledger.as_deref())?;
+            let (rt, l) = ledger.as_ref().expect("opened above without --data");
             let q = LedgerQuery {
-                model: a.ledger_model.clone(),
+                model: Some(a.ledger_model.clone().unwrap_or_else(|| found.id.clone())),
                 since_ms: a
                     .since
                     .as_deref()
@@ -101,7 +115,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 method: a.method,
                 actor: "cli:eval".into(),
             };
-            rt.block_on(Dataset::from_ledger(&l, &model, &q, &opts))?
+            rt.block_on(Dataset::from_ledger(l, &model, &q, &opts))?
         }
     };
     for s in &ds.skipped {

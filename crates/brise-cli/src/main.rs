@@ -8,6 +8,7 @@ mod registry;
 mod run;
 mod serve;
 mod train;
+mod which;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

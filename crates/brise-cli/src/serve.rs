@@ -95,20 +95,23 @@ pub struct ServeArgs {
     /// With --learn: seconds between looks at the ledger for new feedback
     #[arg(long, default_value_t = 10.0)]
     pub learn_check: f64,
-    /// With --learn: sft, dpo, kto, or auto (DPO when there are pairs or corrections,
-    /// else KTO when there are thumbs-down, else SFT)
+    /// With --learn: sft, dpo, kto, or auto (DPO when users chose between two answers,
+    /// else SFT when there are corrections, else KTO when there are thumbs-down, else
+    /// SFT)
     #[arg(long, default_value = "auto")]
     pub learn_method: String,
     /// The learning rate of --learn's runs, and of fine-tuning jobs that give none
-    /// (OpenAI's learning_rate_multiplier multiplies it)
-    #[arg(long, default_value_t = 2e-4)]
-    pub learn_lr: f64,
-    /// Epochs over the dataset (--learn, and jobs' default n_epochs)
-    #[arg(long, default_value_t = 3)]
-    pub learn_epochs: usize,
-    /// Examples per optimizer step (--learn, and jobs' default batch_size)
-    #[arg(long, default_value_t = 8)]
-    pub learn_batch_size: usize,
+    /// (OpenAI's learning_rate_multiplier multiplies it) [default: 3e-4]
+    #[arg(long)]
+    pub learn_lr: Option<f64>,
+    /// Epochs over the dataset (--learn, and jobs' default n_epochs) [default: fitted
+    /// to the data: about 48 optimizer steps, 2 to 8 epochs]
+    #[arg(long)]
+    pub learn_epochs: Option<usize>,
+    /// Examples per optimizer step (--learn, and jobs' default batch_size) [default:
+    /// fitted to the data: an eighth of the examples, 2 to 8]
+    #[arg(long)]
+    pub learn_batch_size: Option<usize>,
     /// LoRA rank, alpha twice it (--learn, and jobs' default lora_rank)
     #[arg(long, default_value_t = 16)]
     pub learn_rank: usize,
@@ -123,14 +126,23 @@ pub struct ServeArgs {
 }
 
 fn train_setup(a: &ServeArgs) -> Result<brise_server::jobs::TrainSetup> {
-    let defaults = brise_train::trainer::TrainConfig {
+    let mut defaults = brise_train::trainer::TrainConfig {
         rank: a.learn_rank,
         alpha: 2.0 * a.learn_rank as f64,
-        learning_rate: a.learn_lr,
-        epochs: a.learn_epochs,
-        batch_size: a.learn_batch_size,
-        ..Default::default()
+        ..brise_train::trainer::TrainConfig::fitted()
     };
+    if let Some(lr) = a.learn_lr {
+        defaults.learning_rate = lr;
+        defaults.set_explicit("learning_rate");
+    }
+    if let Some(e) = a.learn_epochs {
+        defaults.epochs = e;
+        defaults.set_explicit("epochs");
+    }
+    if let Some(b) = a.learn_batch_size {
+        defaults.batch_size = b;
+        defaults.set_explicit("batch_size");
+    }
     defaults.validate().map_err(anyhow::Error::msg)?;
     Ok(brise_server::jobs::TrainSetup {
         threads: a.learn_threads.max(1),
@@ -327,6 +339,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             let mut sm = ServedModel::new(id, aliases, Arc::new(model), sched, defaults);
             // Known models were verified by sha256 when pulled.
             sm.sha256 = known.map(|m| m.sha256.to_string());
+            sm.known_name = known.map(|m| m.name.to_string());
             out.push(sm);
         }
         for (name, dir) in &loras {

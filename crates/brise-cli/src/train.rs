@@ -1,7 +1,7 @@
 //! `brise train`: LoRA training from the ledger's feedback or a dataset file, then the
 //! evaluation gate, then (when it passes) promotion.
 
-use crate::registry;
+use crate::{registry, which};
 use anyhow::{Context, Result, bail};
 use brise_kernels::quant::Kernels;
 use brise_ledger::Ledger;
@@ -42,8 +42,9 @@ pub struct TrainArgs {
     /// Format of --data: trl-sft, trl-dpo, trl-kto, openai-sft, openai-dpo, mistral-sft
     #[arg(long)]
     pub format: Option<String>,
-    /// sft, dpo, kto, or auto (with --from-ledger: DPO when there are pairs or
-    /// corrections, else KTO when there are thumbs-down, else SFT)
+    /// sft, dpo, kto, or auto (with --from-ledger: DPO when users chose between two
+    /// answers, else SFT when there are corrections, else KTO when there are
+    /// thumbs-down, else SFT)
     #[arg(long, default_value = "auto")]
     pub method: String,
     /// The ledger: a SQLite file or a postgres:// URL [default: $BRISE_HOME/ledger.sqlite]
@@ -57,16 +58,24 @@ pub struct TrainArgs {
     /// LoRA alpha [default: 2 × rank]
     #[arg(long)]
     pub alpha: Option<f64>,
-    #[arg(long, default_value_t = 2e-4)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 3)]
-    pub epochs: usize,
+    /// Learning rate [default: 3e-4]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Epochs over the training split [default: fitted to the data: about 48
+    /// optimizer steps, 2 to 8 epochs]
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Stop after this many optimizer steps
     #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Examples per optimizer step
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    /// Examples per optimizer step [default: fitted to the data: an eighth of the
+    /// examples, 2 to 8]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// DPO: weight of an NLL term on the chosen answers (TRL's rpo_alpha) [default: 1
+    /// when --method auto chose DPO, else 0]
+    #[arg(long)]
+    pub rpo_alpha: Option<f64>,
     /// DPO's and KTO's beta
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
@@ -96,19 +105,40 @@ pub struct TrainArgs {
     pub checkpoint_every: u64,
 }
 
-pub fn train_config(a: &TrainArgs, method: Method) -> TrainConfig {
-    TrainConfig {
+/// The run's configuration: what the flags set, the rest fitted to the data
+/// ([`TrainConfig::fit_to_data`]). `auto_method`: --method auto chose `method`.
+pub fn train_config(a: &TrainArgs, method: Method, auto_method: bool) -> TrainConfig {
+    let mut c = TrainConfig {
         method,
         rank: a.rank,
         alpha: a.alpha.unwrap_or(2.0 * a.rank as f64),
-        learning_rate: a.lr,
-        epochs: a.epochs,
         max_steps: a.max_steps,
-        batch_size: a.batch_size,
         beta: a.beta,
         seed: a.seed,
-        ..TrainConfig::default()
+        ..TrainConfig::fitted()
+    };
+    if let Some(lr) = a.lr {
+        c.learning_rate = lr;
+        c.set_explicit("learning_rate");
     }
+    if let Some(e) = a.epochs {
+        c.epochs = e;
+        c.set_explicit("epochs");
+    }
+    if let Some(b) = a.batch_size {
+        c.batch_size = b;
+        c.set_explicit("batch_size");
+    }
+    match a.rpo_alpha {
+        Some(r) => {
+            c.rpo_alpha = r;
+            c.set_explicit("rpo_alpha");
+        }
+        // An explicit --method dpo is TRL's plain DPO.
+        None if !auto_method => c.set_explicit("rpo_alpha"),
+        None => {}
+    }
+    c
 }
 
 /// Where a new version of `model_id`'s adapter goes.
@@ -189,21 +219,21 @@ pub fn train(a: TrainArgs) -> Result<()> {
         .map(brise_ledger::export::parse_since)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let models: Vec<String> = match (&a.model, &ledger) {
-        (Some(m), _) => vec![m.clone()],
+    let models: Vec<which::LedgerModel> = match (&a.model, &ledger) {
+        (Some(m), l) => vec![which::find(&rt, l.as_ref(), m)?],
         (None, Some(l)) => {
             let counts = rt.block_on(l.feedback_counts(since_ms.unwrap_or(0)))?;
             if counts.is_empty() {
                 bail!("the ledger has no feedback to learn from");
             }
-            counts.into_iter().map(|(m, _)| m).collect()
+            counts
+                .into_iter()
+                .map(|(m, _)| which::by_id(&rt, l, &m))
+                .collect::<Result<_>>()?
         }
-        (None, None) => vec![registry::DEFAULT_MODEL.to_string()],
+        (None, None) => vec![which::find(&rt, None, registry::DEFAULT_MODEL)?],
     };
-    for m in models {
-        let r = registry::resolve(&m)?;
-        let (id, _) = registry::model_id(&m, &r);
-        let path = registry::ensure_local(r)?;
+    for which::LedgerModel { id, path } in models {
         let model = Model::load(&path, Kernels::best())
             .with_context(|| format!("loading {}", path.display()))?;
         let opts = LoadOptions::default();
@@ -278,7 +308,7 @@ fn run_one(
     ledger: Option<&Ledger>,
     rt: &tokio::runtime::Runtime,
 ) -> Result<RunOutcome> {
-    let cfg = train_config(a, data.method);
+    let cfg = train_config(a, data.method, a.method == "auto");
     let gate = GateConfig {
         ppl_max_increase: a.max_ppl_increase,
         ..GateConfig::default()

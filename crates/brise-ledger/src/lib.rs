@@ -12,6 +12,7 @@ pub mod adapters;
 pub mod export;
 pub mod governance;
 pub mod jobs;
+pub mod models;
 pub mod retention;
 pub mod usage;
 

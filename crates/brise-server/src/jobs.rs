@@ -408,21 +408,25 @@ fn hyperparameters(
             "n_epochs" | "epochs" => {
                 if let Some(e) = int(v, n, 1.0, 100.0)? {
                     cfg.epochs = e;
+                    cfg.set_explicit("epochs");
                 }
             }
             "batch_size" => {
                 if let Some(b) = int(v, n, 1.0, 1024.0)? {
                     cfg.batch_size = b;
+                    cfg.set_explicit("batch_size");
                 }
             }
             "learning_rate_multiplier" => {
                 if let Some(m) = num(v, n, 1e-6, 100.0)? {
                     cfg.learning_rate = base_lr * m;
+                    cfg.set_explicit("learning_rate");
                 }
             }
             "learning_rate" => {
                 if let Some(x) = num(v, n, 1e-9, 1.0)? {
                     cfg.learning_rate = x;
+                    cfg.set_explicit("learning_rate");
                 }
             }
             "training_steps" => cfg.max_steps = int(v, n, 1.0, 1e9)?.map(|x| x as u64),
@@ -881,7 +885,16 @@ fn mistral_status(j: &Job) -> &'static str {
 /// A job as its dialect shows it, plus brise's own fields under `brise`. `detail`
 /// adds Mistral's events and checkpoints.
 pub async fn job_json(l: &Ledger, j: &Job, detail: bool) -> ApiResult<Value> {
-    let c = &j.config;
+    // Hyperparameters still to be fitted to the data show as "auto", as OpenAI's do.
+    let mut shown = j.config.clone();
+    if let Some(auto) = j.config["auto"].as_array() {
+        for f in auto.iter().filter_map(Value::as_str) {
+            if shown.get(f).is_some() {
+                shown[f] = json!("auto");
+            }
+        }
+    }
+    let c = &shown;
     let brise = json!({
         "source": j.source,
         "method": j.method,
@@ -1391,6 +1404,10 @@ async fn train_job(state: &Arc<AppState>, l: &Ledger, job: &Job) -> Result<Train
             "auto" => None,
             m => Some(brise_train::data::parse_method(m)?),
         };
+        // A DPO asked for by name is TRL's plain DPO; auto's adds the NLL term.
+        if method.is_some() {
+            cfg.set_explicit("rpo_alpha");
+        }
         let d = Dataset::from_ledger(
             l,
             &model,

@@ -34,6 +34,8 @@ pub struct ServedModel {
     pub metrics: metrics::ModelMetrics,
     /// sha256 of the model file, when known (recorded with each completion).
     pub sha256: Option<String>,
+    /// `brise pull`'s name for the file, when it is a known model.
+    pub known_name: Option<String>,
     /// LoRA adapters served on this model by name (`--lora NAME=DIR`): a request names
     /// one with `model` = `id:name` or the `adapter` field.
     pub adapters: Vec<Arc<ServedAdapter>>,
@@ -87,6 +89,7 @@ impl ServedModel {
             created: unix_now(),
             metrics: Default::default(),
             sha256: None,
+            known_name: None,
             adapters: Vec::new(),
             promoted: RwLock::new(None),
             versions: RwLock::new(Vec::new()),
@@ -272,6 +275,49 @@ impl AppState {
     }
 }
 
+/// Records in the ledger which file each model is served from (so `brise train
+/// --from-ledger` finds it), then, for files whose sha256 is not known yet, hashes them
+/// in the background and records that too.
+fn record_models(l: &brise_ledger::Ledger, models: &[ServedModel]) {
+    let rt = tokio::runtime::Handle::current();
+    let mut todo = Vec::new();
+    for m in models {
+        let path = std::fs::canonicalize(&m.model.path).unwrap_or_else(|_| m.model.path.clone());
+        let p = path.display().to_string();
+        let r = rt.block_on(l.record_served_model(
+            &m.id,
+            &p,
+            m.sha256.as_deref(),
+            m.known_name.as_deref(),
+        ));
+        if let Err(e) = r {
+            eprintln!("brise: recording {} in the ledger: {e}", m.id);
+        }
+        if m.sha256.is_none() {
+            todo.push((m.id.clone(), path, p));
+        }
+    }
+    if todo.is_empty() {
+        return;
+    }
+    let l = l.clone();
+    rt.spawn(async move {
+        for (id, path, p) in todo {
+            let fp =
+                tokio::task::spawn_blocking(move || brise_ledger::models::fingerprint(&path)).await;
+            match fp {
+                Ok(Ok(sha)) => {
+                    if let Err(e) = l.record_served_model(&id, &p, Some(&sha), None).await {
+                        eprintln!("brise: recording {id}'s sha256: {e}");
+                    }
+                }
+                Ok(Err(e)) => eprintln!("brise: hashing {p}: {e}"),
+                Err(e) => eprintln!("brise: hashing {p}: {e}"),
+            }
+        }
+    });
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -351,6 +397,9 @@ where
                     let mut g = st.registry_sync.lock().await;
                     versions::sync(&models, l, &mut g).await;
                 });
+            }
+            if let Some(l) = &st.ledger {
+                record_models(l, &models);
             }
             let _ = st.models.set(models);
             eprintln!(

@@ -86,6 +86,8 @@ pub struct Example {
     pub feedback_ids: Vec<String>,
     /// Where it came from: `FILE:LINE`, or `feedback ID`.
     pub origin: String,
+    /// The last user message of the prompt (the gate's report shows it).
+    pub prompt_text: String,
 }
 
 impl Example {
@@ -185,6 +187,13 @@ pub struct Skip {
 pub struct Available {
     pub sft: usize,
     pub dpo: usize,
+    /// Of the DPO rows, the pairwise choices between two answers (the rest are
+    /// corrections, each paired with the answer it corrects).
+    #[serde(default)]
+    pub choices: usize,
+    /// Corrections (each gives an SFT row and a DPO row).
+    #[serde(default)]
+    pub corrections: usize,
     pub kto_desirable: usize,
     pub kto_undesirable: usize,
 }
@@ -745,11 +754,20 @@ impl<'m> Builder<'m> {
         self.rows += 1;
         let parsed = parse_row(format, v).and_then(|raw| {
             to_item(self.model, &raw, self.max)
-                .map(|item| (item, prompt_key(raw.prompt())))
+                .map(|item| {
+                    let text = raw
+                        .prompt()
+                        .iter()
+                        .rev()
+                        .find(|m| m.role == "user")
+                        .map(|m| m.content.clone())
+                        .unwrap_or_default();
+                    (item, prompt_key(raw.prompt()), text)
+                })
                 .map_err(Bad::Unusable)
         });
         match parsed {
-            Ok((item, prompt_key)) => {
+            Ok((item, prompt_key, prompt_text)) => {
                 self.hash.update(canonical_json(v).as_bytes());
                 self.hash.update(b"\n");
                 let (tenant, subject, record_ids, feedback_ids) = ids;
@@ -761,6 +779,7 @@ impl<'m> Builder<'m> {
                     record_ids,
                     feedback_ids,
                     origin: at,
+                    prompt_text,
                 });
                 Ok(())
             }
@@ -795,10 +814,14 @@ pub struct LedgerQuery {
     /// The model id completions were recorded under (`brise serve`'s name for it).
     pub model: Option<String>,
     pub since_ms: Option<i64>,
-    /// `None` is `auto`: DPO when there are pairs (pairwise choices or corrections), else
-    /// KTO when there are thumbs-down ratings, else SFT. Thumbs-up alone give SFT rather
-    /// than KTO: with no undesirable answers, raising the desirable ones is all KTO could
-    /// do, and SFT does that directly.
+    /// `None` is `auto`: DPO when users chose between two answers (pairwise or arena
+    /// feedback; every pair is used, corrections paired with the answer they correct,
+    /// and with `rpo_alpha` auto the chosen answers also get an NLL term); else SFT when
+    /// there are corrections (a correction is a demonstration of the answer wanted: SFT
+    /// on the corrected answers and the thumbed-up ones); else KTO when there are
+    /// thumbs-down ratings; else SFT on the thumbed-up answers. Thumbs-up alone give SFT
+    /// rather than KTO: with no undesirable answers, raising the desirable ones is all
+    /// KTO could do, and SFT does that directly.
     pub method: Option<Method>,
     pub actor: String,
 }
@@ -872,14 +895,23 @@ impl Dataset {
         let mut avail = Available::default();
         for r in &rows {
             match r.format {
-                Format::TrlDpo => avail.dpo += 1,
+                Format::TrlDpo if r.record_ids.len() >= 2 => {
+                    avail.dpo += 1;
+                    avail.choices += 1;
+                }
+                Format::TrlDpo => {
+                    avail.dpo += 1;
+                    avail.corrections += 1;
+                }
                 Format::TrlKto if r.row["label"] == Value::Bool(true) => avail.kto_desirable += 1,
                 Format::TrlKto => avail.kto_undesirable += 1,
                 _ => avail.sft += 1,
             }
         }
-        let method = q.method.unwrap_or(if avail.dpo > 0 {
+        let method = q.method.unwrap_or(if avail.choices > 0 {
             Method::Dpo
+        } else if avail.corrections > 0 {
+            Method::Sft
         } else if avail.kto_undesirable > 0 {
             Method::Kto
         } else {
@@ -1025,6 +1057,7 @@ mod tests {
             record_ids: vec![],
             feedback_ids: vec![],
             origin: String::new(),
+            prompt_text: prompt.to_string(),
         }
     }
 

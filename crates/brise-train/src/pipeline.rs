@@ -101,6 +101,7 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         ));
     }
     let items: Vec<_> = train_ex.iter().map(|e| e.item.clone()).collect();
+    train.fit_to_data(items.len());
     let mut tr = match &spec.checkpoint {
         Some((dir, _)) if dir.join("trainer_state.json").exists() => {
             let tr = Trainer::resume(spec.model, dir, spec.threads)?;

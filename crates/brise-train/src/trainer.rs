@@ -52,7 +52,22 @@ pub struct TrainConfig {
     pub max_len: usize,
     /// Rows per forward batch.
     pub batch_tokens: usize,
+    /// DPO only: weight of an NLL term on the chosen answers (TRL's `rpo_alpha`), so the
+    /// preferred answer is learned as a demonstration, not only ranked. 0: plain DPO.
+    pub rpo_alpha: f64,
+    /// The hyperparameters left to [`TrainConfig::fit_to_data`] (`epochs`, `batch_size`,
+    /// `learning_rate`, `rpo_alpha`): they are derived from the training set when a
+    /// run starts, and the run's record keeps the values used.
+    pub auto: Vec<String>,
 }
+
+/// The hyperparameters [`TrainConfig::fit_to_data`] can derive.
+pub const AUTO_FIELDS: [&str; 4] = ["epochs", "batch_size", "learning_rate", "rpo_alpha"];
+
+/// Optimizer steps a small feedback set is trained for by default (see `fit_to_data`).
+pub const AUTO_TARGET_STEPS: usize = 48;
+/// Learning rate of the data-fitted defaults (LoRA r16, alpha 32).
+pub const AUTO_LEARNING_RATE: f64 = 3e-4;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -78,6 +93,8 @@ impl Default for TrainConfig {
             undesirable_weight: 1.0,
             max_len: 1024,
             batch_tokens: 1024,
+            rpo_alpha: 0.0,
+            auto: vec![],
         }
     }
 }
@@ -95,7 +112,65 @@ impl TrainConfig {
             .collect()
     }
 
+    /// Sets the hyperparameters named in `auto` from the size of the training set
+    /// (`n_items` examples), so that 20 to 500 feedback items are neither under- nor
+    /// over-trained: batches of about an eighth of the set (2 to 8), enough epochs for
+    /// about [`AUTO_TARGET_STEPS`] optimizer steps (2 to 8 epochs), learning rate
+    /// [`AUTO_LEARNING_RATE`], and for DPO an NLL term on the chosen answers of weight 1
+    /// (TRL's `rpo_alpha`). docs/ARCHITECTURE.md ("Defaults that fit the data") has the
+    /// sweep behind the numbers. Clears `auto`.
+    pub fn fit_to_data(&mut self, n_items: usize) {
+        let auto = std::mem::take(&mut self.auto);
+        let is = |f: &str| auto.iter().any(|a| a == f);
+        let n = n_items.max(1);
+        if is("batch_size") {
+            self.batch_size = ((n + 4) / 8).clamp(2, 8);
+        }
+        if is("epochs") {
+            let per_epoch = n.div_ceil(self.batch_size.max(1));
+            self.epochs = AUTO_TARGET_STEPS.div_ceil(per_epoch).clamp(2, 8);
+        }
+        if is("learning_rate") {
+            self.learning_rate = AUTO_LEARNING_RATE;
+        }
+        if is("rpo_alpha") {
+            self.rpo_alpha = if self.method == Method::Dpo { 1.0 } else { 0.0 };
+        }
+    }
+
+    /// Marks `field` as set by the user (no longer derived from the data).
+    pub fn set_explicit(&mut self, field: &str) {
+        self.auto.retain(|a| a != field);
+    }
+
+    /// Defaults whose `epochs`, `batch_size`, `learning_rate` and `rpo_alpha` are fitted
+    /// to the data ([`TrainConfig::fit_to_data`]): what `brise train`, `--learn` and
+    /// the fine-tuning jobs use unless told otherwise.
+    pub fn fitted() -> TrainConfig {
+        TrainConfig {
+            learning_rate: AUTO_LEARNING_RATE,
+            auto: AUTO_FIELDS.iter().map(|s| s.to_string()).collect(),
+            ..TrainConfig::default()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(bad) = self
+            .auto
+            .iter()
+            .find(|a| !AUTO_FIELDS.contains(&a.as_str()))
+        {
+            return Err(format!(
+                "{bad:?} cannot be auto (only {})",
+                AUTO_FIELDS.join(", ")
+            ));
+        }
+        if !(self.rpo_alpha.is_finite() && (0.0..=100.0).contains(&self.rpo_alpha)) {
+            return Err(format!(
+                "rpo_alpha {} must be between 0 and 100",
+                self.rpo_alpha
+            ));
+        }
         if self.rank == 0 {
             return Err("rank must be at least 1".into());
         }
@@ -507,6 +582,16 @@ impl<'m> Trainer<'m> {
                 let refs = self.logps(&seqs, 2, false, None);
                 let beta = self.cfg.beta;
                 let n = batch.len();
+                // RPO: the chosen answers' mean token NLL over the batch, weighted.
+                let chosen_tokens: usize = seqs
+                    .iter()
+                    .step_by(2)
+                    .map(|s| {
+                        let l = s.len().min(self.cfg.max_len);
+                        l - s.prompt.len().max(1).min(l)
+                    })
+                    .sum();
+                let rpo = self.cfg.rpo_alpha / chosen_tokens.max(1) as f64;
                 let pair = |first: usize, pol: &[f64], k: usize| PairLogps {
                     chosen: pol[2 * k],
                     rejected: pol[2 * k + 1],
@@ -520,12 +605,15 @@ impl<'m> Trainer<'m> {
                         (0..pol.len() / 2).map(|k| pair(first, pol, k)).collect();
                     let (_, c, _) = loss::dpo(&pairs, beta);
                     let scale = pairs.len() as f64 / n as f64;
-                    c.iter().flat_map(|(a, b)| [a * scale, b * scale]).collect()
+                    c.iter()
+                        .flat_map(|(a, b)| [a * scale - rpo, b * scale])
+                        .collect()
                 };
                 let pol = self.logps(&seqs, 2, true, Some(&f));
                 let pairs: Vec<PairLogps> = (0..n).map(|k| pair(0, &pol, k)).collect();
                 let (l, _, right) = loss::dpo(&pairs, beta);
-                Ok((l, tokens, right))
+                let nll: f64 = -pairs.iter().map(|p| p.chosen).sum::<f64>();
+                Ok((l + rpo * nll, tokens, right))
             }
             Method::Kto => {
                 let mut seqs: Vec<&Seq> = Vec::new();
@@ -830,4 +918,46 @@ fn adapter_params(ad: &mut LoraAdapter) -> Vec<&mut [f32]> {
         out.push(m.bt.as_mut_slice());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fitted(n: usize, method: Method) -> TrainConfig {
+        let mut c = TrainConfig {
+            method,
+            ..TrainConfig::fitted()
+        };
+        c.fit_to_data(n);
+        c
+    }
+
+    #[test]
+    fn defaults_fit_the_data() {
+        // (items, batch size, epochs): about 48 steps, 2 to 8 epochs, batches of 2 to 8.
+        for (n, b, e) in [(16, 2, 6), (32, 4, 6), (40, 5, 6), (100, 8, 4), (500, 8, 2)] {
+            let c = fitted(n, Method::Sft);
+            assert_eq!((c.batch_size, c.epochs), (b, e), "{n} items");
+            assert!(c.auto.is_empty());
+            assert_eq!(c.learning_rate, AUTO_LEARNING_RATE);
+            assert_eq!(c.rpo_alpha, 0.0);
+        }
+        assert_eq!(fitted(40, Method::Dpo).rpo_alpha, 1.0);
+        // What the user set stays.
+        let mut c = TrainConfig::fitted();
+        c.epochs = 1;
+        c.set_explicit("epochs");
+        c.fit_to_data(40);
+        assert_eq!(c.epochs, 1);
+        // A plain config has nothing auto.
+        let mut c = TrainConfig::default();
+        c.fit_to_data(40);
+        assert_eq!(c, TrainConfig::default());
+        let bad = TrainConfig {
+            auto: vec!["rank".into()],
+            ..TrainConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("cannot be auto"));
+    }
 }

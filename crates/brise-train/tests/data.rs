@@ -421,7 +421,8 @@ async fn from_ledger_keeps_ids_and_chooses_the_method() {
     assert_eq!((d.method, d.examples.len()), (Method::Kto, 2));
     // Carol withheld consent: her feedback is counted, never used.
     assert_eq!(d.export.as_ref().unwrap().skipped_no_consent, 1);
-    // A correction: DPO, and the export's redaction applies.
+    // A correction is a demonstration: SFT on it (and on the thumbed-up answer), and
+    // the export's redaction applies.
     let corr = l
         .add_feedback(rating(
             "c1",
@@ -432,24 +433,48 @@ async fn from_ledger_keeps_ids_and_chooses_the_method() {
         .await
         .unwrap();
     let d = Dataset::from_ledger(&l, &m, &q(None), &opts).await.unwrap();
-    assert_eq!((d.method, d.examples.len()), (Method::Dpo, 1));
-    let e = &d.examples[0];
-    assert_eq!(
-        (e.record_ids.as_slice(), e.feedback_ids.as_slice()),
-        (&["c1".to_string()][..], &[corr.id.clone()][..])
-    );
+    assert_eq!((d.method, d.examples.len()), (Method::Sft, 2));
+    let e = d
+        .examples
+        .iter()
+        .find(|e| e.feedback_ids == [corr.id.clone()])
+        .unwrap();
+    assert_eq!(e.record_ids.as_slice(), &["c1".to_string()][..]);
     assert_eq!(e.tenant.as_deref(), Some("acme"));
-    let Item::Pref { chosen, .. } = &e.item else {
-        panic!()
-    };
-    let text = m.tokenizer.decode(&chosen.tokens(), true);
+    assert_eq!(e.prompt_text, "Mail me at [EMAIL]");
+    let Item::Sft(seq) = &e.item else { panic!() };
+    let text = m.tokenizer.decode(&seq.tokens(), true);
     assert!(text.contains("[EMAIL]") && !text.contains("bob@"), "{text}");
     let a = d.available.unwrap();
     assert_eq!(
         (a.sft, a.dpo, a.kto_desirable, a.kto_undesirable),
         (2, 1, 1, 2)
     );
-    assert_eq!(d.ids(), (vec!["c1".to_string()], vec![corr.id.clone()]));
+    assert_eq!((a.corrections, a.choices), (1, 0));
+    // A pairwise choice between two answers: DPO over every pair, the correction's too.
+    l.record(rec("c4", "bob", "Hi", "Hey there."))
+        .await
+        .unwrap();
+    let mut choice = rating("c2", 0, None, 5);
+    choice.kind = "preference".into();
+    choice.rating = None;
+    choice.rejected_id = Some("c4".into());
+    let choice = l.add_feedback(choice).await.unwrap();
+    let d = Dataset::from_ledger(&l, &m, &q(None), &opts).await.unwrap();
+    assert_eq!((d.method, d.examples.len()), (Method::Dpo, 2));
+    let a = d.available.unwrap();
+    assert_eq!((a.dpo, a.corrections, a.choices), (2, 1, 1));
+    assert_eq!(
+        d.ids(),
+        (
+            vec!["c1".to_string(), "c2".to_string(), "c4".to_string()],
+            {
+                let mut f = vec![corr.id.clone(), choice.id.clone()];
+                f.sort();
+                f
+            }
+        )
+    );
     // A method asked for is kept even when auto would pick another.
     let d = Dataset::from_ledger(&l, &m, &q(Some(Method::Sft)), &opts)
         .await
@@ -463,7 +488,7 @@ async fn from_ledger_keeps_ids_and_chooses_the_method() {
             .iter()
             .filter(|e| e.action == "training_export")
             .count(),
-        4
+        5
     );
     l.close().await;
     let _ = std::fs::remove_dir_all(dir);

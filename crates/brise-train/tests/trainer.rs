@@ -130,3 +130,79 @@ fn a_resumed_run_takes_the_same_steps() {
     LoraAdapter::load(&dir.join("adapter"), &m.cfg).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Every gradient value, layer by layer (A then Bᵀ of each adapted projection).
+fn flat_grads(tr: &Trainer) -> Vec<f32> {
+    let mut out = Vec::new();
+    for layer in &tr.grads.layers {
+        for (da, dbt) in layer.iter().flatten() {
+            out.extend_from_slice(da);
+            out.extend_from_slice(dbt);
+        }
+    }
+    out
+}
+
+/// RPO (TRL's `rpo_alpha`): DPO plus α times the chosen answers' mean token NLL. Its loss
+/// and gradient must be DPO's plus α times SFT's on the chosen answers, on an adapter
+/// moved off its start (so both of LoRA's matrices get gradients).
+#[test]
+fn rpo_is_dpo_plus_the_chosen_answers_nll() {
+    let m = model();
+    let c = cfg(Method::Sft);
+    let mut warm = Trainer::new(&m, c.clone(), init_adapter(&m, &c).unwrap(), 2).unwrap();
+    warm.train(&sft_items(), &mut |_| true).unwrap();
+    let ad = warm.adapter.duplicate();
+    let pairs = [
+        (
+            seq(&[1, 1183, 2339], &[16958, 2052, 2]),
+            seq(&[1, 1183, 2339], &[13765, 1780, 2]),
+        ),
+        (
+            seq(&[1, 6233, 29493], &[9198, 29493, 15102, 2]),
+            seq(&[1, 6233, 29493], &[8696, 2]),
+        ),
+    ];
+    let pref: Vec<Item> = pairs
+        .iter()
+        .map(|(c, r)| Item::Pref {
+            chosen: c.clone(),
+            rejected: r.clone(),
+        })
+        .collect();
+    let sft: Vec<Item> = pairs.iter().map(|(c, _)| Item::Sft(c.clone())).collect();
+    let run = |method: Method, rpo: f64, items: &[Item]| {
+        let c = TrainConfig {
+            rpo_alpha: rpo,
+            ..cfg(method)
+        };
+        let mut tr = Trainer::new(&m, c, ad.duplicate(), 2).unwrap();
+        let refs: Vec<&Item> = items.iter().collect();
+        let (l, _, _) = tr.loss_and_grads(&refs).unwrap();
+        (l, flat_grads(&tr))
+    };
+    let alpha = 0.7;
+    let (l_dpo, g_dpo) = run(Method::Dpo, 0.0, &pref);
+    let (l_sft, g_sft) = run(Method::Sft, 0.0, &sft);
+    let (l_rpo, g_rpo) = run(Method::Dpo, alpha, &pref);
+    assert!(
+        (l_rpo - (l_dpo + alpha * l_sft)).abs() < 1e-9,
+        "loss {l_rpo} vs {l_dpo} + {alpha}·{l_sft}"
+    );
+    let scale = g_rpo.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(scale > 0.0);
+    let mut worst = 0f32;
+    for ((r, d), s) in g_rpo.iter().zip(&g_dpo).zip(&g_sft) {
+        worst = worst.max((r - (d + alpha as f32 * s)).abs());
+    }
+    assert!(
+        worst <= 1e-4 * scale,
+        "gradient off by {worst} (largest {scale})"
+    );
+    // And the NLL term is not nothing: it moves the gradient.
+    let moved = g_rpo
+        .iter()
+        .zip(&g_dpo)
+        .fold(0f32, |a, (r, d)| a.max((r - d).abs()));
+    assert!(moved > 1e-2 * scale, "{moved}");
+}
