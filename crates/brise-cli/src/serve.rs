@@ -101,7 +101,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "auto")]
     pub learn_method: String,
     /// The learning rate of --learn's runs, and of fine-tuning jobs that give none
-    /// (OpenAI's learning_rate_multiplier multiplies it) [default: 3e-4]
+    /// (OpenAI's learning_rate_multiplier multiplies it) [default: 2e-4]
     #[arg(long)]
     pub learn_lr: Option<f64>,
     /// Epochs over the dataset (--learn, and jobs' default n_epochs) [default: fitted

@@ -58,7 +58,7 @@ pub struct TrainArgs {
     /// LoRA alpha [default: 2 × rank]
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// Learning rate [default: 3e-4]
+    /// Learning rate [default: 2e-4]
     #[arg(long)]
     pub lr: Option<f64>,
     /// Epochs over the training split [default: fitted to the data: about 48

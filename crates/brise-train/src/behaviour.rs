@@ -61,6 +61,93 @@ pub fn chrf(hyp: &str, reference: &str) -> f64 {
     100.0 * (1.0 + BETA2) * p * r / (BETA2 * p + r)
 }
 
+/// Character n-grams (orders 4–6, whitespace removed) of `s`, by order.
+fn grams46(s: &str) -> Vec<HashMap<Vec<char>, usize>> {
+    let c: Vec<char> = s.chars().filter(|c| !c.is_whitespace()).collect();
+    (4..=6)
+        .map(|n| {
+            let mut m = HashMap::new();
+            if c.len() >= n {
+                for w in c.windows(n) {
+                    *m.entry(w.to_vec()).or_insert(0) += 1;
+                }
+            }
+            m
+        })
+        .collect()
+}
+
+/// `a − b` as multisets.
+fn minus(
+    a: &HashMap<Vec<char>, usize>,
+    b: &HashMap<Vec<char>, usize>,
+) -> HashMap<Vec<char>, usize> {
+    a.iter()
+        .filter_map(|(g, &n)| {
+            let d = n.saturating_sub(b.get(g).copied().unwrap_or(0));
+            (d > 0).then(|| (g.clone(), d))
+        })
+        .collect()
+}
+
+/// The share of the multiset `want` that `x` contains (clipped counts), averaged over
+/// the orders where `want` has n-grams; `None` when it has none.
+fn contained(want: &[HashMap<Vec<char>, usize>], x: &[HashMap<Vec<char>, usize>]) -> Option<f64> {
+    let (mut sum, mut orders) = (0.0, 0);
+    for (w, xg) in want.iter().zip(x) {
+        let total: usize = w.values().sum();
+        if total == 0 {
+            continue;
+        }
+        let hit: usize = w
+            .iter()
+            .map(|(g, &n)| n.min(xg.get(g).copied().unwrap_or(0)))
+            .sum();
+        sum += hit as f64 / total as f64;
+        orders += 1;
+    }
+    (orders > 0).then(|| sum / orders as f64)
+}
+
+/// A correction seen as an edit of the answer it replaced: what it added (its
+/// character 4–6-grams the original lacks) and what it cut (the original's that it
+/// lacks).
+pub struct Edit {
+    added: Vec<HashMap<Vec<char>, usize>>,
+    cut: Vec<HashMap<Vec<char>, usize>>,
+    /// The edit mostly adds (at least a quarter of the correction's n-grams are new):
+    /// judged by how much of the addition an answer says; else it mostly cuts, judged by
+    /// how much of the cut an answer leaves out.
+    adds: bool,
+}
+
+impl Edit {
+    pub fn new(wanted: &str, replaced: &str) -> Edit {
+        let (w, o) = (grams46(wanted), grams46(replaced));
+        let added: Vec<_> = w.iter().zip(&o).map(|(a, b)| minus(a, b)).collect();
+        let cut: Vec<_> = o.iter().zip(&w).map(|(a, b)| minus(a, b)).collect();
+        let n_added: usize = added.iter().flat_map(|m| m.values()).sum();
+        let n_wanted: usize = w.iter().flat_map(|m| m.values()).sum();
+        Edit {
+            adds: 4 * n_added >= n_wanted,
+            added,
+            cut,
+        }
+    }
+
+    /// How far `answer` carries out the edit, 0–100: the share of the added n-grams it
+    /// says, or (an edit that cuts) the share of the cut ones it leaves out.
+    pub fn score(&self, answer: &str) -> f64 {
+        let x = grams46(answer);
+        let v = if self.adds {
+            contained(&self.added, &x).unwrap_or(0.0)
+        } else {
+            1.0 - contained(&self.cut, &x).unwrap_or(0.0)
+        };
+        100.0 * v
+    }
+}
+
 /// A version's answer is a repeat of a thumbed-down one at this chrF or above.
 pub const REPEAT_CHRF: f64 = 90.0;
 /// Held-out prompts generated on, at most (the gate's time stays bounded).
@@ -80,6 +167,10 @@ pub struct Sample {
     /// The corrected or preferred answer (pairs: the chosen one; thumbs-down: the
     /// answer users rejected).
     pub reference: String,
+    /// The answer `reference` replaced, when known (a correction's original, a pair's
+    /// rejected answer).
+    #[serde(default)]
+    pub replaced: Option<String>,
     pub kind: String,
     pub candidate: String,
     pub current: String,
@@ -91,8 +182,9 @@ pub struct Sample {
 /// The behavioural figures of one comparison.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Behaviour {
-    /// Held-out prompts with a corrected or preferred answer, and the mean chrF of each
-    /// version's answer to it.
+    /// Held-out prompts with a corrected or preferred answer, and each version's mean
+    /// closeness to it, 0–100: when the answer it replaced is known, how far the
+    /// version's answer carries out the users' edit ([`Edit::score`]); else chrF to it.
     pub references: usize,
     pub candidate_chrf: Option<f64>,
     pub current_chrf: Option<f64>,
@@ -172,6 +264,22 @@ pub fn compare(
         let (c, r) = (answer(s, &c), answer(s, &r));
         let wanted = reference(s, seq);
         let (cc, rc) = (chrf(&c, &wanted), chrf(&r, &wanted));
+        // What the wanted answer replaced: a correction's original, a pair's rejected.
+        let replaced = match &e.item {
+            Item::Pref { rejected, .. } => Some(reference(s, rejected)),
+            Item::Sft(_) => e.replaced.clone(),
+            _ => None,
+        };
+        // Closeness: with the replaced answer known, how far the answer carries out the
+        // users' edit (surface similarity would reward repeating the original, which
+        // shares most of a light edit, and penalize any rewording of it); else chrF.
+        let (cm, rm) = match &replaced {
+            Some(o) => {
+                let ed = Edit::new(&wanted, o);
+                (ed.score(&c), ed.score(&r))
+            }
+            None => (cc, rc),
+        };
         match &e.item {
             Item::Kto {
                 desirable: false, ..
@@ -182,18 +290,18 @@ pub fn compare(
             }
             item => {
                 b.references += 1;
-                cand_sum += cc;
-                cur_sum += rc;
-                wins += win(cc, rc);
-                if let Item::Pref { rejected, .. } = item {
-                    let rej = reference(s, rejected);
+                cand_sum += cm;
+                cur_sum += rm;
+                wins += win(cm, rm);
+                if let Item::Pref { .. } = item {
                     b.pairs += 1;
-                    pair_wins += win(cc - chrf(&c, &rej), rc - chrf(&r, &rej));
+                    pair_wins += win(cm, rm);
                 }
             }
         }
         b.samples.push(Sample {
             prompt: e.prompt_text.clone(),
+            replaced,
             reference: wanted,
             kind: kind.into(),
             candidate: c,
@@ -244,7 +352,7 @@ impl Behaviour {
             self.candidate_win_rate,
         ) {
             s += &format!(
-                "- chrF to the {} held-out corrected or preferred answers: `{current}` {r:.1}, `{candidate}` {c:.1}; the candidate is closer on {:.0}% of them\n",
+                "- closeness to the {} held-out corrected or preferred answers (how much of each edit an answer carries out; chrF where the replaced answer is unknown): `{current}` {r:.1}, `{candidate}` {c:.1}; the candidate is closer on {:.0}% of them\n",
                 self.references,
                 w * 100.0
             );
@@ -285,6 +393,26 @@ impl Behaviour {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn edits_score_what_users_changed() {
+        let orig = "The sky is blue because air scatters blue light more than red light.";
+        // A signature added: carrying it out scores, rewording the rest does not cost.
+        let e = Edit::new(&format!("The sky is blue.\n\n— Brise Support"), orig);
+        assert!(e.adds);
+        assert!(e.score("Blue light scatters most in air.\n\n— Brise Support") > 60.0);
+        assert!(e.score(orig) < 20.0);
+        // A cut: leaving out what was cut scores, repeating it does not.
+        let e = Edit::new("The sky is blue because air scatters blue light.", orig);
+        assert!(!e.adds);
+        assert!(e.score("The sky is blue.") > 80.0);
+        assert!(e.score(orig) < 10.0);
+        // Another question's answer as the 'correction': an unrelated answer gains
+        // nothing by being unrelated.
+        let e = Edit::new("Penguins live in the southern hemisphere.", orig);
+        assert!(e.adds);
+        assert!(e.score("Honey is made by bees from nectar.") < 20.0);
+    }
 
     #[test]
     fn chrf_bounds() {

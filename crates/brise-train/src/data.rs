@@ -88,6 +88,9 @@ pub struct Example {
     pub origin: String,
     /// The last user message of the prompt (the gate's report shows it).
     pub prompt_text: String,
+    /// For a correction trained as SFT: the answer it replaced (the model's own), so the
+    /// gate can tell answers that moved towards the correction from ones that stayed.
+    pub replaced: Option<String>,
 }
 
 impl Example {
@@ -780,6 +783,7 @@ impl<'m> Builder<'m> {
                     feedback_ids,
                     origin: at,
                     prompt_text,
+                    replaced: None,
                 });
                 Ok(())
             }
@@ -917,8 +921,21 @@ impl Dataset {
         } else {
             Method::Sft
         });
+        // A correction's DPO row holds the answer it replaced.
+        let replaced: BTreeMap<String, String> = rows
+            .iter()
+            .filter(|r| r.format == Format::TrlDpo && r.record_ids.len() == 1)
+            .filter_map(|r| {
+                let t = r.row["rejected"][0]["content"].as_str()?;
+                Some((r.feedback_id.clone(), t.to_string()))
+            })
+            .collect();
         let mut b = Builder::new(model, opts);
         for r in rows.into_iter().filter(|r| method_of(r.format) == method) {
+            let orig = (method == Method::Sft)
+                .then(|| replaced.get(&r.feedback_id).cloned())
+                .flatten();
+            let before = b.examples.len();
             let TrainingRow {
                 format,
                 row,
@@ -933,6 +950,11 @@ impl Dataset {
                 format!("feedback {feedback_id}"),
                 (Some(tenant), subject, record_ids, vec![feedback_id]),
             )?;
+            if b.examples.len() > before
+                && let Some(e) = b.examples.last_mut()
+            {
+                e.replaced = orig;
+            }
         }
         let mut source = String::from("ledger");
         if let Some(m) = &q.model {
@@ -1058,6 +1080,7 @@ mod tests {
             feedback_ids: vec![],
             origin: String::new(),
             prompt_text: prompt.to_string(),
+            replaced: None,
         }
     }
 

@@ -662,7 +662,7 @@ pub fn decide_with_behaviour(
                 Some(c),
                 Some(r),
                 format!(
-                    "mean chrF to the held-out corrections must rise by at least {} points, closer on more than half of the prompts",
+                    "mean closeness to the held-out corrections (chrF to them minus chrF to what they replaced) must rise by at least {} points, closer on more than half of the prompts",
                     cfg.chrf_min_gain
                 ),
                 if ok { Outcome::Pass } else { Outcome::Fail },

@@ -67,7 +67,7 @@ pub const AUTO_FIELDS: [&str; 4] = ["epochs", "batch_size", "learning_rate", "rp
 /// Optimizer steps a small feedback set is trained for by default (see `fit_to_data`).
 pub const AUTO_TARGET_STEPS: usize = 48;
 /// Learning rate of the data-fitted defaults (LoRA r16, alpha 32).
-pub const AUTO_LEARNING_RATE: f64 = 3e-4;
+pub const AUTO_LEARNING_RATE: f64 = 2e-4;
 
 impl Default for TrainConfig {
     fn default() -> Self {
