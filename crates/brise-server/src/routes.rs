@@ -813,8 +813,14 @@ fn options(
         return Err(ApiError::param(
             "min_tokens",
             format!(
-                "min_tokens = {} is more than max_tokens = {max_tokens}",
-                p.min_tokens
+                "min_tokens = {} is more than max_tokens = {max_tokens}{}",
+                p.min_tokens,
+                if p.max_tokens.is_none() {
+                    " (the server's default for requests without max_tokens, or what the \
+                     context has left)"
+                } else {
+                    ""
+                }
             ),
         ));
     }
