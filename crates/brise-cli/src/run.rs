@@ -2,7 +2,9 @@
 
 use crate::registry;
 use anyhow::{Context, Result, bail};
-use brise_engine::{FinishReason, GenerateOptions, Generation, Generator, SamplingParams, Session};
+use brise_engine::{
+    FinishReason, GenerateOptions, Generation, Generator, RepetitionStop, SamplingParams, Session,
+};
 use brise_kernels::Isa;
 use brise_kernels::quant::Kernels;
 use brise_model::chat::Message;
@@ -16,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// A .gguf file, a model directory, or a model name (default: smollm2:135m)
+    /// A .gguf file, a model directory, or a model name; with the model's promoted
+    /// adapter version when the ledger has one, MODEL:base for the bare model
     #[arg(default_value = registry::DEFAULT_MODEL)]
     pub model: String,
     /// What to ask. Without it: an interactive chat (or stdin, when it is not a terminal)
@@ -27,7 +30,8 @@ pub struct RunArgs {
     /// A system message for the chat
     #[arg(long)]
     pub system: Option<String>,
-    /// Maximum tokens to generate (-1: until the model stops or the context is full)
+    /// Maximum tokens to generate (-1: until the model stops or the context is full,
+    /// or its output loops: the same cycle of tokens repeated, see docs/API.md)
     #[arg(short = 'n', long = "max-tokens", default_value_t = -1, allow_negative_numbers = true)]
     pub max_tokens: i64,
     /// Sampling temperature, 0 for greedy [default: the model's recommendation, else 0.8]
@@ -44,13 +48,16 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0.05)]
     pub min_p: f32,
     /// Penalize repeats of the last --repeat-last-n tokens, 1 for off [default: the model's
-    /// recommendation, else 1]
+    /// recommendation when sampling, 1 with --temp 0]
     #[arg(long)]
     pub repeat_penalty: Option<f32>,
+    /// Tokens the penalties look back over
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
+    /// Subtract this from the logit of every token already in the window (-2 to 2)
     #[arg(long, default_value_t = 0.0)]
     pub presence_penalty: f32,
+    /// Subtract this times its count from the logit of every token in the window (-2 to 2)
     #[arg(long, default_value_t = 0.0)]
     pub frequency_penalty: f32,
     /// Random seed (same seed, same output)
@@ -65,11 +72,15 @@ pub struct RunArgs {
     /// Context size in tokens (default: min(4096, the model's training context))
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<usize>,
-    /// Apply a LoRA adapter: a directory in Hugging Face PEFT's format
-    /// (adapter_config.json + adapter_model.safetensors) made for this model. DoRA and
-    /// other options brise does not implement are refused
-    #[arg(long, value_name = "DIR")]
+    /// Apply a LoRA adapter instead of the promoted version: a directory in Hugging Face
+    /// PEFT's format (adapter_config.json + adapter_model.safetensors) made for this
+    /// model. DoRA and other options brise does not implement are refused
+    #[arg(long, visible_alias = "adapter", value_name = "DIR")]
     pub lora: Option<std::path::PathBuf>,
+    /// The ledger whose promoted adapter version runs: a SQLite file, a postgres:// URL,
+    /// or `off`; a missing file means none [default: $BRISE_HOME/ledger.sqlite]
+    #[arg(long, env = "BRISE_LEDGER")]
+    pub ledger: Option<String>,
     /// Restrict kernels to a CPU level: scalar, avx2, avx512-vnni (default: the best available)
     #[arg(long)]
     pub cpu: Option<Isa>,
@@ -97,8 +108,59 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     Ok(Model::load(path, Kernels::best())?.tokenizer)
 }
 
+/// The model's promoted version in the ledger (`None`: no ledger, or none promoted).
+/// A missing ledger file is no ledger: running a model never creates one.
+fn promoted_version(
+    ledger: Option<&str>,
+    model_id: &str,
+) -> Result<Option<brise_ledger::adapters::AdapterVersion>> {
+    let Some(spec) = crate::serve::ledger_spec(ledger) else {
+        return Ok(None);
+    };
+    if !brise_ledger::is_postgres_url(&spec) && !Path::new(&spec).exists() {
+        return Ok(None);
+    }
+    let (rt, l) = crate::ledger::open_ledger(Some(&spec), false)?;
+    let v = rt
+        .block_on(l.current_adapter(model_id))
+        .context("reading the promoted version from the ledger")?;
+    Ok(v)
+}
+
+/// The sampling parameters: the flags given, else the model's recommendations `rec`,
+/// else llama.cpp's defaults.
+fn sampling(a: &RunArgs, rec: &registry::Recommended) -> SamplingParams {
+    let temperature = a.temp.or(rec.temperature).unwrap_or(0.8);
+    // The model's recommended penalty is for sampling: greedy gets only the one asked for.
+    let rec_penalty = rec.repeat_penalty.filter(|_| temperature != 0.0);
+    SamplingParams {
+        temperature,
+        top_k: a.top_k.or(rec.top_k).unwrap_or(40),
+        top_p: a.top_p.or(rec.top_p).unwrap_or(0.95),
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty.or(rec_penalty).unwrap_or(1.0),
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        penalty_last_n: a.repeat_last_n,
+        logit_bias: vec![],
+        seed: a.seed,
+    }
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
-    let path = registry::ensure_local(registry::resolve(&a.model)?)?;
+    // MODEL:base: the bare model, whatever the ledger promotes.
+    let (name, bare) = match a.model.strip_suffix(":base") {
+        Some(m) if !m.is_empty() => (m, true),
+        _ => (a.model.as_str(), false),
+    };
+    let resolved = registry::resolve(name)?;
+    let (model_id, _) = registry::model_id(name, &resolved);
+    let path = registry::ensure_local(resolved)?;
+    let promoted = if bare || a.lora.is_some() {
+        None
+    } else {
+        promoted_version(a.ledger.as_deref(), &model_id)?
+    };
     let rec = registry::known_by_path(&path)
         .map(|m| m.recommended)
         .unwrap_or_default();
@@ -115,10 +177,27 @@ pub fn run(a: RunArgs) -> Result<()> {
             t0.elapsed().as_secs_f64() * 1e3
         );
     }
-    let lora = match &a.lora {
+    let adapter_dir = match (&a.lora, &promoted) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(v)) => {
+            eprintln!(
+                "using promoted version {} of {name}; {name}:base for the bare model",
+                v.id
+            );
+            Some(std::path::PathBuf::from(&v.path))
+        }
+        (None, None) => None,
+    };
+    let lora = match &adapter_dir {
         Some(dir) => {
-            let ad = LoraAdapter::load(dir, &model.cfg)
-                .with_context(|| format!("loading the LoRA adapter {}", dir.display()))?;
+            let ad = LoraAdapter::load(dir, &model.cfg).with_context(|| match &promoted {
+                Some(v) if a.lora.is_none() => format!(
+                    "loading {name}'s promoted version {} from {} ({name}:base runs the bare model)",
+                    v.id,
+                    dir.display()
+                ),
+                _ => format!("loading the LoRA adapter {}", dir.display()),
+            })?;
             if a.verbose {
                 eprintln!(
                     "LoRA adapter {}: rank {}, scale {}, {} modules",
@@ -140,21 +219,12 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let threads = a.threads.unwrap_or_else(default_threads).max(1);
     let opts = GenerateOptions {
-        sampling: SamplingParams {
-            temperature: a.temp.or(rec.temperature).unwrap_or(0.8),
-            top_k: a.top_k.or(rec.top_k).unwrap_or(40),
-            top_p: a.top_p.or(rec.top_p).unwrap_or(0.95),
-            min_p: a.min_p,
-            repeat_penalty: a.repeat_penalty.or(rec.repeat_penalty).unwrap_or(1.0),
-            presence_penalty: a.presence_penalty,
-            frequency_penalty: a.frequency_penalty,
-            penalty_last_n: a.repeat_last_n,
-            logit_bias: vec![],
-            seed: a.seed,
-        },
+        sampling: sampling(&a, &rec),
         max_tokens: usize::try_from(a.max_tokens).ok(),
         stop: a.stop.clone(),
         lora,
+        // Without a budget, a loop would run to the end of the context.
+        repetition_stop: (a.max_tokens < 0).then(RepetitionStop::default),
         ..Default::default()
     };
     opts.sampling.validate().map_err(anyhow::Error::msg)?;
@@ -228,6 +298,11 @@ pub fn run(a: RunArgs) -> Result<()> {
                 eprintln!("[the context of {n_ctx} tokens is full; raise --ctx-size]")
             }
             FinishReason::Cancelled => eprintln!("[stopped]"),
+            FinishReason::Repetition { period, repeats } => eprintln!(
+                "[stopped: the last {} tokens repeat one cycle of {period} tokens {repeats} times; \
+                 -n N turns this check off]",
+                period * repeats
+            ),
             _ => {}
         }
         if a.verbose {
@@ -280,5 +355,40 @@ pub fn run(a: RunArgs) -> Result<()> {
             eprintln!("error: {e:#}");
             messages.pop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn args(argv: &[&str]) -> RunArgs {
+        Cli::parse_from(std::iter::once("run").chain(argv.iter().copied())).run
+    }
+
+    #[test]
+    fn temp_0_is_greedy_without_the_models_penalty() {
+        let rec = registry::find_known("qwen2.5-coder").unwrap().recommended;
+        assert_eq!(
+            rec.repeat_penalty,
+            Some(1.05),
+            "the test needs a model with a penalty"
+        );
+        let s = sampling(&args(&["qwen2.5-coder", "--temp", "0"]), &rec);
+        assert_eq!((s.temperature, s.repeat_penalty), (0.0, 1.0));
+        let s = sampling(
+            &args(&["qwen2.5-coder", "--temp", "0", "--repeat-penalty", "1.2"]),
+            &rec,
+        );
+        assert_eq!(s.repeat_penalty, 1.2);
+        let s = sampling(&args(&["qwen2.5-coder"]), &rec);
+        assert_eq!((s.temperature, s.repeat_penalty), (0.7, 1.05));
     }
 }

@@ -15,6 +15,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// `--max-tokens`' default (see its help).
+pub const DEFAULT_MAX_TOKENS: usize = 2048;
+
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  brise serve smollm2\n  brise serve smollm2 qwen2.5-coder --port 8080 --parallel 8\n  brise serve model.gguf --host 0.0.0.0 --api-key-file keys.txt\n\n\
@@ -31,6 +34,7 @@ pub struct ServeArgs {
     /// Address to listen on (0.0.0.0 for every interface)
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
+    /// Port to listen on
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Threads per model (default: the number of CPU cores)
@@ -46,15 +50,22 @@ pub struct ServeArgs {
     /// Prompt chunk in tokens (llama.cpp's batch; 512 keeps outputs identical to llama.cpp's)
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
+    /// Tokens generated for a request that sets no max_tokens, at most a slot's context
+    /// (llama-server's -n). 2048 is a long answer (about 1500 words) that still ends
+    /// within a few minutes on a CPU; such requests also stop when their output loops
+    /// (docs/API.md). 0: the rest of the slot's context
+    #[arg(short = 'n', long = "max-tokens", default_value_t = DEFAULT_MAX_TOKENS)]
+    pub max_tokens: usize,
     /// Requests that may wait for a slot before the server answers 503
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
     /// An API key clients must send as `Authorization: Bearer KEY` (repeatable). `TENANT=KEY`
     /// names the key's tenant; a plain KEY is tenant "default"
-    #[arg(long = "api-key", env = "BRISE_API_KEY")]
+    #[arg(long = "api-key", env = "BRISE_API_KEY", hide_env_values = true)]
     pub api_keys: Vec<String>,
-    /// A file of API keys, one per line (`TENANT=KEY` or `KEY`; # comments)
-    #[arg(long)]
+    /// A file of API keys, one per line (`TENANT=KEY` or `KEY`; # comments): keeps them
+    /// off the command line, which every local user can read
+    #[arg(long, env = "BRISE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Per-request time limit in seconds
     #[arg(long, default_value_t = 600)]
@@ -75,8 +86,12 @@ pub struct ServeArgs {
     pub ledger: Option<String>,
     /// The key of the admin routes (erasure, objections, subject export, audit log,
     /// adapter registry); without it they answer 403
-    #[arg(long, env = "BRISE_ADMIN_KEY")]
+    #[arg(long, env = "BRISE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// A file holding the admin key (its first line): keeps the key off the command
+    /// line, which every local user can read
+    #[arg(long, env = "BRISE_ADMIN_KEY_FILE", value_name = "FILE")]
+    pub admin_key_file: Option<PathBuf>,
     /// Seconds between looks at the ledger's adapter registry: when a model's promoted
     /// version changes (`brise adapters promote|rollback`, or another server's admin
     /// API), it is loaded and swapped in for the model's plain name; requests in flight
@@ -115,8 +130,8 @@ pub struct ServeArgs {
     /// LoRA rank, alpha twice it (--learn, and jobs' default lora_rank)
     #[arg(long, default_value_t = 16)]
     pub learn_rank: usize,
-    /// Threads training uses (--learn and fine-tuning jobs, one run at a time)
-    /// [default: 1, leaving the rest to serving]
+    /// Threads training uses (--learn and fine-tuning jobs, one run at a time); the
+    /// default leaves the rest to serving
     #[arg(long, default_value_t = 1)]
     pub learn_threads: usize,
     /// Where trained versions are written (--learn and fine-tuning jobs)
@@ -221,6 +236,26 @@ fn parse_lora(s: &str) -> std::result::Result<(String, PathBuf), String> {
     Ok((name.to_string(), PathBuf::from(dir)))
 }
 
+/// `--admin-key`, `--admin-key-file` (or their environment variables): one of them.
+fn admin_key(a: &ServeArgs) -> Result<Option<String>> {
+    let from_arg = a.admin_key.clone().filter(|k| !k.is_empty());
+    let Some(f) = &a.admin_key_file else {
+        return Ok(from_arg);
+    };
+    if from_arg.is_some() {
+        bail!(
+            "both --admin-key (or BRISE_ADMIN_KEY) and --admin-key-file (or BRISE_ADMIN_KEY_FILE) \
+             are set: give one"
+        );
+    }
+    let text = std::fs::read_to_string(f)
+        .with_context(|| format!("reading the admin key file {}", f.display()))?;
+    match text.lines().next().map(str::trim) {
+        Some(k) if !k.is_empty() => Ok(Some(k.to_string())),
+        _ => bail!("the admin key file {} is empty", f.display()),
+    }
+}
+
 fn parse_key(s: &str) -> Result<ApiKey> {
     let s = s.trim();
     if s.is_empty() {
@@ -265,6 +300,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             bail!("{} holds no API key", f.display());
         }
     }
+    let admin_key = admin_key(&a)?;
     if a.parallel == 0 {
         bail!("--parallel must be at least 1");
     }
@@ -290,12 +326,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         request_timeout: Duration::from_secs(a.timeout.max(1)),
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
         ledger: ledger_spec(a.ledger.as_deref()),
-        admin_key: a.admin_key.clone().filter(|k| !k.is_empty()),
+        admin_key,
         adapter_poll: (a.adapter_poll > 0.0).then(|| Duration::from_secs_f64(a.adapter_poll)),
         learn: learn_config(&a)?,
         train: train_setup(&a)?,
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
+    let max_tokens = a.max_tokens;
     let loras = a.lora.clone();
     let load = move || -> Result<Vec<ServedModel>> {
         let mut out = Vec::new();
@@ -337,6 +374,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 queue_capacity: queue,
             };
             let mut sm = ServedModel::new(id, aliases, Arc::new(model), sched, defaults);
+            sm.max_tokens = (max_tokens > 0).then(|| max_tokens.min(per_slot));
             // Known models were verified by sha256 when pulled.
             sm.sha256 = known.map(|m| m.sha256.to_string());
             sm.known_name = known.map(|m| m.name.to_string());

@@ -57,7 +57,8 @@ fn raw_greedy_run_prints_llama_cpps_continuation() {
     let want_ids = &ids(&r["generated"])[..24];
     let out = brise()
         .args([
-            "run", "smollm2", "--raw", prompt, "-n", "24", "--temp", "0", "-t", "2",
+            "run", "smollm2", "--raw", prompt, "-n", "24", "--temp", "0", "-t", "2", "--ledger",
+            "off",
         ])
         .output()
         .unwrap();
@@ -83,7 +84,10 @@ fn chat_answers_on_stdout() {
     // Greedy, so the answer is fixed (and equal to llama.cpp's for the same prompt).
     let q = "What is photosynthesis? Answer briefly.";
     let out = brise()
-        .args(["run", "smollm2", q, "--temp", "0", "-n", "40"])
+        // No ledger: a version promoted in $BRISE_HOME's would answer instead.
+        .args([
+            "run", "smollm2", q, "--temp", "0", "-n", "40", "--ledger", "off",
+        ])
         .output()
         .unwrap();
     assert!(

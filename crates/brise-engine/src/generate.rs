@@ -75,6 +75,70 @@ pub struct GenerateOptions {
     /// `<tool_call>`), which a byte-level constraint could also match spelled out in
     /// ordinary tokens.
     pub prefix: Vec<u32>,
+    /// End a generation stuck in a loop (`None`: never).
+    pub repetition_stop: Option<RepetitionStop>,
+}
+
+/// Ends a generation whose last tokens are one cycle of `period` tokens (1 to
+/// `max_period`) repeated: at least `min_repeats` times and over at least `min_span`
+/// tokens. Small models at low temperature fall into such loops and would otherwise
+/// fill their whole budget with them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RepetitionStop {
+    pub min_span: usize,
+    pub min_repeats: usize,
+    pub max_period: usize,
+}
+
+impl Default for RepetitionStop {
+    /// 64 tokens and 4 cycles: 64 times one token, 16 times a 4-token phrase, 4 times a
+    /// sentence of up to 256 tokens. Ordinary text and code do not repeat a cycle
+    /// verbatim like that; a table of zeros may, which is why a request's own
+    /// `max_tokens` turns this off.
+    fn default() -> Self {
+        RepetitionStop {
+            min_span: 64,
+            min_repeats: 4,
+            max_period: 256,
+        }
+    }
+}
+
+/// [`RepetitionStop`]'s state: for each period p, how many of the last tokens equal the
+/// token p before them. O(max_period) per token, no rescans.
+struct RepeatTracker {
+    rule: RepetitionStop,
+    runs: Vec<u32>,
+}
+
+impl RepeatTracker {
+    fn new(rule: RepetitionStop) -> RepeatTracker {
+        RepeatTracker {
+            rule,
+            runs: vec![0; rule.max_period + 1],
+        }
+    }
+
+    /// After `tokens`' last token was added: the (period, repeats) of a loop, if any.
+    fn push(&mut self, tokens: &[u32]) -> Option<(usize, usize)> {
+        let n = tokens.len().checked_sub(1)?;
+        let last = tokens[n];
+        let mut hit = None;
+        for p in 1..=self.rule.max_period.min(n) {
+            let r = &mut self.runs[p];
+            if tokens[n - p] == last {
+                *r += 1;
+            } else {
+                *r = 0;
+            }
+            // The last `run + p` tokens have period p.
+            let span = *r as usize + p;
+            if hit.is_none() && span >= self.rule.min_span.max(self.rule.min_repeats * p) {
+                hit = Some((p, span / p));
+            }
+        }
+        hit
+    }
 }
 
 impl Default for GenerateOptions {
@@ -90,6 +154,7 @@ impl Default for GenerateOptions {
             lora: None,
             preserve: Vec::new(),
             prefix: Vec::new(),
+            repetition_stop: None,
         }
     }
 }
@@ -100,6 +165,9 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// [`RepetitionStop`]: the last `period × repeats` tokens are one cycle of `period`
+    /// tokens repeated.
+    Repetition { period: u32, repeats: u32 },
     /// The context is full.
     ContextFull,
     /// The caller stopped it.
@@ -111,7 +179,9 @@ impl FinishReason {
     pub fn as_openai(self) -> &'static str {
         match self {
             FinishReason::Stop | FinishReason::Cancelled => "stop",
-            FinishReason::Length | FinishReason::ContextFull => "length",
+            FinishReason::Length | FinishReason::ContextFull | FinishReason::Repetition { .. } => {
+                "length"
+            }
         }
     }
 }
@@ -293,6 +363,7 @@ pub struct Decoder {
     min_tokens: usize,
     preserve: Vec<u32>,
     prefix: Vec<u32>,
+    repeats: Option<RepeatTracker>,
 }
 
 impl Decoder {
@@ -312,6 +383,7 @@ impl Decoder {
             min_tokens: opts.min_tokens,
             preserve: opts.preserve.clone(),
             prefix: opts.prefix.clone(),
+            repeats: opts.repetition_stop.map(RepeatTracker::new),
         }
     }
 
@@ -430,6 +502,17 @@ impl Decoder {
             return Step::Finish {
                 reason: FinishReason::Stop,
                 text: emit,
+            };
+        }
+        if let Some((period, repeats)) = self.repeats.as_mut().and_then(|r| r.push(&self.tokens)) {
+            let reason = FinishReason::Repetition {
+                period: period as u32,
+                repeats: repeats as u32,
+            };
+            let tail = self.finish(reason);
+            return Step::Finish {
+                reason,
+                text: emit + &tail,
             };
         }
         Step::Token {
@@ -648,5 +731,37 @@ mod tests {
         assert_eq!(s.push("x"), ("</enx".to_string(), false));
         assert_eq!(s.push(" ST"), (" ".to_string(), false));
         assert_eq!(s.push("OP and more"), (String::new(), true));
+    }
+
+    /// Feeds `tokens` one by one; the index (and loop) of the first stop.
+    fn first_stop(rule: RepetitionStop, tokens: &[u32]) -> Option<(usize, (usize, usize))> {
+        let mut t = RepeatTracker::new(rule);
+        (1..=tokens.len()).find_map(|n| t.push(&tokens[..n]).map(|hit| (n, hit)))
+    }
+
+    #[test]
+    fn repetition_stop_needs_the_span_and_the_repeats() {
+        let rule = RepetitionStop::default();
+        // One token 64 times: stops at the 64th.
+        assert_eq!(first_stop(rule, &[7; 100]), Some((64, (1, 64))));
+        assert_eq!(first_stop(rule, &[7; 63]), None);
+        // A 4-token phrase after an unrelated start: 16 cycles = 64 tokens.
+        let mut v: Vec<u32> = (100..130).collect();
+        for _ in 0..20 {
+            v.extend([1, 2, 3, 4]);
+        }
+        assert_eq!(first_stop(rule, &v), Some((30 + 64, (4, 16))));
+        // A 40-token sentence: 4 cycles (160 tokens), not 64 tokens' worth.
+        let sentence: Vec<u32> = (1000..1040).collect();
+        let v: Vec<u32> = sentence.iter().cycle().take(200).copied().collect();
+        assert_eq!(first_stop(rule, &v), Some((160, (40, 4))));
+        assert_eq!(first_stop(rule, &v[..159]), None);
+        // Numbered items (1. x 2. x ...) are no exact cycle.
+        let v: Vec<u32> = (0..200u32).flat_map(|i| [500 + i, 9, 9, 8]).collect();
+        assert_eq!(first_stop(rule, &v), None);
+        // A cycle longer than max_period never stops.
+        let long: Vec<u32> = (0..300).collect();
+        let v: Vec<u32> = long.iter().cycle().take(1500).copied().collect();
+        assert_eq!(first_stop(rule, &v), None);
     }
 }

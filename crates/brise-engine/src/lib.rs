@@ -7,7 +7,7 @@ pub mod sampler;
 pub mod scheduler;
 
 pub use generate::{
-    Decoder, EngineError, FinishReason, GenerateOptions, Generation, Generator, Session, Step,
-    TokenLogprob,
+    Decoder, EngineError, FinishReason, GenerateOptions, Generation, Generator, RepetitionStop,
+    Session, Step, TokenLogprob,
 };
 pub use sampler::{Sampler, SamplingParams};

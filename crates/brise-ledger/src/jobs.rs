@@ -641,6 +641,20 @@ impl Ledger {
         Ok(v.unwrap_or(1) != 0)
     }
 
+    /// The method a running job trains with, once known (an `auto` job's is known when
+    /// its dataset is built), with the trainer's configuration that goes with it.
+    pub async fn set_job_method(&self, id: &str, method: &str, config: &Value) -> Result<()> {
+        sqlx::query(
+            "UPDATE fine_tuning_jobs SET method = $1, config = $2 WHERE id = $3 AND status = 'running'",
+        )
+        .bind(method)
+        .bind(config.to_string())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// The running job's latest metrics (the dashboard and `GET` show them).
     pub async fn set_job_metrics(
         &self,

@@ -350,7 +350,13 @@
     renderMarkdown(body, m.content, !m.pending);
     li.append(body);
     if (m.pending) return li;
-    if (m.finish === 'length') li.append(h('p', {class: 'note'}, 'Cut at the token limit (Settings: Max tokens).'));
+    if (m.finish === 'length') {
+      // The server says why when it cut the answer on its own (a loop, its default limit).
+      const why = m.finishNote && m.finishNote.stop === 'repetition'
+        ? 'Stopped: the answer was repeating itself (set Max tokens in Settings to let it run).'
+        : 'Cut at the token limit (Settings: Max tokens).';
+      li.append(h('p', {class: 'note'}, why));
+    }
     if (m.stopped) li.append(h('p', {class: 'note'}, 'Stopped. The ledger keeps what was generated, marked cancelled; an answer cut short takes no feedback.'));
     if (m.error) li.append(h('p', {class: 'note error-text', role: 'alert'}, 'Error: ' + m.error));
     const last = i === state.conv.length - 1;
@@ -467,7 +473,10 @@
         if (j.error) throw new Error(j.error.message);
         id = j.id || id;
         if (j.usage) m.usage = j.usage;
-        if (j.choices && j.choices[0] && j.choices[0].finish_reason) m.finish = j.choices[0].finish_reason;
+        if (j.choices && j.choices[0] && j.choices[0].finish_reason) {
+          m.finish = j.choices[0].finish_reason;
+          m.finishNote = j.choices[0].brise || null;
+        }
         const delta = j.choices && j.choices[0] && j.choices[0].delta;
         if (delta && delta.content) {
           m.content += delta.content;

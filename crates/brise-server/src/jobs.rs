@@ -895,13 +895,21 @@ pub async fn job_json(l: &Ledger, j: &Job, detail: bool) -> ApiResult<Value> {
         }
     }
     let c = &shown;
+    // Until an `auto` job has built its dataset, its method is not known: the trainer's
+    // configuration holds a placeholder, not shown.
+    let mut config = j.config.clone();
+    if j.method == "auto"
+        && let Some(o) = config.as_object_mut()
+    {
+        o.insert("method".into(), json!("auto"));
+    }
     let brise = json!({
         "source": j.source,
         "method": j.method,
         "adapter_version": j.adapter_version,
         "promote": j.promote,
         "created_by": j.created_by,
-        "config": j.config,
+        "config": config,
         "metrics": j.metrics,
         "started_at": secs(j.started_at_ms),
         "cancel_requested": j.cancel_requested,
@@ -963,9 +971,11 @@ pub async fn job_json(l: &Ledger, j: &Job, detail: bool) -> ApiResult<Value> {
             json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": c["beta"], "n_epochs": c["epochs"], "batch_size": c["batch_size"], "learning_rate_multiplier": null}}})
         }
         "kto" => json!({"type": "kto"}),
-        _ => {
+        "sft" => {
             json!({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": c["epochs"], "batch_size": c["batch_size"], "learning_rate_multiplier": null}}})
         }
+        // `auto` before its dataset is built: not known yet (`brise.method` says auto).
+        _ => Value::Null,
     };
     Ok(json!({
         "id": j.id,
@@ -1441,6 +1451,13 @@ async fn train_job(state: &Arc<AppState>, l: &Ledger, job: &Job) -> Result<Train
         return Err(format!("no usable examples ({})", train.source));
     }
     cfg.method = train.method;
+    // An `auto` job's method is known only now: the job reports it from here on.
+    if job.method != train.method.name() {
+        let config = serde_json::to_value(&cfg).map_err(|e| e.to_string())?;
+        l.set_job_method(&job.id, train.method.name(), &config)
+            .await
+            .map_err(|e| format!("recording the job's method: {e}"))?;
+    }
     event(
         l,
         &job.id,

@@ -30,6 +30,10 @@ pub struct ServedModel {
     /// Sampling defaults for parameters a request leaves out (the model authors'
     /// recommendations, else llama.cpp's).
     pub defaults: SamplingParams,
+    /// Tokens generated for a request that sets no `max_tokens` (`brise serve
+    /// --max-tokens`; at most the slot's context). Such requests also stop when their
+    /// output loops ([`brise_engine::RepetitionStop`]). `None`: the rest of the context.
+    pub max_tokens: Option<usize>,
     pub created: u64,
     pub metrics: metrics::ModelMetrics,
     /// sha256 of the model file, when known (recorded with each completion).
@@ -86,6 +90,7 @@ impl ServedModel {
             model,
             sched,
             defaults,
+            max_tokens: None,
             created: unix_now(),
             metrics: Default::default(),
             sha256: None,

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use brise_engine::json::{Schema, SeqPart};
 use brise_engine::scheduler::{Event, Request as EngineRequest, SubmitError};
-use brise_engine::{FinishReason, GenerateOptions, SamplingParams, TokenLogprob};
+use brise_engine::{FinishReason, GenerateOptions, RepetitionStop, SamplingParams, TokenLogprob};
 use brise_model::chat::{ToolCall, ToolFormat};
 use brise_model::tokenizer::Tokenizer;
 use futures_util::StreamExt;
@@ -651,6 +651,15 @@ fn model_card(m: &ServedModel) -> Value {
             "classification": false,
         },
         "default_model_temperature": m.defaults.temperature,
+        // What a request that sets no max_tokens gets (null: the rest of the context).
+        "brise": {
+            "default_max_tokens": m.max_tokens,
+            "repetition_stop": {
+                "min_span": RepetitionStop::default().min_span,
+                "min_repeats": RepetitionStop::default().min_repeats,
+                "max_period": RepetitionStop::default().max_period,
+            },
+        },
         // The registry's version served for this name (null: the base model itself).
         "current_version": m.promoted().map(|a| a.name.clone()),
     })
@@ -794,14 +803,24 @@ fn options(
     let n_ctx = m.n_ctx();
     let max_tokens = match p.max_tokens {
         Some(x) => x,
-        None => n_ctx.saturating_sub(n_prompt),
+        // The server's default, cut to what the context has left.
+        None => {
+            let rest = n_ctx.saturating_sub(n_prompt);
+            m.max_tokens.map_or(rest, |d| d.min(rest))
+        }
     };
     if p.min_tokens > max_tokens {
         return Err(ApiError::param(
             "min_tokens",
             format!(
-                "min_tokens = {} is more than max_tokens = {max_tokens}",
-                p.min_tokens
+                "min_tokens = {} is more than max_tokens = {max_tokens}{}",
+                p.min_tokens,
+                if p.max_tokens.is_none() {
+                    " (the server's default for requests without max_tokens, or what the \
+                     context has left)"
+                } else {
+                    ""
+                }
             ),
         ));
     }
@@ -820,8 +839,40 @@ fn options(
             ),
         ));
     }
-    let sampling = SamplingParams {
-        temperature: p.temperature.unwrap_or(d.temperature),
+    let sampling = sampling(d, p, choice);
+    sampling.validate().map_err(ApiError::bad_request)?;
+    Ok(GenerateOptions {
+        sampling,
+        max_tokens: Some(max_tokens),
+        stop: p.stop.clone(),
+        json,
+        logprobs: p.logprobs,
+        min_tokens: p.min_tokens,
+        lora: ad.map(|a| a.lora.clone()),
+        // A client that sets its own budget gets exactly what it asked for.
+        repetition_stop: p.max_tokens.is_none().then(RepetitionStop::default),
+        ..Default::default()
+    })
+}
+
+/// A request's sampling parameters: what it sets, else the model's defaults `d`.
+fn sampling(d: &SamplingParams, p: &GenParams, choice: usize) -> SamplingParams {
+    let temperature = p.temperature.unwrap_or(d.temperature);
+    // Greedy means greedy: the model's recommended penalties are for sampling, so a
+    // temperature-0 request gets only the penalties it sets itself.
+    let neutral = SamplingParams::default();
+    let d = if temperature == 0.0 {
+        SamplingParams {
+            repeat_penalty: neutral.repeat_penalty,
+            presence_penalty: neutral.presence_penalty,
+            frequency_penalty: neutral.frequency_penalty,
+            ..d.clone()
+        }
+    } else {
+        d.clone()
+    };
+    SamplingParams {
+        temperature,
         top_k: p.top_k.unwrap_or(d.top_k),
         top_p: p.top_p.unwrap_or(d.top_p),
         min_p: p.min_p.unwrap_or(d.min_p),
@@ -832,18 +883,35 @@ fn options(
         logit_bias: p.logit_bias.clone(),
         // Each choice of a seeded request draws its own reproducible stream.
         seed: p.seed.map(|s| s.wrapping_add(choice as u64)),
-    };
-    sampling.validate().map_err(ApiError::bad_request)?;
-    Ok(GenerateOptions {
-        sampling,
-        max_tokens: Some(max_tokens),
-        stop: p.stop.clone(),
-        json,
-        logprobs: p.logprobs,
-        min_tokens: p.min_tokens,
-        lora: ad.map(|a| a.lora.clone()),
-        ..Default::default()
-    })
+    }
+}
+
+/// brise's note on a choice that ended for a reason the client did not set: a loop cut
+/// short, or the server's default `max_tokens` (`defaulted`: the request set none).
+/// Sent as the choice's `brise` field; `None` for every other ending.
+fn finish_note(c: &ChoiceState, defaulted: bool) -> Option<Value> {
+    match c.finish? {
+        FinishReason::Repetition { period, repeats } => Some(json!({
+            "stop": "repetition",
+            "period": period,
+            "repeats": repeats,
+            "message": format!(
+                "stopped: the last {} tokens repeat one cycle of {period} tokens {repeats} times; \
+                 set max_tokens to turn this check off",
+                period * repeats
+            ),
+        })),
+        FinishReason::Length if defaulted => Some(json!({
+            "stop": "default_max_tokens",
+            "max_tokens": c.n_gen,
+            "message": format!(
+                "stopped after {} tokens: the limit of requests that set no max_tokens (the \
+                 server's --max-tokens, or what the context had left); set max_tokens for more",
+                c.n_gen
+            ),
+        })),
+        _ => None,
+    }
 }
 
 /// Cancels the engine requests when dropped: the client went away or the response is
@@ -1237,6 +1305,7 @@ async fn chat_like(
             p.n,
             p.include_usage,
             p.logprobs.is_some(),
+            p.max_tokens.is_none(),
             true,
             tools,
             rec,
@@ -1278,7 +1347,7 @@ async fn chat_like(
                 "tool_calls": message.get("tool_calls"),
                 "finish_reason": finish,
             }));
-            json!({
+            let mut v = json!({
                 "index": i,
                 "message": message,
                 "logprobs": if p.logprobs.is_some() {
@@ -1287,7 +1356,11 @@ async fn chat_like(
                     Value::Null
                 },
                 "finish_reason": finish,
-            })
+            });
+            if let Some(note) = finish_note(c, p.max_tokens.is_none()) {
+                v["brise"] = note;
+            }
+            v
         })
         .collect();
     let first = choices.iter().filter_map(|c| c.first_token).min();
@@ -1443,6 +1516,7 @@ async fn completions(
             p.n,
             p.include_usage,
             p.logprobs.is_some(),
+            p.max_tokens.is_none(),
             false,
             None,
             rec,
@@ -1472,7 +1546,7 @@ async fn completions(
             } else {
                 0
             };
-            json!({
+            let mut v = json!({
                 "index": i,
                 "text": text,
                 "logprobs": if p.logprobs.is_some() {
@@ -1481,7 +1555,11 @@ async fn completions(
                     Value::Null
                 },
                 "finish_reason": finish_reason(c.finish),
-            })
+            });
+            if let Some(note) = finish_note(c, p.max_tokens.is_none()) {
+                v["brise"] = note;
+            }
+            v
         })
         .collect();
     let recorded: Vec<Value> = choices
@@ -1522,6 +1600,7 @@ fn stream(
     n_per_prompt: usize,
     include_usage: bool,
     logprobs: bool,
+    defaulted: bool,
     chat: bool,
     tools: Option<ToolFormat>,
     rec: Recorder,
@@ -1538,6 +1617,8 @@ fn stream(
         left: usize,
         include_usage: bool,
         logprobs: bool,
+        /// The request set no max_tokens (see `finish_note`).
+        defaulted: bool,
         n_per_prompt: usize,
         chat: bool,
         tools: Option<ToolFormat>,
@@ -1639,6 +1720,7 @@ fn stream(
         left: n,
         include_usage,
         logprobs,
+        defaulted,
         n_per_prompt: n_per_prompt.max(1),
         chat,
         tools,
@@ -1753,7 +1835,11 @@ fn stream(
                             finish_reason(st.choices[i].finish)
                         };
                         let lp = st.take_lps(m, i);
-                        out.push(st.chunk(st.choice(i, None, false, Some(f), lp), None));
+                        let mut last = st.choice(i, None, false, Some(f), lp);
+                        if let Some(note) = finish_note(&st.choices[i], st.defaulted) {
+                            last[0]["brise"] = note;
+                        }
+                        out.push(st.chunk(last, None));
                         st.recorded[i] = json!({
                             "text": st.choices[i].text,
                             "tool_calls": tool_calls,
@@ -1924,13 +2010,17 @@ async fn compare(
                 c.first_token,
             )
             .await?;
-        cands.push(json!({
+        let mut cand = json!({
             "id": id,
             "version": versions[k],
             "message": {"role": "assistant", "content": c.text},
             "finish_reason": finish,
             "usage": usage(prompt.len(), c.n_gen),
-        }));
+        });
+        if let Some(note) = finish_note(c, p.max_tokens.is_none()) {
+            cand["brise"] = note;
+        }
+        cands.push(cand);
     }
     // Blind: the order says nothing about which is which.
     if uuid::Uuid::new_v4().as_bytes()[0] & 1 == 1 {
@@ -2321,4 +2411,74 @@ async fn metrics_text(State(s): St) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2.5-Coder's recommendations (the known-models table): sampling with a penalty.
+    fn qwen_defaults() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 20,
+            top_p: 0.8,
+            repeat_penalty: 1.05,
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn greedy_requests_get_no_default_penalty() {
+        let d = qwen_defaults();
+        let greedy = GenParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        let s = sampling(&d, &greedy, 0);
+        assert_eq!((s.temperature, s.repeat_penalty), (0.0, 1.0));
+        // A penalty the request sets itself stays.
+        let asked = GenParams {
+            repeat_penalty: Some(1.3),
+            ..greedy.clone()
+        };
+        assert_eq!(sampling(&d, &asked, 0).repeat_penalty, 1.3);
+        // Sampling requests get the model's recommendation for what they leave out.
+        let s = sampling(&d, &GenParams::default(), 0);
+        assert_eq!((s.temperature, s.repeat_penalty, s.top_k), (0.7, 1.05, 20));
+        let warm = GenParams {
+            temperature: Some(0.5),
+            ..Default::default()
+        };
+        assert_eq!(sampling(&d, &warm, 0).repeat_penalty, 1.05);
+    }
+
+    fn ended(finish: FinishReason, n_gen: usize) -> ChoiceState {
+        ChoiceState {
+            finish: Some(finish),
+            n_gen,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn notes_say_why_a_choice_was_cut() {
+        let rep = FinishReason::Repetition {
+            period: 2,
+            repeats: 32,
+        };
+        let n = finish_note(&ended(rep, 70), true).unwrap();
+        assert_eq!(
+            (n["stop"].as_str(), n["period"].as_u64()),
+            (Some("repetition"), Some(2))
+        );
+        let n = finish_note(&ended(FinishReason::Length, 16), true).unwrap();
+        assert_eq!(
+            (n["stop"].as_str(), n["max_tokens"].as_u64()),
+            (Some("default_max_tokens"), Some(16))
+        );
+        // The client's own max_tokens, and ordinary ends, need no note.
+        assert!(finish_note(&ended(FinishReason::Length, 16), false).is_none());
+        assert!(finish_note(&ended(FinishReason::Stop, 16), true).is_none());
+    }
 }
