@@ -1409,15 +1409,16 @@ async fn train_job(state: &Arc<AppState>, l: &Ledger, job: &Job) -> Result<Train
     let setup = state.cfg.train.clone();
     let mut cfg: TrainConfig = serde_json::from_value(job.config.clone())
         .map_err(|e| format!("the job's configuration: {e}"))?;
+    // A DPO asked for by name (or by a file's format) is TRL's plain DPO; auto's, from
+    // the ledger, adds the NLL term on the chosen answers.
+    if job.method != "auto" || job.source != "ledger" {
+        cfg.set_explicit("rpo_alpha");
+    }
     let (train, validation) = if job.source == "ledger" {
         let method = match job.method.as_str() {
             "auto" => None,
             m => Some(brise_train::data::parse_method(m)?),
         };
-        // A DPO asked for by name is TRL's plain DPO; auto's adds the NLL term.
-        if method.is_some() {
-            cfg.set_explicit("rpo_alpha");
-        }
         let d = Dataset::from_ledger(
             l,
             &model,
