@@ -103,7 +103,6 @@ def test_train_finds_a_model_served_by_path(model_path, tmp_path):
         p = subprocess.run([str(S.BRISE_BIN), "train", "--from-ledger", "--no-promote", "--max-steps", "2"],
                            env=srv.env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
-        assert f"version {srv.id.lower()}" in p.stderr.lower() or "version " in p.stderr, p.stderr[-2000:]
         assert "of SmolLM2-135M-Instruct.Q4_1" in p.stderr, p.stderr[-2000:]
         # Moved: the error names the old path and says what to pass.
         moved = model_path.with_name("elsewhere.gguf")
@@ -127,8 +126,9 @@ def test_train_finds_a_model_served_by_path(model_path, tmp_path):
 
 def test_the_loop_closes_for_a_hugging_face_directory(tmp_path):
     """Served from a Hugging Face directory (config.json + safetensors + tokenizer):
-    trained from its ledger with no --model, registered under its id, promoted by an
-    admin, and swapped into the running server."""
+    trained from its ledger with no --model, registered under its id with the gate's
+    report, and answered with by the running server by version id. (The model is tiny
+    and random: whether the gate passes it is not the point here.)"""
     hf = tmp_path / "my-model"
     shutil.copytree(S.REPO / "tests" / "fixtures" / "tiny-mistral" / "hf", hf)
     srv = S.Server(tmp_path / "home", str(hf))
@@ -140,17 +140,18 @@ def test_the_loop_closes_for_a_hugging_face_directory(tmp_path):
                 r = c.post(f"{srv.url}/v1/feedback",
                            json={"completion_id": done["id"], "rating": -1, "correction": f"Fine: {q}"})
                 r.raise_for_status()
-            p = subprocess.run([str(S.BRISE_BIN), "train", "--from-ledger", "--no-promote", "--max-steps", "3"],
+            p = subprocess.run([str(S.BRISE_BIN), "train", "--from-ledger", "--max-steps", "3"],
                                env=srv.env, capture_output=True, text=True, timeout=600)
             assert p.returncode == 0, p.stderr[-3000:]
             assert "of my-model" in p.stderr, p.stderr[-2000:]
             version = next(l.split()[1] for l in p.stderr.splitlines() if l.startswith("version "))
-            # Whatever the gate said of a random model, an admin can serve it.
-            p = subprocess.run([str(S.BRISE_BIN), "adapters", "promote", version, "--force"],
-                               env=srv.env, capture_output=True, text=True, timeout=60)
-            if p.returncode != 0 and "--force" in p.stderr:
-                pytest.fail(p.stderr)
-            assert p.returncode == 0, p.stderr
-            S.wait_serving(c, srv, version)
+            rep = S.report(srv.home, version)
+            assert rep["behaviour"]["samples"], rep
+            r = c.post(f"{srv.url}/v1/chat/completions", json={
+                "model": f"{srv.id}:{version}", "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200, r.text
+            if rep["passed"]:
+                S.wait_serving(c, srv, version)
     finally:
         srv.stop()

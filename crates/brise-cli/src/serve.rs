@@ -116,11 +116,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "auto")]
     pub learn_method: String,
     /// The learning rate of --learn's runs, and of fine-tuning jobs that give none
-    /// (OpenAI's learning_rate_multiplier multiplies it) [default: 2e-4]
+    /// (OpenAI's learning_rate_multiplier multiplies it) [default: 3e-4]
     #[arg(long)]
     pub learn_lr: Option<f64>,
     /// Epochs over the dataset (--learn, and jobs' default n_epochs) [default: fitted
-    /// to the data: about 48 optimizer steps, 2 to 8 epochs]
+    /// to the data: about 32 optimizer steps, 2 to 8 epochs]
     #[arg(long)]
     pub learn_epochs: Option<usize>,
     /// Examples per optimizer step (--learn, and jobs' default batch_size) [default:

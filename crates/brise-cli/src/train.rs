@@ -58,10 +58,10 @@ pub struct TrainArgs {
     /// LoRA alpha [default: 2 × rank]
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// Learning rate [default: 2e-4]
+    /// Learning rate [default: 3e-4]
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Epochs over the training split [default: fitted to the data: about 48
+    /// Epochs over the training split [default: fitted to the data: about 32
     /// optimizer steps, 2 to 8 epochs]
     #[arg(long)]
     pub epochs: Option<usize>,

@@ -65,9 +65,9 @@ pub struct TrainConfig {
 pub const AUTO_FIELDS: [&str; 4] = ["epochs", "batch_size", "learning_rate", "rpo_alpha"];
 
 /// Optimizer steps a small feedback set is trained for by default (see `fit_to_data`).
-pub const AUTO_TARGET_STEPS: usize = 48;
+pub const AUTO_TARGET_STEPS: usize = 32;
 /// Learning rate of the data-fitted defaults (LoRA r16, alpha 32).
-pub const AUTO_LEARNING_RATE: f64 = 2e-4;
+pub const AUTO_LEARNING_RATE: f64 = 3e-4;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -935,8 +935,8 @@ mod tests {
 
     #[test]
     fn defaults_fit_the_data() {
-        // (items, batch size, epochs): about 48 steps, 2 to 8 epochs, batches of 2 to 8.
-        for (n, b, e) in [(16, 2, 6), (32, 4, 6), (40, 5, 6), (100, 8, 4), (500, 8, 2)] {
+        // (items, batch size, epochs): about 32 steps, 2 to 8 epochs, batches of 2 to 8.
+        for (n, b, e) in [(16, 2, 4), (32, 4, 4), (40, 5, 4), (100, 8, 3), (500, 8, 2)] {
             let c = fitted(n, Method::Sft);
             assert_eq!((c.batch_size, c.epochs), (b, e), "{n} items");
             assert!(c.auto.is_empty());
