@@ -283,6 +283,11 @@ impl Engine {
         if r.cancel.load(Ordering::Relaxed) {
             return;
         }
+        // Timed out while queued: never takes a slot.
+        if r.deadline.is_some_and(|d| Instant::now() >= d) {
+            (r.sink)(Event::Error(EngineError::Timeout));
+            return;
+        }
         if let Err(e) = self.check(&r) {
             (r.sink)(Event::Error(e));
             return;
@@ -457,6 +462,16 @@ impl Engine {
             }
             let logits = &self.st.logits[row * n_vocab..(row + 1) * n_vocab];
             row += 1;
+            // A client gone or a deadline passed during the forward pass: no sampling
+            // (constrained sampling may cost more than the pass), the slot is freed now.
+            if seq.req.cancel.load(Ordering::Relaxed) {
+                self.finish(i, FinishReason::Cancelled);
+                continue;
+            }
+            if seq.req.deadline.is_some_and(|d| Instant::now() >= d) {
+                self.fail(i, EngineError::Timeout);
+                continue;
+            }
             let step = seq.dec.next(&self.model.tokenizer, logits, &slot.tokens);
             match step {
                 Step::Finish { reason, text } => self.finish_with(i, reason, Some(text)),

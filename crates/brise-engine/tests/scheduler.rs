@@ -321,3 +321,71 @@ fn queue_is_bounded() {
         assert_eq!(wait(rx).outcome.finish, FinishReason::Length);
     }
 }
+
+/// Issue 21: a request constrained to an enum of 19,000 strings beside a plain one.
+/// Masking checked every vocabulary token against every literal (minutes per step); now
+/// both finish in seconds, and the constrained answer is one of the values. A request
+/// whose deadline passed while queued never takes a slot, and one whose deadline passes
+/// while it runs gives up its slot at the next step.
+#[test]
+fn big_enums_do_not_stall_the_engine_and_deadlines_hold() {
+    use brise_engine::EngineError;
+    use brise_engine::json::Schema;
+    use std::time::{Duration, Instant};
+    let model = load();
+    let sched = Scheduler::start(model.clone(), cfg(2));
+    let values: Vec<serde_json::Value> = (0..19_000)
+        .map(|i| serde_json::json!(format!("opt{i}")))
+        .collect();
+    let schema = Arc::new(Schema::compile(&serde_json::json!({"enum": values})).unwrap());
+    let prompt = model.tokenizer.encode("Pick one:", true, false).unwrap();
+    let t = Instant::now();
+    let constrained = submit(
+        &sched,
+        prompt.clone(),
+        GenerateOptions {
+            json: Some(schema.clone()),
+            ..greedy(16)
+        },
+    );
+    let plain = submit(&sched, prompt.clone(), greedy(4));
+    let p = wait(plain);
+    assert_eq!(p.tokens.len(), 4);
+    let c = wait(constrained);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    let v: serde_json::Value = serde_json::from_str(&c.text).expect("a complete enum value");
+    assert!(values.contains(&v), "{v}");
+
+    let run = |deadline: Instant, n: usize| {
+        let (tx, rx) = channel();
+        sched
+            .submit(Request {
+                prompt: prompt.clone(),
+                opts: GenerateOptions {
+                    min_tokens: n,
+                    ..greedy(n)
+                },
+                cancel: Arc::new(AtomicBool::new(false)),
+                deadline: Some(deadline),
+                sink: Box::new(move |ev| tx.send(ev).is_ok()),
+            })
+            .unwrap();
+        let mut n_tokens = 0;
+        loop {
+            match rx.recv_timeout(Duration::from_secs(20)).expect("an answer") {
+                Event::Token { .. } => n_tokens += 1,
+                Event::Done(o) => return (n_tokens, Ok(o.finish)),
+                Event::Error(e) => return (n_tokens, Err(e)),
+            }
+        }
+    };
+    let (n, r) = run(Instant::now() - Duration::from_millis(1), 8);
+    assert!(
+        n == 0 && matches!(r, Err(EngineError::Timeout)),
+        "{n} {r:?}"
+    );
+    let t = Instant::now();
+    let (_, r) = run(Instant::now() + Duration::from_millis(300), 1500);
+    assert!(matches!(r, Err(EngineError::Timeout)), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}

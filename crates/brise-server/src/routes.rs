@@ -985,7 +985,7 @@ fn forced_call(tf: ToolFormat, tools: &[Tool], choice: &ToolChoice) -> ApiResult
             props: vec![
                 (
                     "name".into(),
-                    Arc::new(Schema::Literals(vec![
+                    Arc::new(Schema::literals(vec![
                         serde_json::to_vec(&t.name).unwrap_or_default(),
                     ])),
                 ),
