@@ -383,6 +383,17 @@ fn setting(k: &str) -> &str {
     }
 }
 
+/// Hard limits on a fine-tuning job: its memory grows with the rank, the sequence length
+/// and the batch, its time with the steps. A value over one is a 400 naming it.
+pub const MAX_EPOCHS: usize = 20;
+pub const MAX_STEPS: u64 = 10_000;
+pub const MAX_RANK: usize = 64;
+pub const MAX_ALPHA: f64 = 1024.0;
+pub const MAX_SEQ_LEN: usize = 4096;
+pub const MAX_BATCH: usize = 64;
+/// Jobs one tenant may have queued or running at once (more: 429).
+pub const MAX_ACTIVE_JOBS: i64 = 2;
+
 /// Applies hyperparameters (OpenAI's, Mistral's, or brise's own names) to `cfg`;
 /// `seen` holds the settings given so far in the request (and under which name).
 fn hyperparameters(
@@ -406,12 +417,12 @@ fn hyperparameters(
         }
         match k.as_str() {
             "n_epochs" | "epochs" => {
-                if let Some(e) = int(v, n, 1.0, 100.0)? {
+                if let Some(e) = int(v, n, 1.0, MAX_EPOCHS as f64)? {
                     cfg.epochs = e;
                 }
             }
             "batch_size" => {
-                if let Some(b) = int(v, n, 1.0, 1024.0)? {
+                if let Some(b) = int(v, n, 1.0, MAX_BATCH as f64)? {
                     cfg.batch_size = b;
                 }
             }
@@ -425,7 +436,7 @@ fn hyperparameters(
                     cfg.learning_rate = x;
                 }
             }
-            "training_steps" => cfg.max_steps = int(v, n, 1.0, 1e9)?.map(|x| x as u64),
+            "training_steps" => cfg.max_steps = int(v, n, 1.0, MAX_STEPS as f64)?.map(|x| x as u64),
             "weight_decay" => {
                 if let Some(x) = num(v, n, 0.0, 10.0)? {
                     cfg.weight_decay = x as f32;
@@ -437,7 +448,7 @@ fn hyperparameters(
                 }
             }
             "seq_len" => {
-                if let Some(x) = int(v, n, 16.0, 1e6)? {
+                if let Some(x) = int(v, n, 16.0, MAX_SEQ_LEN as f64)? {
                     cfg.max_len = x;
                 }
             }
@@ -447,13 +458,13 @@ fn hyperparameters(
                 }
             }
             "lora_rank" | "lora_r" => {
-                if let Some(r) = int(v, n, 1.0, 1024.0)? {
+                if let Some(r) = int(v, n, 1.0, MAX_RANK as f64)? {
                     cfg.rank = r;
                     cfg.alpha = 2.0 * r as f64;
                 }
             }
             "lora_alpha" => {
-                if let Some(a) = num(v, n, 1e-6, 1e6)? {
+                if let Some(a) = num(v, n, 1e-3, MAX_ALPHA)? {
                     cfg.alpha = a;
                 }
             }
@@ -730,6 +741,20 @@ async fn create_job_inner(s: &AppState, tenant: &Tenant, body: Value) -> ApiResu
     crate::routes::ready(s)?;
     let defaults = &s.cfg.train.defaults;
     let r = parse_job_request(&body, defaults)?;
+    let active = l.active_jobs(&tenant.0).await.map_err(db)?;
+    if active >= MAX_ACTIVE_JOBS {
+        return Err(ApiError {
+            code: Some("job_quota_exceeded"),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                format!(
+                    "this tenant has {active} fine-tuning jobs queued or running, the most it \
+                     may have ({MAX_ACTIVE_JOBS}): wait for one to finish, or cancel one"
+                ),
+            )
+        });
+    }
     let m = s
         .models()
         .iter()
@@ -795,6 +820,27 @@ async fn create_job_inner(s: &AppState, tenant: &Tenant, body: Value) -> ApiResu
     }
     let mut cfg = r.cfg.clone();
     cfg.method = train.method;
+    // Steps the epochs make (before the held-out split takes its share), when no
+    // training_steps limit says fewer.
+    let steps = (cfg.epochs as u64)
+        .saturating_mul((train.examples.len() as u64).div_ceil(cfg.batch_size.max(1) as u64));
+    if cfg.max_steps.is_none_or(|m| m > MAX_STEPS) && steps > MAX_STEPS {
+        let at = if r.dialect == "mistral" {
+            "hyperparameters.epochs"
+        } else {
+            "hyperparameters.n_epochs"
+        };
+        return Err(ApiError::param(
+            at,
+            format!(
+                "{} epochs of {} examples in batches of {} make {steps} steps, over the limit of \
+                 {MAX_STEPS}: give fewer epochs, a larger batch_size, or training_steps",
+                cfg.epochs,
+                train.examples.len(),
+                cfg.batch_size
+            ),
+        ));
+    }
     let job = l
         .create_job(NewJob {
             tenant: tenant.0.clone(),
