@@ -76,6 +76,11 @@ def test_files_round_trip_and_errors(srv, oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.files.create(file=("bad.jsonl", io.BytesIO(data + b"{oops\n")), purpose="fine-tune")
     assert "line 5 is not JSON" in e.value.message
+    # Issue 21: over --max-body (8 MiB) is a 413, not a 400 "Error parsing multipart".
+    line = json.dumps(sft_rows(["x" * 1000])[0]).encode() + b"\n"
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.files.create(file=("big.jsonl", io.BytesIO(line * 9000)), purpose="fine-tune")
+    assert e.value.status_code == 413 and "--max-body" in e.value.message, e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         oai.files.create(file=("x.jsonl", io.BytesIO(data)), purpose="batch")
     assert "fine-tune" in e.value.message

@@ -138,3 +138,27 @@ def test_idle_connections_are_capped_and_closed(tmp_path_factory):
         for s in socks:
             s.close()
         srv.stop()
+
+
+def test_models_by_path_do_not_show_the_path(tmp_path_factory):
+    """Issue 21: a model served by its file's path listed that path as an alias to every
+    tenant."""
+    from pathlib import Path
+
+    home = Path(os.environ.get("BRISE_HOME", Path.home() / ".brise"))
+    path = home / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    srv = serve(tmp_path_factory, "bypath", [str(path.resolve())])
+    try:
+        with httpx.Client(timeout=30, trust_env=False) as c:
+            r = c.get(f"{srv.url}/v1/models")
+            assert r.status_code == 200
+            ids = [m["id"] for m in r.json()["data"]]
+            assert "SmolLM2-135M-Instruct.Q4_1" in ids, ids
+            assert str(path.parent.resolve()) not in r.text and "/" not in json.dumps(
+                [m["aliases"] for m in r.json()["data"]]), r.text
+            card = c.get(f"{srv.url}/v1/models/SmolLM2-135M-Instruct.Q4_1")
+            assert card.status_code == 200 and str(path.parent.resolve()) not in card.text
+    finally:
+        srv.stop()

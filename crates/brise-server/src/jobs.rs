@@ -111,6 +111,26 @@ fn file_json(f: &FileInfo) -> Value {
     })
 }
 
+/// A multipart read error: 413 when the body went over `--max-body` (wherever the limit
+/// hit: between fields or inside one), else a 400.
+fn upload_error(e: axum::extract::multipart::MultipartError, what: &str) -> ApiError {
+    let mut too_large = e.status() == StatusCode::PAYLOAD_TOO_LARGE;
+    let mut src: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(x) = src {
+        too_large |= x.to_string().contains("length limit exceeded");
+        src = x.source();
+    }
+    if too_large {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "the upload is larger than the server's limit (--max-body)",
+        )
+    } else {
+        ApiError::bad_request(format!("could not read {what}: {e}"))
+    }
+}
+
 pub async fn upload_file(
     State(s): St,
     Extension(tenant): Extension<Tenant>,
@@ -127,17 +147,7 @@ pub async fn upload_file(
         let field = match mp.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => {
-                return Err(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "invalid_request_error",
-                        "the file is larger than the server's limit (--max-body)",
-                    )
-                } else {
-                    ApiError::bad_request(format!("could not read the upload: {e}"))
-                });
-            }
+            Err(e) => return Err(upload_error(e, "the upload")),
         };
         let name = field.name().unwrap_or_default().to_string();
         match name.as_str() {
@@ -146,16 +156,11 @@ pub async fn upload_file(
                 let data = field
                     .bytes()
                     .await
-                    .map_err(|e| ApiError::bad_request(format!("could not read the file: {e}")))?;
+                    .map_err(|e| upload_error(e, "the file"))?;
                 file = Some((filename, data));
             }
             "purpose" => {
-                purpose = Some(
-                    field
-                        .text()
-                        .await
-                        .map_err(|e| ApiError::param("purpose", e.to_string()))?,
-                );
+                purpose = Some(field.text().await.map_err(|e| upload_error(e, "purpose"))?);
             }
             // Mistral's: files never expire here and are the tenant's own.
             "expiry" | "visibility" => {
