@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// After SIGTERM: seconds to let requests in flight finish
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Slots one tenant may hold at once (0: no limit). Whatever it is, a freed slot goes
+    /// to the waiting request of the tenant holding the fewest slots
+    #[arg(long, default_value_t = 0)]
+    pub tenant_slots: usize,
     /// Connections open at once (more wait until one closes); lowered to what the
     /// limit on open files allows
     #[arg(long, default_value_t = 1024)]
@@ -301,6 +305,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         train: train_setup(&a)?,
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
+    let tenant_slots = a.tenant_slots;
     let loras = a.lora.clone();
     let load = move || -> Result<Vec<ServedModel>> {
         let mut out = Vec::new();
@@ -340,6 +345,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 n_ctx_slot: per_slot,
                 n_batch: nb,
                 queue_capacity: queue,
+                tenant_slots,
             };
             let mut sm = ServedModel::new(id, aliases, Arc::new(model), sched, defaults);
             // Known models were verified by sha256 when pulled.

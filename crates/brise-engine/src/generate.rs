@@ -75,6 +75,9 @@ pub struct GenerateOptions {
     /// `<tool_call>`), which a byte-level constraint could also match spelled out in
     /// ordinary tokens.
     pub prefix: Vec<u32>,
+    /// Whom the request is for (the server's tenant): the scheduler shares slots fairly
+    /// between tenants. Empty: nobody in particular.
+    pub tenant: String,
 }
 
 impl Default for GenerateOptions {
@@ -90,6 +93,7 @@ impl Default for GenerateOptions {
             lora: None,
             preserve: Vec::new(),
             prefix: Vec::new(),
+            tenant: String::new(),
         }
     }
 }

@@ -46,6 +46,7 @@ fn cfg(slots: usize) -> SchedulerConfig {
         n_ctx_slot: 2048,
         n_batch: 512,
         queue_capacity: 64,
+        tenant_slots: 0,
     }
 }
 
@@ -388,4 +389,58 @@ fn big_enums_do_not_stall_the_engine_and_deadlines_hold() {
     let (_, r) = run(Instant::now() + Duration::from_millis(300), 1500);
     assert!(matches!(r, Err(EngineError::Timeout)), "{r:?}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+/// Issue 21: one tenant's many requests made another's short one wait for all of them.
+/// A freed slot now goes to the tenant holding the fewest slots, and `tenant_slots`
+/// caps what one tenant holds.
+#[test]
+fn slots_are_shared_fairly_between_tenants() {
+    let model = load();
+    let prompt = model
+        .tokenizer
+        .encode("Once upon a time", true, false)
+        .unwrap();
+    for (cap, most_a_before_b) in [(0, 2), (1, 1)] {
+        let sched = Scheduler::start(
+            model.clone(),
+            SchedulerConfig {
+                tenant_slots: cap,
+                ..cfg(2)
+            },
+        );
+        let (tx, rx) = channel::<String>();
+        let send = |who: &str, n: usize| {
+            let tx = tx.clone();
+            let label = who.to_string();
+            sched
+                .submit(Request {
+                    prompt: prompt.clone(),
+                    opts: GenerateOptions {
+                        min_tokens: n,
+                        tenant: who[..1].to_string(),
+                        ..greedy(n)
+                    },
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    deadline: None,
+                    sink: Box::new(move |ev| match ev {
+                        Event::Done(_) | Event::Error(_) => tx.send(label.clone()).is_ok(),
+                        _ => true,
+                    }),
+                })
+                .unwrap();
+        };
+        for i in 0..6 {
+            send(&format!("a{i}"), 24);
+        }
+        send("b", 4);
+        let order: Vec<String> = (0..7).map(|_| rx.recv().unwrap()).collect();
+        let b = order.iter().position(|l| l == "b").unwrap();
+        assert!(
+            b <= most_a_before_b,
+            "tenant_slots {cap}: b finished after {b} of a's requests: {order:?}"
+        );
+        let q = sched.stats().queued_by_tenant.lock().unwrap().clone();
+        assert!(q.is_empty(), "{q:?}");
+    }
 }

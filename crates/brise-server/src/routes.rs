@@ -910,12 +910,14 @@ struct Running {
 fn submit(
     s: &AppState,
     m: &ServedModel,
+    tenant: &str,
     jobs: Vec<(Vec<u32>, GenerateOptions)>,
 ) -> ApiResult<Running> {
     let (tx, rx) = unbounded_channel();
     let mut cancels = Vec::new();
     let deadline = Instant::now() + s.cfg.request_timeout;
-    for (i, (prompt, opts)) in jobs.into_iter().enumerate() {
+    for (i, (prompt, mut opts)) in jobs.into_iter().enumerate() {
+        opts.tenant = tenant.to_string();
         let cancel = Arc::new(AtomicBool::new(false));
         cancels.push(cancel.clone());
         let tx = tx.clone();
@@ -1264,7 +1266,7 @@ async fn chat_like(
             Ok((prompt.clone(), o))
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    let run = submit(s, m, jobs)?;
+    let run = submit(s, m, rec.tenant(), jobs)?;
     let id = new_id(id_prefix);
     let created = crate::unix_now();
     if p.stream {
@@ -1467,7 +1469,7 @@ async fn completions(
         }
     }
     let n_jobs = jobs.len();
-    let run = submit(&s, m, jobs)?;
+    let run = submit(&s, m, &tenant.0, jobs)?;
     let id = new_id("cmpl");
     let created = crate::unix_now();
     if p.stream {
@@ -1945,7 +1947,7 @@ async fn compare(
         })
         .collect::<ApiResult<Vec<_>>>()?;
     let rec = Recorder::new(&s, m, None, "/v1/compare", &headers, &tenant, &body, p)?;
-    let run = submit(&s, m, jobs)?;
+    let run = submit(&s, m, &tenant.0, jobs)?;
     let choices = match collect(m, run, 2).await {
         Ok(c) => c,
         Err(e) => {
@@ -2338,6 +2340,29 @@ async fn metrics_text(State(s): St) -> Response {
                 "{name}{{model=\"{}\"}} {}",
                 metrics::escape(&m.id),
                 f(m)
+            );
+        }
+    }
+    metrics::header(
+        &mut out,
+        "brise_tenant_queue_depth",
+        "gauge",
+        "Requests waiting for a slot, per tenant (tenants with none waiting are left out).",
+    );
+    for m in models {
+        let q = m
+            .sched
+            .stats()
+            .queued_by_tenant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (t, n) in q {
+            let _ = writeln!(
+                out,
+                "brise_tenant_queue_depth{{model=\"{}\",tenant=\"{}\"}} {n}",
+                metrics::escape(&m.id),
+                metrics::escape(&t)
             );
         }
     }
