@@ -239,8 +239,12 @@ def test_a_version_that_does_not_load_leaves_the_previous_one(srv, c, tmp_path, 
     body = {"model": f"{MODEL}:{vid}", "prompt": PROMPT, "max_tokens": 2}
     r = c.post("/v1/completions", json=body)
     assert r.status_code == 500 and f"cannot load version {vid}" in r.json()["error"]["message"]
+    # Issue 21: without the server's paths (they are in its log).
+    assert str(tmp_path) not in r.text and "safetensors" not in r.text, r.text
+    assert f"cannot load version {vid} from {broken}" in srv.log_path.read_text()
     r = c.post("/v1/completions", json=body)
     assert r.status_code == 500 and "it is retried 30 s after a failure" in r.json()["error"]["message"]
+    assert str(tmp_path) not in r.text and "safetensors" not in r.text, r.text
 
 
 def test_erasure_marks_versions_trained_on_erased_records(srv, c):

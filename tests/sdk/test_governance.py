@@ -38,6 +38,10 @@ def test_admin_routes_need_the_admin_key(gov):
         assert c.get("/v1/admin/audit").status_code == 401
         assert c.get("/v1/admin/audit", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/v1/admin/audit", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        # Issue 21: the scheme is case-insensitive (RFC 7235), as it is for tenant keys.
+        assert c.get("/v1/admin/audit", headers={"Authorization": f"bearer {ADMIN}"}).status_code == 200
+        assert c.get("/v1/admin/audit", headers={"Authorization": f"BEARER {ADMIN}"}).status_code == 200
+        assert c.get("/v1/admin/audit", headers={"Authorization": f"Bearer {ADMIN}x"}).status_code == 401
 
 
 def test_erasure_export_objection_and_audit(gov, tmp_path):

@@ -76,6 +76,11 @@ def test_files_round_trip_and_errors(srv, oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.files.create(file=("bad.jsonl", io.BytesIO(data + b"{oops\n")), purpose="fine-tune")
     assert "line 5 is not JSON" in e.value.message
+    # Issue 21: over --max-body (8 MiB) is a 413, not a 400 "Error parsing multipart".
+    line = json.dumps(sft_rows(["x" * 1000])[0]).encode() + b"\n"
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.files.create(file=("big.jsonl", io.BytesIO(line * 9000)), purpose="fine-tune")
+    assert e.value.status_code == 413 and "--max-body" in e.value.message, e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         oai.files.create(file=("x.jsonl", io.BytesIO(data)), purpose="batch")
     assert "fine-tune" in e.value.message
@@ -122,6 +127,41 @@ def test_job_errors_are_clear(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id, metadata={"k": 5})
     assert e.value.param == "metadata"
+
+
+def test_job_limits_and_the_tenant_quota(srv, oai):
+    """Issue 21: jobs had no limits (training_steps 1e9, rank 1024, seq_len 1e6 and 100
+    epochs were accepted) and one tenant could fill the queue."""
+    f = oai.files.create(file=("t.jsonl", io.BytesIO(jsonl(sft_rows(PROMPTS["train"][:4])))), purpose="fine-tune")
+    for k, v, limit in [("training_steps", 1e9, "10000"), ("lora_rank", 1024, "64"), ("lora_r", 65, "64"),
+                        ("seq_len", 1e6, "4096"), ("n_epochs", 100, "20"), ("batch_size", 1024, "64"),
+                        ("lora_alpha", 1e308, "1024")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id, hyperparameters={k: v})
+        assert e.value.param == f"hyperparameters.{k}" and limit in e.value.message, (k, e.value.message)
+    # Epochs over a large file: too many steps, unless training_steps says fewer.
+    big = oai.files.create(file=("big.jsonl", io.BytesIO(jsonl(sft_rows(PROMPTS["train"] * 60)[:600]))),
+                           purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.fine_tuning.jobs.create(model=MODEL, training_file=big.id,
+                                    hyperparameters={"n_epochs": 20, "batch_size": 1})
+    assert e.value.param == "hyperparameters.n_epochs" and "12000 steps" in e.value.message, e.value.message
+    # At most two jobs queued or running per tenant; another tenant is not held back.
+    other = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="key-b", max_retries=0)
+    g = other.files.create(file=("t.jsonl", io.BytesIO(jsonl(sft_rows(PROMPTS["train"][:4])))), purpose="fine-tune")
+    jobs = [other.fine_tuning.jobs.create(model=MODEL, training_file=g.id) for _ in range(2)]
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            other.fine_tuning.jobs.create(model=MODEL, training_file=g.id)
+        assert "2 fine-tuning jobs queued or running" in e.value.message
+        j = oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id, hyperparameters={"n_epochs": 1})
+        oai.fine_tuning.jobs.cancel(j.id)
+    finally:
+        for j in jobs:
+            other.fine_tuning.jobs.cancel(j.id)
+    for j in jobs:
+        wait_for(other, j.id, ("cancelled", "succeeded", "failed"), timeout=60)
+    other.fine_tuning.jobs.cancel(other.fine_tuning.jobs.create(model=MODEL, training_file=g.id).id)
 
 
 def test_lora_alpha_is_not_overwritten_by_the_rank(oai):
@@ -201,7 +241,7 @@ def test_a_job_trains_a_model_served_by_its_name(srv, oai):
 def test_cancel_a_running_and_a_queued_job(oai):
     f = oai.files.create(file=("t.jsonl", io.BytesIO(jsonl(sft_rows(PROMPTS["train"][:8])))), purpose="fine-tune")
     long = oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id,
-                                       hyperparameters={"n_epochs": 100, "batch_size": 1})
+                                       hyperparameters={"n_epochs": 20, "batch_size": 1})
     queued = oai.fine_tuning.jobs.create(model=MODEL, training_file=f.id)
     running = wait_for(oai, long.id, ("running",), timeout=60)
     # The queued one cancels at once and never runs.
@@ -263,7 +303,7 @@ def test_a_shutdown_fails_the_running_job_and_says_why(tmp_path):
     try:
         f = c.files.create(file=("t.jsonl", io.BytesIO(jsonl(sft_rows(PROMPTS["train"][:8])))), purpose="fine-tune")
         j = c.fine_tuning.jobs.create(model=MODEL, training_file=f.id,
-                                      hyperparameters={"n_epochs": 100, "batch_size": 1})
+                                      hyperparameters={"n_epochs": 20, "batch_size": 1})
         wait_for(c, j.id, ("running",), timeout=60)
     finally:
         s.stop()  # asserts a graceful exit within its timeout

@@ -87,6 +87,11 @@ def test_json_streams_the_same_text(oai):
         ({"type": "integer", "minimum": 0}, "minimum"),
         ({"type": "object", "properties": {"a": {"type": "string"}}, "minProperties": 1}, "minProperties"),
         ({"allOf": [{"type": "string"}]}, "allOf"),
+        # Issue 21: out-of-range bounds were silently ignored, and enums had no limit.
+        ({"type": "array", "maxItems": -1}, "maxItems must be a non-negative integer"),
+        ({"type": "array", "minItems": 1e12}, "minItems must be a non-negative integer"),
+        ({"enum": [f"v{i}" for i in range(20_000)]}, "more than 20000 nodes"),
+        ({"enum": ["x" * 1000 + str(i) for i in range(300)]}, "more than 262144 bytes"),
     ],
 )
 def test_unenforceable_schema_is_400(oai, schema, word):
@@ -95,6 +100,26 @@ def test_unenforceable_schema_is_400(oai, schema, word):
                                     response_format=schema_format(schema))
     assert e.value.param == "response_format.json_schema.schema"
     assert word in e.value.message
+
+
+def test_big_enum_answers_quickly_beside_a_plain_request(oai):
+    """Issue 21: an enum of 2,000 values used to make a request beside it take 14 s (each
+    vocabulary token was checked against every value at every step)."""
+    import concurrent.futures as cf
+    import time
+
+    values = [f"city number {i}" for i in range(2000)]
+    t = time.monotonic()
+    with cf.ThreadPoolExecutor(2) as ex:
+        big = ex.submit(oai.chat.completions.create, model=MODEL, messages=user("Pick a city."),
+                        temperature=0, max_tokens=16,
+                        response_format=schema_format({"enum": values}))
+        plain = ex.submit(oai.chat.completions.create, model=MODEL, messages=user("Hi"),
+                          temperature=0, max_tokens=4)
+        assert plain.result().usage.completion_tokens == 4
+        c = big.result().choices[0]
+    assert c.finish_reason == "stop" and json.loads(c.message.content) in values
+    assert time.monotonic() - t < 10
 
 
 def test_unknown_response_format_type_is_400(oai):

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
+import select
+import socket
+import time
 
 import httpx
 import pytest
@@ -79,5 +83,82 @@ def test_api_key_file_names_tenants(tmp_path_factory, tmp_path):
                 assert c.get("/v1/models", headers={"Authorization": f"Bearer {k}"}).status_code == 200
             # The tenant name is not a key.
             assert c.get("/v1/models", headers={"Authorization": "Bearer acme"}).status_code == 401
+    finally:
+        srv.stop()
+
+
+def test_idle_connections_are_capped_and_closed(tmp_path_factory):
+    """Issue 21: ~20k idle connections used to exhaust the descriptors and stop /health.
+    Now at most --max-connections are open at once (the rest wait in the kernel's
+    backlog), and a connection that sends no complete request headers within
+    --header-timeout (or stays idle that long after a response) is closed."""
+    srv = serve(tmp_path_factory, "conns", ["--max-connections", "200", "--header-timeout", "1"])
+    socks = []
+    try:
+        fds = lambda: len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        base = fds()
+        for _ in range(150):
+            socks.append(socket.create_connection(("127.0.0.1", srv.port)))
+        with httpx.Client(timeout=30, trust_env=False) as c:
+            t = time.monotonic()
+            assert c.get(f"{srv.url}/health").status_code == 200
+            assert time.monotonic() - t < 1
+        for _ in range(150):
+            socks.append(socket.create_connection(("127.0.0.1", srv.port)))
+        time.sleep(0.3)
+        assert fds() <= base + 200 + 8, (base, fds())
+        # One connection sends half a request, one gets an answer and then stays idle.
+        half = socket.create_connection(("127.0.0.1", srv.port))
+        half.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        kept = socket.create_connection(("127.0.0.1", srv.port))
+        socks += [half, kept]
+        with httpx.Client(timeout=30, trust_env=False) as c:
+            assert c.get(f"{srv.url}/health").status_code == 200
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        # Every one of them is closed by the server within a few timeouts.
+        open_ = {s.fileno(): s for s in socks}
+        got = {s.fileno(): b"" for s in socks}
+        deadline = time.monotonic() + 15
+        while open_ and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(open_.values()), [], [], 0.5)
+            for s in ready:
+                try:
+                    b = s.recv(4096)
+                except ConnectionResetError:
+                    b = b""
+                if b:
+                    got[s.fileno()] += b
+                else:
+                    del open_[s.fileno()]
+        assert not open_, f"{len(open_)} idle connections still open after 15 s"
+        assert got[kept.fileno()].startswith(b"HTTP/1.1 200"), got[kept.fileno()][:80]
+        with httpx.Client(timeout=5, trust_env=False) as c:
+            assert c.get(f"{srv.url}/health").status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+def test_models_by_path_do_not_show_the_path(tmp_path_factory):
+    """Issue 21: a model served by its file's path listed that path as an alias to every
+    tenant."""
+    from pathlib import Path
+
+    home = Path(os.environ.get("BRISE_HOME", Path.home() / ".brise"))
+    path = home / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    srv = serve(tmp_path_factory, "bypath", [str(path.resolve())])
+    try:
+        with httpx.Client(timeout=30, trust_env=False) as c:
+            r = c.get(f"{srv.url}/v1/models")
+            assert r.status_code == 200
+            ids = [m["id"] for m in r.json()["data"]]
+            assert "SmolLM2-135M-Instruct.Q4_1" in ids, ids
+            assert str(path.parent.resolve()) not in r.text and "/" not in json.dumps(
+                [m["aliases"] for m in r.json()["data"]]), r.text
+            card = c.get(f"{srv.url}/v1/models/SmolLM2-135M-Instruct.Q4_1")
+            assert card.status_code == 200 and str(path.parent.resolve()) not in card.text
     finally:
         srv.stop()

@@ -78,6 +78,14 @@ enum Cmd {
 }
 
 fn main() {
+    // What brise writes (the ledger and its WAL, adapters, checkpoints, exports, the
+    // admin key) holds people's data or secrets: readable by its owner only.
+    #[cfg(unix)]
+    // SAFETY: umask only replaces the process's file-creation mask; it has no
+    // preconditions and cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run::run(a),

@@ -73,6 +73,18 @@ pub struct ServeArgs {
     /// After SIGTERM: seconds to let requests in flight finish
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Slots one tenant may hold at once (0: no limit). Whatever it is, a freed slot goes
+    /// to the waiting request of the tenant holding the fewest slots
+    #[arg(long, default_value_t = 0)]
+    pub tenant_slots: usize,
+    /// Connections open at once (more wait until one closes); lowered to what the
+    /// limit on open files allows
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, and may stay idle
+    /// between requests, before it is closed
+    #[arg(long, default_value_t = 30.0)]
+    pub header_timeout: f64,
     /// Largest request body in bytes
     #[arg(long, default_value_t = 8 << 20)]
     pub max_body: usize,
@@ -197,6 +209,13 @@ fn learn_config(a: &ServeArgs) -> Result<Option<brise_server::learn::LearnConfig
 }
 
 /// `--ledger`: a SQLite path, a PostgreSQL URL, `off`, or the default under $BRISE_HOME.
+fn header_timeout(secs: f64) -> Result<Duration> {
+    if !(secs.is_finite() && secs > 0.0 && secs <= 3600.0) {
+        bail!("--header-timeout must be more than 0 and at most 3600 seconds, not {secs}");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 pub fn ledger_spec(arg: Option<&str>) -> Option<String> {
     match arg {
         Some("off") => None,
@@ -325,6 +344,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body,
         request_timeout: Duration::from_secs(a.timeout.max(1)),
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
+        max_connections: a.max_connections,
+        header_timeout: header_timeout(a.header_timeout)?,
         ledger: ledger_spec(a.ledger.as_deref()),
         admin_key,
         adapter_poll: (a.adapter_poll > 0.0).then(|| Duration::from_secs_f64(a.adapter_poll)),
@@ -333,6 +354,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     };
     let (parallel, ctx, nb, queue) = (a.parallel, a.ctx_size, a.batch_size, a.queue);
     let max_tokens = a.max_tokens;
+    let tenant_slots = a.tenant_slots;
     let loras = a.lora.clone();
     let load = move || -> Result<Vec<ServedModel>> {
         let mut out = Vec::new();
@@ -372,6 +394,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 n_ctx_slot: per_slot,
                 n_batch: nb,
                 queue_capacity: queue,
+                tenant_slots,
             };
             let mut sm = ServedModel::new(id, aliases, Arc::new(model), sched, defaults);
             sm.max_tokens = (max_tokens > 0).then(|| max_tokens.min(per_slot));

@@ -276,6 +276,7 @@ fn eval_prints_the_gate_report_and_exits_by_its_verdict() {
 
 #[test]
 fn train_writes_a_version_with_its_reports_and_resumes_from_a_checkpoint() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("brise-cli-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -337,6 +338,21 @@ fn train_writes_a_version_with_its_reports_and_resumes_from_a_checkpoint() {
         "run.json",
     ] {
         assert!(PathBuf::from(adapter).join(f).is_file(), "{adapter}/{f}");
+        // Issue 21: owner-only files and directories under $BRISE_HOME.
+        let mode = std::fs::metadata(PathBuf::from(adapter).join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{adapter}/{f}");
+    }
+    let home = dir.join("home");
+    let mut d = PathBuf::from(adapter);
+    loop {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", d.display());
+        if d == home || !d.pop() || !d.starts_with(&home) {
+            break;
+        }
     }
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ck.join("trainer_state.json")).unwrap()).unwrap();

@@ -25,6 +25,7 @@ fn main() {
             n_ctx_slot: 1024,
             n_batch: 512,
             queue_capacity: 64,
+            tenant_slots: 0,
         },
     );
     for &c in &concs {

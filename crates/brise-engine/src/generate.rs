@@ -77,6 +77,9 @@ pub struct GenerateOptions {
     pub prefix: Vec<u32>,
     /// End a generation stuck in a loop (`None`: never).
     pub repetition_stop: Option<RepetitionStop>,
+    /// Whom the request is for (the server's tenant): the scheduler shares slots fairly
+    /// between tenants. Empty: nobody in particular.
+    pub tenant: String,
 }
 
 /// Ends a generation whose last tokens are one cycle of `period` tokens (1 to
@@ -155,6 +158,7 @@ impl Default for GenerateOptions {
             preserve: Vec::new(),
             prefix: Vec::new(),
             repetition_stop: None,
+            tenant: String::new(),
         }
     }
 }

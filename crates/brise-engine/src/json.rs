@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Schema {
     /// Any JSON value.
     Any,
@@ -21,8 +21,9 @@ pub enum Schema {
         min_len: usize,
         max_len: Option<usize>,
     },
-    /// One of these exact JSON texts (`enum`, `const`).
-    Literals(Vec<Vec<u8>>),
+    /// One of these exact JSON texts (`enum`, `const`); build it with
+    /// [`Schema::literals`].
+    Literals(Arc<LitSet>),
     Array {
         items: Arc<Schema>,
         min: usize,
@@ -40,11 +41,24 @@ pub enum Schema {
     Seq(Vec<SeqPart>),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeqPart {
     /// These bytes exactly, with no whitespace before them.
     Raw(Vec<u8>),
     Json(Arc<Schema>),
+}
+
+/// The texts of an `enum`/`const`, sorted and without duplicates or empty texts, so
+/// that those still possible after a prefix form one contiguous range: a byte narrows the
+/// range with two binary searches, whatever the number of texts (a trie in a sorted
+/// list), instead of trying every text at every byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LitSet(Vec<Vec<u8>>);
+
+impl LitSet {
+    pub fn texts(&self) -> &[Vec<u8>] {
+        &self.0
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +96,14 @@ const MAX_NUM: u8 = 32;
 const MAX_STATES: usize = 256;
 
 impl Schema {
+    /// One of these exact texts (an `enum`, a `const`).
+    pub fn literals(mut texts: Vec<Vec<u8>>) -> Schema {
+        texts.retain(|t| !t.is_empty());
+        texts.sort_unstable();
+        texts.dedup();
+        Schema::Literals(Arc::new(LitSet(texts)))
+    }
+
     /// Any JSON object (`response_format: json_object`).
     pub fn any_object() -> Schema {
         Schema::Object {
@@ -97,19 +119,23 @@ impl Schema {
             root,
             depth: 0,
             nodes: 0,
+            lit_bytes: 0,
         }
         .node(root, "schema")
     }
 }
 
 /// Compiled nodes per schema: `$ref`s are expanded, so a small schema could otherwise
-/// grow exponentially.
-const MAX_NODES: usize = 20_000;
+/// grow exponentially. Each `enum`/`const` value counts as a node.
+pub const MAX_NODES: usize = 20_000;
+/// Bytes of all `enum`/`const` values of a schema (as compact JSON, `$ref`s expanded).
+pub const MAX_LITERAL_BYTES: usize = 256 * 1024;
 
 struct Compiler<'a> {
     root: &'a serde_json::Value,
     depth: usize,
     nodes: usize,
+    lit_bytes: usize,
 }
 
 impl Compiler<'_> {
@@ -118,6 +144,36 @@ impl Compiler<'_> {
             path: path.to_string(),
             msg: msg.into(),
         }
+    }
+
+    /// Counts an `enum`/`const`'s values against the limits.
+    fn literals(
+        &mut self,
+        values: &[serde_json::Value],
+        path: &str,
+    ) -> Result<Schema, SchemaError> {
+        self.nodes += values.len();
+        if self.nodes > MAX_NODES {
+            return Err(Self::err(
+                path,
+                format!(
+                    "schema too large: more than {MAX_NODES} nodes once $refs are expanded \
+                     (each enum/const value counts as one)"
+                ),
+            ));
+        }
+        let texts: Vec<Vec<u8>> = values.iter().map(canonical).collect();
+        self.lit_bytes += texts.iter().map(Vec::len).sum::<usize>();
+        if self.lit_bytes > MAX_LITERAL_BYTES {
+            return Err(Self::err(
+                path,
+                format!(
+                    "schema too large: its enum/const values take more than \
+                     {MAX_LITERAL_BYTES} bytes once $refs are expanded"
+                ),
+            ));
+        }
+        Ok(Schema::literals(texts))
     }
 
     fn node(&mut self, v: &serde_json::Value, path: &str) -> Result<Schema, SchemaError> {
@@ -204,14 +260,14 @@ impl Compiler<'_> {
             }
         }
         if let Some(c) = m.get("const") {
-            return Ok(Schema::Literals(vec![canonical(c)]));
+            return self.literals(std::slice::from_ref(c), path);
         }
         if let Some(e) = m.get("enum") {
             let list = e
                 .as_array()
                 .filter(|a| !a.is_empty())
                 .ok_or_else(|| Self::err(path, "enum must be a non-empty list"))?;
-            return Ok(Schema::Literals(list.iter().map(canonical).collect()));
+            return self.literals(list, path);
         }
         for k in ["anyOf", "oneOf"] {
             if let Some(alts) = m.get(k) {
@@ -308,8 +364,15 @@ impl Compiler<'_> {
                         None => Schema::Any,
                         Some(i) => self.node(i, &format!("{path}.items"))?,
                     };
-                    let n = |k: &str| m.get(k).and_then(|v| v.as_u64()).map(|x| x as usize);
-                    let (min, max) = (n("minItems").unwrap_or(0), n("maxItems"));
+                    let n = |k: &str| -> Result<Option<usize>, SchemaError> {
+                        match m.get(k) {
+                            None => Ok(None),
+                            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                                Self::err(path, format!("{k} must be a non-negative integer"))
+                            }),
+                        }
+                    };
+                    let (min, max) = (n("minItems")?.unwrap_or(0), n("maxItems")?);
                     if max.is_some_and(|x| x < min) {
                         return Err(Self::err(path, "maxItems < minItems"));
                     }
@@ -474,6 +537,14 @@ enum Frame {
         text: Arc<Vec<u8>>,
         pos: usize,
     },
+    /// Inside one of `set`'s texts: those in `lo..hi` all start with the `pos` bytes
+    /// read, and are longer (fields compared first, the set last, for `dedup`).
+    Lits {
+        pos: usize,
+        lo: usize,
+        hi: usize,
+        set: Arc<LitSet>,
+    },
     Str {
         min: usize,
         max: Option<usize>,
@@ -561,14 +632,15 @@ fn step(mut st: State, b: u8, out: &mut Vec<State>) {
                         step(c, b, out);
                     }
                 }
-                Schema::Literals(ls) => {
-                    for l in ls {
-                        let mut c = st.clone();
-                        c.stack.push(Frame::Lit {
-                            text: Arc::new(l.clone()),
+                Schema::Literals(set) => {
+                    if !set.0.is_empty() {
+                        st.stack.push(Frame::Lits {
                             pos: 0,
+                            lo: 0,
+                            hi: set.0.len(),
+                            set: set.clone(),
                         });
-                        step(c, b, out);
+                        step(st, b, out);
                     }
                 }
                 Schema::Seq(parts) => {
@@ -665,6 +737,31 @@ fn step(mut st: State, b: u8, out: &mut Vec<State>) {
                     st.stack.pop();
                 }
                 st.ws = 0;
+                out.push(st);
+            }
+        }
+        Frame::Lits { pos, lo, hi, set } => {
+            let (p, lo0, set) = (*pos, *lo, set.clone());
+            let texts = &set.0[lo0..*hi];
+            let start = lo0 + texts.partition_point(|t| t[p] < b);
+            let end = lo0 + texts.partition_point(|t| t[p] <= b);
+            if start == end {
+                return;
+            }
+            st.ws = 0;
+            // Sorted and distinct: at most one text ends here, the first of the range.
+            let mut first = start;
+            if set.0[start].len() == p + 1 {
+                first += 1;
+                let mut done = st.clone();
+                done.stack.pop();
+                out.push(done);
+            }
+            if first < end {
+                let Some(Frame::Lits { pos, lo, hi, .. }) = st.stack.last_mut() else {
+                    unreachable!("the top frame is this one");
+                };
+                (*pos, *lo, *hi) = (p + 1, first, end);
                 out.push(st);
             }
         }
@@ -1179,6 +1276,97 @@ mod tests {
         defs.insert("a30".into(), json!({"type": "null"}));
         let e = Schema::compile(&json!({"$defs": defs, "$ref": "#/$defs/a0"})).unwrap_err();
         assert!(e.msg.contains("too large"), "{e}");
+    }
+
+    /// Issue 21: every literal of a large enum stays reachable (the parser stacks used to
+    /// be cut at 256, dropping the rest), and a token costs a few binary searches, not a
+    /// pass over every literal.
+    #[test]
+    fn large_enums_are_exact_and_cheap() {
+        let values: Vec<serde_json::Value> = (0..19_000)
+            .map(|i| json!(format!("value-{i}")))
+            .chain([json!(7), json!(70), json!(null), json!("value-1")])
+            .collect();
+        let m = matcher(json!({"enum": values}));
+        for ok in [
+            "\"value-18999\"",
+            "\"value-0\"",
+            "\"value-1\"",
+            "7",
+            "70",
+            "null",
+        ] {
+            assert!(accepts(&m, ok), "{ok}");
+        }
+        for bad in [
+            "\"value-19000\"",
+            "\"value-\"",
+            "\"value-1",
+            "8",
+            "700",
+            "nul",
+        ] {
+            assert!(!accepts(&m, bad), "{bad}");
+        }
+        // "7" is complete and may also go on to "70".
+        let mut p = m.clone();
+        p.advance(b"7");
+        assert!(p.is_complete() && p.can_continue());
+        // Masking a vocabulary of 50k pieces after the opening quote: well under a
+        // second (it took minutes when each piece was checked against every literal).
+        let mut q = m.clone();
+        q.advance(b"\"value-1");
+        let pieces: Vec<Vec<u8>> = (0..50_000u32)
+            .map(|i| format!("{}", i % 1000).into_bytes())
+            .collect();
+        let t = std::time::Instant::now();
+        let n = pieces.iter().filter(|p| q.allows(p)).count();
+        assert!(n > 0);
+        assert!(t.elapsed().as_secs_f64() < 5.0, "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn literal_count_and_size_are_limited() {
+        let many: Vec<serde_json::Value> = (0..MAX_NODES).map(|i| json!(i)).collect();
+        let e = Schema::compile(&json!({"enum": many})).unwrap_err();
+        assert!(e.msg.contains("20000") && e.msg.contains("enum"), "{e}");
+        let big: Vec<serde_json::Value> = (0..1000).map(|i| json!(format!("{i:0300}"))).collect();
+        let e = Schema::compile(&json!({"type": "object", "properties": {"k": {"enum": big}}}))
+            .unwrap_err();
+        assert!(
+            e.msg.contains("bytes") && e.path == "schema.properties.k",
+            "{e}"
+        );
+        // A big enum behind a $ref used many times counts each time.
+        let mid: Vec<serde_json::Value> = (0..5000).map(|i| json!(i)).collect();
+        let e = Schema::compile(&json!({
+            "$defs": {"e": {"enum": mid}},
+            "type": "array", "items": {"anyOf": [
+                {"$ref": "#/$defs/e"}, {"$ref": "#/$defs/e"}, {"$ref": "#/$defs/e"},
+                {"$ref": "#/$defs/e"}, {"$ref": "#/$defs/e"}]}
+        }))
+        .unwrap_err();
+        assert!(e.msg.contains("too large"), "{e}");
+    }
+
+    /// Issue 21: out-of-range array bounds were silently ignored.
+    #[test]
+    fn array_bounds_must_be_non_negative_integers() {
+        for (k, v) in [
+            ("maxItems", json!(-1)),
+            ("minItems", json!(1e12)),
+            ("minItems", json!("2")),
+            ("maxItems", json!(1.5)),
+        ] {
+            let mut sc = json!({"type": "array"});
+            sc[k] = v;
+            let e = Schema::compile(&sc).unwrap_err();
+            assert!(
+                e.msg.contains(k) && e.msg.contains("non-negative integer"),
+                "{e}"
+            );
+        }
+        assert!(Schema::compile(&json!({"type": "array", "minItems": 1, "maxItems": 3})).is_ok());
     }
 
     #[test]

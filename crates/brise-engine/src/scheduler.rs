@@ -39,6 +39,8 @@ pub struct SchedulerConfig {
     pub n_batch: usize,
     /// Requests waiting for a slot before `submit` refuses more.
     pub queue_capacity: usize,
+    /// Slots one tenant (`GenerateOptions::tenant`) may hold at once; 0: no limit.
+    pub tenant_slots: usize,
 }
 
 /// What the engine reports about one request, in order: `Token`s, then one `Done` or
@@ -107,6 +109,29 @@ pub struct Stats {
     pub kv_total: AtomicUsize,
     pub steps: AtomicU64,
     pub prompt_tokens_cached: AtomicU64,
+    /// Requests waiting for a slot, per tenant (tenants with none are removed).
+    pub queued_by_tenant: Mutex<std::collections::BTreeMap<String, usize>>,
+}
+
+impl Stats {
+    fn queue_change(&self, tenant: &str, up: bool) {
+        let mut m = self
+            .queued_by_tenant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if up {
+            *m.entry(tenant.to_string()).or_default() += 1;
+            self.queued.fetch_add(1, Ordering::SeqCst);
+        } else {
+            if let Some(n) = m.get_mut(tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(tenant);
+                }
+            }
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 pub struct Scheduler {
@@ -149,11 +174,17 @@ impl Scheduler {
     pub fn submit(&self, r: Request) -> Result<(), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let tx = guard.as_ref().ok_or(SubmitError::ShuttingDown)?;
-        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        // The engine moves requests out of the channel into its own queue (to admit
+        // them fairly), so the bound is kept here.
+        if self.stats.queued.load(Ordering::SeqCst) >= self.cfg.queue_capacity.max(1) {
+            return Err(SubmitError::QueueFull(self.cfg.queue_capacity));
+        }
+        let tenant = r.opts.tenant.clone();
+        self.stats.queue_change(&tenant, true);
         match tx.try_send(r) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                self.stats.queue_change(&tenant, false);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::QueueFull(self.cfg.queue_capacity),
                     TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
@@ -213,6 +244,8 @@ struct Engine {
     slots: Vec<Slot>,
     /// Slot indices in admission order, for fair prompt processing.
     order: VecDeque<usize>,
+    /// Requests taken from the channel, waiting for a slot, in arrival order.
+    pending: VecDeque<Request>,
 }
 
 impl Engine {
@@ -234,6 +267,7 @@ impl Engine {
             stats,
             slots,
             order: VecDeque::new(),
+            pending: VecDeque::new(),
         }
     }
 
@@ -242,7 +276,7 @@ impl Engine {
         loop {
             open = self.admit(&rx, open);
             if self.order.is_empty() {
-                if !open {
+                if !open && self.pending.is_empty() {
                     return;
                 }
                 continue;
@@ -251,10 +285,14 @@ impl Engine {
         }
     }
 
-    /// Moves queued requests into free slots. Blocks while nothing is running.
+    /// Moves queued requests into free slots, fairly between tenants: a free slot goes
+    /// to the oldest request of the tenant holding the fewest slots (and below
+    /// `tenant_slots`), so one tenant's many choices or long prompts do not make
+    /// another's short request wait for all of them. Blocks while nothing is running
+    /// or waiting.
     fn admit(&mut self, rx: &Receiver<Request>, mut open: bool) -> bool {
-        while open && self.slots.iter().any(|s| s.seq.is_none()) {
-            let r = if self.order.is_empty() {
+        while open {
+            let r = if self.order.is_empty() && self.pending.is_empty() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(r) => r,
                     Err(RecvTimeoutError::Timeout) => return open,
@@ -273,14 +311,62 @@ impl Engine {
                     }
                 }
             };
-            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            self.pending.push_back(r);
+        }
+        // Gone or out of time while waiting: no slot.
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            let r = &self.pending[i];
+            let cancelled = r.cancel.load(Ordering::Relaxed);
+            if cancelled || r.deadline.is_some_and(|d| now >= d) {
+                let mut r = self.pending.remove(i).expect("in range");
+                self.stats.queue_change(&r.opts.tenant, false);
+                if !cancelled {
+                    (r.sink)(Event::Error(EngineError::Timeout));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        while self.slots.iter().any(|s| s.seq.is_none()) {
+            let Some(i) = self.pick() else { break };
+            let r = self.pending.remove(i).expect("picked from the queue");
+            self.stats.queue_change(&r.opts.tenant, false);
             self.start(r);
         }
         open
     }
 
+    /// The waiting request that gets the next free slot.
+    fn pick(&self) -> Option<usize> {
+        let held = |t: &str| {
+            self.slots
+                .iter()
+                .filter(|s| s.seq.as_ref().is_some_and(|q| q.req.opts.tenant == t))
+                .count()
+        };
+        let cap = self.cfg.tenant_slots;
+        let mut best: Option<(usize, usize)> = None;
+        for (i, r) in self.pending.iter().enumerate() {
+            let h = held(&r.opts.tenant);
+            if cap > 0 && h >= cap {
+                continue;
+            }
+            if best.is_none_or(|(_, bh)| h < bh) {
+                best = Some((i, h));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
     fn start(&mut self, mut r: Request) {
         if r.cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        // Timed out while queued: never takes a slot.
+        if r.deadline.is_some_and(|d| Instant::now() >= d) {
+            (r.sink)(Event::Error(EngineError::Timeout));
             return;
         }
         if let Err(e) = self.check(&r) {
@@ -457,6 +543,16 @@ impl Engine {
             }
             let logits = &self.st.logits[row * n_vocab..(row + 1) * n_vocab];
             row += 1;
+            // A client gone or a deadline passed during the forward pass: no sampling
+            // (constrained sampling may cost more than the pass), the slot is freed now.
+            if seq.req.cancel.load(Ordering::Relaxed) {
+                self.finish(i, FinishReason::Cancelled);
+                continue;
+            }
+            if seq.req.deadline.is_some_and(|d| Instant::now() >= d) {
+                self.fail(i, EngineError::Timeout);
+                continue;
+            }
             let step = seq.dec.next(&self.model.tokenizer, logits, &slot.tokens);
             match step {
                 Step::Finish { reason, text } => self.finish_with(i, reason, Some(text)),

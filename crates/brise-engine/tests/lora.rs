@@ -72,6 +72,7 @@ fn cfg(slots: usize) -> SchedulerConfig {
         n_ctx_slot: 2048,
         n_batch: 512,
         queue_capacity: 16,
+        tenant_slots: 0,
     }
 }
 

@@ -46,6 +46,7 @@ fn cfg(slots: usize) -> SchedulerConfig {
         n_ctx_slot: 2048,
         n_batch: 512,
         queue_capacity: 64,
+        tenant_slots: 0,
     }
 }
 
@@ -319,5 +320,127 @@ fn queue_is_bounded() {
     assert!(refused >= 4, "{refused} refused");
     for rx in accepted {
         assert_eq!(wait(rx).outcome.finish, FinishReason::Length);
+    }
+}
+
+/// Issue 21: a request constrained to an enum of 19,000 strings beside a plain one.
+/// Masking checked every vocabulary token against every literal (minutes per step); now
+/// both finish in seconds, and the constrained answer is one of the values. A request
+/// whose deadline passed while queued never takes a slot, and one whose deadline passes
+/// while it runs gives up its slot at the next step.
+#[test]
+fn big_enums_do_not_stall_the_engine_and_deadlines_hold() {
+    use brise_engine::EngineError;
+    use brise_engine::json::Schema;
+    use std::time::{Duration, Instant};
+    let model = load();
+    let sched = Scheduler::start(model.clone(), cfg(2));
+    let values: Vec<serde_json::Value> = (0..19_000)
+        .map(|i| serde_json::json!(format!("opt{i}")))
+        .collect();
+    let schema = Arc::new(Schema::compile(&serde_json::json!({"enum": values})).unwrap());
+    let prompt = model.tokenizer.encode("Pick one:", true, false).unwrap();
+    let t = Instant::now();
+    let constrained = submit(
+        &sched,
+        prompt.clone(),
+        GenerateOptions {
+            json: Some(schema.clone()),
+            ..greedy(16)
+        },
+    );
+    let plain = submit(&sched, prompt.clone(), greedy(4));
+    let p = wait(plain);
+    assert_eq!(p.tokens.len(), 4);
+    let c = wait(constrained);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    let v: serde_json::Value = serde_json::from_str(&c.text).expect("a complete enum value");
+    assert!(values.contains(&v), "{v}");
+
+    let run = |deadline: Instant, n: usize| {
+        let (tx, rx) = channel();
+        sched
+            .submit(Request {
+                prompt: prompt.clone(),
+                opts: GenerateOptions {
+                    min_tokens: n,
+                    ..greedy(n)
+                },
+                cancel: Arc::new(AtomicBool::new(false)),
+                deadline: Some(deadline),
+                sink: Box::new(move |ev| tx.send(ev).is_ok()),
+            })
+            .unwrap();
+        let mut n_tokens = 0;
+        loop {
+            match rx.recv_timeout(Duration::from_secs(20)).expect("an answer") {
+                Event::Token { .. } => n_tokens += 1,
+                Event::Done(o) => return (n_tokens, Ok(o.finish)),
+                Event::Error(e) => return (n_tokens, Err(e)),
+            }
+        }
+    };
+    let (n, r) = run(Instant::now() - Duration::from_millis(1), 8);
+    assert!(
+        n == 0 && matches!(r, Err(EngineError::Timeout)),
+        "{n} {r:?}"
+    );
+    let t = Instant::now();
+    let (_, r) = run(Instant::now() + Duration::from_millis(300), 1500);
+    assert!(matches!(r, Err(EngineError::Timeout)), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+/// Issue 21: one tenant's many requests made another's short one wait for all of them.
+/// A freed slot now goes to the tenant holding the fewest slots, and `tenant_slots`
+/// caps what one tenant holds.
+#[test]
+fn slots_are_shared_fairly_between_tenants() {
+    let model = load();
+    let prompt = model
+        .tokenizer
+        .encode("Once upon a time", true, false)
+        .unwrap();
+    for (cap, most_a_before_b) in [(0, 2), (1, 1)] {
+        let sched = Scheduler::start(
+            model.clone(),
+            SchedulerConfig {
+                tenant_slots: cap,
+                ..cfg(2)
+            },
+        );
+        let (tx, rx) = channel::<String>();
+        let send = |who: &str, n: usize| {
+            let tx = tx.clone();
+            let label = who.to_string();
+            sched
+                .submit(Request {
+                    prompt: prompt.clone(),
+                    opts: GenerateOptions {
+                        min_tokens: n,
+                        tenant: who[..1].to_string(),
+                        ..greedy(n)
+                    },
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    deadline: None,
+                    sink: Box::new(move |ev| match ev {
+                        Event::Done(_) | Event::Error(_) => tx.send(label.clone()).is_ok(),
+                        _ => true,
+                    }),
+                })
+                .unwrap();
+        };
+        for i in 0..6 {
+            send(&format!("a{i}"), 24);
+        }
+        send("b", 4);
+        let order: Vec<String> = (0..7).map(|_| rx.recv().unwrap()).collect();
+        let b = order.iter().position(|l| l == "b").unwrap();
+        assert!(
+            b <= most_a_before_b,
+            "tenant_slots {cap}: b finished after {b} of a's requests: {order:?}"
+        );
+        let q = sched.stats().queued_by_tenant.lock().unwrap().clone();
+        assert!(q.is_empty(), "{q:?}");
     }
 }

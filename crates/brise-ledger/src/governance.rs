@@ -63,7 +63,42 @@ fn entry_hash(
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// HMAC-SHA256 (RFC 2104).
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |x: u8| k.map(|b| b ^ x);
+    let mut inner = Sha256::new();
+    inner.update(pad(0x36));
+    inner.update(msg);
+    let mut outer = Sha256::new();
+    outer.update(pad(0x5c));
+    outer.update(inner.finalize());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&outer.finalize());
+    out
+}
+
+#[cfg(test)]
+pub(crate) fn hmac_sha256_for_tests(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    hmac_sha256(key, msg)
+}
+
 impl Ledger {
+    /// What the audit log keeps of a subject: an HMAC-SHA256 of its id under the
+    /// ledger's own secret, so the log never names a person (an erased one included),
+    /// yet whoever holds the ledger can check whether an entry is about a given id, and
+    /// entries about one subject match each other.
+    pub fn subject_ref(&self, subject: &str) -> String {
+        let mac = hmac_sha256(&self.audit_key, subject.as_bytes());
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        format!("hmac-sha256:{hex}")
+    }
+
     /// Appends an audit entry chained to the previous one; returns its sequence number.
     pub async fn audit(&self, actor: &str, action: &str, details: Value) -> Result<i64> {
         // Another write may commit between reading the chain's end and appending to it
@@ -196,6 +231,7 @@ impl Ledger {
         feedback_ids.dedup();
         let feedback = crate::delete_completions(&mut tx, &ids).await?;
         tx.commit().await?;
+        self.scrub().await?;
         let receipt_id = format!("erasure-{}", uuid::Uuid::new_v4().simple());
         // After the commit: a version registered meanwhile either is seen here or finds
         // its ids gone when it checks them (`register_adapter`).
@@ -210,7 +246,7 @@ impl Ledger {
             .audit(
                 actor,
                 "erase_subject",
-                json!({"receipt_id": receipt_id, "tenant": tenant, "subject": subject,
+                json!({"receipt_id": receipt_id, "tenant": tenant, "subject_hmac": self.subject_ref(subject),
                        "completions_erased": ids.len(), "feedback_erased": feedback,
                        "adapters_tainted": tainted}),
             )
@@ -256,7 +292,7 @@ impl Ledger {
         self.audit(
             actor,
             "export_subject",
-            json!({"tenant": tenant, "subject": subject, "records": n}),
+            json!({"tenant": tenant, "subject_hmac": self.subject_ref(subject), "records": n}),
         )
         .await?;
         Ok(n)
@@ -275,7 +311,7 @@ impl Ledger {
         self.audit(
             actor,
             "objection",
-            json!({"tenant": tenant, "subject": subject}),
+            json!({"tenant": tenant, "subject_hmac": self.subject_ref(subject)}),
         )
         .await?;
         Ok(())

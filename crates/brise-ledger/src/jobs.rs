@@ -310,6 +310,16 @@ impl Ledger {
 
     /// Queues a job. A job of the servers' own for a model that has one queued or
     /// running already is refused ([`LedgerError::Invalid`]).
+    /// A tenant's jobs queued or running.
+    pub async fn active_jobs(&self, tenant: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM fine_tuning_jobs WHERE tenant = $1 AND status IN ('queued', 'running')",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn create_job(&self, j: NewJob) -> Result<Job> {
         let id = new_id("ftjob");
         let r = sqlx::query(

@@ -130,6 +130,30 @@ pub struct Ledger {
     pool: AnyPool,
     backend: Backend,
     writer: mpsc::Sender<WriteJob>,
+    /// The per-ledger secret that keys the subject hashes of the audit log.
+    audit_key: std::sync::Arc<Vec<u8>>,
+}
+
+/// Creates `dir` (and its parents) readable by its owner only, where they are missing.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// Creates the file at `path` with mode 0600 if it does not exist.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    match o.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -230,10 +254,14 @@ impl Ledger {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|e| {
+            private_dir(dir).map_err(|e| {
                 LedgerError::Invalid(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
+        // Created readable by its owner only; SQLite gives its -wal and -shm files the
+        // database file's mode.
+        private_file(path)
+            .map_err(|e| LedgerError::Invalid(format!("cannot create {}: {e}", path.display())))?;
         let sqlite = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -255,6 +283,9 @@ impl Ledger {
                         "PRAGMA synchronous = NORMAL",
                         "PRAGMA foreign_keys = ON",
                         "PRAGMA busy_timeout = 10000",
+                        // Deleted content is overwritten with zeros, not left in free
+                        // pages (erasure, retention).
+                        "PRAGMA secure_delete = ON",
                     ] {
                         sqlx::query(pragma).execute(&mut *conn).await?;
                     }
@@ -291,13 +322,68 @@ impl Ledger {
 
     async fn start(pool: AnyPool, backend: Backend) -> Result<Ledger> {
         sqlx::migrate!("./migrations").run(&pool).await?;
+        // The first server or CLI to open the ledger makes its audit key; the others
+        // read it (ON CONFLICT: two opening at once agree on one).
+        let fresh = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ('audit_subject_key', $1) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&fresh)
+        .execute(&pool)
+        .await?;
+        let key: String =
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = 'audit_subject_key'")
+                .fetch_one(&pool)
+                .await?;
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(writer(pool.clone(), rx));
         Ok(Ledger {
             pool,
             backend,
             writer: tx,
+            audit_key: std::sync::Arc::new(key.into_bytes()),
         })
+    }
+
+    /// After deleting content (erasure, retention purge): on SQLite, moves the WAL into
+    /// the database file and truncates it, so the deleted text (zeroed by
+    /// `secure_delete` in the database pages) is not left in older WAL frames either.
+    /// Readers in the middle of a transaction can hold it back, so it retries for a
+    /// while; `Err` when it could not finish.
+    /// On PostgreSQL, starts a `VACUUM` of the two tables in the background: it removes
+    /// the dead rows and their index entries so their space is reused (and overwritten)
+    /// sooner; it does not zero anything (docs/DATA.md says what that means).
+    pub(crate) async fn scrub(&self) -> Result<()> {
+        if self.backend != Backend::Sqlite {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sqlx::query("VACUUM completions, feedback")
+                    .execute(&pool)
+                    .await
+                {
+                    eprintln!("brise: VACUUM after a deletion failed: {e}");
+                }
+            });
+            return Ok(());
+        }
+        for attempt in 0..20 {
+            let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&self.pool)
+                .await?;
+            if busy == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10 << attempt.min(5))).await;
+        }
+        Err(LedgerError::Invalid(
+            "the deletion is committed, but readers kept the WAL file from being truncated: \
+             the deleted text may stay in ledger.sqlite-wal until the next checkpoint"
+                .into(),
+        ))
     }
 
     pub fn backend(&self) -> Backend {
@@ -795,6 +881,122 @@ mod tests {
             assert_eq!(l.verify_audit().await.unwrap(), Err(1));
             db.drop_db(l).await;
         }
+    }
+
+    /// Issue 21: after an erasure and a retention purge, the erased and expired text is
+    /// in neither the database file nor its WAL, the audit log keeps a keyed hash of the
+    /// subject instead of its id, and the files are readable by their owner only.
+    #[tokio::test]
+    async fn erased_text_leaves_the_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("brise-scrub-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("home").join("ledger.sqlite");
+        let l = Ledger::open(path.to_str().unwrap()).await.unwrap();
+        let erased = format!("ERASED-{}", uuid::Uuid::new_v4().simple());
+        let expired = format!("EXPIRED-{}", uuid::Uuid::new_v4().simple());
+        let subject = format!("carol-{}", uuid::Uuid::new_v4().simple());
+        let day = 86_400_000;
+        for i in 0..40 {
+            let mut r = rec(&format!("e{i}"), "acme");
+            r.subject = Some(subject.clone());
+            r.messages = json!([{"role": "user", "content": format!("{erased} question {i}")}]);
+            r.output = json!([{"text": format!("{erased} answer {i}"), "finish_reason": "stop"}]);
+            l.record(r).await.unwrap();
+            let mut r = rec(&format!("x{i}"), "acme");
+            r.subject = Some("dave".into());
+            r.created_at_ms = now_ms() - 10 * day;
+            r.messages = json!([{"role": "user", "content": format!("{expired} question {i}")}]);
+            l.record(r).await.unwrap();
+            l.record(rec(&format!("k{i}"), "acme")).await.unwrap();
+        }
+        let mut f = fb("e1", "acme", -1);
+        f.correction = Some(format!("{erased} correction"));
+        l.add_feedback(f).await.unwrap();
+        l.export_subject("admin", Some("acme"), &subject, &mut Vec::new())
+            .await
+            .unwrap();
+        let files = || -> Vec<u8> {
+            let mut all = std::fs::read(&path).unwrap();
+            if let Ok(w) = std::fs::read(path.with_extension("sqlite-wal")) {
+                all.extend(w);
+            }
+            all
+        };
+        let has =
+            |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+        // The check can fail: the text is there before.
+        assert!(has(&files(), &erased) && has(&files(), &expired));
+        l.erase_subject("admin", None, &subject).await.unwrap();
+        l.set_retention(
+            "admin",
+            crate::retention::Retention {
+                records_days: Some(7),
+                feedback_days: None,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            l.purge("retention", now_ms()).await.unwrap().completions,
+            40
+        );
+        let bytes = files();
+        assert!(!has(&bytes, &erased), "erased text left in the files");
+        assert!(!has(&bytes, &expired), "expired text left in the files");
+        assert!(
+            !has(&bytes, &subject),
+            "the erased subject's id left in the files"
+        );
+        let e = l.audit_entries().await.unwrap();
+        let erase = e.iter().find(|e| e.action == "erase_subject").unwrap();
+        assert_eq!(
+            erase.details["subject_hmac"],
+            json!(l.subject_ref(&subject))
+        );
+        assert!(erase.details.get("subject").is_none());
+        assert_ne!(l.subject_ref(&subject), l.subject_ref("dave"));
+        assert_eq!(l.verify_audit().await.unwrap(), Ok(e.len()));
+        // Owner-only files, and the directory it made.
+        for p in [
+            path.clone(),
+            path.with_extension("sqlite-wal"),
+            path.with_extension("sqlite-shm"),
+        ] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+        let mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let secure: i64 = sqlx::query_scalar("PRAGMA secure_delete")
+            .fetch_one(&l.pool)
+            .await
+            .unwrap();
+        assert_eq!(secure, 1);
+        l.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        let mac =
+            crate::governance::hmac_sha256_for_tests(b"Jefe", b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let long = crate::governance::hmac_sha256_for_tests(
+            &[0xaa; 131],
+            b"Test Using Larger Than Block-Size Key - Hash Key First",
+        );
+        let hex: String = long.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
     }
 
     #[tokio::test]

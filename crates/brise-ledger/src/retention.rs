@@ -93,7 +93,7 @@ impl Ledger {
             } else {
                 "legal_hold_released"
             },
-            json!({"tenant": tenant, "subject": subject}),
+            json!({"tenant": tenant, "subject_hmac": self.subject_ref(subject)}),
         )
         .await?;
         Ok(())
@@ -137,6 +137,7 @@ impl Ledger {
             rep.completions = ids.len() as u64;
         }
         if rep.completions > 0 || rep.feedback > 0 {
+            self.scrub().await?;
             self.audit(actor, "purge", json!({"retention": r, "report": rep}))
                 .await?;
         }

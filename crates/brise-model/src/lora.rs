@@ -33,6 +33,9 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// Largest rank accepted (a sanity bound against absurd files, far above real use).
 const MAX_RANK: usize = 4096;
+/// Largest |lora_alpha| an adapter may have (PEFT's default is 8; alpha = 2r at r = 4096
+/// is 8192).
+const MAX_ALPHA: f64 = 16_384.0;
 
 /// The projections an adapter can decorate, in layer order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -240,8 +243,15 @@ impl LoraAdapter {
                 format!("rank r = {r} is outside 1..={MAX_RANK}"),
             ));
         }
-        if !config.lora_alpha.is_finite() {
-            return Err(lora_err(path, "lora_alpha is not a finite number"));
+        // A scale of 1e308 / r turns every output into garbage (or infinities).
+        if !config.lora_alpha.is_finite() || config.lora_alpha.abs() > MAX_ALPHA {
+            return Err(lora_err(
+                path,
+                format!(
+                    "lora_alpha = {:?} is outside -{MAX_ALPHA}..={MAX_ALPHA}",
+                    config.lora_alpha
+                ),
+            ));
         }
         let shape = Shape::of(cfg);
         let mut layers: Vec<[Option<LoraMatrix>; 7]> =

@@ -467,6 +467,17 @@ fn refuses_unsupported_options() {
             "lm_head",
         ),
         ("r", serde_json::json!(-1), "r is not"),
+        // Issue 21: loaded, and produced garbage.
+        (
+            "lora_alpha",
+            serde_json::json!(1e308),
+            "lora_alpha = 1e308 is outside",
+        ),
+        (
+            "lora_alpha",
+            serde_json::json!(-20000.0),
+            "lora_alpha = -20000.0 is outside",
+        ),
         ("use_rslora", "yes".into(), "use_rslora"),
     ];
     for (key, val, want) in cases {

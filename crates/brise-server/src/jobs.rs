@@ -111,6 +111,26 @@ fn file_json(f: &FileInfo) -> Value {
     })
 }
 
+/// A multipart read error: 413 when the body went over `--max-body` (wherever the limit
+/// hit: between fields or inside one), else a 400.
+fn upload_error(e: axum::extract::multipart::MultipartError, what: &str) -> ApiError {
+    let mut too_large = e.status() == StatusCode::PAYLOAD_TOO_LARGE;
+    let mut src: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(x) = src {
+        too_large |= x.to_string().contains("length limit exceeded");
+        src = x.source();
+    }
+    if too_large {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "the upload is larger than the server's limit (--max-body)",
+        )
+    } else {
+        ApiError::bad_request(format!("could not read {what}: {e}"))
+    }
+}
+
 pub async fn upload_file(
     State(s): St,
     Extension(tenant): Extension<Tenant>,
@@ -127,17 +147,7 @@ pub async fn upload_file(
         let field = match mp.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => {
-                return Err(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "invalid_request_error",
-                        "the file is larger than the server's limit (--max-body)",
-                    )
-                } else {
-                    ApiError::bad_request(format!("could not read the upload: {e}"))
-                });
-            }
+            Err(e) => return Err(upload_error(e, "the upload")),
         };
         let name = field.name().unwrap_or_default().to_string();
         match name.as_str() {
@@ -146,16 +156,11 @@ pub async fn upload_file(
                 let data = field
                     .bytes()
                     .await
-                    .map_err(|e| ApiError::bad_request(format!("could not read the file: {e}")))?;
+                    .map_err(|e| upload_error(e, "the file"))?;
                 file = Some((filename, data));
             }
             "purpose" => {
-                purpose = Some(
-                    field
-                        .text()
-                        .await
-                        .map_err(|e| ApiError::param("purpose", e.to_string()))?,
-                );
+                purpose = Some(field.text().await.map_err(|e| upload_error(e, "purpose"))?);
             }
             // Mistral's: files never expire here and are the tenant's own.
             "expiry" | "visibility" => {
@@ -383,6 +388,17 @@ fn setting(k: &str) -> &str {
     }
 }
 
+/// Hard limits on a fine-tuning job: its memory grows with the rank, the sequence length
+/// and the batch, its time with the steps. A value over one is a 400 naming it.
+pub const MAX_EPOCHS: usize = 20;
+pub const MAX_STEPS: u64 = 10_000;
+pub const MAX_RANK: usize = 64;
+pub const MAX_ALPHA: f64 = 1024.0;
+pub const MAX_SEQ_LEN: usize = 4096;
+pub const MAX_BATCH: usize = 64;
+/// Jobs one tenant may have queued or running at once (more: 429).
+pub const MAX_ACTIVE_JOBS: i64 = 2;
+
 /// Applies hyperparameters (OpenAI's, Mistral's, or brise's own names) to `cfg`;
 /// `seen` holds the settings given so far in the request (and under which name).
 fn hyperparameters(
@@ -406,13 +422,13 @@ fn hyperparameters(
         }
         match k.as_str() {
             "n_epochs" | "epochs" => {
-                if let Some(e) = int(v, n, 1.0, 100.0)? {
+                if let Some(e) = int(v, n, 1.0, MAX_EPOCHS as f64)? {
                     cfg.epochs = e;
                     cfg.set_explicit("epochs");
                 }
             }
             "batch_size" => {
-                if let Some(b) = int(v, n, 1.0, 1024.0)? {
+                if let Some(b) = int(v, n, 1.0, MAX_BATCH as f64)? {
                     cfg.batch_size = b;
                     cfg.set_explicit("batch_size");
                 }
@@ -429,7 +445,7 @@ fn hyperparameters(
                     cfg.set_explicit("learning_rate");
                 }
             }
-            "training_steps" => cfg.max_steps = int(v, n, 1.0, 1e9)?.map(|x| x as u64),
+            "training_steps" => cfg.max_steps = int(v, n, 1.0, MAX_STEPS as f64)?.map(|x| x as u64),
             "weight_decay" => {
                 if let Some(x) = num(v, n, 0.0, 10.0)? {
                     cfg.weight_decay = x as f32;
@@ -441,7 +457,7 @@ fn hyperparameters(
                 }
             }
             "seq_len" => {
-                if let Some(x) = int(v, n, 16.0, 1e6)? {
+                if let Some(x) = int(v, n, 16.0, MAX_SEQ_LEN as f64)? {
                     cfg.max_len = x;
                 }
             }
@@ -451,13 +467,13 @@ fn hyperparameters(
                 }
             }
             "lora_rank" | "lora_r" => {
-                if let Some(r) = int(v, n, 1.0, 1024.0)? {
+                if let Some(r) = int(v, n, 1.0, MAX_RANK as f64)? {
                     cfg.rank = r;
                     cfg.alpha = 2.0 * r as f64;
                 }
             }
             "lora_alpha" => {
-                if let Some(a) = num(v, n, 1e-6, 1e6)? {
+                if let Some(a) = num(v, n, 1e-3, MAX_ALPHA)? {
                     cfg.alpha = a;
                 }
             }
@@ -734,6 +750,20 @@ async fn create_job_inner(s: &AppState, tenant: &Tenant, body: Value) -> ApiResu
     crate::routes::ready(s)?;
     let defaults = &s.cfg.train.defaults;
     let r = parse_job_request(&body, defaults)?;
+    let active = l.active_jobs(&tenant.0).await.map_err(db)?;
+    if active >= MAX_ACTIVE_JOBS {
+        return Err(ApiError {
+            code: Some("job_quota_exceeded"),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                format!(
+                    "this tenant has {active} fine-tuning jobs queued or running, the most it \
+                     may have ({MAX_ACTIVE_JOBS}): wait for one to finish, or cancel one"
+                ),
+            )
+        });
+    }
     let m = s
         .models()
         .iter()
@@ -799,6 +829,27 @@ async fn create_job_inner(s: &AppState, tenant: &Tenant, body: Value) -> ApiResu
     }
     let mut cfg = r.cfg.clone();
     cfg.method = train.method;
+    // Steps the epochs make (before the held-out split takes its share), when no
+    // training_steps limit says fewer.
+    let steps = (cfg.epochs as u64)
+        .saturating_mul((train.examples.len() as u64).div_ceil(cfg.batch_size.max(1) as u64));
+    if cfg.max_steps.is_none_or(|m| m > MAX_STEPS) && steps > MAX_STEPS {
+        let at = if r.dialect == "mistral" {
+            "hyperparameters.epochs"
+        } else {
+            "hyperparameters.n_epochs"
+        };
+        return Err(ApiError::param(
+            at,
+            format!(
+                "{} epochs of {} examples in batches of {} make {steps} steps, over the limit of \
+                 {MAX_STEPS}: give fewer epochs, a larger batch_size, or training_steps",
+                cfg.epochs,
+                train.examples.len(),
+                cfg.batch_size
+            ),
+        ));
+    }
     let job = l
         .create_job(NewJob {
             tenant: tenant.0.clone(),

@@ -234,6 +234,11 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// The ledger: a SQLite path or a `postgres://` URL; `None` records nothing.
     pub ledger: Option<String>,
+    /// Connections open at once; more wait in the kernel's backlog until one closes.
+    pub max_connections: usize,
+    /// How long a connection may take to send a request's headers, and how long it may
+    /// stay idle between requests, before it is closed.
+    pub header_timeout: Duration,
     /// The key of the admin routes (`/v1/admin/…`); `None` turns them off.
     pub admin_key: Option<String>,
     /// How often to look for a newly promoted adapter version in the ledger's registry
@@ -438,9 +443,8 @@ where
             std::process::exit(2);
         });
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let max_conns = fd_budget(state.cfg.max_connections);
+    accept_loop(listener, app, max_conns, state.cfg.header_timeout, shutdown).await;
     // A job training now stops at its next step and records why (the shutdown deadline
     // above still applies).
     if let Some(r) = runner {
@@ -452,6 +456,108 @@ where
     }
     eprintln!("brise: stopped");
     Ok(())
+}
+
+/// Connections the process can hold: raises the soft limit on open files to the hard
+/// one, and keeps 256 descriptors for models, the ledger and adapters, so that a flood of
+/// connections cannot take the descriptors the server needs (or stop `/health`).
+fn fd_budget(want: usize) -> usize {
+    const RESERVE: usize = 256;
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit struct through a valid, exclusive pointer.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                // SAFETY: setrlimit reads one rlimit struct through a valid pointer.
+                if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+            let room = (lim.rlim_cur as usize).saturating_sub(RESERVE).max(16);
+            if want > room {
+                eprintln!(
+                    "brise: --max-connections {want} lowered to {room}: the limit on open \
+                     files is {} (ulimit -n)",
+                    lim.rlim_cur
+                );
+                return room;
+            }
+        }
+    }
+    want.max(1)
+}
+
+/// Accepts connections while fewer than `max_conns` are open, and serves each over
+/// HTTP/1.1 with a header-read timeout (which also closes connections idle between
+/// requests). On `shutdown`: stops accepting, closes idle connections, lets requests in
+/// flight finish, and returns when every connection is closed.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    max_conns: usize,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_conns));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors (or a connection reset before it was accepted):
+                    // wait a little rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = b.serve_connection(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(app),
+            );
+            let mut conn = std::pin::pin!(conn);
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    r = stop.wait_for(|s| *s), if !stopping => {
+                        stopping = true;
+                        if r.is_ok() {
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection holds a permit until it closes.
+    let _ = slots.acquire_many(max_conns as u32).await;
 }
 
 async fn signal() {

@@ -25,6 +25,11 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// The tenant the completion is recorded for.
+    pub fn tenant(&self) -> &str {
+        &self.base.tenant
+    }
+
     pub fn new(
         s: &AppState,
         m: &ServedModel,

@@ -286,9 +286,13 @@ impl Fields {
     pub fn f32(&mut self, k: &str) -> ApiResult<Option<f32>> {
         match self.take(k) {
             None => Ok(None),
+            // Finite as an f32 too: 1e300 would become infinity.
             Some(Value::Number(n)) => match n.as_f64() {
-                Some(x) if x.is_finite() => Ok(Some(x as f32)),
-                _ => Err(ApiError::param(k, format!("{k} must be a finite number"))),
+                Some(x) if x.is_finite() && (x as f32).is_finite() => Ok(Some(x as f32)),
+                _ => Err(ApiError::param(
+                    k,
+                    format!("{k} must be a finite number (at most about 3.4e38 in magnitude)"),
+                )),
             },
             Some(v) => Err(ApiError::param(
                 k,
@@ -964,6 +968,9 @@ mod tests {
         let base = r#""model":"m","messages":[{"role":"user","content":"hi"}]"#;
         for (extra, param) in [
             (r#","temperature":-1"#, "temperature"),
+            // Issue 21: these became infinities and an error with no param.
+            (r#","temperature":1e300"#, "temperature"),
+            (r#","presence_penalty":-1e39"#, "presence_penalty"),
             (r#","top_p":2"#, "top_p"),
             (r#","max_tokens":0"#, "max_tokens"),
             (r#","n":0"#, "n"),

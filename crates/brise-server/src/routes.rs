@@ -138,16 +138,15 @@ async fn auth(State(s): St, mut req: Request, next: Next) -> Response {
         req.extensions_mut().insert(Tenant("default".into()));
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    match given.and_then(|g| s.cfg.api_keys.iter().find(|k| k.key == g)) {
+    let given = bearer(req.headers());
+    // Every key is compared, in constant time, whichever matches.
+    let found = given.and_then(|g| {
+        s.cfg.api_keys.iter().fold(
+            None,
+            |found, k| if key_eq(&k.key, g) { Some(k) } else { found },
+        )
+    });
+    match found {
         Some(k) => {
             req.extensions_mut().insert(Tenant(k.tenant.clone()));
             next.run(req).await
@@ -166,16 +165,57 @@ async fn admin_auth(State(s): St, req: Request, next: Next) -> Response {
         )
         .into_response();
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if given != Some(want.as_str()) {
+    if !bearer(req.headers()).is_some_and(|g| key_eq(want, g)) {
         return ApiError::unauthorized().into_response();
     }
     next.run(req).await
+}
+
+/// The token of `Authorization: Bearer TOKEN`. The scheme is case-insensitive (RFC
+/// 7235), for tenant and admin keys alike.
+pub(crate) fn bearer(h: &axum::http::HeaderMap) -> Option<&str> {
+    let v = h.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether two keys are equal, in a time that does not depend on where they differ:
+/// their SHA-256 digests (32 bytes whatever the keys' lengths) are compared without an
+/// early exit.
+pub(crate) fn key_eq(a: &str, b: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (x, y) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    let diff = x.iter().zip(y.iter()).fold(0u8, |d, (p, q)| d | (p ^ q));
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_keys_compare_whole() {
+        let mut h = axum::http::HeaderMap::new();
+        for (v, want) in [
+            ("Bearer k1", Some("k1")),
+            ("bearer k1", Some("k1")),
+            ("BEARER  k1 ", Some("k1")),
+            ("Basic k1", None),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearerk1", None),
+        ] {
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            assert_eq!(bearer(&h), want, "{v:?}");
+        }
+        assert!(key_eq("sekret-a", "sekret-a"));
+        for other in ["sekret-b", "sekret-", "sekret-aa", "", "Sekret-a"] {
+            assert!(!key_eq("sekret-a", other), "{other:?}");
+        }
+    }
 }
 
 async fn admin_erase(State(s): St, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -640,7 +680,9 @@ fn model_card(m: &ServedModel) -> Value {
         "owned_by": "brise",
         "type": "base",
         "name": m.model.name,
-        "aliases": m.aliases,
+        // A model served by path answers to that path too, but the server's file
+        // system is nobody's business: paths are not listed.
+        "aliases": m.aliases.iter().filter(|a| !a.contains(['/', '\\'])).collect::<Vec<_>>(),
         "max_context_length": m.n_ctx(),
         "capabilities": {
             "completion_chat": m.model.chat_template.is_some(),
@@ -936,12 +978,14 @@ struct Running {
 fn submit(
     s: &AppState,
     m: &ServedModel,
+    tenant: &str,
     jobs: Vec<(Vec<u32>, GenerateOptions)>,
 ) -> ApiResult<Running> {
     let (tx, rx) = unbounded_channel();
     let mut cancels = Vec::new();
     let deadline = Instant::now() + s.cfg.request_timeout;
-    for (i, (prompt, opts)) in jobs.into_iter().enumerate() {
+    for (i, (prompt, mut opts)) in jobs.into_iter().enumerate() {
+        opts.tenant = tenant.to_string();
         let cancel = Arc::new(AtomicBool::new(false));
         cancels.push(cancel.clone());
         let tx = tx.clone();
@@ -1053,7 +1097,7 @@ fn forced_call(tf: ToolFormat, tools: &[Tool], choice: &ToolChoice) -> ApiResult
             props: vec![
                 (
                     "name".into(),
-                    Arc::new(Schema::Literals(vec![
+                    Arc::new(Schema::literals(vec![
                         serde_json::to_vec(&t.name).unwrap_or_default(),
                     ])),
                 ),
@@ -1290,7 +1334,7 @@ async fn chat_like(
             Ok((prompt.clone(), o))
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    let run = submit(s, m, jobs)?;
+    let run = submit(s, m, rec.tenant(), jobs)?;
     let id = new_id(id_prefix);
     let created = crate::unix_now();
     if p.stream {
@@ -1498,7 +1542,7 @@ async fn completions(
         }
     }
     let n_jobs = jobs.len();
-    let run = submit(&s, m, jobs)?;
+    let run = submit(&s, m, &tenant.0, jobs)?;
     let id = new_id("cmpl");
     let created = crate::unix_now();
     if p.stream {
@@ -1989,7 +2033,7 @@ async fn compare(
         })
         .collect::<ApiResult<Vec<_>>>()?;
     let rec = Recorder::new(&s, m, None, "/v1/compare", &headers, &tenant, &body, p)?;
-    let run = submit(&s, m, jobs)?;
+    let run = submit(&s, m, &tenant.0, jobs)?;
     let choices = match collect(m, run, 2).await {
         Ok(c) => c,
         Err(e) => {
@@ -2386,6 +2430,29 @@ async fn metrics_text(State(s): St) -> Response {
                 "{name}{{model=\"{}\"}} {}",
                 metrics::escape(&m.id),
                 f(m)
+            );
+        }
+    }
+    metrics::header(
+        &mut out,
+        "brise_tenant_queue_depth",
+        "gauge",
+        "Requests waiting for a slot, per tenant (tenants with none waiting are left out).",
+    );
+    for m in models {
+        let q = m
+            .sched
+            .stats()
+            .queued_by_tenant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (t, n) in q {
+            let _ = writeln!(
+                out,
+                "brise_tenant_queue_depth{{model=\"{}\",tenant=\"{}\"}} {n}",
+                metrics::escape(&m.id),
+                metrics::escape(&t)
             );
         }
     }

@@ -280,8 +280,11 @@ pub async fn preload(
     if let Some((at, e)) = loads.get(&name)
         && at.elapsed() < RETRY_FAILED
     {
+        // What failed (with the server's paths) is in the log, not in the answer.
+        let _ = e;
         return Err(crate::error::ApiError::internal(format!(
-            "version {name} failed to load {} s ago ({e}); it is retried 30 s after a failure",
+            "cannot load version {name}: it failed {} s ago (the server's log says why); \
+             it is retried 30 s after a failure",
             at.elapsed().as_secs()
         )));
     }
@@ -322,9 +325,15 @@ pub async fn preload(
             a
         }
         Err(e) => {
-            let msg = format!("cannot load version {} from {}: {e}", v.id, v.path);
+            // The paths and the loader's message go to the log only: a tenant naming a
+            // broken version learns nothing about the server's files.
+            eprintln!("brise: cannot load version {} from {}: {e}", v.id, v.path);
             loads.insert(name.clone(), (Instant::now(), e));
-            return Err(crate::error::ApiError::internal(msg));
+            return Err(crate::error::ApiError::internal(format!(
+                "cannot load version {}: it is registered but does not load (the server's \
+                 log says why)",
+                v.id
+            )));
         }
     };
     m.keep_version(Arc::new(ServedAdapter {

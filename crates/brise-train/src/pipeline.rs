@@ -163,7 +163,12 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
     if cancelled() {
         return Err("cancelled".into());
     }
-    std::fs::create_dir_all(&spec.out_dir)
+    // Trained on people's data: readable by its owner only.
+    let mut dirs = std::fs::DirBuilder::new();
+    dirs.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut dirs, 0o700);
+    dirs.create(&spec.out_dir)
         .map_err(|e| format!("{}: {e}", spec.out_dir.display()))?;
     candidate.save(&spec.out_dir).map_err(|e| e.to_string())?;
     let (record_ids, feedback_ids) = ids(&train_ex);
