@@ -371,6 +371,95 @@ mod x86 {
     }
 }
 
+/// [`block16`]'s kernels on AVX2: the 16 keys (or value dimensions) as two 8-wide
+/// halves, each of llama.cpp's lanes (and, in the Vec order, its four groups) a separate
+/// accumulator in memory, so every output takes the FMAs of the scalar reference in
+/// its order, then the same reduce tree. No allocation (the references transpose).
+#[cfg(target_arch = "x86_64")]
+mod avx2b {
+    use super::{DotOrder, reduce16};
+    use core::arch::x86_64::*;
+
+    /// `out[i] = dot(order)` over positions `[lo, hi)` of `rows` (row `j` at
+    /// `base + j · stride` bytes, 16 f16 values, the i-th being output i's) with `s[j]`;
+    /// `n` is the full length that decides the Vec order's 64-wide steps.
+    ///
+    /// # Safety
+    /// AVX2, F16C and FMA are present; rows `lo..hi` are readable 32 bytes each and `s`
+    /// has `hi` values.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn block(
+        order: DotOrder,
+        base: *const u8,
+        stride: usize,
+        s: &[f32],
+        lo: usize,
+        hi: usize,
+        n: usize,
+        out: &mut [f32; 16],
+    ) {
+        unsafe {
+            let z = _mm256_setzero_ps();
+            let mut acc = [[(z, z); 16]; 4];
+            let simd_end = match order {
+                DotOrder::Tiny => hi,
+                DotOrder::Vec => hi.min(n & !63),
+            };
+            for j in lo..simd_end.max(lo) {
+                let g = match order {
+                    DotOrder::Tiny => 0,
+                    DotOrder::Vec => (j % 64) / 16,
+                };
+                let r = base.add(j * stride);
+                let v0 = _mm256_cvtph_ps(_mm_loadu_si128(r as *const __m128i));
+                let v1 = _mm256_cvtph_ps(_mm_loadu_si128(r.add(16) as *const __m128i));
+                let sj = _mm256_set1_ps(s[j]);
+                let a = &mut acc[g][j % 16];
+                a.0 = _mm256_fmadd_ps(v0, sj, a.0);
+                a.1 = _mm256_fmadd_ps(v1, sj, a.1);
+            }
+            if order == DotOrder::Vec {
+                for l in 0..16 {
+                    let add = |p: (__m256, __m256), q: (__m256, __m256)| {
+                        (_mm256_add_ps(p.0, q.0), _mm256_add_ps(p.1, q.1))
+                    };
+                    acc[0][l] = add(acc[0][l], acc[2][l]);
+                    acc[1][l] = add(acc[1][l], acc[3][l]);
+                    acc[0][l] = add(acc[0][l], acc[1][l]);
+                }
+            }
+            // lanes[l][i]: lane l of output i.
+            let mut lanes = [[0f32; 16]; 16];
+            for (l, a) in acc[0].iter().enumerate() {
+                _mm256_storeu_ps(lanes[l].as_mut_ptr(), a.0);
+                _mm256_storeu_ps(lanes[l].as_mut_ptr().add(8), a.1);
+            }
+            for (i, o) in out.iter_mut().enumerate() {
+                let mut by_lane = [0f32; 16];
+                for (l, v) in by_lane.iter_mut().enumerate() {
+                    *v = lanes[l][i];
+                }
+                let r = reduce16(&by_lane);
+                *o = match order {
+                    DotOrder::Tiny => r,
+                    DotOrder::Vec => {
+                        let mut sum = r as f64;
+                        let rh = |j: usize| {
+                            let p = base.add(j * stride + 2 * i) as *const u16;
+                            half::f16::from_bits(p.read_unaligned()).to_f32()
+                        };
+                        for j in (n & !63).max(lo)..hi {
+                            sum += (rh(j) * s[j]) as f64;
+                        }
+                        sum as f32
+                    }
+                };
+            }
+        }
+    }
+}
+
 /// One head of one sequence for [`attention_backward_head`]: the rows are positions
 /// `0..lo.len()` of a cache that started empty, row `i` attends `lo[i]..=i`, and its
 /// probabilities (the forward's softmax output, before any f16 rounding) are
@@ -835,6 +924,12 @@ pub mod block16 {
             // SAFETY: AVX-512F is present (checked); sizes checked above.
             return unsafe { super::x86b::kq(order, kt.as_ptr(), q.as_ptr(), hd, out) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx2() {
+            // SAFETY: AVX2, F16C and FMA are present (checked); hd rows of 16 keys (32
+            // bytes each) are in kt and hd values in q (asserted above).
+            return unsafe { super::avx2b::block(order, kt.as_ptr(), 32, q, 0, hd, hd, out) };
+        }
         kq_ref(order, kt, q, hd, out)
     }
 
@@ -861,7 +956,7 @@ pub mod block16 {
             return;
         }
         for (q, o) in qs.iter().zip(outs.iter_mut()) {
-            kq_ref(DotOrder::Tiny, kt, q, hd, o);
+            kq(DotOrder::Tiny, kt, q, hd, o);
         }
     }
 
@@ -886,8 +981,10 @@ pub mod block16 {
             let k: Vec<u8> = (0..hd)
                 .flat_map(|d| [kt[(d * 16 + key) * 2], kt[(d * 16 + key) * 2 + 1]])
                 .collect();
-            // The SIMD dots where the CPU has them (tested equal to the scalar ones).
-            *o = super::dot_f16(order, &k, q, 0, hd, hd);
+            *o = match order {
+                DotOrder::Vec => super::dot_f16_vec_ref(&k, q, 0, hd, hd),
+                DotOrder::Tiny => super::dot_f16_tiny_ref(&k, q, 0, hd),
+            };
             let _ = h;
         }
     }
@@ -915,6 +1012,14 @@ pub mod block16 {
             // SAFETY: AVX-512F is present (checked); sizes checked above.
             return unsafe {
                 super::x86b::kqv(order, v.as_ptr(), hd, d0, p.as_ptr(), lo, hi, n_kv, out)
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx2() {
+            // SAFETY: AVX2, F16C and FMA are present (checked); rows j < hi of hd values
+            // hold the 16 at d0 (d0 + 16 <= hd), and p has hi values (asserted above).
+            return unsafe {
+                super::avx2b::block(order, v.as_ptr().add(2 * d0), 2 * hd, p, lo, hi, n_kv, out)
             };
         }
         kqv_ref(order, v, hd, d0, p, lo, hi, n_kv, out)
@@ -953,7 +1058,7 @@ pub mod block16 {
             return;
         }
         for (p, o) in ps.iter().zip(outs.iter_mut()) {
-            kqv_ref(DotOrder::Tiny, v, hd, d0, p, lo, hi, n_kv, o);
+            kqv(DotOrder::Tiny, v, hd, d0, p, lo, hi, n_kv, o);
         }
     }
 
@@ -978,7 +1083,10 @@ pub mod block16 {
             let col: Vec<u8> = (0..hi)
                 .flat_map(|j| [v[(j * hd + d0 + i) * 2], v[(j * hd + d0 + i) * 2 + 1]])
                 .collect();
-            *o = super::dot_f16(order, &col, p, lo, hi, n_kv);
+            *o = match order {
+                DotOrder::Vec => super::dot_f16_vec_ref(&col, p, lo, hi, n_kv),
+                DotOrder::Tiny => super::dot_f16_tiny_ref(&col, p, lo, hi),
+            };
         }
     }
 }
@@ -1353,6 +1461,14 @@ mod block16_tests {
                 b.map(f32::to_bits),
                 "{order:?} hd={hd}"
             );
+            // The AVX2 kernel too, where AVX-512 would be picked first.
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                let mut c = [0f32; 16];
+                // SAFETY: AVX2, F16C and FMA checked; kt holds hd rows of 32 bytes.
+                unsafe { avx2b::block(order, kt.as_ptr(), 32, &q, 0, hd, hd, &mut c) };
+                assert_eq!(c.map(f32::to_bits), b.map(f32::to_bits), "AVX2 {order:?}");
+            }
         }
     }
 
@@ -1456,6 +1572,24 @@ mod block16_tests {
                         b.map(f32::to_bits),
                         "{order:?} [{lo},{hi}) n_kv={n_kv} d0={d0}"
                     );
+                    #[cfg(target_arch = "x86_64")]
+                    if has_avx2() {
+                        let mut c = [0f32; 16];
+                        // SAFETY: AVX2, F16C and FMA checked; rows < hi hold hd values.
+                        unsafe {
+                            avx2b::block(
+                                order,
+                                v.as_ptr().add(2 * d0),
+                                2 * hd,
+                                &p,
+                                lo,
+                                hi,
+                                n_kv,
+                                &mut c,
+                            )
+                        };
+                        assert_eq!(c.map(f32::to_bits), b.map(f32::to_bits), "AVX2 {order:?}");
+                    }
                 }
             }
         }
