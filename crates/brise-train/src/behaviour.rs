@@ -398,7 +398,7 @@ mod tests {
     fn edits_score_what_users_changed() {
         let orig = "The sky is blue because air scatters blue light more than red light.";
         // A signature added: carrying it out scores, rewording the rest does not cost.
-        let e = Edit::new(&format!("The sky is blue.\n\n— Brise Support"), orig);
+        let e = Edit::new("The sky is blue.\n\n— Brise Support", orig);
         assert!(e.adds);
         assert!(e.score("Blue light scatters most in air.\n\n— Brise Support") > 60.0);
         assert!(e.score(orig) < 20.0);
