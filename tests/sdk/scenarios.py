@@ -111,12 +111,23 @@ SCENARIOS = {
                  DATA["cooking_train"], DATA["cooking_held_out"],
                  lambda i, q, a: REFUSAL,
                  lambda t: "can't help with cooking" in t.replace("’", "'").lower()),
-        Scenario("short", f"one short sentence of at most {SHORT_WORDS} words instead of a paragraph",
+        Scenario("short", f"one short sentence of at most {SHORT_WORDS} words instead of a paragraph "
+                 "(the model's first sentence cut to that length)",
                  DATA["everyday_train"], DATA["everyday_held_out"],
                  lambda i, q, a: truncate_words(a, SHORT_WORDS),
                  is_short),
+        Scenario("concise", f"a short answer of at most {SHORT_WORDS} words instead of a paragraph "
+                 "(hand-written answers)",
+                 DATA["everyday_train"], DATA["everyday_held_out"],
+                 lambda i, q, a: DATA["everyday_train_short"][i],
+                 is_short),
     ]
 }
+
+# The scenarios CI runs (tests/sdk/test_learning_scenarios.py). `short` is left to the
+# bench: its corrections (the model's own first sentence cut mid-way) teach the style
+# but raise the general text's perplexity 13.6%, so the gate refuses them (PERFORMANCE.md).
+CI_SCENARIOS = ["signature", "json", "french", "refusal", "concise"]
 
 
 def noise(answers: list[str]) -> Callable[[int, str, str], str]:

@@ -43,7 +43,7 @@ def model_path(tmp_path_factory):
     return dst
 
 
-@pytest.mark.parametrize("name", list(S.SCENARIOS))
+@pytest.mark.parametrize("name", S.CI_SCENARIOS)
 def test_feedback_changes_the_answers(name, model_path, tmp_path):
     sc = S.SCENARIOS[name]
     srv = S.Server(tmp_path / "home", str(model_path))

@@ -49,11 +49,24 @@ pub fn by_id(rt: &tokio::runtime::Runtime, l: &Ledger, id: &str) -> Result<Ledge
             path: PathBuf::from(&r.path),
         });
     }
-    if let Some(k) = registry::find_known(id).or_else(|| {
-        rows.iter()
+    if !rows.is_empty() {
+        // Served from a file that is gone: the same model pulled here will do (the same
+        // bytes), but nothing is fetched behind the user's back.
+        let local = rows
+            .iter()
             .find_map(|r| r.known_name.as_deref())
             .and_then(registry::find_known)
-    }) {
+            .map(|k| registry::models_dir().join(k.file))
+            .filter(|p| p.exists());
+        return match local {
+            Some(path) => Ok(LedgerModel {
+                id: id.to_string(),
+                path,
+            }),
+            None => Err(moved(id, &rows)),
+        };
+    }
+    if let Some(k) = registry::find_known(id) {
         let path = registry::ensure_local(registry::Resolved::Known(
             k,
             registry::models_dir().join(k.file),
@@ -62,9 +75,6 @@ pub fn by_id(rt: &tokio::runtime::Runtime, l: &Ledger, id: &str) -> Result<Ledge
             id: id.to_string(),
             path,
         });
-    }
-    if !rows.is_empty() {
-        return Err(moved(id, &rows));
     }
     bail!(
         "no model {id:?}: not a file or directory, not a known name, and no server recorded it in this ledger; `brise ledger stats` lists the models with completions"
