@@ -339,8 +339,8 @@ def test_an_auto_job_reports_the_method_it_trains_with(tmp_path):
             for status, method, bm in seen[:-1]:
                 assert bm == "auto" and method is None, seen
             status, method, bm = seen[-1]
-            assert bm == "dpo" and method["type"] == "dpo" and "dpo" in method, seen
-            assert j["brise"]["config"]["method"] == "dpo", j["brise"]["config"]
+            assert bm == "sft" and method["type"] == "supervised" and "supervised" in method, seen
+            assert j["brise"]["config"]["method"] == "sft", j["brise"]["config"]
             # Done with it: cancelled (at its next step) before the server stops.
             r = c.post(f"/v1/admin/fine_tuning/jobs/{j['id']}/cancel", headers=auth)
             assert r.status_code == 200, r.text
