@@ -779,10 +779,15 @@ async fn list_models(State(s): St, Extension(tenant): Extension<Tenant>) -> ApiR
                 .map_err(|e| ApiError::internal(format!("reading the adapter registry: {e}")))?;
             for v in versions.iter().rev() {
                 use brise_ledger::adapters::AdapterStatus;
-                let listed = matches!(v.status, AdapterStatus::Candidate | AdapterStatus::Retired)
-                    && v.tainted.is_none()
-                    && owners.get(&v.id).is_none_or(|o| *o == tenant.0)
-                    && promoted.as_ref().is_none_or(|p| p.name != v.id);
+                // A fine-tuning job's result is the tenant's model whatever the gate
+                // said (the gate decides promotion, not whether it can be called).
+                let job_result = owners.contains_key(&v.id);
+                let listed =
+                    (matches!(v.status, AdapterStatus::Candidate | AdapterStatus::Retired)
+                        || (job_result && matches!(v.status, AdapterStatus::Rejected)))
+                        && v.tainted.is_none()
+                        && owners.get(&v.id).is_none_or(|o| *o == tenant.0)
+                        && promoted.as_ref().is_none_or(|p| p.name != v.id);
                 if listed {
                     data.push(version_card(m, v));
                 }
