@@ -76,6 +76,10 @@ pub struct TrainArgs {
     /// when --method auto chose DPO, else 0]
     #[arg(long)]
     pub rpo_alpha: Option<f64>,
+    /// Stop when the held-out loss has not improved for this many epochs in a row, and
+    /// keep the best epoch's adapter; 0 runs every epoch
+    #[arg(long, default_value_t = brise_train::trainer::AUTO_PATIENCE)]
+    pub early_stopping_patience: usize,
     /// DPO's and KTO's beta
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
@@ -115,6 +119,7 @@ pub fn train_config(a: &TrainArgs, method: Method, auto_method: bool) -> TrainCo
         max_steps: a.max_steps,
         beta: a.beta,
         seed: a.seed,
+        early_stopping_patience: a.early_stopping_patience,
         ..TrainConfig::fitted()
     };
     if let Some(lr) = a.lr {
@@ -392,6 +397,21 @@ fn run_one(
             out.summary.tokens_per_s,
             out.summary.first_loss.unwrap_or(f64::NAN),
             out.summary.last_loss.unwrap_or(f64::NAN),
+        );
+    }
+    if let Some(es) = &out.early_stopping
+        && let Some(kept) = es.kept_epoch
+    {
+        let losses: Vec<String> = es
+            .epoch_losses
+            .iter()
+            .map(|(e, l)| format!("{}: {l:.4}", e + 1))
+            .collect();
+        eprintln!(
+            "stopped early: the held-out loss did not improve for {} epochs ({}); kept epoch {}",
+            es.patience,
+            losses.join(", "),
+            kept + 1
         );
     }
     if out.summary.truncated > 0 {

@@ -4,8 +4,8 @@
 //! Registering (and promoting) the result is the caller's: it owns the ledger.
 
 use crate::data::{Dataset, Example};
-use crate::eval::{GateConfig, GateReport, Scorer, Version, evaluate};
-use crate::trainer::{StepReport, TrainConfig, TrainSummary, Trainer, init_adapter};
+use crate::eval::{GateConfig, GateReport, Scorer, Version, evaluate, metrics, score_examples};
+use crate::trainer::{EpochAction, StepReport, TrainConfig, TrainSummary, Trainer, init_adapter};
 use brise_model::{LoraAdapter, Model};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -48,6 +48,74 @@ pub struct RunOutcome {
     /// Record and feedback ids of the training examples (lineage).
     pub record_ids: Vec<String>,
     pub feedback_ids: Vec<String>,
+    /// The held-out loss after each epoch but the last, when early stopping is on.
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+/// What early stopping saw: the held-out loss (mean NLL per token of the preferred
+/// answers, the gate's `nll`) after each epoch but the last.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EarlyStopping {
+    pub patience: usize,
+    /// (epoch, loss), epochs counted from 0.
+    pub epoch_losses: Vec<(usize, f64)>,
+    /// The epoch whose adapter was kept, when the run stopped early.
+    pub kept_epoch: Option<usize>,
+}
+
+/// Tracks the held-out loss between epochs and says when to stop; keeps the best
+/// epoch's adapter so a stopped run ends with it, not with the overfitted last one.
+struct Stopper<'a> {
+    held: Vec<&'a Example>,
+    patience: usize,
+    best: Option<(usize, f64, LoraAdapter)>,
+    since_best: usize,
+    log: EarlyStopping,
+}
+
+impl<'a> Stopper<'a> {
+    fn new(held: &[&'a Example], patience: usize) -> Option<Stopper<'a>> {
+        let held: Vec<&Example> = held
+            .iter()
+            .copied()
+            .filter(|e| e.item.preferred().is_some())
+            .collect();
+        (patience > 0 && !held.is_empty()).then(|| Stopper {
+            held,
+            patience,
+            best: None,
+            since_best: 0,
+            log: EarlyStopping {
+                patience,
+                ..EarlyStopping::default()
+            },
+        })
+    }
+
+    fn epoch(
+        &mut self,
+        scorer: &mut Scorer,
+        epoch: usize,
+        adapter: &LoraAdapter,
+    ) -> Result<EpochAction, String> {
+        let scores =
+            score_examples(scorer, Some(adapter), &self.held).map_err(|e| e.to_string())?;
+        let Some(loss) = metrics(&scores, &[], None).nll else {
+            return Ok(EpochAction::Continue);
+        };
+        self.log.epoch_losses.push((epoch, loss));
+        if self.best.as_ref().is_none_or(|(_, b, _)| loss < *b) {
+            self.best = Some((epoch, loss, adapter.clone()));
+            self.since_best = 0;
+            return Ok(EpochAction::Continue);
+        }
+        self.since_best += 1;
+        Ok(if self.since_best >= self.patience {
+            EpochAction::Stop
+        } else {
+            EpochAction::Continue
+        })
+    }
 }
 
 fn ids(ex: &[&Example]) -> (Vec<String>, Vec<String>) {
@@ -131,16 +199,33 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         }
     };
     tr.checkpoint = spec.checkpoint.clone();
-    let summary = tr.train(&items, &mut |r| {
-        on_step(r);
-        !spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
-    })?;
+    let mut scorer = Scorer::new(spec.model, spec.threads);
+    let mut stopper = Stopper::new(&held, train.early_stopping_patience);
+    let summary = tr.train_with(
+        &items,
+        &mut |r| {
+            on_step(r);
+            !spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+        },
+        &mut |epoch, adapter| match stopper.as_mut() {
+            Some(st) => st.epoch(&mut scorer, epoch, adapter),
+            None => Ok(EpochAction::Continue),
+        },
+    )?;
     let cancelled = || spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     if summary.stopped || cancelled() {
         return Err("cancelled".into());
     }
-    let candidate = tr.adapter;
-    let mut scorer = Scorer::new(spec.model, spec.threads);
+    let mut candidate = tr.adapter;
+    let early_stopping = stopper.map(|mut st| {
+        if summary.stopped_early
+            && let Some((epoch, _, best)) = st.best.take()
+        {
+            candidate = best;
+            st.log.kept_epoch = Some(epoch);
+        }
+        st.log
+    });
     let (cur_name, cur_ad) = match spec.current {
         Some((n, a)) => (n, Some(a)),
         None => ("base", None),
@@ -184,6 +269,7 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         dataset_sha256: spec.data.snapshot_sha256.clone(),
         record_ids,
         feedback_ids,
+        early_stopping,
     };
     write(&spec.out_dir.join("eval.json"), &out.report.to_json())?;
     write(&spec.out_dir.join("eval.md"), &out.report.to_markdown())?;

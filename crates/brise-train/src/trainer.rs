@@ -59,6 +59,9 @@ pub struct TrainConfig {
     /// `learning_rate`, `rpo_alpha`): they are derived from the training set when a
     /// run starts, and the run's record keeps the values used.
     pub auto: Vec<String>,
+    /// Stop when the held-out loss has not improved on its best for this many epochs in
+    /// a row, and keep the best epoch's adapter. 0: off (every epoch runs).
+    pub early_stopping_patience: usize,
 }
 
 /// The hyperparameters [`TrainConfig::fit_to_data`] can derive.
@@ -68,6 +71,9 @@ pub const AUTO_FIELDS: [&str; 4] = ["epochs", "batch_size", "learning_rate", "rp
 pub const AUTO_TARGET_STEPS: usize = 32;
 /// Learning rate of the data-fitted defaults (LoRA r16, alpha 32).
 pub const AUTO_LEARNING_RATE: f64 = 3e-4;
+/// Early-stopping patience of the data-fitted defaults: two epochs without a better
+/// held-out loss. One would stop on a single noisy epoch of a small held-out split.
+pub const AUTO_PATIENCE: usize = 2;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -95,6 +101,7 @@ impl Default for TrainConfig {
             batch_tokens: 1024,
             rpo_alpha: 0.0,
             auto: vec![],
+            early_stopping_patience: 0,
         }
     }
 }
@@ -150,6 +157,7 @@ impl TrainConfig {
         TrainConfig {
             learning_rate: AUTO_LEARNING_RATE,
             auto: AUTO_FIELDS.iter().map(|s| s.to_string()).collect(),
+            early_stopping_patience: AUTO_PATIENCE,
             ..TrainConfig::default()
         }
     }
@@ -224,6 +232,15 @@ pub struct TrainSummary {
     /// Sequences whose completion was cut at `max_len`.
     pub truncated: usize,
     pub stopped: bool,
+    /// The run ended before its last epoch because the epoch hook said so.
+    pub stopped_early: bool,
+}
+
+/// What the epoch hook of [`Trainer::train_with`] tells the trainer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpochAction {
+    Continue,
+    Stop,
 }
 
 /// splitmix64: a seeded, platform-independent generator for init and shuffling.
@@ -752,6 +769,17 @@ impl<'m> Trainer<'m> {
         items: &[Item],
         on_step: &mut dyn FnMut(&StepReport) -> bool,
     ) -> Result<TrainSummary, String> {
+        self.train_with(items, on_step, &mut |_, _| Ok(EpochAction::Continue))
+    }
+
+    /// [`Trainer::train`], with `on_epoch(epoch, adapter)` called after each epoch that
+    /// took a step in this process and is not the last (early stopping's hook).
+    pub fn train_with(
+        &mut self,
+        items: &[Item],
+        on_step: &mut dyn FnMut(&StepReport) -> bool,
+        on_epoch: &mut dyn FnMut(usize, &LoraAdapter) -> Result<EpochAction, String>,
+    ) -> Result<TrainSummary, String> {
         let items: Vec<&Item> = items
             .iter()
             .filter(|it| it.method() == self.cfg.method)
@@ -776,9 +804,11 @@ impl<'m> Trainer<'m> {
             last_loss: None,
             truncated: 0,
             stopped: false,
+            stopped_early: false,
         };
         let mut global = 0u64;
         'outer: for epoch in 0.. {
+            let mut stepped = false;
             let mut order: Vec<usize> = (0..items.len()).collect();
             let mut rng = Rng(self.cfg.seed ^ (epoch as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
             for i in (1..order.len()).rev() {
@@ -794,6 +824,7 @@ impl<'m> Trainer<'m> {
                     continue;
                 }
                 let batch: Vec<&Item> = chunk.iter().map(|&i| items[i]).collect();
+                stepped = true;
                 let mut rep = self.step(&batch, total)?;
                 rep.epoch = epoch;
                 sum.steps += 1;
@@ -810,6 +841,13 @@ impl<'m> Trainer<'m> {
                     sum.stopped = true;
                     break 'outer;
                 }
+            }
+            if global >= total {
+                break;
+            }
+            if stepped && on_epoch(epoch, &self.adapter)? == EpochAction::Stop {
+                sum.stopped_early = true;
+                break;
             }
         }
         sum.seconds = t0.elapsed().as_secs_f64();

@@ -206,3 +206,114 @@ fn rpo_is_dpo_plus_the_chosen_answers_nll() {
         .fold(0f32, |a, (r, d)| a.max((r - d).abs()));
     assert!(moved > 1e-2 * scale, "{moved}");
 }
+
+fn example(item: Item, key: &str) -> brise_train::data::Example {
+    brise_train::data::Example {
+        item,
+        prompt_key: key.into(),
+        subject: None,
+        tenant: None,
+        record_ids: vec![],
+        feedback_ids: vec![],
+        origin: key.into(),
+        prompt_text: String::new(),
+        replaced: None,
+    }
+}
+
+fn dataset(items: Vec<Item>) -> brise_train::data::Dataset {
+    brise_train::data::Dataset {
+        examples: items
+            .into_iter()
+            .enumerate()
+            .map(|(i, it)| example(it, &format!("p{i}")))
+            .collect(),
+        snapshot_sha256: String::new(),
+        source: "test".into(),
+        method: Method::Sft,
+        rows: 0,
+        skipped: vec![],
+        export: None,
+        available: None,
+    }
+}
+
+/// Runs the whole pipeline for 8 epochs of 2 steps, validated on `held`.
+fn run_with_held(held: Vec<Item>, patience: usize) -> brise_train::pipeline::RunOutcome {
+    let m = model();
+    let data = dataset(sft_items());
+    let val = dataset(held);
+    let out_dir = std::env::temp_dir().join(format!(
+        "brise-early-stop-{}-{patience}-{}",
+        std::process::id(),
+        val.examples.len()
+    ));
+    let train = TrainConfig {
+        batch_size: 1,
+        epochs: 8,
+        max_steps: None,
+        early_stopping_patience: patience,
+        ..cfg(Method::Sft)
+    };
+    let out = brise_train::pipeline::run(
+        brise_train::pipeline::RunSpec {
+            model: &m,
+            data: &data,
+            train,
+            gate: brise_train::eval::GateConfig {
+                behaviour: false,
+                ..Default::default()
+            },
+            held_out_fraction: 0.2,
+            current: None,
+            out_dir: out_dir.clone(),
+            threads: 2,
+            cancel: None,
+            checkpoint: None,
+            validation: Some(&val),
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&out_dir);
+    out
+}
+
+#[test]
+fn early_stopping_keeps_the_best_epoch_when_the_held_out_loss_rises() {
+    // Held out: answers of tokens never trained on, which training makes less likely
+    // as it moves the mass to the trained answers' tokens.
+    let held = vec![
+        Item::Sft(seq(&[1, 1183, 2339, 1073], &[500, 700, 900, 1100])),
+        Item::Sft(seq(&[1, 6233, 29493], &[600, 800, 1000])),
+    ];
+    let out = run_with_held(held, 2);
+    let es = out.early_stopping.expect("early stopping was on");
+    assert!(out.summary.stopped_early, "{:?}", es.epoch_losses);
+    assert!(out.summary.steps < 16, "{} steps", out.summary.steps);
+    let kept = es.kept_epoch.expect("a kept epoch");
+    let best = es
+        .epoch_losses
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert_eq!(kept, best.0);
+    assert_eq!(es.epoch_losses.last().unwrap().0, kept + 2, "patience 2");
+    // The adapter written is the kept epoch's: the gate's held-out loss is its loss.
+    let nll = out.report.candidate.metrics.nll.unwrap();
+    assert_eq!(nll, best.1, "{:?}", es.epoch_losses);
+}
+
+#[test]
+fn early_stopping_runs_every_epoch_while_the_held_out_loss_falls() {
+    let out = run_with_held(sft_items(), 2);
+    let es = out.early_stopping.expect("early stopping was on");
+    assert!(!out.summary.stopped_early, "{:?}", es.epoch_losses);
+    assert_eq!(out.summary.steps, 16);
+    assert_eq!(es.kept_epoch, None);
+    assert_eq!(es.epoch_losses.len(), 7, "every epoch but the last");
+    // Off: no hook, no record.
+    let off = run_with_held(sft_items(), 0);
+    assert!(off.early_stopping.is_none());
+    assert_eq!(off.summary.steps, 16);
+}
