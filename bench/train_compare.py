@@ -21,7 +21,7 @@ What is run
 
 Usage
     scripts/setup-train-reference.sh          # the PyTorch venv (.venv-train)
-    python3 bench/train_compare.py [--rounds 3] [--steps 8] [--seq 256] [--threads 2]
+    python3 bench/train_compare.py [--rounds 3] [--steps 8] [--seq 256] [--threads 2] [--model GGUF]
 """
 
 import argparse
@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = Path(os.environ.get("BRISE_HOME", Path.home() / ".brise")) / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS = Path(os.environ.get("BRISE_HOME", Path.home() / ".brise")) / "models"
+MODEL = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TORCH_JOB = r"""
 import json, resource, sys, time
@@ -69,16 +70,16 @@ print(json.dumps({"tokens_per_s": steps * seq / dt, "peak_rss_mb": rss}))
 """
 
 
-def run_brise(seq, steps, threads):
+def run_brise(model, seq, steps, threads):
     exe = ROOT / "target" / "release" / "examples" / "train_bench"
     # One more step than measured: the example's first step is the warm-up here.
-    out = subprocess.run([str(exe), str(MODEL), str(seq), str(steps + 1), "16", str(threads), "--warmup"],
+    out = subprocess.run([str(exe), str(model), str(seq), str(steps + 1), "16", str(threads), "--warmup"],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_torch(py, seq, steps, threads):
-    out = subprocess.run([py, "-c", TORCH_JOB, str(MODEL), str(seq), str(steps), str(threads)],
+def run_torch(py, model, seq, steps, threads):
+    out = subprocess.run([py, "-c", TORCH_JOB, str(model), str(seq), str(steps), str(threads)],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -90,25 +91,29 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=str(MODEL),
+                    help="a GGUF both engines can load (default: SmolLM2-135M; "
+                         "e.g. ~/.brise/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf)")
     ap.add_argument("--venv", default=os.environ.get("BRISE_TRAIN_VENV", str(ROOT / ".venv-train")))
     a = ap.parse_args()
     py = str(Path(a.venv) / "bin" / "python")
     if not Path(py).exists():
         sys.exit(f"error: no PyTorch venv at {a.venv}: run scripts/setup-train-reference.sh")
-    if not MODEL.exists():
-        sys.exit(f"error: {MODEL} missing: run `brise pull smollm2:135m`")
+    model = Path(a.model).expanduser()
+    if not model.exists():
+        sys.exit(f"error: {model} missing: run `brise pull` for it (e.g. `brise pull smollm2:135m`)")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "brise-train", "--example", "train_bench"],
                    check=True, cwd=ROOT)
     res = {"brise": [], "pytorch": []}
     for r in range(a.rounds):
         order = ["brise", "pytorch"] if r % 2 == 0 else ["pytorch", "brise"]
         for eng in order:
-            x = run_brise(a.seq, a.steps, a.threads) if eng == "brise" else run_torch(py, a.seq, a.steps, a.threads)
+            x = run_brise(model, a.seq, a.steps, a.threads) if eng == "brise" else run_torch(py, model, a.seq, a.steps, a.threads)
             res[eng].append(x)
             print(f"round {r} {eng:8s} {x['tokens_per_s']:8.1f} tokens/s  peak RSS {x['peak_rss_mb']:6.0f} MB", flush=True)
     med = {e: statistics.median(x["tokens_per_s"] for x in v) for e, v in res.items()}
     rss = {e: max(x["peak_rss_mb"] for x in v) for e, v in res.items()}
-    print(f"\nSmolLM2-135M LoRA r16 all 7 projections, seq {a.seq}, {a.threads} threads, {a.rounds} rounds x {a.steps} steps")
+    print(f"\n{model.name}: LoRA r16 all 7 projections, seq {a.seq}, {a.threads} threads, {a.rounds} rounds x {a.steps} steps")
     for e in ("brise", "pytorch"):
         print(f"  {e:8s} median {med[e]:8.1f} tokens/s, peak RSS {rss[e]:6.0f} MB")
     print(f"  brise / PyTorch+PEFT: {med['brise'] / med['pytorch']:.2f}x")

@@ -422,6 +422,7 @@ pub mod panel_avx2 {
                     c0,
                     m0: lane(0),
                     m1: lane(8),
+                    full: cw == 16,
                     r0,
                     g,
                 };
@@ -451,6 +452,9 @@ pub mod panel_avx2 {
         c0: usize,
         m0: __m256i,
         m1: __m256i,
+        /// All 16 columns are in: plain loads and stores (masked stores are slow on
+        /// AMD's cores, and the bits are the same).
+        full: bool,
         r0: usize,
         g: usize,
     }
@@ -465,15 +469,22 @@ pub mod panel_avx2 {
         // SAFETY (whole body): offsets stay in the caller's bounds; the lane masks keep
         // loads and stores inside row length k (a masked-off lane is not accessed).
         unsafe {
+            let load = |p: *const f32, m: __m256i| {
+                if t.full {
+                    _mm256_loadu_ps(p)
+                } else {
+                    _mm256_maskload_ps(p, m)
+                }
+            };
             for r in 0..R {
                 let o = (t.i0 + r) * t.k + t.c0;
-                a0[r] = _mm256_maskload_ps(pa.add(o), t.m0);
-                a1[r] = _mm256_maskload_ps(pa.add(o + 8), t.m1);
+                a0[r] = load(pa.add(o), t.m0);
+                a1[r] = load(pa.add(o + 8), t.m1);
             }
             for p in 0..t.g {
                 let wo = p * t.k + t.c0;
-                let b0 = _mm256_maskload_ps(pw.add(wo), t.m0);
-                let b1 = _mm256_maskload_ps(pw.add(wo + 8), t.m1);
+                let b0 = load(pw.add(wo), t.m0);
+                let b1 = load(pw.add(wo + 8), t.m1);
                 for r in 0..R {
                     let s = _mm256_set1_ps(*pd.add((t.i0 + r) * t.n + t.r0 + p));
                     a0[r] = _mm256_fmadd_ps(s, b0, a0[r]);
@@ -482,8 +493,13 @@ pub mod panel_avx2 {
             }
             for r in 0..R {
                 let o = (t.i0 + r) * t.k + t.c0;
-                _mm256_maskstore_ps(pa.add(o), t.m0, a0[r]);
-                _mm256_maskstore_ps(pa.add(o + 8), t.m1, a1[r]);
+                if t.full {
+                    _mm256_storeu_ps(pa.add(o), a0[r]);
+                    _mm256_storeu_ps(pa.add(o + 8), a1[r]);
+                } else {
+                    _mm256_maskstore_ps(pa.add(o), t.m0, a0[r]);
+                    _mm256_maskstore_ps(pa.add(o + 8), t.m1, a1[r]);
+                }
             }
         }
     }
