@@ -435,11 +435,29 @@ pub fn log_sum_exp(z: &[f32]) -> LogSumExp {
         // SAFETY: AVX-512F is present (checked).
         return unsafe { log_sum_exp_avx512(z) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA are present (checked).
+        return unsafe { log_sum_exp_fma(z) };
+    }
     log_sum_exp_ref(z)
+}
+
+/// [`log_sum_exp_ref`] compiled with FMA, so `expf`'s `mul_add`s are instructions rather
+/// than libm calls (the same correctly rounded results, so the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn log_sum_exp_fma(z: &[f32]) -> LogSumExp {
+    log_sum_exp_body(z)
 }
 
 /// The scalar model of [`log_sum_exp`].
 pub fn log_sum_exp_ref(z: &[f32]) -> LogSumExp {
+    log_sum_exp_body(z)
+}
+
+#[inline(always)]
+fn log_sum_exp_body(z: &[f32]) -> LogSumExp {
     let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     let mut acc = [0f64; 16];
     for (i, v) in z.iter().enumerate() {
@@ -529,10 +547,31 @@ pub fn softmax_grad(z: &[f32], lse: &LogSumExp, target: usize, scale: f32, dz: &
         // SAFETY: AVX-512F is present (checked); `n` is within both slices.
         done = unsafe { softmax_grad_avx512(&z[..n], lse.max, k, &mut dz[..n]) };
     }
-    for (d, v) in dz[done..n].iter_mut().zip(&z[done..n]) {
-        *d = expf(*v - lse.max) * k;
+    #[cfg(target_arch = "x86_64")]
+    if done < n
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: AVX2 and FMA are present (checked).
+        unsafe { softmax_grad_fma(&z[done..n], lse.max, k, &mut dz[done..n]) };
+        done = n;
     }
+    softmax_grad_body(&z[done..n], lse.max, k, &mut dz[done..n]);
     dz[target] -= scale;
+}
+
+#[inline(always)]
+fn softmax_grad_body(z: &[f32], max: f32, k: f32, dz: &mut [f32]) {
+    for (d, v) in dz.iter_mut().zip(z) {
+        *d = expf(*v - max) * k;
+    }
+}
+
+/// [`softmax_grad_body`] compiled with FMA (see [`log_sum_exp_fma`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_grad_fma(z: &[f32], max: f32, k: f32, dz: &mut [f32]) {
+    softmax_grad_body(z, max, k, dz)
 }
 
 /// The 16-wide body of [`softmax_grad`]; returns how many entries it wrote.

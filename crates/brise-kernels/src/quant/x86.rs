@@ -624,14 +624,24 @@ pub(crate) unsafe fn dot_avx512vnni(ty: GgmlType, k: usize, w: *const u8, a: *co
 
 /// Activation scales of a legacy-format activation row as f32: (d, s) per block, s = 0
 /// for Q8_0. Computed once per row of the activation instead of once per weight row.
+///
+/// # Safety
+/// `a` points at `nb` (capped at `out.len()`) activation blocks of 36 bytes.
 #[inline(always)]
-unsafe fn act_scales(a: *const u8, nb: usize, with_min: bool, out: &mut [[f32; 2]]) {
+unsafe fn act_scales(
+    a: *const u8,
+    nb: usize,
+    with_min: bool,
+    out: &mut [std::mem::MaybeUninit<[f32; 2]>],
+) -> &[[f32; 2]] {
+    let nb = nb.min(out.len());
     unsafe {
         for (b, o) in out.iter_mut().enumerate().take(nb) {
             let y = a.add(b * 36);
-            o[0] = f16_at(y);
-            o[1] = if with_min { f16_at(y.add(2)) } else { 0.0 };
+            o.write([f16_at(y), if with_min { f16_at(y.add(2)) } else { 0.0 }]);
         }
+        // SAFETY: the first nb entries were written just above.
+        std::slice::from_raw_parts(out.as_ptr().cast::<[f32; 2]>(), nb)
     }
 }
 
@@ -721,21 +731,17 @@ unsafe fn rows<D: I8Dot>(
         ($t:expr) => {{
             let t = $t;
             let nb = k / 32;
-            let mut sc = [[0f32; 2]; 512];
-            if nb > sc.len() {
+            // Not zeroed: this runs once per 16 weight rows and activation row, and
+            // clearing 4 KB each time cost more than the scales themselves.
+            let mut buf = [std::mem::MaybeUninit::<[f32; 2]>::uninit(); 512];
+            if nb > buf.len() {
                 each!(t, |t, x| dot_legacy::<D>(t, k, x, a))
             } else {
-                act_scales(a, nb, matches!(t, Q4_1 | Q5_1), &mut sc);
+                let sc = act_scales(a, nb, matches!(t, Q4_1 | Q5_1), &mut buf);
                 let mut r = 0;
                 while r + 2 <= n {
-                    let (v0, v1) = dot_legacy_x2::<D>(
-                        t,
-                        k,
-                        w.add(r * stride),
-                        w.add((r + 1) * stride),
-                        a,
-                        &sc,
-                    );
+                    let (v0, v1) =
+                        dot_legacy_x2::<D>(t, k, w.add(r * stride), w.add((r + 1) * stride), a, sc);
                     *out.add(r) = v0;
                     *out.add(r + 1) = v1;
                     r += 2;
