@@ -1628,10 +1628,21 @@ async fn train_job(state: &Arc<AppState>, l: &Ledger, job: &Job) -> Result<Train
     watch.abort();
     let tokens = writer.await.unwrap_or(0);
     let learned = res.map_err(|e| format!("the training task failed: {e}"))??;
+    let mut summary = learned.outcome.report.summary.clone();
+    if let Some(es) = &learned.outcome.early_stopping
+        && let (Some(kept), Some((last, _))) = (es.kept_epoch, es.epoch_losses.last())
+    {
+        summary.push_str(&format!(
+            " (stopped early after epoch {}: the held-out loss did not improve for {} epochs; kept epoch {})",
+            last + 1,
+            es.patience,
+            kept + 1
+        ));
+    }
     Ok((
         learned.version.id.clone(),
         learned.promoted,
-        learned.outcome.report.summary.clone(),
+        summary,
         learned.outcome.report.passed,
         tokens,
     ))
