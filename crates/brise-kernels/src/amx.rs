@@ -566,8 +566,17 @@ mod tests {
         .into_iter()
         .flatten()
         .collect();
-        if kernels.is_empty() {
-            eprintln!("neither AMX nor AVX512-BF16 here: skipped");
+        if !detect_tiles() {
+            crate::skipped(
+                "no AMX on this CPU: amx::tests::kernels_match_the_reference_product did not \
+                 test the AMX tile kernel; run it on a CPU with AMX-TILE and AMX-BF16",
+            );
+        }
+        if !detect_avx512_bf16() {
+            crate::skipped(
+                "no AVX512-BF16 on this CPU: amx::tests::kernels_match_the_reference_product \
+                 did not test the AVX512-BF16 kernel",
+            );
         }
         for kern in kernels {
             reference_product(kern);

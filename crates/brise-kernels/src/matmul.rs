@@ -1318,7 +1318,10 @@ mod tests {
     fn check_backward_bf16(ty: GgmlType, m: usize) {
         let (n, k) = (AMX_SLAB + 76, 96);
         if !backward_input_uses_bf16(m, n) {
-            eprintln!("no bf16 kernel here: skipped");
+            crate::skipped(&format!(
+                "no bf16 kernel on this CPU (neither AMX nor AVX512-BF16): \
+                 backward_input_bf16_matches_its_bf16_reference did not run ({ty:?}, m {m})"
+            ));
             return;
         }
         let data = weights(ty, n, k, 9);
@@ -1450,6 +1453,9 @@ mod tests {
             let (p0, p1, kp0, kp1) = (pack(&d0), pack(&d1), kpack(&d0), kpack(&d1));
             for isa in Isa::ALL {
                 let Some(kern) = Kernels::new(isa) else {
+                    crate::skipped(&format!(
+                        "no {isa:?} on this CPU: matmul::tests did not test its kernels ({ty:?})"
+                    ));
                     continue;
                 };
                 let avx512 = isa == Isa::Avx512Vnni;
