@@ -6,11 +6,16 @@ on the same GGUF file with the same threads, slots and context, and driven with
 streaming /v1/completions requests at each concurrency level: every client sends its
 requests one after another. Reported per engine and level, as vLLM's serving benchmark
 reports them: aggregate generated tokens/s (all tokens ÷ wall time), time to first
-token and inter-token latency percentiles. Then the ratios the server issue asks for:
+token and inter-token latency percentiles. Tokens are counted from each response's
+`usage` (`stream_options.include_usage`), not from SSE chunks: an engine may put several
+tokens in one chunk, or send chunks without a token. Then the ratios the server issue asks for:
 brise at 8 streams ÷ brise at 1 stream, and brise ÷ llama-server at 8 streams.
 
 Greedy decoding: both engines compute the same tokens (brise reproduces llama.cpp's
-arithmetic), so they do the same work. llama-server runs with `-fa off` (brise has
+arithmetic), so they do the same work; the texts of both engines' answers to each
+prompt are compared and the number that differ is reported (llama-server's batched
+kernels may legitimately change a token at several streams; a difference at one stream
+means the engines did not do the same work). llama-server runs with `-fa off` (brise has
 no flash attention; llama-server's CPU default is on).
 
     python3 bench/serve_compare.py                       # smollm2, 1 and 8 streams, 3 rounds
@@ -86,7 +91,8 @@ def wait_health(port: int, proc: subprocess.Popen, timeout: float = 120) -> None
 
 def one_request(port: int, model: str, prompt: str, max_tokens: int) -> dict:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0, "stream": True}).encode()
+                       "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -94,6 +100,8 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int) -> dict:
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
     times = []
+    text = []
+    usage = None
     buf = b""
     while True:
         chunk = r.read1(65536)
@@ -109,12 +117,19 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int) -> dict:
                 if data == b"[DONE]":
                     continue
                 d = json.loads(data)
+                if d.get("usage"):
+                    usage = d["usage"]
                 if d.get("choices") and d["choices"][0].get("text"):
                     times.append(time.perf_counter())
+                    text.append(d["choices"][0]["text"])
     end = time.perf_counter()
+    if not usage or "completion_tokens" not in usage:
+        raise RuntimeError("the stream ended without usage.completion_tokens "
+                           "(stream_options.include_usage)")
     return {"ttft": times[0] - t0 if times else None,
             "itl": [b - a for a, b in zip(times, times[1:])],
-            "chunks": len(times), "latency": end - t0}
+            "chunks": len(times), "tokens": usage["completion_tokens"],
+            "prompt": prompt, "text": "".join(text), "latency": end - t0}
 
 
 def drive(port: int, model: str, conc: int, per_client: int, max_tokens: int) -> dict:
@@ -125,7 +140,7 @@ def drive(port: int, model: str, conc: int, per_client: int, max_tokens: int) ->
     with cf.ThreadPoolExecutor(conc) as ex:
         results = [x for xs in ex.map(client, range(conc)) for x in xs]
     wall = time.perf_counter() - t0
-    tokens = sum(r["chunks"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
     ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)
     itl = sorted(x for r in results for x in r["itl"])
 
@@ -133,6 +148,8 @@ def drive(port: int, model: str, conc: int, per_client: int, max_tokens: int) ->
         return v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
 
     return {"conc": conc, "requests": len(results), "tokens": tokens, "wall": wall,
+            "chunks": sum(r["chunks"] for r in results),
+            "texts": {r["prompt"]: r["text"] for r in results},
             "tps": tokens / wall,
             "ttft_p50": pct(ttft, 0.5), "ttft_p90": pct(ttft, 0.9),
             "itl_p50": pct(itl, 0.5), "itl_p90": pct(itl, 0.9), "itl_p99": pct(itl, 0.99)}
@@ -218,8 +235,28 @@ def main() -> int:
             lines.append(f"| {eng} | {c} | {med(eng, c, 'tps'):.1f} | {med(eng, c, 'ttft_p50') * 1e3:.0f} ms | "
                          f"{med(eng, c, 'ttft_p90') * 1e3:.0f} ms | {med(eng, c, 'itl_p50') * 1e3:.1f} ms | "
                          f"{med(eng, c, 'itl_p90') * 1e3:.1f} ms | {med(eng, c, 'itl_p99') * 1e3:.1f} ms |")
+    # The same prompt, the same greedy answer? Per round and level, brise against
+    # llama-server.
+    same = differ = 0
+    first_diff = None
+    for s in samples:
+        if s["engine"] != "brise":
+            continue
+        other = next(o for o in samples if o["engine"] == "llama-server"
+                     and o["round"] == s["round"] and o["conc"] == s["conc"])
+        for prompt, text in s["texts"].items():
+            if other["texts"].get(prompt) == text:
+                same += 1
+            else:
+                differ += 1
+                if first_diff is None:
+                    first_diff = (s["conc"], prompt, text, other["texts"].get(prompt))
     hi, lo = max(levels), min(levels)
     lines += ["",
+              f"texts: {same} of {same + differ} answers identical between the engines"
+              + (f"; first difference at {first_diff[0]} streams, prompt {first_diff[1]!r}: "
+                 f"brise {first_diff[2][:80]!r} vs llama-server {(first_diff[3] or '')[:80]!r}"
+                 if first_diff else ""),
               f"brise {hi} streams ÷ brise {lo} stream: {med('brise', hi, 'tps') / med('brise', lo, 'tps'):.2f}× (target ≥ 2)",
               f"brise ÷ llama-server at {hi} streams: {med('brise', hi, 'tps') / med('llama-server', hi, 'tps'):.2f}× (target ≥ 1.5)",
               f"brise ÷ llama-server at {lo} stream: {med('brise', lo, 'tps') / med('llama-server', lo, 'tps'):.2f}×"]

@@ -77,6 +77,11 @@ pub struct ServeArgs {
     /// to the waiting request of the tenant holding the fewest slots
     #[arg(long, default_value_t = 0)]
     pub tenant_slots: usize,
+    /// Requests per minute each tenant (all its API keys together) may make; more are
+    /// answered 429 with Retry-After. A tenant may use a whole minute's worth at once,
+    /// then gets one more every 60/N seconds. 0: no limit
+    #[arg(long, value_name = "PER_MINUTE", default_value_t = 0)]
+    pub rate_limit: u32,
     /// Connections open at once (more wait until one closes); lowered to what the
     /// limit on open files allows
     #[arg(long, default_value_t = 1024)]
@@ -345,6 +350,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         request_timeout: Duration::from_secs(a.timeout.max(1)),
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
         max_connections: a.max_connections,
+        rate_limit: a.rate_limit,
         header_timeout: header_timeout(a.header_timeout)?,
         ledger: ledger_spec(a.ledger.as_deref()),
         admin_key,

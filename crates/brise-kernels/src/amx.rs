@@ -275,7 +275,9 @@ mod x86 {
     /// [`super::bf16`] of `src`'s first multiple of 16 values into `dst`; returns how
     /// many it wrote.
     ///
-    /// SAFETY: AVX-512F is present.
+    /// # Safety
+    ///
+    /// AVX-512F/BW/VL/DQ are present.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
     pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) -> usize {
         use std::arch::x86_64::*;
@@ -297,7 +299,9 @@ mod x86 {
     /// rounding on 16 lanes, each u32 lane then holding row 0's bf16 in its low half and
     /// row 1's in its high half, which is the pair's interleaved layout.
     ///
-    /// SAFETY: AVX-512F is present; `r0` and `r1` hold `16 · full` values and `bp` the
+    /// # Safety
+    ///
+    /// AVX-512F/BW/VL/DQ are present; `r0` and `r1` hold `16 · full` values and `bp` the
     /// layout's `(full · kbs) · 512` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
     pub unsafe fn pack_b_pair(
@@ -329,7 +333,10 @@ mod x86 {
         }
     }
 
-    /// SAFETY: see `super::gemm`.
+    /// # Safety
+    ///
+    /// As `super::gemm` (the tile kernel): the CPU has AMX-TILE and AMX-BF16 with the tile
+    /// state granted by Linux, and `c`, `a`, `b` are sized as it says.
     pub unsafe fn gemm(
         c: &mut [f32],
         m_pad: usize,
@@ -418,7 +425,9 @@ mod x86 {
     /// in registers through one pass over g's pairs; per pair, each row's two bf16 of A
     /// are broadcast and `vdpbf16ps` adds their products with B's 16 columns.
     ///
-    /// SAFETY: see `super::gemm`; the CPU has AVX512-BF16, F and BW.
+    /// # Safety
+    ///
+    /// see `super::gemm`; the CPU has AVX512-BF16, F and BW.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub unsafe fn gemm_dp(
         c: &mut [f32],
@@ -454,7 +463,9 @@ mod x86 {
 
     /// One block of [`gemm_dp`]: 8 rows of C (rows of `ldc`) × `NB` column blocks.
     ///
-    /// SAFETY: AVX512-BF16, F and BW; `c` has 8 rows of `16·NB` values, `a` 8 rows of
+    /// # Safety
+    ///
+    /// AVX512-BF16, F and BW; `c` has 8 rows of `16·NB` values, `a` 8 rows of
     /// `2·pairs`, and `b` `NB` column blocks of `pairs` 32-value pair rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
@@ -566,8 +577,17 @@ mod tests {
         .into_iter()
         .flatten()
         .collect();
-        if kernels.is_empty() {
-            eprintln!("neither AMX nor AVX512-BF16 here: skipped");
+        if !detect_tiles() {
+            crate::skipped(
+                "no AMX on this CPU: amx::tests::kernels_match_the_reference_product did not \
+                 test the AMX tile kernel; run it on a CPU with AMX-TILE and AMX-BF16",
+            );
+        }
+        if !detect_avx512_bf16() {
+            crate::skipped(
+                "no AVX512-BF16 on this CPU: amx::tests::kernels_match_the_reference_product \
+                 did not test the AVX512-BF16 kernel",
+            );
         }
         for kern in kernels {
             reference_product(kern);

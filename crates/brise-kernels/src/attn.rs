@@ -132,8 +132,15 @@ mod avx2 {
 
     /// 16 f16 lanes from `p` as two halves, zero outside `[start, end)` relative to
     /// element `base`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX and F16C; `p` is readable at every f16 index in `[start, end)` that
+    /// is also in `[base, base + 16)` (the only ones read).
     #[inline(always)]
     unsafe fn load16(p: *const u8, base: usize, start: usize, end: usize) -> (__m256, __m256) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             if base >= start && base + 16 <= end {
                 let lo = _mm_loadu_si128(p.add(2 * base) as *const __m128i);
@@ -153,9 +160,14 @@ mod avx2 {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX (register stores into a local array only).
     #[inline(always)]
     unsafe fn lanes(a: (__m256, __m256)) -> [f32; 16] {
         let mut out = [0f32; 16];
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             _mm256_storeu_ps(out.as_mut_ptr(), a.0);
             _mm256_storeu_ps(out.as_mut_ptr().add(8), a.1);
@@ -167,6 +179,8 @@ mod avx2 {
     /// AVX2, F16C and FMA are present; `x` and `y` hold at least `end` f16 values.
     #[target_feature(enable = "avx2,f16c,fma")]
     pub unsafe fn dot_f16_tiny(x: *const u8, y: *const u8, start: usize, end: usize) -> f32 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut i = start / 16 * 16;
@@ -191,6 +205,8 @@ mod avx2 {
         end: usize,
         n: usize,
     ) -> f32 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let np = n & !63;
             let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); 4];
@@ -244,6 +260,9 @@ pub fn softmax_masked(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32
     softmax_masked_body(s, lo, hi, n_kv, p)
 }
 
+/// # Safety
+///
+/// The CPU has FMA and AVX2; the body is safe code (slices, bounds-checked).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
 unsafe fn softmax_masked_fma(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
@@ -289,9 +308,14 @@ pub fn llama_n_kv(len: usize, n_ctx: usize) -> usize {
 mod x86 {
     use core::arch::x86_64::*;
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F and DQ (register arithmetic only).
     #[inline(always)]
     unsafe fn reduce(v: __m512) -> f32 {
         // Same tree as GCC's _mm512_reduce_add_ps.
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let hi = _mm512_extractf32x8_ps::<1>(v);
             let lo = _mm512_castps512_ps256(v);
@@ -304,8 +328,15 @@ mod x86 {
     }
 
     /// 16 f16 lanes from `p`, zero outside `[start, end)` relative to element `base`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL and F16C; `p` is readable at every f16 index in
+    /// `[start, end)` that is also in `[base, base + 16)` (other lanes are masked off, not read).
     #[inline(always)]
     unsafe fn load16(p: *const u8, base: usize, start: usize, end: usize) -> __m512 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             if base >= start && base + 16 <= end {
                 return _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * base) as *const __m256i));
@@ -321,6 +352,10 @@ mod x86 {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA; `x` and `y` hold at least `end` f16 values,
+    /// and `end <= n`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn dot_f16_vec(
         x: *const u8,
@@ -329,6 +364,8 @@ mod x86 {
         end: usize,
         n: usize,
     ) -> f32 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let np = n & !63;
             let mut acc = [_mm512_setzero_ps(); 4];
@@ -357,8 +394,13 @@ mod x86 {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA; `x` and `y` hold at least `end` f16 values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn dot_f16_tiny(x: *const u8, y: *const u8, start: usize, end: usize) -> f32 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let mut acc = _mm512_setzero_ps();
             let mut i = start / 16 * 16;
@@ -399,6 +441,8 @@ mod avx2b {
         n: usize,
         out: &mut [f32; 16],
     ) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let z = _mm256_setzero_ps();
             let mut acc = [[(z, z); 16]; 4];
@@ -1097,8 +1141,14 @@ pub(crate) mod x86b {
     use core::arch::x86_64::*;
 
     /// ggml's AVX-512 `ggml_v_expf`, the same operations as `ops::expf`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F and FMA (register arithmetic only).
     #[inline(always)]
     pub(crate) unsafe fn expf(x: __m512) -> __m512 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let r = _mm512_set1_ps(f32::from_bits(0x4b40_0000));
             let z = _mm512_fmadd_ps(x, _mm512_set1_ps(f32::from_bits(0x3fb8_aa3b)), r);
@@ -1144,8 +1194,14 @@ pub(crate) mod x86b {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA; `lo < hi <= n_kv`, and `s` and `p`
+    /// hold at least `hi` values (the masked loads and stores touch only `[lo, hi)`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn softmax_masked(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let max = s[lo..hi].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
             let mv = _mm512_set1_ps(max);
@@ -1184,7 +1240,9 @@ pub(crate) mod x86b {
     /// over dimensions ≡ l (mod 16) in increasing order (the accumulator `acc[d % 16]` of
     /// the one-head kernel), each key row converted once for the H heads.
     ///
-    /// SAFETY: AVX-512F, F16C and FMA; `kt` holds `hd` rows of 16 f16 keys, `hd` is a
+    /// # Safety
+    ///
+    /// AVX-512F, F16C and FMA; `kt` holds `hd` rows of 16 f16 keys, `hd` is a
     /// multiple of 16, every `qs[h]` holds `hd` values, `qs` and `outs` hold `H` entries.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn kq_heads<const H: usize>(
@@ -1193,6 +1251,8 @@ pub(crate) mod x86b {
         hd: usize,
         outs: &mut [[f32; 16]],
     ) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let q: [*const f32; H] = std::array::from_fn(|h| qs[h].as_ptr());
             // Every slot of every head is written below: no zeroing (a memset per call).
@@ -1221,7 +1281,9 @@ pub(crate) mod x86b {
     /// over positions ≡ l (mod 16) in increasing order (the accumulator `acc[j % 16]` of
     /// the one-head kernel), each value row converted once for the H heads.
     ///
-    /// SAFETY: AVX-512F, F16C and FMA; `v` holds `hi` rows of `hd` f16 values, `d0 + 16
+    /// # Safety
+    ///
+    /// AVX-512F, F16C and FMA; `v` holds `hi` rows of `hd` f16 values, `d0 + 16
     /// ≤ hd`, every `ps[h]` holds `hi` values, `ps` and `outs` hold `H` entries.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn kqv_heads<const H: usize>(
@@ -1233,6 +1295,8 @@ pub(crate) mod x86b {
         hi: usize,
         outs: &mut [[f32; 16]],
     ) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let p: [*const f32; H] = std::array::from_fn(|h| ps[h].as_ptr());
             // Every slot of every head is written below: no zeroing (a memset per call).
@@ -1262,9 +1326,14 @@ pub(crate) mod x86b {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F (register arithmetic only).
     #[inline(always)]
     unsafe fn tree(a: &[__m512; 16]) -> __m512 {
         // GCC's _mm512_reduce_add_ps tree, element-wise.
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let mut t3 = [_mm512_setzero_ps(); 8];
             for i in 0..8 {
@@ -1278,16 +1347,30 @@ pub(crate) mod x86b {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F and F16C; `p` is readable for 32 bytes (16 f16 values).
     #[inline(always)]
     unsafe fn h16(p: *const u8) -> __m512 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F; `q` is readable at index `d`.
     #[inline(always)]
     unsafe fn hq(q: *const f32, d: usize) -> __m512 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe { _mm512_set1_ps(*q.add(d)) }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA; `hd` is a multiple of 16 (of 64 for
+    /// `DotOrder::Vec`), `kt` holds `hd` rows of 16 f16 keys (32 bytes each) and `q` holds `hd` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn kq(
         order: DotOrder,
@@ -1296,6 +1379,8 @@ pub(crate) mod x86b {
         hd: usize,
         out: &mut [f32; 16],
     ) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let key = |d: usize| h16(kt.add(d * 32));
             let r = match order {
@@ -1330,6 +1415,10 @@ pub(crate) mod x86b {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA; `d0 + 16 <= hd`, `hi <= n_kv`, `v`
+    /// holds `hi` rows of `hd` f16 values and `p` holds `hi` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn kqv(
         order: DotOrder,
@@ -1342,6 +1431,8 @@ pub(crate) mod x86b {
         n_kv: usize,
         out: &mut [f32; 16],
     ) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let val = |j: usize| h16(v.add((j * hd + d0) * 2));
             let pr = |j: usize| _mm512_set1_ps(*p.add(j));
@@ -1672,6 +1763,10 @@ mod backward_tests {
     /// L2 (its inputs are rounded to bf16, 2^-9 relative each).
     fn check_bf16_close(h: &HeadRows, rows: usize, want: (&[f32], &[f32], &[f32])) {
         if !crate::amx::available() {
+            crate::skipped(
+                "no bf16 kernel on this CPU (neither AMX nor AVX512-BF16): the attention \
+                 backward's bf16 path was not checked against the f32 one",
+            );
             return;
         }
         let hd = h.hd;

@@ -169,14 +169,26 @@ pub(crate) mod x86 {
     use crate::ggml_type::GgmlType;
     use core::arch::x86_64::*;
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F; `p` is readable for 64 bytes.
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m512i {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe { _mm512_loadu_si512(p as *const __m512i) }
     }
 
     /// Codes (unsigned) of chunk j, lane l, for 16 rows.
+    ///
+    /// # Safety
+    ///
+    /// The module's CPU features; `t` is a whole tile of `ty` (`tile_size(ty)` bytes), `j < 8`
+    /// and `l < 8`.
     #[inline(always)]
     unsafe fn code(ty: GgmlType, t: *const u8, j: usize, l: usize) -> __m512i {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let m4 = _mm512_set1_epi8(0x0f);
             match ty {
@@ -209,8 +221,15 @@ pub(crate) mod x86 {
 
     /// Per-row scale of sub-block s as i32 (Q6_K: 16 sub-blocks of 16, signed; Q4_K: 8 of
     /// 32, unsigned), and Q4_K's mins.
+    ///
+    /// # Safety
+    ///
+    /// The module's CPU features; `t` is a whole tile of `ty` and `s` a sub-block index of it
+    /// (below 16 for Q6_K, 8 for Q4_K).
     #[inline(always)]
     unsafe fn scale(ty: GgmlType, t: *const u8, s: usize) -> __m512i {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let p = _mm_loadu_si128(
                 t.add(if ty == GgmlType::Q6K { 32 } else { 64 } + s * 16) as *const __m128i
@@ -223,20 +242,37 @@ pub(crate) mod x86 {
         }
     }
 
+    /// # Safety
+    ///
+    /// The module's CPU features; `t` is a whole Q4_K tile and `s < 8`.
     #[inline(always)]
     unsafe fn mins(t: *const u8, s: usize) -> __m512i {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(t.add(192 + s * 16) as *const __m128i)) }
     }
 
+    /// # Safety
+    ///
+    /// `y` is a whole activation block (292 bytes) and `g < 16`.
     #[inline(always)]
     unsafe fn bsum(y: *const u8, g: usize) -> i32 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe { (y.add(260 + 2 * g) as *const i16).read_unaligned() as i32 }
     }
 
     /// Integer lane vectors of one block for one activation block `y`:
     /// `lane[l] = Σ_j sc(2j + l/4) · Σ_{4 bytes} code·aq` (sub-block scale per row).
+    ///
+    /// # Safety
+    ///
+    /// The module's CPU features; `t` is a whole tile of `ty` and `y` a whole activation
+    /// block (292 bytes).
     #[inline(always)]
     unsafe fn lanes(ty: GgmlType, t: *const u8, y: *const u8) -> [__m512i; 8] {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let mut out = [_mm512_setzero_si512(); 8];
             for j in 0..8 {
@@ -258,8 +294,13 @@ pub(crate) mod x86 {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F (register arithmetic only).
     #[inline(always)]
     unsafe fn hsum8(a: &[__m512; 8]) -> __m512 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let l = _mm512_add_ps(_mm512_add_ps(a[4], a[0]), _mm512_add_ps(a[6], a[2]));
             let r = _mm512_add_ps(_mm512_add_ps(a[5], a[1]), _mm512_add_ps(a[7], a[3]));
@@ -268,6 +309,11 @@ pub(crate) mod x86 {
     }
 
     /// One group of 16 rows, one activation row: `out[0..16]`.
+    ///
+    /// # Safety
+    ///
+    /// The module's CPU features; `tiles` holds `nb` tiles of `ty`, `act` `nb` activation
+    /// blocks (292 bytes each) and `out` is writable for 16 floats.
     #[inline(always)]
     unsafe fn group(
         ty: GgmlType,
@@ -277,6 +323,8 @@ pub(crate) mod x86 {
         act: *const u8,
         out: *mut f32,
     ) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let ts = tile_size(ty);
             let mut acc = [_mm512_setzero_ps(); 8];
@@ -362,6 +410,13 @@ pub(crate) mod x86 {
     }
 
     /// `out[c·ldo + (g − g0)·16 + r]` for each group g in `groups` and activation row c.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX2, FMA, F16C and AVX-512F/BW/VL/DQ/VNNI; `data` holds `nb` tiles for
+    /// every group in `groups`; `acts` holds `modes.len()` activation rows of `act_stride`
+    /// bytes (`nb` blocks of 292 bytes each); `out` is writable at
+    /// `c·ldo + (g − g0)·16 + r` for every row `c`, group `g` in `groups` and `r < 16`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     pub unsafe fn matmul_groups(
         ty: GgmlType,
@@ -375,6 +430,8 @@ pub(crate) mod x86 {
         out: *mut f32,
         ldo: usize,
     ) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let ts = tile_size(ty);
             let mut tmp = [0f32; GROUP];

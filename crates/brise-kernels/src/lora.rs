@@ -274,6 +274,9 @@ mod x86 {
     use super::LANES;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    ///
+    /// The CPU has AVX2 and FMA; `a` and `x` have the same length.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], x: &[f32]) -> f32 {
         let n = a.len();
@@ -309,6 +312,11 @@ mod x86 {
 
     /// [`super::lora_down_rows`] on AVX-512: 16 FMA lanes are one register, so each dot
     /// product's lanes, tree and tail are the AVX2 kernel's.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ and FMA; `a` holds `rank · k` values, `x` `m · k` and
+    /// `t` `m · rank`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     pub unsafe fn down_rows(
         a: &[f32],
@@ -337,6 +345,11 @@ mod x86 {
 
     /// [`super::lora_up_rows`] on AVX-512: each output element's FMA chain runs in
     /// increasing rank, as in `axpy_rows`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ and FMA; `bt` holds `rank · n` values, `y` `m · n` and
+    /// `t` `m · rank`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     pub unsafe fn up_rows(bt: &[f32], n: usize, rank: usize, t: &[f32], y: &mut [f32], m: usize) {
         let mut i = 0;
@@ -357,6 +370,12 @@ mod x86 {
 
     /// [`super::lora_params`] on AVX-512: rank rows in blocks of up to 16, each
     /// 16-column block's sums in registers over all `m` rows.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ and FMA; `t` holds `m · rank` values, `y` `m · n`,
+    /// `cols.end <= n`, and `out` is writable for `rank · n` values, the columns `cols` of
+    /// every row this call's alone.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     pub unsafe fn params(
         t: &[f32],
@@ -389,6 +408,10 @@ mod x86 {
     }
 
     /// Rank rows `j0..j0 + R` of [`params`], their sums in `R` registers.
+    ///
+    /// # Safety
+    ///
+    /// As [`params`], with rank rows `j0..j0 + R` below `rank`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn params_block<const R: usize>(
@@ -428,6 +451,10 @@ mod x86 {
     }
 
     /// `t[i + r][j] = scale · a_j · x_{i + r}` for `R` rows, four rank rows at a time.
+    ///
+    /// # Safety
+    ///
+    /// As [`down_rows`], with rows `i..i + R` below `m` (`x` and `t` hold them).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     unsafe fn down<const R: usize>(
         a: &[f32],
@@ -481,6 +508,10 @@ mod x86 {
     }
 
     /// `y[i + r] += Σ_j t[i + r][j] · bt_j` for `R` rows, 32 outputs at a time.
+    ///
+    /// # Safety
+    ///
+    /// As [`up_rows`], with rows `i..i + R` below `m` (`t` and `y` hold them).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     unsafe fn up<const R: usize>(
         bt: &[f32],
@@ -522,6 +553,9 @@ mod x86 {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX2 and FMA; `bt` holds `t.len() · n` values and `y` at least `n`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy_rows(bt: &[f32], n: usize, t: &[f32], y: &mut [f32]) {
         let body = n / 8 * 8;

@@ -247,6 +247,8 @@ fn backward_input_bf16(
             // every other thread's, and `blen` is B's length.
             let (_, wblk, tmp) = unsafe { &mut *per.get().add(t) };
             {
+                // SAFETY: as above: this thread writes only its own slots of B (`blen`
+                // values long).
                 let b = unsafe { std::slice::from_raw_parts_mut(bptr.get(), blen) };
                 for j in split_range(gp, nt, t, 2).step_by(2) {
                     if j + 1 < g && w.packed.is_some_and(|p| p.pack_bf16_pair(r0 + j, b, g, j)) {
@@ -267,6 +269,7 @@ fn backward_input_bf16(
             // SAFETY: thread t alone uses element t of `amx_rows` and rows rr of dx; B
             // is only read now (every thread's writes are behind the barrier).
             let (a, c) = unsafe { &mut *mine.get().add(t) };
+            // SAFETY: as above: B has `blen` values and nobody writes it any more.
             let b = unsafe { std::slice::from_raw_parts(bptr.get(), blen) };
             let rr = rows(t);
             if rr.is_empty() {
@@ -459,6 +462,11 @@ pub mod panel_avx2 {
         g: usize,
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX2 and FMA; rows `t.i0..t.i0 + R` of `acc` (rows of `t.k`) and of `dy`
+    /// (rows of `t.n`, columns `t.r0..t.r0 + t.g`) exist, `w` holds `t.g` rows of `t.k`, and
+    /// the lane masks `t.m0`, `t.m1` enable only columns below `t.k`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const R: usize>(acc: &mut [f32], dy: &[f32], w: &[f32], t: &Tile) {
@@ -531,6 +539,10 @@ mod panel_x86 {
     /// Rows of `acc` per tile: 8 rows × 32 columns is 16 accumulators.
     const MR: usize = 8;
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F and FMA; `acc` holds `m` rows of `k`, `dy` `m` rows of `n` with
+    /// columns `r0..r0 + g` inside them, and `w` `g` rows of `k`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,fma")]
     pub unsafe fn panel(
@@ -603,6 +615,11 @@ mod panel_x86 {
         g: usize,
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F and FMA; rows `t.i0..t.i0 + R` of `acc` (rows of `t.k`) and of
+    /// `dy` (rows of `t.n`, columns `t.r0..t.r0 + t.g`) exist, `w` holds `t.g` rows of `t.k`,
+    /// and the masks `t.m0`, `t.m1` enable only columns below `t.k`.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn tile<const R: usize>(acc: &mut [f32], dy: &[f32], w: &[f32], t: &Tile) {
@@ -648,6 +665,9 @@ fn axpy_rows(out: &mut [f32], d: &[f32], rows: &[f32], k: usize) {
     axpy_rows_body(out, d, rows, k)
 }
 
+/// # Safety
+///
+/// The CPU has FMA and AVX2; the body is safe code (slices, bounds-checked).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
 unsafe fn axpy_rows_fma(out: &mut [f32], d: &[f32], rows: &[f32], k: usize) {
@@ -940,6 +960,7 @@ fn matmul_packed_many(
             // SAFETY: as above; the buffers hold m rows.
             let a = unsafe { std::slice::from_raw_parts_mut(ap.get().add(i * arb), arb) };
             quantize_act_row(vt, &x[j * k..(j + 1) * k], a);
+            // SAFETY: row i's prep is this thread's alone (rows are split), and preps has m.
             unsafe { &mut *pp.get().add(i) }.build(ty, a, nb);
         }
         pool.barrier();
@@ -1334,7 +1355,10 @@ mod tests {
     fn check_backward_bf16(ty: GgmlType, m: usize) {
         let (n, k) = (AMX_SLAB + 76, 96);
         if !backward_input_uses_bf16(m, n) {
-            eprintln!("no bf16 kernel here: skipped");
+            crate::skipped(&format!(
+                "no bf16 kernel on this CPU (neither AMX nor AVX512-BF16): \
+                 backward_input_bf16_matches_its_bf16_reference did not run ({ty:?}, m {m})"
+            ));
             return;
         }
         let data = weights(ty, n, k, 9);
@@ -1466,6 +1490,9 @@ mod tests {
             let (p0, p1, kp0, kp1) = (pack(&d0), pack(&d1), kpack(&d0), kpack(&d1));
             for isa in Isa::ALL {
                 let Some(kern) = Kernels::new(isa) else {
+                    crate::skipped(&format!(
+                        "no {isa:?} on this CPU: matmul::tests did not test its kernels ({ty:?})"
+                    ));
                     continue;
                 };
                 let avx512 = isa == Isa::Avx512Vnni;

@@ -69,6 +69,9 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     swiglu_body(gate, up, out)
 }
 
+/// # Safety
+///
+/// The CPU has FMA and AVX2; the body is safe code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
 unsafe fn swiglu_fma(gate: &[f32], up: &[f32], out: &mut [f32]) {
@@ -78,6 +81,12 @@ unsafe fn swiglu_fma(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// ggml's AVX-512 SwiGLU (`ggml_v_silu`: x / (1 + e^(0 − x)), times up), 16 values at a
 /// time: the same operations as [`silu`] lane by lane (`expf` is its vector twin), so the
 /// same bits, without the scalar path's emulation of `vscalefps` through f64.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA (the caller checks AVX-512F, which
+/// every CPU but Xeon Phi pairs with the rest); the body bounds its loads and stores by
+/// the slices' lengths.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
 unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
@@ -114,6 +123,9 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32]
     swiglu_backward_body(gate, up, dout, dgate, dup)
 }
 
+/// # Safety
+///
+/// The CPU has FMA and AVX2; the body is safe code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
 unsafe fn swiglu_backward_fma(
@@ -127,6 +139,11 @@ unsafe fn swiglu_backward_fma(
 }
 
 /// [`swiglu_backward_body`] 16 values at a time, in the same operations and order.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA (the caller checks AVX-512F, as for
+/// `swiglu_avx512`); the body asserts the slices' lengths.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
 unsafe fn swiglu_backward_avx512(
@@ -351,6 +368,9 @@ pub fn rope_apply(style: RopeStyle, x: &mut [f32], n_rot: usize, cache: &[f32]) 
     rope_apply_body(style, x, n_rot, cache)
 }
 
+/// # Safety
+///
+/// The CPU has FMA and AVX2; the body is safe code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
 unsafe fn rope_apply_fma(style: RopeStyle, x: &mut [f32], n_rot: usize, cache: &[f32]) {
@@ -479,6 +499,10 @@ fn reduce16_f64(a: &[f64; 16]) -> f64 {
     (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA (the caller checks AVX-512F, as for
+/// `swiglu_avx512`); the body's loads stay inside `z` (its tail's are masked).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
 unsafe fn log_sum_exp_avx512(z: &[f32]) -> LogSumExp {
@@ -575,6 +599,11 @@ unsafe fn softmax_grad_fma(z: &[f32], max: f32, k: f32, dz: &mut [f32]) {
 }
 
 /// The 16-wide body of [`softmax_grad`]; returns how many entries it wrote.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA (the caller checks AVX-512F, as for
+/// `swiglu_avx512`); `dz` holds at least `z.len()` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
 unsafe fn softmax_grad_avx512(z: &[f32], max: f32, k: f32, dz: &mut [f32]) -> usize {
@@ -637,6 +666,9 @@ pub fn f16_bytes_to_f32(h: &[u8], out: &mut [f32]) {
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX and F16C; `h` holds 2 bytes per value of `out`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
 unsafe fn f16_to_f32_f16c(h: &[u8], out: &mut [f32]) -> usize {
@@ -654,6 +686,10 @@ unsafe fn f16_to_f32_f16c(h: &[u8], out: &mut [f32]) -> usize {
 
 /// Eight values at a time with `vcvtps2ph` (round to nearest even, as `half` does);
 /// returns how many it converted (a multiple of 8).
+///
+/// # Safety
+///
+/// The CPU has AVX and F16C; `out` holds 2 bytes per value of `x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
 unsafe fn f32_to_f16_f16c(x: &[f32], out: &mut [u8]) -> usize {

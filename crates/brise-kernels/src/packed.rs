@@ -344,6 +344,11 @@ pub(crate) mod x86 {
     /// gathered from the tile's 4-byte runs, converted 16 at a time, and scaled as the
     /// scalar dequantization does (`d · q + m` as a product then a sum; `(q − 8) · d`
     /// and `q · d` as `d · q`).
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA; `r < p.n` and `out` holds at least
+    /// `p.k` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn dequantize_row(p: &super::Packed, r: usize, out: &mut [f32]) {
         let (g, rr) = (r / GROUP, r % GROUP);
@@ -419,8 +424,10 @@ pub(crate) mod x86 {
     /// [`dequantize_row`] scales it, rounded as `amx::bf16` rounds, and the two rows'
     /// 16-column halves interleaved as `amx::pack_b_pair` does.
     ///
-    /// SAFETY: AVX-512F; `r` even with `r + 1 < n`; `bp` holds the layout of `kbs` pair
-    /// tiles by `k / 16` column blocks, `kb < kbs`, `pr < 16`.
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VL/DQ, F16C and FMA; `r` even with `r + 1 < n`; `bp` holds
+    /// the layout of `kbs` pair tiles by `k / 16` column blocks, `kb < kbs`, `pr < 16`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub unsafe fn pack_bf16_pair(
         p: &super::Packed,
@@ -523,19 +530,35 @@ pub(crate) mod x86 {
     /// Prefetch distance in bytes for the streaming (one activation row) kernel.
     const PREFETCH: usize = 4096;
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F; `p` is readable for 64 bytes.
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m512i {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe { _mm512_loadu_si512(p as *const __m512i) }
     }
 
+    /// # Safety
+    ///
+    /// `p` is readable for 4 bytes.
     #[inline(always)]
     unsafe fn dword(p: *const u8) -> i32 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe { (p as *const i32).read_unaligned() }
     }
 
     /// The lane vectors (codes as unsigned bytes, 16 rows × 4 bytes) of one tile.
+    ///
+    /// # Safety
+    ///
+    /// The module's CPU features; `t` is a whole lanes16 tile of `ty`.
     #[inline(always)]
     unsafe fn decode(ty: GgmlType, t: *const u8) -> [__m512i; 8] {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let (_, _, oh, oq) = offsets(ty);
             let mut w = [_mm512_setzero_si512(); 8];
@@ -563,8 +586,14 @@ pub(crate) mod x86 {
     }
 
     /// ggml's `hsum_float_8` over the eight lane registers, for 16 rows at once.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F (register arithmetic only).
     #[inline(always)]
     unsafe fn hsum8(a: &[__m512; 8]) -> __m512 {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let l = _mm512_add_ps(_mm512_add_ps(a[4], a[0]), _mm512_add_ps(a[6], a[2]));
             let r = _mm512_add_ps(_mm512_add_ps(a[5], a[1]), _mm512_add_ps(a[7], a[3]));
@@ -576,6 +605,12 @@ pub(crate) mod x86 {
     /// `block_sum` selects the repacked-Q4_0 order (one FMA per block of the block's
     /// integer sum) instead of ggml's per-lane vec_dot order. `PF`: prefetch the tiles
     /// ahead, for the first pass over a group (later passes find them in cache).
+    ///
+    /// # Safety
+    ///
+    /// The module's contract: its CPU features; `tiles` holds `nb` tiles of `ts` bytes; each
+    /// `act[i]` covers `nb` 36-byte blocks and `prep[i]` `nb` entries; each `out[i]` is
+    /// writable for 16 floats.
     #[inline(always)]
     unsafe fn group<const NA: usize, const PF: bool>(
         ty: GgmlType,
@@ -587,6 +622,8 @@ pub(crate) mod x86 {
         prep: [&ActPrep; NA],
         out: [*mut f32; NA],
     ) {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let (od, om, _, _) = offsets(ty);
             let offset = super::code_offset(ty) != 0;
@@ -669,6 +706,13 @@ pub(crate) mod x86 {
 
     /// Computes `out[c·ldo + (g − g0)·16 + r]` for the 16 rows of each group `g` in
     /// `groups`, for every activation row `c` in `0..na`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX2, FMA, F16C and AVX-512F/BW/VL/DQ/VNNI; `data` holds `nb` tiles for
+    /// every group in `groups`; `acts` holds `preps.len()` activation rows of `act_stride`
+    /// bytes (`nb` 36-byte blocks each) and `preps` their `ActPrep`s; `out` is writable at
+    /// `c·ldo + (g − g0)·16 + r` for every row `c`, group `g` in `groups` and `r < 16`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     pub unsafe fn matmul_groups(
         ty: GgmlType,
@@ -744,6 +788,8 @@ pub(crate) mod x86 {
                 }
             }};
         }
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             match ty {
                 GgmlType::Q4_0 => run!(GgmlType::Q4_0),

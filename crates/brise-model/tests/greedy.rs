@@ -38,6 +38,7 @@ fn check(key: &str, file: &str) {
     let mut report = Vec::new();
     let mut exact = 0;
     let results = fx["results"].as_array().unwrap();
+    assert!(!results.is_empty(), "{key}: the fixture has no prompts");
     for (pi, r) in results.iter().enumerate() {
         let prompt = r["prompt"].as_str().unwrap();
         let want_prompt = fixture_ids(&r["prompt_ids"]);
@@ -63,6 +64,16 @@ fn check(key: &str, file: &str) {
         );
         if let Some(f) = fx["logits_files"].get(pi.to_string()) {
             let ref_logits = read_f32(&format!("greedy/{}", f.as_str().unwrap()));
+            // zip stops at the shorter list: equal lengths first, or an empty one passes.
+            assert_eq!(
+                st.logits.len(),
+                ref_logits.len(),
+                "{key} prompt {pi}: logits lengths differ from llama.cpp's"
+            );
+            assert!(
+                !ref_logits.is_empty(),
+                "{key} prompt {pi}: empty reference logits"
+            );
             let max_diff = st
                 .logits
                 .iter()
@@ -83,6 +94,8 @@ fn check(key: &str, file: &str) {
                 "{key} prompt {pi}: logits differ from llama.cpp's by up to {max_diff}"
             );
         }
+        // An empty continuation would make the comparison below vacuous.
+        assert!(!want.is_empty(), "{key} prompt {pi}: no reference tokens");
         let mut got = Vec::new();
         for _ in 0..want.len() {
             let t = argmax(&st.logits);

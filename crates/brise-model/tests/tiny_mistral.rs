@@ -95,6 +95,12 @@ fn both_loaders_read_the_same_model() {
             a.0, b.0,
             "greedy tokens differ between GGUF and safetensors"
         );
+        // zip stops at the shorter list: equal lengths first, or an empty one passes.
+        assert_eq!(
+            a.2.len(),
+            b.2.len(),
+            "logits lengths differ between loaders"
+        );
         assert!(
             a.2.iter()
                 .zip(&b.2)
@@ -111,7 +117,9 @@ fn both_loaders_read_the_same_model() {
 fn check_against_llama_cpp(rel: &str) {
     let m = load(rel);
     let fx = read_json("tiny-mistral/reference.json");
-    for (i, r) in fx["results"].as_array().unwrap().iter().enumerate() {
+    let results = fx["results"].as_array().unwrap();
+    assert!(!results.is_empty(), "{rel}: the fixture has no prompts");
+    for (i, r) in results.iter().enumerate() {
         let prompt = ids(&r["prompt_ids"]);
         let want = ids(&r["generated"]);
         let (got, first, last) = run(&m, &prompt, want.len());
@@ -127,6 +135,13 @@ fn check_against_llama_cpp(rel: &str) {
             "tiny-mistral/{}",
             r["logits_last_file"].as_str().unwrap()
         ));
+        // zip stops at the shorter list: equal lengths first, or an empty one passes.
+        assert_eq!(
+            (first.len(), last.len()),
+            (rf.len(), rl.len()),
+            "{rel} prompt {i}: logits lengths differ from llama.cpp's"
+        );
+        assert!(!rf.is_empty(), "{rel} prompt {i}: empty reference logits");
         assert!(
             first
                 .iter()

@@ -95,6 +95,24 @@ impl ApiError {
         }
     }
 
+    /// 429 for a tenant over `--rate-limit`, in OpenAI's shape (type `requests`, code
+    /// `rate_limit_exceeded`), with the whole seconds until a request is allowed again.
+    pub fn rate_limited(per_minute: u32, wait: std::time::Duration) -> ApiError {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        ApiError {
+            retry_after: Some(secs),
+            code: Some("rate_limit_exceeded"),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                format!(
+                    "Rate limit reached for requests per minute (RPM): limit {per_minute}. \
+                     Please try again in {secs}s."
+                ),
+            )
+        }
+    }
+
     pub fn internal(msg: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg)
     }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod jobs;
 pub mod learn;
 pub mod metrics;
+pub mod ratelimit;
 mod record;
 pub mod request;
 mod routes;
@@ -239,6 +240,8 @@ pub struct ServerConfig {
     /// How long a connection may take to send a request's headers, and how long it may
     /// stay idle between requests, before it is closed.
     pub header_timeout: Duration,
+    /// Requests per minute each tenant may make (`--rate-limit`); 0: no limit.
+    pub rate_limit: u32,
     /// The key of the admin routes (`/v1/admin/…`); `None` turns them off.
     pub admin_key: Option<String>,
     /// How often to look for a newly promoted adapter version in the ledger's registry
@@ -254,6 +257,7 @@ pub struct AppState {
     pub cfg: ServerConfig,
     pub models: OnceLock<Vec<ServedModel>>,
     pub metrics: metrics::Metrics,
+    pub rate_limiter: ratelimit::RateLimiter,
     pub shutting_down: AtomicBool,
     pub ledger: Option<brise_ledger::Ledger>,
     /// Serializes the swaps of promoted versions (the poller's and the admin routes'),
@@ -356,6 +360,7 @@ where
         eprintln!("brise: recording to {}", brise_ledger::redact_url(p));
     }
     let state = Arc::new(AppState {
+        rate_limiter: ratelimit::RateLimiter::new(cfg.rate_limit),
         cfg,
         models: OnceLock::new(),
         metrics: Default::default(),

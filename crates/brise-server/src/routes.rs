@@ -133,10 +133,9 @@ async fn count(State(s): St, req: Request, next: Next) -> Response {
     r
 }
 
-async fn auth(State(s): St, mut req: Request, next: Next) -> Response {
+async fn auth(State(s): St, req: Request, next: Next) -> Response {
     if s.cfg.api_keys.is_empty() {
-        req.extensions_mut().insert(Tenant("default".into()));
-        return next.run(req).await;
+        return limited(&s, "default", req, next).await;
     }
     let given = bearer(req.headers());
     // Every key is compared, in constant time, whichever matches.
@@ -147,12 +146,19 @@ async fn auth(State(s): St, mut req: Request, next: Next) -> Response {
         )
     });
     match found {
-        Some(k) => {
-            req.extensions_mut().insert(Tenant(k.tenant.clone()));
-            next.run(req).await
-        }
+        Some(k) => limited(&s, &k.tenant, req, next).await,
         None => ApiError::unauthorized().into_response(),
     }
+}
+
+/// Runs an authenticated request as `tenant`'s, unless the tenant is over its rate
+/// limit (a 429 with Retry-After, before any work is done).
+async fn limited(s: &AppState, tenant: &str, mut req: Request, next: Next) -> Response {
+    if let Err(wait) = s.rate_limiter.check(tenant, Instant::now()) {
+        return ApiError::rate_limited(s.rate_limiter.per_minute(), wait).into_response();
+    }
+    req.extensions_mut().insert(Tenant(tenant.to_string()));
+    next.run(req).await
 }
 
 /// Admin routes take the admin key (`--admin-key`), never a tenant's key.
@@ -2460,6 +2466,19 @@ async fn metrics_text(State(s): St) -> Response {
                 metrics::escape(&t)
             );
         }
+    }
+    metrics::header(
+        &mut out,
+        "brise_rate_limited_total",
+        "counter",
+        "Requests refused with 429 for a tenant over --rate-limit, per tenant.",
+    );
+    for (t, n) in s.rate_limiter.refused() {
+        let _ = writeln!(
+            out,
+            "brise_rate_limited_total{{tenant=\"{}\"}} {n}",
+            metrics::escape(&t)
+        );
     }
     metrics::header(
         &mut out,

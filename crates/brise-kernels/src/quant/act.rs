@@ -47,6 +47,7 @@ pub fn quantize_act_row(vec_dot_ty: GgmlType, x: &[f32], out: &mut [u8]) {
                 // SAFETY: AVX-512 F/BW are present (checked); the loop hands it whole
                 // 32-value blocks and their 36-byte outputs.
                 for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(36)) {
+                    // SAFETY: as above.
                     unsafe { x86::quantize_q8_block(q8_1, xb, ob) };
                 }
                 return;
@@ -92,10 +93,14 @@ mod x86 {
     use core::arch::x86_64::*;
     use half::f16;
 
-    /// SAFETY: needs AVX-512 F and BW; `x` holds 32 values and `out` 36 bytes.
+    /// # Safety
+    ///
+    /// The CPU has AVX-512 F and BW; `x` holds 32 values and `out` 36 bytes.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn quantize_q8_block(q8_1: bool, x: &[f32], out: &mut [u8]) {
         assert!(x.len() >= 32 && out.len() >= 36);
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let a = _mm512_loadu_ps(x.as_ptr());
             let b = _mm512_loadu_ps(x.as_ptr().add(16));
@@ -145,6 +150,7 @@ mod tests {
     #[test]
     fn avx512_q8_blocks_equal_the_scalar_ones() {
         if !std::arch::is_x86_feature_detected!("avx512bw") {
+            crate::skipped("no AVX-512BW on this CPU: avx512_q8_blocks_equal_the_scalar_ones");
             return;
         }
         let mut seed = 11u64;

@@ -8,8 +8,6 @@
 //! elements of the weight row and of the activation row (checked by the safe wrapper
 //! `crate::quant::dot`).
 
-#![allow(clippy::missing_safety_doc)]
-
 use super::dequant::{k4_scales_mins, q3k_scales};
 use crate::ggml_type::GgmlType;
 use core::arch::x86_64::*;
@@ -19,6 +17,11 @@ use half::f16;
 pub(crate) trait I8Dot {
     /// acc[i] += Σ_{j<4} u[4i+j]·s[4i+j], with u unsigned and s signed bytes. With AVX2,
     /// adjacent products must not exceed i16 range in sum (|u| ≤ 128 or so).
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the instruction: AVX2 for [`Avx2`], AVX-512 VNNI and VL for [`Vnni`]
+    /// (register arithmetic only).
     unsafe fn dot_us(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
 }
 
@@ -26,8 +29,13 @@ pub(crate) struct Avx2;
 pub(crate) struct Vnni;
 
 impl I8Dot for Avx2 {
+    /// # Safety
+    ///
+    /// The CPU has AVX2.
     #[inline(always)]
     unsafe fn dot_us(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe {
             let p16 = _mm256_maddubs_epi16(u, s);
             _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
@@ -36,20 +44,36 @@ impl I8Dot for Avx2 {
 }
 
 impl I8Dot for Vnni {
+    /// # Safety
+    ///
+    /// The CPU has AVX-512 VNNI and VL.
     #[inline(always)]
     unsafe fn dot_us(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+        // extents of the memory it is given).
         unsafe { _mm256_dpbusd_epi32(acc, u, s) }
     }
 }
 
 /// Signed × signed bytes through the sign trick: Σ q·y = Σ |q|·(sign(q)·y).
+///
+/// # Safety
+///
+/// The CPU has AVX2 and `D`'s instruction (register arithmetic only).
 #[inline(always)]
 unsafe fn dot_ss<D: I8Dot>(acc: __m256i, q: __m256i, y: __m256i) -> __m256i {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { D::dot_us(acc, _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)) }
 }
 
+/// # Safety
+///
+/// The CPU has AVX (register arithmetic only).
 #[inline(always)]
 unsafe fn hsum_ps(v: __m256) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -62,8 +86,14 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
 
 /// An f16 scale through F16C (the `half` crate's portable conversion costs more than a
 /// whole block's SIMD work). Every caller runs with F16C enabled.
+///
+/// # Safety
+///
+/// The CPU has F16C; `p` is readable for 2 bytes.
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
             (p as *const u16).read_unaligned() as i32,
@@ -71,14 +101,25 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX; `p` is readable for 32 bytes.
 #[inline(always)]
 unsafe fn loadu(p: *const u8) -> __m256i {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { _mm256_loadu_si256(p as *const __m256i) }
 }
 
 /// 16 packed bytes of nibbles → 32 bytes: low nibbles first, then high nibbles.
+///
+/// # Safety
+///
+/// The CPU has AVX2; `p` is readable for 16 bytes.
 #[inline(always)]
 unsafe fn nibbles_32(p: *const u8) -> __m256i {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let v = _mm_loadu_si128(p as *const __m128i);
         let m = _mm_set1_epi8(0x0f);
@@ -89,8 +130,14 @@ unsafe fn nibbles_32(p: *const u8) -> __m256i {
 }
 
 /// 0xFF in byte i where bit i of `x` is set.
+///
+/// # Safety
+///
+/// The CPU has AVX2 (register arithmetic only).
 #[inline(always)]
 unsafe fn bits_to_bytes(x: u32) -> __m256i {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let v = _mm256_set1_epi32(x as i32);
         let shuf = _mm256_setr_epi8(
@@ -104,8 +151,14 @@ unsafe fn bits_to_bytes(x: u32) -> __m256i {
 }
 
 /// Signed 32 values of a legacy block, and whether it carries a min (`m`) term.
+///
+/// # Safety
+///
+/// The CPU has AVX2; `ty` is a legacy type and `x` a whole block of it.
 #[inline(always)]
 unsafe fn legacy_q(ty: GgmlType, x: *const u8) -> __m256i {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         match ty {
             GgmlType::Q4_0 => _mm256_sub_epi8(nibbles_32(x.add(2)), _mm256_set1_epi8(8)),
@@ -127,8 +180,14 @@ unsafe fn legacy_q(ty: GgmlType, x: *const u8) -> __m256i {
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and `D`'s instruction; `k` is a multiple of 32, `w` holds `k / 32`
+/// blocks of the legacy `ty` and `a` `k / 32` activation blocks of 36 bytes.
 #[inline(always)]
 unsafe fn dot_legacy<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let ts = ty.type_size();
         let with_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
@@ -155,8 +214,14 @@ unsafe fn dot_legacy<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u
 }
 
 /// The j-th chunk of 32 quant values of a K-quant block, as signed bytes.
+///
+/// # Safety
+///
+/// The CPU has AVX2; `x` is a whole block of the K-quant `ty` and `j < 8`.
 #[inline(always)]
 unsafe fn kquant_chunk(ty: GgmlType, x: *const u8, j: usize) -> __m256i {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let m4 = _mm256_set1_epi8(0x0f);
         let m2 = _mm256_set1_epi8(0x03);
@@ -221,8 +286,14 @@ unsafe fn kquant_chunk(ty: GgmlType, x: *const u8, j: usize) -> __m256i {
 }
 
 /// Per-16 scales and mins of a K-quant block, and its (d, dmin).
+///
+/// # Safety
+///
+/// The CPU has F16C; `x` is a whole block of the K-quant `ty`.
 #[inline(always)]
 unsafe fn kquant_scales(ty: GgmlType, x: *const u8) -> ([i32; 16], [i32; 16], f32, f32) {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let mut sc = [0i32; 16];
         let mut mn = [0i32; 16];
@@ -264,6 +335,11 @@ unsafe fn kquant_scales(ty: GgmlType, x: *const u8) -> ([i32; 16], [i32; 16], f3
 
 /// The scaled lanes of chunk `j` (elements 32j..32j+32) of a K-quant block: lane L holds
 /// Σ sc[e/16]·code[e]·aq[e] over e = 32j+4L..32j+4L+4, codes as `kquant_chunk` gives them.
+///
+/// # Safety
+///
+/// The CPU has AVX2 and `D`'s instruction; `x` is a whole block of the K-quant `ty`,
+/// `y` a whole Q8_K activation block (292 bytes) and `j < 8`.
 #[inline(always)]
 unsafe fn kquant_chunk_lanes<D: I8Dot>(
     ty: GgmlType,
@@ -272,6 +348,8 @@ unsafe fn kquant_chunk_lanes<D: I8Dot>(
     j: usize,
     sc: &[i32; 16],
 ) -> __m256i {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let q = kquant_chunk(ty, x, j);
         let yv = loadu(y.add(4 + 32 * j));
@@ -286,6 +364,10 @@ unsafe fn kquant_chunk_lanes<D: I8Dot>(
 }
 
 /// lane L = Σ_j chunk-lanes: Σ over e with (e % 32) / 4 == L of sc·code·aq.
+///
+/// # Safety
+///
+/// As [`kquant_chunk_lanes`], for all 8 chunks.
 #[inline(always)]
 unsafe fn kquant_block_lanes<D: I8Dot>(
     ty: GgmlType,
@@ -293,6 +375,8 @@ unsafe fn kquant_block_lanes<D: I8Dot>(
     y: *const u8,
     sc: &[i32; 16],
 ) -> __m256i {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let mut isum = _mm256_setzero_si256();
         for j in 0..8 {
@@ -302,8 +386,13 @@ unsafe fn kquant_block_lanes<D: I8Dot>(
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2 (register arithmetic only).
 #[inline(always)]
 unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
@@ -312,15 +401,27 @@ unsafe fn hsum_epi32(v: __m256i) -> i32 {
     }
 }
 
+/// # Safety
+///
+/// `y` is a whole Q8_K activation block (292 bytes) and `g < 16`.
 #[inline(always)]
 unsafe fn bsum(y: *const u8, g: usize) -> i32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { (y.add(260 + 2 * g) as *const i16).read_unaligned() as i32 }
 }
 
 /// ggml's `vec_dot_<k>_q8_K` (AVX2 branch), float order included; see
 /// `ggml_exact::vec_dot_q*_k` for the formulas this reproduces.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and `D`'s instruction; `k` is a multiple of 256, `w` holds `k / 256`
+/// blocks of the K-quant `ty` and `a` `k / 256` Q8_K activation blocks (292 bytes each).
 #[inline(always)]
 unsafe fn dot_kquant<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let ts = ty.type_size();
         let mut acc = _mm256_setzero_ps();
@@ -379,8 +480,15 @@ unsafe fn dot_kquant<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u
 }
 
 /// The tiled K-quant matmul's element (`ggml_exact::tiled_kquant`).
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and `D`'s instruction; `k` is a multiple of 256, `w` holds `k / 256`
+/// blocks of the K-quant `ty` and `a` `k / 256` Q8_K activation blocks (292 bytes each).
 #[inline(always)]
 unsafe fn dot_tiled<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let ts = ty.type_size();
         let has_min = matches!(ty, GgmlType::Q2K | GgmlType::Q4K | GgmlType::Q5K);
@@ -407,6 +515,12 @@ unsafe fn dot_tiled<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8
 
 /// Repacked Q4_K / Q2_K GEMV and GEMM elements (`ggml_exact::repack_kquant`): one FMA
 /// per group of `group` elements.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and `D`'s instruction; `group` is a multiple of 32 dividing 256;
+/// `k` is a multiple of 256, `w` holds `k / 256`
+/// blocks of the K-quant `ty` and `a` `k / 256` Q8_K activation blocks (292 bytes each).
 #[inline(always)]
 unsafe fn dot_repack_kquant<D: I8Dot>(
     ty: GgmlType,
@@ -415,6 +529,8 @@ unsafe fn dot_repack_kquant<D: I8Dot>(
     w: *const u8,
     a: *const u8,
 ) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let ts = ty.type_size();
         let mut acc = 0f32;
@@ -445,8 +561,15 @@ unsafe fn dot_repack_kquant<D: I8Dot>(
 }
 
 /// Repacked Q4_0 (`ggml_exact::repack_q4_0`): one FMA per block of the block's sum.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and `D`'s instruction; `k` is a multiple of 32, `w` holds `k / 32`
+/// Q4_0 blocks (18 bytes each) and `a` `k / 32` activation blocks of 36 bytes.
 #[inline(always)]
 unsafe fn dot_repack_q4_0<D: I8Dot>(k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let mut acc = 0f32;
         for i in 0..k / 32 {
@@ -463,8 +586,13 @@ unsafe fn dot_repack_q4_0<D: I8Dot>(k: usize, w: *const u8, a: *const u8) -> f32
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C; `w` and `a` each hold `k` f16 values.
 #[inline(always)]
 unsafe fn dot_f16_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let (w, a) = (w as *const u16, a as *const u16);
         let mut acc0 = _mm256_setzero_ps();
@@ -489,16 +617,26 @@ unsafe fn dot_f16_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2; `p` is readable for 8 values (16 bytes).
 #[inline(always)]
 unsafe fn bf16x8(p: *const u16) -> __m256 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
         _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2 and FMA; `w` and `a` each hold `k` bf16 values.
 #[inline(always)]
 unsafe fn dot_bf16_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let (w, a) = (w as *const u16, a as *const u16);
         let mut acc0 = _mm256_setzero_ps();
@@ -520,8 +658,13 @@ unsafe fn dot_bf16_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2 and FMA; `w` and `a` each hold `k` f32 values.
 #[inline(always)]
 unsafe fn dot_f32_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let (w, a) = (w as *const f32, a as *const f32);
         let mut acc0 = _mm256_setzero_ps();
@@ -545,8 +688,16 @@ unsafe fn dot_f32_avx2(k: usize, w: *const u8, a: *const u8) -> f32 {
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and `D`'s instruction; `w` is a row of `k` elements of
+/// the weight type `ty` (`k` a multiple of its block size) and `a` the activation row
+/// `crate::quant::dot` pairs with it (F32, F16, BF16: `k` values of that type; legacy:
+/// 36-byte blocks of 32; K-quants: Q8_K blocks).
 #[inline(always)]
 unsafe fn dot_any<D: I8Dot>(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         match ty {
             GgmlType::F32 => dot_f32_avx2(k, w, a),
@@ -571,6 +722,9 @@ pub(crate) enum ExactPath {
     RepackQ4_0,
 }
 
+/// # Safety
+///
+/// As [`dot_any`] for the K-quant (`RepackQ4_0`: Q4_0) rows the path `p` takes.
 #[inline(always)]
 unsafe fn dot_exact<D: I8Dot>(
     p: ExactPath,
@@ -579,6 +733,8 @@ unsafe fn dot_exact<D: I8Dot>(
     w: *const u8,
     a: *const u8,
 ) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         match p {
             ExactPath::Tiled => dot_tiled::<D>(ty, k, w, a),
@@ -588,6 +744,9 @@ unsafe fn dot_exact<D: I8Dot>(
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C; the rows as [`dot_exact`] needs them.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_exact_avx2(
     p: ExactPath,
@@ -596,9 +755,15 @@ pub(crate) unsafe fn dot_exact_avx2(
     w: *const u8,
     a: *const u8,
 ) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { dot_exact::<Avx2>(p, ty, k, w, a) }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and AVX-512F/BW/VL/VNNI; the rows as [`dot_exact`]
+/// needs them.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn dot_exact_avx512vnni(
     p: ExactPath,
@@ -607,18 +772,33 @@ pub(crate) unsafe fn dot_exact_avx512vnni(
     w: *const u8,
     a: *const u8,
 ) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { dot_exact::<Vnni>(p, ty, k, w, a) }
 }
 
 /// AVX2 + FMA + F16C kernels.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C; the rows as [`dot_any`] needs them.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_avx2(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { dot_any::<Avx2>(ty, k, w, a) }
 }
 
 /// AVX-512 VNNI kernels (256-bit `vpdpbusd`; the GEMV is bound by memory, not width).
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and AVX-512F/BW/VL/VNNI; the rows as [`dot_any`] needs
+/// them.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn dot_avx512vnni(ty: GgmlType, k: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { dot_any::<Vnni>(ty, k, w, a) }
 }
 
@@ -626,7 +806,8 @@ pub(crate) unsafe fn dot_avx512vnni(ty: GgmlType, k: usize, w: *const u8, a: *co
 /// for Q8_0. Computed once per row of the activation instead of once per weight row.
 ///
 /// # Safety
-/// `a` points at `nb` (capped at `out.len()`) activation blocks of 36 bytes.
+/// The CPU has F16C; `a` points at `nb` (capped at `out.len()`) activation blocks of
+/// 36 bytes.
 #[inline(always)]
 unsafe fn act_scales(
     a: *const u8,
@@ -635,6 +816,8 @@ unsafe fn act_scales(
     out: &mut [std::mem::MaybeUninit<[f32; 2]>],
 ) -> &[[f32; 2]] {
     let nb = nb.min(out.len());
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         for (b, o) in out.iter_mut().enumerate().take(nb) {
             let y = a.add(b * 36);
@@ -647,6 +830,10 @@ unsafe fn act_scales(
 
 /// Two weight rows against one activation row in ggml's vec_dot order (per row: lanes,
 /// FMAs and the final sum exactly as [`dot_legacy`]), sharing the activation loads.
+///
+/// # Safety
+///
+/// As [`dot_legacy`] for both `w0` and `w1`; `sc` holds `k / 32` entries.
 #[inline(always)]
 unsafe fn dot_legacy_x2<D: I8Dot>(
     ty: GgmlType,
@@ -656,6 +843,8 @@ unsafe fn dot_legacy_x2<D: I8Dot>(
     a: *const u8,
     sc: &[[f32; 2]],
 ) -> (f32, f32) {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         let ts = ty.type_size();
         let with_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
@@ -707,6 +896,12 @@ pub(crate) enum RowKind {
 
 /// `out[r] = dot(w row r, a)` for `n` rows `stride` bytes apart. The type and path are
 /// matched once, so each loop is monomorphized with its kernel inlined.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and `D`'s instruction; `w` holds `n` rows `stride` bytes apart, each
+/// as [`dot_any`] (for `RowKind::Plain`) or [`dot_exact`] needs it, `a` the matching
+/// activation row, and `out` is writable for `n` floats.
 #[inline(always)]
 unsafe fn rows<D: I8Dot>(
     kind: RowKind,
@@ -752,6 +947,8 @@ unsafe fn rows<D: I8Dot>(
             }
         }};
     }
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe {
         use GgmlType::*;
         match kind {
@@ -785,6 +982,9 @@ unsafe fn rows<D: I8Dot>(
     }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C; the rows as [`rows`] needs them.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn rows_avx2(
     kind: RowKind,
@@ -796,9 +996,14 @@ pub(crate) unsafe fn rows_avx2(
     a: *const u8,
     out: *mut f32,
 ) {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { rows::<Avx2>(kind, ty, k, w, stride, n, a, out) }
 }
 
+/// # Safety
+///
+/// The CPU has AVX2, FMA, F16C and AVX-512F/BW/VL/VNNI; the rows as [`rows`] needs them.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn rows_avx512vnni(
     kind: RowKind,
@@ -810,5 +1015,7 @@ pub(crate) unsafe fn rows_avx512vnni(
     a: *const u8,
     out: *mut f32,
 ) {
+    // SAFETY: within this function's `# Safety` contract (its CPU features, and the
+    // extents of the memory it is given).
     unsafe { rows::<Vnni>(kind, ty, k, w, stride, n, a, out) }
 }
