@@ -4,26 +4,27 @@
 # prints: chat, give a thumbs-down with a better answer, and after a few of them
 # the server trains a new version, evaluates it, and swaps it in.
 usage() {
-  cat <<'EOF'
+  cat <<EOF
 usage: scripts/chat.sh [MODEL] [--no-learn] [BRISE-SERVE-FLAGS...]
        scripts/chat.sh --terminal [BRISE-RUN-ARGS...]
 
-Builds brise (cargo build --release -p brise-cli) and serves MODEL (default smollm2)
-with the ledger and learning on; prints the console's URL.
+Builds brise (cargo build --release -p brise-cli) and serves MODEL (default
+$default_model, brise's default model) with the ledger and learning on; prints the
+console's URL.
 
-  MODEL            another known model (qwen2.5-coder) or a .gguf file
-  --terminal       chat in this terminal instead (`brise run`, the rest goes to it)
+  MODEL            another known model (\`brise list\`) or a .gguf file
+  --terminal       chat in this terminal instead (\`brise run\`, the rest goes to it)
   --no-learn       serve without learning from feedback
   -h, --help       this help
 
-Every other argument goes to `brise serve` (see `brise serve --help`), and overrides
+Every other argument goes to \`brise serve\` (see \`brise serve --help\`), and overrides
 this script's own defaults, which are:
-  --port 8080 (or $BRISE_PORT)   --admin-key-file $BRISE_HOME/admin-key
+  --port 8080 (or \$BRISE_PORT)   --admin-key-file \$BRISE_HOME/admin-key
   --learn --learn-after 5 --learn-check 5 --learn-threads 1
-e.g. `scripts/chat.sh --port 9000 --learn-after 20`.
+e.g. \`scripts/chat.sh --port 9000 --learn-after 20\`.
 
 The admin key (promote and roll back versions, retention and erasure in the console's
-Admin view) is made on first use in $BRISE_HOME/admin-key (default ~/.brise), readable
+Admin view) is made on first use in \$BRISE_HOME/admin-key (default ~/.brise), readable
 by you only, and passed as a file: it never appears on a command line.
 
 Environment: BRISE_HOME, BRISE_PORT; BRISE_BIN=path/to/brise runs that binary
@@ -33,11 +34,16 @@ EOF
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# brise's default model (`brise run`'s and `brise serve`'s), read from its source so
+# that the two never differ; bench/default_model.py is how it was chosen.
+default_model=$(sed -n 's/^pub const DEFAULT_MODEL: &str = "\(.*\)";$/\1/p' crates/brise-cli/src/registry.rs)
+
 die() {
   echo "scripts/chat.sh: $*" >&2
   echo "(scripts/chat.sh --help lists its options)" >&2
   exit 2
 }
+[ -n "$default_model" ] || die "cannot read DEFAULT_MODEL from crates/brise-cli/src/registry.rs"
 
 # `brise serve`'s flags, read from its source (so the check needs no build and never
 # goes stale): "FLAG KIND LONG-FLAG" per line, KIND value, repeatable or bool, short
@@ -177,4 +183,4 @@ case "$host" in
   *) shown=$host ;;
 esac
 echo "brise: the console will be at http://$shown:$port/$keynote" >&2
-exec "$bin" serve "${model:-smollm2}" ${defaults[@]+"${defaults[@]}"} ${user[@]+"${user[@]}"}
+exec "$bin" serve "${model:-$default_model}" ${defaults[@]+"${defaults[@]}"} ${user[@]+"${user[@]}"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,7 +82,8 @@ def test_chat_sh_passes_flags_over_its_defaults(tmp_path):
     log = tmp_path / "chat.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            ["scripts/chat.sh", "--port", str(port), "--learn-after", "7", "-t", "2", "-c", "4096"],
+            # The model named: the default may be a larger one than the tests use.
+            ["scripts/chat.sh", MODEL, "--port", str(port), "--learn-after", "7", "-t", "2", "-c", "4096"],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=clean_env(BRISE_BIN=str(BRISE_BIN), BRISE_HOME=str(home)))
     try:
@@ -118,6 +120,10 @@ def test_chat_sh_rejects_bad_arguments_before_building(tmp_path):
     p = subprocess.run(["bash", "scripts/chat.sh", "--help"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=30)
     assert p.returncode == 0 and "override" in p.stdout and "--learn-after 5" in p.stdout, p.stdout
+    # Its default model is brise's (registry.rs's DEFAULT_MODEL), named in the help.
+    default = re.search(r'pub const DEFAULT_MODEL: &str = "([^"]+)";',
+                        (REPO / "crates/brise-cli/src/registry.rs").read_text()).group(1)
+    assert f"(default\n{default}, brise's default model)" in p.stdout, p.stdout
 
 
 # ---- the default token limit and the loop stop

