@@ -54,7 +54,7 @@ pub fn available() -> bool {
 /// packers, `lora::dot` in the attention backward).
 #[cfg(target_arch = "x86_64")]
 fn simd_levels() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    crate::cpu::has_avx512()
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("avx512dq")
@@ -132,7 +132,7 @@ pub fn pack_b_pair(bp: &mut [u16], g: usize, k: usize, j: usize, r0: &[f32], r1:
     let full = k / 16;
     let mut nb0 = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::has_avx512() {
         // SAFETY: AVX-512F is present (checked); the lengths are asserted above.
         unsafe { x86::pack_b_pair(bp, kbs, kb, p, full, r0, r1) };
         nb0 = full;
@@ -158,7 +158,7 @@ pub fn b_len(g: usize, k: usize) -> usize {
 pub fn pack_a(ap: &mut [u16], a: &[f32], lda: usize, c0: usize, g: usize, rows: usize) {
     let gp = pad32(g);
     #[cfg(target_arch = "x86_64")]
-    let simd = std::arch::is_x86_feature_detected!("avx512f");
+    let simd = crate::cpu::has_avx512();
     for i in 0..rows {
         let src = &a[i * lda + c0..i * lda + c0 + g];
         let dst = &mut ap[i * gp..i * gp + gp];

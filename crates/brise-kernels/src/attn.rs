@@ -112,7 +112,7 @@ pub fn dot_f16(order: DotOrder, x: &[u8], y: &[u8], start: usize, end: usize, n:
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    crate::cpu::has_avx512()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -247,7 +247,7 @@ mod avx2 {
 pub fn softmax_masked(s: &[f32], lo: usize, hi: usize, n_kv: usize, p: &mut [f32]) {
     assert!(hi <= s.len() && hi <= p.len() && lo < hi && hi <= n_kv);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::has_avx512() {
         // SAFETY: AVX-512F/FMA present (checked); indices checked above and masked loads
         // and stores touch only [lo, hi).
         return unsafe { x86b::softmax_masked(s, lo, hi, n_kv, p) };
@@ -964,7 +964,7 @@ pub mod block16 {
     pub fn kq(order: DotOrder, kt: &[u8], q: &[f32], hd: usize, out: &mut [f32; 16]) {
         assert!(supported(order, hd) && kt.len() >= hd * 32 && q.len() >= hd);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::cpu::has_avx512() {
             // SAFETY: AVX-512F is present (checked); sizes checked above.
             return unsafe { super::x86b::kq(order, kt.as_ptr(), q.as_ptr(), hd, out) };
         }
@@ -985,7 +985,7 @@ pub mod block16 {
         assert!(supported(DotOrder::Tiny, hd) && kt.len() >= hd * 32);
         assert!(qs.len() == outs.len() && qs.iter().all(|q| q.len() >= hd));
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::cpu::has_avx512() {
             for (qc, oc) in qs.chunks(4).zip(outs.chunks_mut(4)) {
                 // SAFETY: AVX-512F is present (checked); sizes checked above.
                 unsafe {
@@ -1052,7 +1052,7 @@ pub mod block16 {
     ) {
         assert!(d0 + 16 <= hd && v.len() >= hi * hd * 2 && p.len() >= hi && hi <= n_kv);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::cpu::has_avx512() {
             // SAFETY: AVX-512F is present (checked); sizes checked above.
             return unsafe {
                 super::x86b::kqv(order, v.as_ptr(), hd, d0, p.as_ptr(), lo, hi, n_kv, out)
@@ -1087,7 +1087,7 @@ pub mod block16 {
         assert!(d0 + 16 <= hd && v.len() >= hi * hd * 2 && hi <= n_kv);
         assert!(ps.len() == outs.len() && ps.iter().all(|p| p.len() >= hi));
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::cpu::has_avx512() {
             for (pc, oc) in ps.chunks(4).zip(outs.chunks_mut(4)) {
                 // SAFETY: AVX-512F is present (checked); sizes checked above.
                 unsafe {

@@ -28,6 +28,20 @@ pub fn zen4() -> bool {
     })
 }
 
+/// AVX-512 as brise's 512-bit kernels are compiled for it: F with BW, VL and DQ (and
+/// the AVX2, FMA and F16C they also use). Every AVX-512 CPU but Xeon Phi has them all;
+/// checking F alone would let a kernel built with BW run where BW is missing.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
 /// Instruction-set levels brise has kernels for, lowest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {

@@ -367,7 +367,7 @@ fn panel(
 ) {
     assert!(acc.len() >= m * k && w.len() >= g * k && (m == 0 || dy.len() >= (m - 1) * n + r0 + g));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::has_avx512() {
         // SAFETY: AVX-512F is present (checked); the bounds are asserted above and the
         // kernel's masked loads and stores stay inside them.
         return unsafe { panel_x86::panel(acc, m, k, dy, n, r0, g, w) };

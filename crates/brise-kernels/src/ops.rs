@@ -57,7 +57,7 @@ fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// out[i] = silu(gate[i]) · up[i]  (SwiGLU).
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::has_avx512() {
         // SAFETY: AVX-512F is present (checked).
         return unsafe { swiglu_avx512(gate, up, out) };
     }
@@ -111,7 +111,7 @@ unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
 pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::has_avx512() {
         // SAFETY: AVX-512F is present (checked).
         return unsafe { swiglu_backward_avx512(gate, up, dout, dgate, dup) };
     }
@@ -451,7 +451,7 @@ impl LogSumExp {
 /// AVX-512 path and this scalar one give the same bits.
 pub fn log_sum_exp(z: &[f32]) -> LogSumExp {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::has_avx512() {
         // SAFETY: AVX-512F is present (checked).
         return unsafe { log_sum_exp_avx512(z) };
     }
@@ -567,7 +567,7 @@ pub fn softmax_grad(z: &[f32], lse: &LogSumExp, target: usize, scale: f32, dz: &
     let k = (scale as f64 / lse.sum) as f32;
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::has_avx512() {
         // SAFETY: AVX-512F is present (checked); `n` is within both slices.
         done = unsafe { softmax_grad_avx512(&z[..n], lse.max, k, &mut dz[..n]) };
     }

@@ -141,7 +141,7 @@ impl Packed {
         assert!(r < self.n && out.len() >= self.k);
         #[cfg(target_arch = "x86_64")]
         if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
-            && std::arch::is_x86_feature_detected!("avx512f")
+            && crate::cpu::has_avx512()
         {
             // SAFETY: AVX-512F is present (checked); row r and its k values exist.
             return unsafe { x86::dequantize_row(self, r, out) };
@@ -161,7 +161,7 @@ impl Packed {
         assert!(bp.len() >= crate::amx::b_len(g, self.k));
         #[cfg(target_arch = "x86_64")]
         if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
-            && std::arch::is_x86_feature_detected!("avx512f")
+            && crate::cpu::has_avx512()
         {
             let kbs = crate::amx::b_tiles(g);
             // SAFETY: AVX-512F is present (checked); rows r, r + 1 exist and B holds the
@@ -322,7 +322,7 @@ mod tests {
             }
             assert_eq!(got, want, "{ty}");
             #[cfg(target_arch = "x86_64")]
-            let simd = std::arch::is_x86_feature_detected!("avx512f");
+            let simd = crate::cpu::has_avx512();
             #[cfg(not(target_arch = "x86_64"))]
             let simd = false;
             let expect = simd && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
