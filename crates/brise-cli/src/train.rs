@@ -399,20 +399,31 @@ fn run_one(
             out.summary.last_loss.unwrap_or(f64::NAN),
         );
     }
-    if let Some(es) = &out.early_stopping
-        && let Some(kept) = es.kept_epoch
-    {
-        let losses: Vec<String> = es
-            .epoch_losses
+    if let Some(es) = &out.early_stopping {
+        let per_epoch: Vec<String> = es
+            .epoch_ppl
             .iter()
-            .map(|(e, l)| format!("{}: {l:.4}", e + 1))
+            .map(|(e, p)| {
+                let loss = es.epoch_losses.iter().find(|(le, _)| le == e);
+                match loss {
+                    Some((_, l)) => format!("{}: loss {l:.4}, ppl {p:.3}", e + 1),
+                    None => format!("{}: ppl {p:.3}", e + 1),
+                }
+            })
             .collect();
-        eprintln!(
-            "stopped early: the held-out loss did not improve for {} epochs ({}); kept epoch {}",
-            es.patience,
-            losses.join(", "),
-            kept + 1
-        );
+        if !per_epoch.is_empty() {
+            eprintln!(
+                "epochs (held-out loss, general perplexity; the gate accepts up to {:.3}): {}",
+                es.ppl_limit.unwrap_or(f64::NAN),
+                per_epoch.join("; ")
+            );
+        }
+        if let Some(reason) = &es.reason {
+            match es.kept_epoch {
+                Some(kept) => eprintln!("stopped: {reason}; kept epoch {}", kept + 1),
+                None => eprintln!("stopped: {reason}"),
+            }
+        }
     }
     if out.summary.truncated > 0 {
         eprintln!(

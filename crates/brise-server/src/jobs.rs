@@ -1630,13 +1630,12 @@ async fn train_job(state: &Arc<AppState>, l: &Ledger, job: &Job) -> Result<Train
     let learned = res.map_err(|e| format!("the training task failed: {e}"))??;
     let mut summary = learned.outcome.report.summary.clone();
     if let Some(es) = &learned.outcome.early_stopping
-        && let (Some(kept), Some((last, _))) = (es.kept_epoch, es.epoch_losses.last())
+        && let Some(kept) = es.kept_epoch
     {
         summary.push_str(&format!(
-            " (stopped early after epoch {}: the held-out loss did not improve for {} epochs; kept epoch {})",
-            last + 1,
-            es.patience,
-            kept + 1
+            " (kept epoch {}: {})",
+            kept + 1,
+            es.reason.as_deref().unwrap_or("the best held-out loss")
         ));
     }
     Ok((

@@ -3,8 +3,12 @@
 //! it against the current version with the gate, and write the adapter with its reports.
 //! Registering (and promoting) the result is the caller's: it owns the ledger.
 
+use crate::data::Seq;
 use crate::data::{Dataset, Example};
-use crate::eval::{GateConfig, GateReport, Scorer, Version, evaluate, metrics, score_examples};
+use crate::eval::{
+    GENERAL_TEXT, GateConfig, GateReport, Scorer, Version, evaluate, metrics, score_examples,
+    text_nll, text_windows,
+};
 use crate::trainer::{EpochAction, StepReport, TrainConfig, TrainSummary, Trainer, init_adapter};
 use brise_model::{LoraAdapter, Model};
 use serde::Serialize;
@@ -53,43 +57,178 @@ pub struct RunOutcome {
 }
 
 /// What early stopping saw: the held-out loss (mean NLL per token of the preferred
-/// answers, the gate's `nll`) after each epoch but the last.
+/// answers, the gate's `nll`) after each epoch but the last, and the general text's
+/// perplexity after every epoch (the last too), against the gate's bound.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct EarlyStopping {
     pub patience: usize,
     /// (epoch, loss), epochs counted from 0.
     pub epoch_losses: Vec<(usize, f64)>,
-    /// The epoch whose adapter was kept, when the run stopped early.
+    /// (epoch, perplexity of the general text).
+    #[serde(default)]
+    pub epoch_ppl: Vec<(usize, f64)>,
+    /// The highest perplexity the gate accepts: the lower of the base's and the current
+    /// version's, raised by the gate's `ppl_max_increase`.
+    #[serde(default)]
+    pub ppl_limit: Option<f64>,
+    /// The epoch whose adapter was kept, when it is not the last one trained.
     pub kept_epoch: Option<usize>,
+    /// Why the run stopped or kept an earlier epoch, in a sentence.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
-/// Tracks the held-out loss between epochs and says when to stop; keeps the best
-/// epoch's adapter so a stopped run ends with it, not with the overfitted last one.
-struct Stopper<'a> {
-    held: Vec<&'a Example>,
+/// Early stopping's decisions, apart from the scoring: after each epoch, whether to go
+/// on and whether this epoch is the best so far; at the end, which epoch to keep. The
+/// best epoch is the one with the lowest held-out loss among those within the gate's
+/// perplexity bound. The bound is checked because a larger model can keep lowering the
+/// held-out loss while it forgets general text (Qwen2.5-Coder-0.5B: +53% perplexity with
+/// the held-out loss still falling), and the gate would then refuse the whole run.
+struct Rule {
     patience: usize,
-    best: Option<(usize, f64, LoraAdapter)>,
+    best: Option<(usize, f64)>,
     since_best: usize,
     log: EarlyStopping,
 }
 
-impl<'a> Stopper<'a> {
-    fn new(held: &[&'a Example], patience: usize) -> Option<Stopper<'a>> {
-        let held: Vec<&Example> = held
-            .iter()
-            .copied()
-            .filter(|e| e.item.preferred().is_some())
-            .collect();
-        (patience > 0 && !held.is_empty()).then(|| Stopper {
-            held,
+impl Rule {
+    fn new(patience: usize, ppl_limit: Option<f64>) -> Rule {
+        Rule {
             patience,
             best: None,
             since_best: 0,
             log: EarlyStopping {
                 patience,
+                ppl_limit,
                 ..EarlyStopping::default()
             },
-        })
+        }
+    }
+
+    /// Logs `ppl` for `epoch`; whether it is within the bound (true without one).
+    fn within(&mut self, epoch: usize, ppl: Option<f64>) -> bool {
+        let Some(p) = ppl else { return true };
+        self.log.epoch_ppl.push((epoch, p));
+        self.log.ppl_limit.is_none_or(|l| p <= l)
+    }
+
+    fn out_of_bound(&mut self, epoch: usize) {
+        let ppl = self.log.epoch_ppl.last().map_or(f64::NAN, |p| p.1);
+        self.log.reason = Some(format!(
+            "after epoch {} the general text's perplexity was {ppl:.3}, above the gate's bound of {:.3}",
+            epoch + 1,
+            self.log.ppl_limit.unwrap_or(f64::NAN)
+        ));
+    }
+
+    /// After an epoch that is not the last, given its perplexity and (when within the
+    /// bound) its held-out loss: what to do, and whether it is the best epoch so far.
+    fn after_epoch(
+        &mut self,
+        epoch: usize,
+        ppl: Option<f64>,
+        loss: Option<f64>,
+    ) -> (EpochAction, bool) {
+        if !self.within(epoch, ppl) {
+            // Training further only forgets more: stop, keeping the best epoch within
+            // the bound (or this one, the least trained, when there is none).
+            self.out_of_bound(epoch);
+            return (EpochAction::Stop, false);
+        }
+        let Some(loss) = loss else {
+            return (EpochAction::Continue, false);
+        };
+        self.log.epoch_losses.push((epoch, loss));
+        if self.best.is_none_or(|(_, b)| loss < b) {
+            self.best = Some((epoch, loss));
+            self.since_best = 0;
+            return (EpochAction::Continue, true);
+        }
+        self.since_best += 1;
+        if self.since_best >= self.patience {
+            self.log.reason = Some(format!(
+                "the held-out loss did not improve for {} epochs",
+                self.patience
+            ));
+            return (EpochAction::Stop, false);
+        }
+        (EpochAction::Continue, false)
+    }
+
+    /// Once training has ended: the epoch to keep instead of the last one trained
+    /// (`last`, of perplexity `ppl`, measured only when the run was not stopped early),
+    /// or `None` to keep the last.
+    fn at_end(&mut self, stopped_early: bool, last: usize, ppl: Option<f64>) -> Option<usize> {
+        if !stopped_early {
+            if self.within(last, ppl) {
+                return None;
+            }
+            self.out_of_bound(last);
+        }
+        let kept = self.best.map(|(e, _)| e);
+        self.log.kept_epoch = kept;
+        kept
+    }
+}
+
+/// Scores what [`Rule`] decides on between epochs and keeps the best epoch's adapter,
+/// so a run ends with it rather than with an overfitted last epoch.
+struct Stopper<'a> {
+    held: Vec<&'a Example>,
+    /// The general text's windows, scored exactly as the gate scores them, so an epoch
+    /// within the bound passes the gate's perplexity check.
+    windows: Vec<Seq>,
+    rule: Rule,
+    best: Option<LoraAdapter>,
+}
+
+impl<'a> Stopper<'a> {
+    fn new(
+        scorer: &mut Scorer,
+        held: &[&'a Example],
+        patience: usize,
+        gate: &GateConfig,
+        current: Option<&LoraAdapter>,
+    ) -> Result<Option<Stopper<'a>>, String> {
+        let held: Vec<&Example> = held
+            .iter()
+            .copied()
+            .filter(|e| e.item.preferred().is_some())
+            .collect();
+        if patience == 0 || held.is_empty() {
+            return Ok(None);
+        }
+        let model = scorer.model();
+        let window = gate.ppl_window.min(model.cfg.n_ctx_train.max(2));
+        let windows = text_windows(model, GENERAL_TEXT, window).map_err(|e| e.to_string())?;
+        let mut st = Stopper {
+            held,
+            windows,
+            rule: Rule::new(patience, None),
+            best: None,
+        };
+        // The gate's bound: the lower of the base's and the current version's.
+        let mut reference = st.ppl(scorer, None)?;
+        if let Some(c) = current {
+            reference = match (reference, st.ppl(scorer, Some(c))?) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        st.rule.log.ppl_limit = reference.map(|r| r * (1.0 + gate.ppl_max_increase));
+        Ok(Some(st))
+    }
+
+    fn ppl(
+        &self,
+        scorer: &mut Scorer,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Option<f64>, String> {
+        if self.windows.is_empty() {
+            return Ok(None);
+        }
+        let (nll, n) = text_nll(scorer, adapter, &self.windows).map_err(|e| e.to_string())?;
+        Ok(Some((nll / n.max(1) as f64).exp()))
     }
 
     fn epoch(
@@ -98,22 +237,39 @@ impl<'a> Stopper<'a> {
         epoch: usize,
         adapter: &LoraAdapter,
     ) -> Result<EpochAction, String> {
-        let scores =
-            score_examples(scorer, Some(adapter), &self.held).map_err(|e| e.to_string())?;
-        let Some(loss) = metrics(&scores, &[], None).nll else {
-            return Ok(EpochAction::Continue);
-        };
-        self.log.epoch_losses.push((epoch, loss));
-        if self.best.as_ref().is_none_or(|(_, b, _)| loss < *b) {
-            self.best = Some((epoch, loss, adapter.clone()));
-            self.since_best = 0;
-            return Ok(EpochAction::Continue);
-        }
-        self.since_best += 1;
-        Ok(if self.since_best >= self.patience {
-            EpochAction::Stop
+        let ppl = self.ppl(scorer, Some(adapter))?;
+        let within = ppl.is_none_or(|p| self.rule.log.ppl_limit.is_none_or(|l| p <= l));
+        // Out of bound, the loss does not matter: the run stops here.
+        let loss = if within {
+            let scores =
+                score_examples(scorer, Some(adapter), &self.held).map_err(|e| e.to_string())?;
+            metrics(&scores, &[], None).nll
         } else {
-            EpochAction::Continue
+            None
+        };
+        let (action, best) = self.rule.after_epoch(epoch, ppl, loss);
+        if best {
+            self.best = Some(adapter.clone());
+        }
+        Ok(action)
+    }
+
+    /// The adapter to keep instead of `trained` (the last epoch's, `last`), if any.
+    fn finish(
+        &mut self,
+        scorer: &mut Scorer,
+        stopped_early: bool,
+        last: usize,
+        trained: &LoraAdapter,
+    ) -> Result<Option<LoraAdapter>, String> {
+        let ppl = if stopped_early {
+            None
+        } else {
+            self.ppl(scorer, Some(trained))?
+        };
+        Ok(match self.rule.at_end(stopped_early, last, ppl) {
+            Some(_) => self.best.take(),
+            None => None,
         })
     }
 }
@@ -200,16 +356,26 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
     };
     tr.checkpoint = spec.checkpoint.clone();
     let mut scorer = Scorer::new(spec.model, spec.threads);
-    let mut stopper = Stopper::new(&held, train.early_stopping_patience);
+    let mut stopper = Stopper::new(
+        &mut scorer,
+        &held,
+        train.early_stopping_patience,
+        &spec.gate,
+        spec.current.map(|c| c.1),
+    )?;
+    let mut last_epoch = 0;
     let summary = tr.train_with(
         &items,
         &mut |r| {
             on_step(r);
             !spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
         },
-        &mut |epoch, adapter| match stopper.as_mut() {
-            Some(st) => st.epoch(&mut scorer, epoch, adapter),
-            None => Ok(EpochAction::Continue),
+        &mut |epoch, adapter| {
+            last_epoch = epoch + 1;
+            match stopper.as_mut() {
+                Some(st) => st.epoch(&mut scorer, epoch, adapter),
+                None => Ok(EpochAction::Continue),
+            }
         },
     )?;
     let cancelled = || spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
@@ -217,15 +383,21 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         return Err("cancelled".into());
     }
     let mut candidate = tr.adapter;
-    let early_stopping = stopper.map(|mut st| {
-        if summary.stopped_early
-            && let Some((epoch, _, best)) = st.best.take()
-        {
-            candidate = best;
-            st.log.kept_epoch = Some(epoch);
+    // The hook runs after every epoch but the last: the last is the one after it.
+    let last = if summary.stopped_early {
+        last_epoch.saturating_sub(1)
+    } else {
+        last_epoch
+    };
+    let early_stopping = match stopper {
+        Some(mut st) => {
+            if let Some(best) = st.finish(&mut scorer, summary.stopped_early, last, &candidate)? {
+                candidate = best;
+            }
+            Some(st.rule.log)
         }
-        st.log
-    });
+        None => None,
+    };
     let (cur_name, cur_ad) = match spec.current {
         Some((n, a)) => (n, Some(a)),
         None => ("base", None),
@@ -397,4 +569,70 @@ pub async fn learn(
         promoted,
         outcome: out,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_best_epoch_is_the_lowest_loss_within_the_bound() {
+        let mut r = Rule::new(2, Some(10.0));
+        assert_eq!(
+            r.after_epoch(0, Some(9.0), Some(2.0)),
+            (EpochAction::Continue, true)
+        );
+        assert_eq!(
+            r.after_epoch(1, Some(9.5), Some(1.0)),
+            (EpochAction::Continue, true)
+        );
+        // Out of bound: stop at once, whatever the loss; keep epoch 1.
+        assert_eq!(
+            r.after_epoch(2, Some(10.5), Some(0.5)),
+            (EpochAction::Stop, false)
+        );
+        assert_eq!(r.at_end(true, 2, None), Some(1));
+        assert!(r.log.reason.as_deref().unwrap().contains("after epoch 3"));
+        assert_eq!(r.log.epoch_losses, vec![(0, 2.0), (1, 1.0)]);
+        assert_eq!(r.log.epoch_ppl.len(), 3);
+    }
+
+    #[test]
+    fn a_last_epoch_out_of_bound_gives_way_to_the_best_within() {
+        let mut r = Rule::new(2, Some(10.0));
+        r.after_epoch(0, Some(9.0), Some(2.0));
+        r.after_epoch(1, Some(9.9), Some(1.5));
+        assert_eq!(r.at_end(false, 2, Some(10.1)), Some(1));
+        assert_eq!(r.log.kept_epoch, Some(1));
+        assert!(r.log.reason.as_deref().unwrap().contains("perplexity"));
+        // Within: the last epoch stays.
+        let mut r = Rule::new(2, Some(10.0));
+        r.after_epoch(0, Some(9.0), Some(2.0));
+        assert_eq!(r.at_end(false, 1, Some(9.9)), None);
+        assert_eq!((r.log.kept_epoch, r.log.reason), (None, None));
+    }
+
+    #[test]
+    fn patience_counts_epochs_without_a_better_loss() {
+        let mut r = Rule::new(2, None);
+        assert_eq!(r.after_epoch(0, None, Some(1.0)).0, EpochAction::Continue);
+        assert_eq!(r.after_epoch(1, None, Some(1.1)).0, EpochAction::Continue);
+        assert_eq!(r.after_epoch(2, None, Some(1.2)).0, EpochAction::Stop);
+        assert_eq!(r.at_end(true, 2, None), Some(0));
+        assert!(
+            r.log
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("did not improve for 2")
+        );
+    }
+
+    #[test]
+    fn the_first_epoch_out_of_bound_is_kept_for_want_of_another() {
+        let mut r = Rule::new(2, Some(10.0));
+        assert_eq!(r.after_epoch(0, Some(11.0), None).0, EpochAction::Stop);
+        assert_eq!(r.at_end(true, 0, None), None);
+        assert!(r.log.reason.is_some());
+    }
 }

@@ -240,17 +240,30 @@ fn dataset(items: Vec<Item>) -> brise_train::data::Dataset {
 
 /// Runs the whole pipeline for 8 epochs of 2 steps, validated on `held`.
 fn run_with_held(held: Vec<Item>, patience: usize) -> brise_train::pipeline::RunOutcome {
+    run_pipeline(sft_items(), held, patience, 0.05, 8)
+}
+
+/// [`run_with_held`] trained on `items` for `epochs`, with the gate's perplexity bound
+/// `ppl_max_increase`.
+fn run_pipeline(
+    items: Vec<Item>,
+    held: Vec<Item>,
+    patience: usize,
+    ppl_max_increase: f64,
+    epochs: usize,
+) -> brise_train::pipeline::RunOutcome {
     let m = model();
-    let data = dataset(sft_items());
+    let data = dataset(items);
     let val = dataset(held);
     let out_dir = std::env::temp_dir().join(format!(
-        "brise-early-stop-{}-{patience}-{}",
+        "brise-early-stop-{}-{patience}-{}-{ppl_max_increase}-{}-{epochs}",
         std::process::id(),
-        val.examples.len()
+        val.examples.len(),
+        data.examples.len()
     ));
     let train = TrainConfig {
         batch_size: 1,
-        epochs: 8,
+        epochs,
         max_steps: None,
         early_stopping_patience: patience,
         ..cfg(Method::Sft)
@@ -262,6 +275,7 @@ fn run_with_held(held: Vec<Item>, patience: usize) -> brise_train::pipeline::Run
             train,
             gate: brise_train::eval::GateConfig {
                 behaviour: false,
+                ppl_max_increase,
                 ..Default::default()
             },
             held_out_fraction: 0.2,
@@ -316,4 +330,55 @@ fn early_stopping_runs_every_epoch_while_the_held_out_loss_falls() {
     let off = run_with_held(sft_items(), 0);
     assert!(off.early_stopping.is_none());
     assert_eq!(off.summary.steps, 16);
+}
+
+/// Answers of one repeated token: training on them makes the general text less likely
+/// (on the tiny model its perplexity rises from the second epoch).
+fn monotone_items() -> Vec<Item> {
+    vec![
+        Item::Sft(seq(&[1, 1183, 2339, 1073], &[29000; 8])),
+        Item::Sft(seq(&[1, 6233, 29493], &[29000; 8])),
+        Item::Sft(seq(&[1, 6233, 1073], &[29000; 8])),
+    ]
+}
+
+/// The kept epoch's perplexity is the one the gate measured on the written adapter, and
+/// it is within the gate's bound.
+fn assert_kept_within_bound(out: &brise_train::pipeline::RunOutcome) {
+    let es = out.early_stopping.as_ref().unwrap();
+    let kept = es
+        .kept_epoch
+        .unwrap_or_else(|| panic!("no earlier epoch kept: {es:?}"));
+    let (limit, ppl) = (es.ppl_limit.unwrap(), &es.epoch_ppl);
+    let kept_ppl = ppl.iter().find(|(e, _)| *e == kept).unwrap().1;
+    assert!(kept_ppl <= limit, "{ppl:?} above {limit}");
+    assert!(
+        ppl.last().unwrap().1 > limit,
+        "{ppl:?} stayed within {limit}"
+    );
+    assert_eq!(out.report.candidate.metrics.ppl, Some(kept_ppl), "{ppl:?}");
+    assert!(
+        out.report
+            .checks
+            .iter()
+            .any(|c| c.metric == "ppl" && c.outcome == brise_train::eval::Outcome::Pass)
+    );
+    assert!(
+        es.reason.as_deref().unwrap().contains("perplexity"),
+        "{:?}",
+        es.reason
+    );
+}
+
+#[test]
+fn early_stopping_stops_when_the_general_perplexity_leaves_the_gates_bound() {
+    // Patience 8: only the perplexity bound can stop this run. Bound 0: no rise at all.
+    let out = run_pipeline(monotone_items(), sft_items(), 8, 0.0, 8);
+    assert!(out.summary.stopped_early);
+    assert!(out.summary.steps < 24, "{} steps", out.summary.steps);
+    assert_kept_within_bound(&out);
+    // With room to rise, the same data trains on.
+    let wide = run_pipeline(monotone_items(), sft_items(), 8, 0.5, 8);
+    assert_eq!(wide.summary.steps, 24);
+    assert!(wide.early_stopping.unwrap().reason.is_none());
 }
