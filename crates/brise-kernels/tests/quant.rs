@@ -273,7 +273,11 @@ fn simd_paths_are_bit_identical_to_the_ggml_models() {
     ];
     let mut rng = Rng(4242);
     let mut checked = 0;
-    for isa in supported_isas("simd_paths_are_bit_identical_to_the_ggml_models") {
+    // Scalar's dot_path is the model itself: comparing it would test nothing.
+    for isa in supported_isas("simd_paths_are_bit_identical_to_the_ggml_models")
+        .into_iter()
+        .filter(|i| *i != Isa::Scalar)
+    {
         let kern = Kernels::new(isa).unwrap();
         for ty in WEIGHT_TYPES {
             for path in paths {
