@@ -87,6 +87,37 @@ def test_api_key_file_names_tenants(tmp_path_factory, tmp_path):
         srv.stop()
 
 
+def test_tokens_per_minute_refuse_a_tenant_over_its_allowance(tmp_path_factory, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("acme=sk-acme\nbeta=sk-beta\n")
+    srv = serve(tmp_path_factory, "tpm", ["--api-key-file", str(keys), "--rate-limit-tokens", "60"])
+    try:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 80, "temperature": 0, **NO_EOS}
+        acme = {"Authorization": "Bearer sk-acme"}
+        with httpx.Client(base_url=srv.url, timeout=120, trust_env=False) as c:
+            # Admitted with a full allowance; its 80+ tokens take acme below zero.
+            r = c.post("/v1/completions", json=body, headers=acme)
+            assert r.status_code == 200, r.text
+            used = r.json()["usage"]["total_tokens"]
+            assert used > 60, used
+            r = c.post("/v1/completions", json=body, headers=acme)
+            assert r.status_code == 429, r.text
+            err = r.json()["error"]
+            assert (err["type"], err["code"]) == ("tokens", "rate_limit_exceeded"), err
+            assert "limit 60" in err["message"], err
+            # The deficit (used - 60 tokens at 1 a second) sets Retry-After.
+            retry = int(r.headers["retry-after"])
+            assert used - 60 - 5 <= retry <= used - 60 + 2, (retry, used)
+            # beta has its own allowance.
+            r = c.post("/v1/completions", json={**body, "max_tokens": 4}, headers={"Authorization": "Bearer sk-beta"})
+            assert r.status_code == 200, r.text
+            # (acme itself is refused everywhere until its allowance is back above zero.)
+            m = c.get("/metrics", headers={"Authorization": "Bearer sk-beta"}).text
+            assert 'brise_rate_limited_total{tenant="acme",limit="tokens"} 1' in m, m
+    finally:
+        srv.stop()
+
+
 def test_idle_connections_are_capped_and_closed(tmp_path_factory):
     """Issue 21: ~20k idle connections used to exhaust the descriptors and stop /health.
     Now at most --max-connections are open at once (the rest wait in the kernel's

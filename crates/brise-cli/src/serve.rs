@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// then gets one more every 60/N seconds. 0: no limit
     #[arg(long, value_name = "PER_MINUTE", default_value_t = 0)]
     pub rate_limit: u32,
+    /// Prompt + completion tokens each tenant (API key's tenant) may use per minute;
+    /// charged when an answer ends, so a long answer may take a tenant below zero, and
+    /// its next requests get 429 with Retry-After until the allowance refills. 0: no limit
+    #[arg(long, value_name = "PER_MINUTE", default_value_t = 0)]
+    pub rate_limit_tokens: u32,
     /// Connections open at once (more wait until one closes); lowered to what the
     /// limit on open files allows
     #[arg(long, default_value_t = 1024)]
@@ -351,6 +356,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
         max_connections: a.max_connections,
         rate_limit: a.rate_limit,
+        rate_limit_tokens: a.rate_limit_tokens,
         header_timeout: header_timeout(a.header_timeout)?,
         ledger: ledger_spec(a.ledger.as_deref()),
         admin_key,

@@ -95,19 +95,24 @@ impl ApiError {
         }
     }
 
-    /// 429 for a tenant over `--rate-limit`, in OpenAI's shape (type `requests`, code
-    /// `rate_limit_exceeded`), with the whole seconds until a request is allowed again.
-    pub fn rate_limited(per_minute: u32, wait: std::time::Duration) -> ApiError {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    /// 429 for a tenant over `--rate-limit` or `--rate-limit-tokens`, in OpenAI's shape
+    /// (type `requests` or `tokens`, code `rate_limit_exceeded`), with the whole seconds
+    /// until a request is allowed again.
+    pub fn rate_limited(r: crate::ratelimit::Refused) -> ApiError {
+        let secs = r.wait.as_secs_f64().ceil().max(1.0) as u64;
+        let what = match r.limit {
+            crate::ratelimit::Limit::Requests => "requests per minute (RPM)",
+            crate::ratelimit::Limit::Tokens => "tokens per minute (TPM)",
+        };
         ApiError {
             retry_after: Some(secs),
             code: Some("rate_limit_exceeded"),
             ..ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "requests",
+                r.limit.name(),
                 format!(
-                    "Rate limit reached for requests per minute (RPM): limit {per_minute}. \
-                     Please try again in {secs}s."
+                    "Rate limit reached for {what}: limit {}. Please try again in {secs}s.",
+                    r.per_minute
                 ),
             )
         }

@@ -242,6 +242,9 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Requests per minute each tenant may make (`--rate-limit`); 0: no limit.
     pub rate_limit: u32,
+    /// Prompt + completion tokens per minute each tenant may use
+    /// (`--rate-limit-tokens`); 0: no limit.
+    pub rate_limit_tokens: u32,
     /// The key of the admin routes (`/v1/admin/…`); `None` turns them off.
     pub admin_key: Option<String>,
     /// How often to look for a newly promoted adapter version in the ledger's registry
@@ -257,7 +260,7 @@ pub struct AppState {
     pub cfg: ServerConfig,
     pub models: OnceLock<Vec<ServedModel>>,
     pub metrics: metrics::Metrics,
-    pub rate_limiter: ratelimit::RateLimiter,
+    pub rate_limiter: Arc<ratelimit::RateLimiter>,
     pub shutting_down: AtomicBool,
     pub ledger: Option<brise_ledger::Ledger>,
     /// Serializes the swaps of promoted versions (the poller's and the admin routes'),
@@ -360,7 +363,10 @@ where
         eprintln!("brise: recording to {}", brise_ledger::redact_url(p));
     }
     let state = Arc::new(AppState {
-        rate_limiter: ratelimit::RateLimiter::new(cfg.rate_limit),
+        rate_limiter: Arc::new(ratelimit::RateLimiter::new(
+            cfg.rate_limit,
+            cfg.rate_limit_tokens,
+        )),
         cfg,
         models: OnceLock::new(),
         metrics: Default::default(),

@@ -22,6 +22,8 @@ pub struct Recorder {
     /// The content level the request asked for; the tenant's may lower it further.
     level: ContentLevel,
     start: Instant,
+    /// Charged the tokens an answer used (`--rate-limit-tokens`).
+    limiter: std::sync::Arc<crate::ratelimit::RateLimiter>,
 }
 
 impl Recorder {
@@ -138,6 +140,7 @@ impl Recorder {
             training,
             level,
             start: Instant::now(),
+            limiter: s.rate_limiter.clone(),
         })
     }
 
@@ -181,6 +184,12 @@ impl Recorder {
         Ok(rec)
     }
 
+    /// Charges the tenant's token bucket for an answer's tokens.
+    fn charge(&self, tokens: usize) {
+        self.limiter
+            .spend(&self.base.tenant, tokens, Instant::now());
+    }
+
     /// The record of an answer (complete or not) as the client got it.
     fn answered(
         &self,
@@ -221,6 +230,7 @@ impl Recorder {
         completion_tokens: usize,
         first_token: Option<Instant>,
     ) -> Result<(), ApiError> {
+        self.charge(prompt_tokens + completion_tokens);
         let Some(l) = &self.ledger else {
             return Ok(());
         };
@@ -242,6 +252,7 @@ impl Recorder {
         completion_tokens: usize,
         first_token: Option<Instant>,
     ) {
+        self.charge(prompt_tokens + completion_tokens);
         let Some(l) = &self.ledger else {
             return;
         };

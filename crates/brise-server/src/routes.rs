@@ -154,8 +154,8 @@ async fn auth(State(s): St, req: Request, next: Next) -> Response {
 /// Runs an authenticated request as `tenant`'s, unless the tenant is over its rate
 /// limit (a 429 with Retry-After, before any work is done).
 async fn limited(s: &AppState, tenant: &str, mut req: Request, next: Next) -> Response {
-    if let Err(wait) = s.rate_limiter.check(tenant, Instant::now()) {
-        return ApiError::rate_limited(s.rate_limiter.per_minute(), wait).into_response();
+    if let Err(r) = s.rate_limiter.check(tenant, Instant::now()) {
+        return ApiError::rate_limited(r).into_response();
     }
     req.extensions_mut().insert(Tenant(tenant.to_string()));
     next.run(req).await
@@ -2471,13 +2471,14 @@ async fn metrics_text(State(s): St) -> Response {
         &mut out,
         "brise_rate_limited_total",
         "counter",
-        "Requests refused with 429 for a tenant over --rate-limit, per tenant.",
+        "Requests refused with 429, per tenant and limit (requests: --rate-limit, tokens: --rate-limit-tokens).",
     );
-    for (t, n) in s.rate_limiter.refused() {
+    for (t, l, n) in s.rate_limiter.refused() {
         let _ = writeln!(
             out,
-            "brise_rate_limited_total{{tenant=\"{}\"}} {n}",
-            metrics::escape(&t)
+            "brise_rate_limited_total{{tenant=\"{}\",limit=\"{}\"}} {n}",
+            metrics::escape(&t),
+            l.name()
         );
     }
     metrics::header(

@@ -69,6 +69,7 @@ fn a_tenant_over_its_rate_limit_gets_429_with_retry_after_and_others_do_not() {
         max_connections: 64,
         header_timeout: Duration::from_secs(5),
         rate_limit: 3,
+        rate_limit_tokens: 0,
         admin_key: None,
         adapter_poll: None,
         learn: None,
@@ -126,10 +127,10 @@ fn a_tenant_over_its_rate_limit_gets_429_with_retry_after_and_others_do_not() {
     let r = get(addr, "/metrics", "key-beta");
     assert_eq!(status(&r), 200, "{r}");
     assert!(
-        r.contains("brise_rate_limited_total{tenant=\"acme\"} 1\n"),
+        r.contains("brise_rate_limited_total{tenant=\"acme\",limit=\"requests\"} 1\n"),
         "{r}"
     );
-    assert!(!r.contains("tenant=\"beta\"} "), "{r}");
+    assert!(!r.contains("tenant=\"beta\""), "{r}");
     // Bad keys are 401s, never counted against anyone.
     assert_eq!(status(&get(addr, "/v1/models", "nope")), 401);
 }
