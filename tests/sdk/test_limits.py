@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import re
 import select
 import socket
 import time
@@ -114,6 +115,9 @@ def test_tokens_per_minute_refuse_a_tenant_over_its_allowance(tmp_path_factory, 
             # (acme itself is refused everywhere until its allowance is back above zero.)
             m = c.get("/metrics", headers={"Authorization": "Bearer sk-beta"}).text
             assert 'brise_rate_limited_total{tenant="acme",limit="tokens"} 1' in m, m
+            # Each admitted request's queue wait is counted for its tenant.
+            for t in ("acme", "beta"):
+                assert re.search(r'brise_tenant_queue_wait_seconds_count\{model="[^"]+",tenant="%s"\} 1\n' % t, m), m
     finally:
         srv.stop()
 

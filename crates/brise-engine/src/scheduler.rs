@@ -111,9 +111,34 @@ pub struct Stats {
     pub prompt_tokens_cached: AtomicU64,
     /// Requests waiting for a slot, per tenant (tenants with none are removed).
     pub queued_by_tenant: Mutex<std::collections::BTreeMap<String, usize>>,
+    /// Per tenant: how long its requests waited between submission and leaving the
+    /// queue (for a slot, or gone or timed out while waiting).
+    pub waits_by_tenant: Mutex<std::collections::BTreeMap<String, Waits>>,
+}
+
+/// Queue waiting times of one tenant's requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Waits {
+    pub count: u64,
+    pub seconds_sum: f64,
+    pub seconds_max: f64,
 }
 
 impl Stats {
+    /// A request of `tenant` left the queue after waiting `wait`.
+    fn dequeued(&self, tenant: &str, wait: Duration) {
+        self.queue_change(tenant, false);
+        let mut m = self
+            .waits_by_tenant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let w = m.entry(tenant.to_string()).or_default();
+        let secs = wait.as_secs_f64();
+        w.count += 1;
+        w.seconds_sum += secs;
+        w.seconds_max = w.seconds_max.max(secs);
+    }
+
     fn queue_change(&self, tenant: &str, up: bool) {
         let mut m = self
             .queued_by_tenant
@@ -134,8 +159,11 @@ impl Stats {
     }
 }
 
+/// A request and when it was submitted.
+type Queued = (Instant, Request);
+
 pub struct Scheduler {
-    tx: Mutex<Option<SyncSender<Request>>>,
+    tx: Mutex<Option<SyncSender<Queued>>>,
     stats: Arc<Stats>,
     cfg: SchedulerConfig,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -181,7 +209,7 @@ impl Scheduler {
         }
         let tenant = r.opts.tenant.clone();
         self.stats.queue_change(&tenant, true);
-        match tx.try_send(r) {
+        match tx.try_send((Instant::now(), r)) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.stats.queue_change(&tenant, false);
@@ -245,7 +273,7 @@ struct Engine {
     /// Slot indices in admission order, for fair prompt processing.
     order: VecDeque<usize>,
     /// Requests taken from the channel, waiting for a slot, in arrival order.
-    pending: VecDeque<Request>,
+    pending: VecDeque<Queued>,
 }
 
 impl Engine {
@@ -271,7 +299,7 @@ impl Engine {
         }
     }
 
-    fn run(mut self, rx: Receiver<Request>) {
+    fn run(mut self, rx: Receiver<Queued>) {
         let mut open = true;
         loop {
             open = self.admit(&rx, open);
@@ -290,7 +318,7 @@ impl Engine {
     /// `tenant_slots`), so one tenant's many choices or long prompts do not make
     /// another's short request wait for all of them. Blocks while nothing is running
     /// or waiting.
-    fn admit(&mut self, rx: &Receiver<Request>, mut open: bool) -> bool {
+    fn admit(&mut self, rx: &Receiver<Queued>, mut open: bool) -> bool {
         while open {
             let r = if self.order.is_empty() && self.pending.is_empty() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
@@ -317,11 +345,12 @@ impl Engine {
         let now = Instant::now();
         let mut i = 0;
         while i < self.pending.len() {
-            let r = &self.pending[i];
+            let r = &self.pending[i].1;
             let cancelled = r.cancel.load(Ordering::Relaxed);
             if cancelled || r.deadline.is_some_and(|d| now >= d) {
-                let mut r = self.pending.remove(i).expect("in range");
-                self.stats.queue_change(&r.opts.tenant, false);
+                let (t0, mut r) = self.pending.remove(i).expect("in range");
+                self.stats
+                    .dequeued(&r.opts.tenant, now.saturating_duration_since(t0));
                 if !cancelled {
                     (r.sink)(Event::Error(EngineError::Timeout));
                 }
@@ -331,8 +360,8 @@ impl Engine {
         }
         while self.slots.iter().any(|s| s.seq.is_none()) {
             let Some(i) = self.pick() else { break };
-            let r = self.pending.remove(i).expect("picked from the queue");
-            self.stats.queue_change(&r.opts.tenant, false);
+            let (t0, r) = self.pending.remove(i).expect("picked from the queue");
+            self.stats.dequeued(&r.opts.tenant, t0.elapsed());
             self.start(r);
         }
         open
@@ -348,7 +377,7 @@ impl Engine {
         };
         let cap = self.cfg.tenant_slots;
         let mut best: Option<(usize, usize)> = None;
-        for (i, r) in self.pending.iter().enumerate() {
+        for (i, (_, r)) in self.pending.iter().enumerate() {
             let h = held(&r.opts.tenant);
             if cap > 0 && h >= cap {
                 continue;

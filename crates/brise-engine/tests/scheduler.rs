@@ -442,5 +442,14 @@ fn slots_are_shared_fairly_between_tenants() {
         );
         let q = sched.stats().queued_by_tenant.lock().unwrap().clone();
         assert!(q.is_empty(), "{q:?}");
+        // Every request's wait is counted for its tenant; a's later requests waited
+        // for slots, so a's longest wait is positive.
+        let w = sched.stats().waits_by_tenant.lock().unwrap().clone();
+        assert_eq!((w["a"].count, w["b"].count), (6, 1), "{w:?}");
+        assert!(
+            w["a"].seconds_max > 0.0 && w["a"].seconds_sum >= w["a"].seconds_max,
+            "{w:?}"
+        );
+        assert!(w["b"].seconds_sum <= w["b"].seconds_max + 1e-12, "{w:?}");
     }
 }

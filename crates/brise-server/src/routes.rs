@@ -2467,6 +2467,58 @@ async fn metrics_text(State(s): St) -> Response {
             );
         }
     }
+    // Waiting time per tenant: a sum and a count (their ratio is the mean wait), and the
+    // longest wait so far.
+    let waits: Vec<(&str, Vec<(String, brise_engine::scheduler::Waits)>)> = models
+        .iter()
+        .map(|m| {
+            let w = m
+                .sched
+                .stats()
+                .waits_by_tenant
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(t, w)| (t.clone(), *w))
+                .collect();
+            (m.id.as_str(), w)
+        })
+        .collect();
+    type WaitField = fn(&brise_engine::scheduler::Waits) -> String;
+    let fields: [(&str, &str, &str, WaitField); 3] = [
+        (
+            "brise_tenant_queue_wait_seconds_sum",
+            "counter",
+            "Seconds the tenant's requests waited in the queue, summed (over the count: the mean wait).",
+            |w| w.seconds_sum.to_string(),
+        ),
+        (
+            "brise_tenant_queue_wait_seconds_count",
+            "counter",
+            "Requests of the tenant that left the queue (for a slot, or gone or timed out while waiting).",
+            |w| w.count.to_string(),
+        ),
+        (
+            "brise_tenant_queue_wait_seconds_max",
+            "gauge",
+            "The longest a request of the tenant waited in the queue since the server started.",
+            |w| w.seconds_max.to_string(),
+        ),
+    ];
+    for (name, kind, help, f) in fields {
+        metrics::header(&mut out, name, kind, help);
+        for (model, ws) in &waits {
+            for (t, w) in ws {
+                let _ = writeln!(
+                    out,
+                    "{name}{{model=\"{}\",tenant=\"{}\"}} {}",
+                    metrics::escape(model),
+                    metrics::escape(t),
+                    f(w)
+                );
+            }
+        }
+    }
     metrics::header(
         &mut out,
         "brise_rate_limited_total",
