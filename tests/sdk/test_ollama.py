@@ -195,3 +195,15 @@ def test_answers_are_recorded_with_their_id(brise, base_url, oll):
                        "ORDER BY created_at_ms DESC LIMIT 1")[0]
     rec = show_record(brise.ledger, gid)
     assert rec["output"][0]["text"] == text and rec["status"] == "ok"
+
+
+def test_api_keys(auth_server):
+    from conftest import API_KEYS
+
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=auth_server.url, timeout=60).list()
+    assert e.value.status_code == 401 and "API key" in e.value.error
+    c = ollama.Client(host=auth_server.url, timeout=120, headers={"Authorization": f"Bearer {API_KEYS[0]}"})
+    assert [m.model for m in c.list().models] == [MODEL]
+    r = c.chat(model=MODEL, messages=user("Hi"), stream=False, options=SHORT)
+    check_final(r)
