@@ -140,6 +140,9 @@ def test_unknown_model_is_404(oll):
         oll.chat(model="no-such-model:7b", messages=user("Hi"), stream=False)
     assert e.value.status_code == 404 and e.value.error == 'model "no-such-model:7b" not found'
     with pytest.raises(ollama.ResponseError) as e:
+        oll.generate(model="no-such-model:latest", prompt="Hi", stream=True).__next__()
+    assert e.value.status_code == 404 and e.value.error == 'model "no-such-model:latest" not found'
+    with pytest.raises(ollama.ResponseError) as e:
         oll.show("no-such-model")
     assert e.value.status_code == 404
 

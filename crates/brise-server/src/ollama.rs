@@ -150,6 +150,8 @@ struct Translated {
     /// The client's `stream` (Ollama's default: true).
     stream: bool,
     num_ctx: Option<u64>,
+    /// The model's name as the client wrote it (`x:latest`), for errors.
+    requested: String,
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -179,9 +181,10 @@ fn served_name(name: &str) -> &str {
     name.strip_suffix(":latest").unwrap_or(name)
 }
 
-fn take_model(o: &mut Map<String, Value>, key: &str) -> ApiResult<String> {
+/// The model's name as written, and as served.
+fn take_model(o: &mut Map<String, Value>, key: &str) -> ApiResult<(String, String)> {
     match o.remove(key) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(served_name(&s).to_string()),
+        Some(Value::String(s)) if !s.is_empty() => Ok((s.clone(), served_name(&s).to_string())),
         None | Some(Value::Null) => Err(ApiError::param("model", "model is required")),
         Some(_) => Err(type_error("model", "a non-empty string")),
     }
@@ -511,7 +514,8 @@ fn base_body(model: String) -> Map<String, Value> {
 /// `POST /api/chat`'s body as a chat completion's.
 fn translate_chat(body: &[u8]) -> ApiResult<Translated> {
     let mut o = parse_object(body)?;
-    let mut out = base_body(take_model(&mut o, "model")?);
+    let (requested, served) = take_model(&mut o, "model")?;
+    let mut out = base_body(served);
     let stream = common(&mut o, &mut out)?;
     let num_ctx = options(o.remove("options").unwrap_or(Value::Null), &mut out)?;
     let msgs = messages(o.remove("messages").unwrap_or(json!([])))?;
@@ -530,6 +534,7 @@ fn translate_chat(body: &[u8]) -> ApiResult<Translated> {
         chat: true,
         stream,
         num_ctx,
+        requested,
     })
 }
 
@@ -538,7 +543,8 @@ fn translate_chat(body: &[u8]) -> ApiResult<Translated> {
 /// (`suffix`).
 fn translate_generate(body: &[u8]) -> ApiResult<Translated> {
     let mut o = parse_object(body)?;
-    let mut out = base_body(take_model(&mut o, "model")?);
+    let (requested, served) = take_model(&mut o, "model")?;
+    let mut out = base_body(served);
     let stream = common(&mut o, &mut out)?;
     let num_ctx = options(o.remove("options").unwrap_or(Value::Null), &mut out)?;
     let prompt = take_string(&mut o, "prompt")?.unwrap_or_default();
@@ -601,6 +607,7 @@ fn translate_generate(body: &[u8]) -> ApiResult<Translated> {
         chat,
         stream,
         num_ctx,
+        requested,
     })
 }
 
@@ -911,7 +918,7 @@ async fn run(
     } else {
         routes::completions_request(s, tenant, headers, &body, endpoint).await
     }
-    .map_err(|e| rename(e, &model))?;
+    .map_err(|e| rename(e, &t.requested))?;
     let mut reader = SseReader::new(r);
     let mut turn = Turn {
         message,
@@ -1026,8 +1033,7 @@ async fn run(
 
 /// The answer to a request that only loads the model (Ollama's way to preload one).
 fn loaded(s: &AppState, t: &Translated, message: bool) -> ApiResult<Response> {
-    let name = t.body["model"].as_str().unwrap_or_default();
-    let m = find(s, name)?;
+    let m = find(s, &t.requested)?;
     let mut v = json!({
         "model": m.id,
         "created_at": now(),
