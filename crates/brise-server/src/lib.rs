@@ -6,6 +6,7 @@ pub mod error;
 pub mod jobs;
 pub mod learn;
 pub mod metrics;
+mod ollama;
 pub mod ratelimit;
 mod record;
 pub mod request;

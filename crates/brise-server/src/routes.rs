@@ -68,6 +68,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .merge(crate::console::api())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        // Ollama's API (`/api/…`): its own errors' shape, the same auth (ollama.rs).
+        .merge(crate::ollama::router(state.clone()))
         .route("/health", get(health))
         .merge(crate::console::assets())
         .merge(
@@ -116,7 +118,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// AI Act Art. 50: generated content is marked as such, machine-readably.
-async fn ai_marker(mut r: Response) -> Response {
+pub(crate) async fn ai_marker(mut r: Response) -> Response {
     r.headers_mut()
         .insert("x-brise-ai-generated", HeaderValue::from_static("true"));
     r
@@ -133,7 +135,7 @@ async fn count(State(s): St, req: Request, next: Next) -> Response {
     r
 }
 
-async fn auth(State(s): St, req: Request, next: Next) -> Response {
+pub(crate) async fn auth(State(s): St, req: Request, next: Next) -> Response {
     if s.cfg.api_keys.is_empty() {
         return limited(&s, "default", req, next).await;
     }
@@ -634,7 +636,7 @@ async fn health(State(s): St) -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
-fn body_bytes(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+pub(crate) fn body_bytes(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     b.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -1250,17 +1252,30 @@ async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = body_bytes(body)?;
-    ready(&s)?;
-    let req = request::parse_chat(&body, n_vocab_of(&s))?;
-    let (m, ad) = model_and_adapter(&s, &tenant, &req.params).await?;
+    chat_request(&s, &tenant, &headers, &body, "/v1/chat/completions").await
+}
+
+/// A chat completion of an OpenAI-shaped `body`, recorded in the ledger under
+/// `endpoint` (the route the client called: other dialects, such as Ollama's
+/// `/api/chat`, translate their requests to this body and their answers from it).
+pub(crate) async fn chat_request(
+    s: &Arc<AppState>,
+    tenant: &Tenant,
+    headers: &HeaderMap,
+    body: &[u8],
+    endpoint: &str,
+) -> ApiResult<Response> {
+    ready(s)?;
+    let req = request::parse_chat(body, n_vocab_of(s))?;
+    let (m, ad) = model_and_adapter(s, tenant, &req.params).await?;
     let rec = Recorder::new(
-        &s,
+        s,
         m,
         ad.as_deref(),
-        "/v1/chat/completions",
-        &headers,
-        &tenant,
-        &body,
+        endpoint,
+        headers,
+        tenant,
+        body,
         &req.params,
     )?;
     if m.model.chat_template.is_none() {
@@ -1301,7 +1316,7 @@ async fn chat(
         _ => Vec::new(),
     };
     chat_like(
-        &s,
+        s,
         m,
         &req.params,
         ad,
@@ -1498,17 +1513,29 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = body_bytes(body)?;
-    ready(&s)?;
-    let req = request::parse_completion(&body, n_vocab_of(&s))?;
-    let (m, ad) = model_and_adapter(&s, &tenant, &req.params).await?;
+    completions_request(&s, &tenant, &headers, &body, "/v1/completions").await
+}
+
+/// A text completion of an OpenAI-shaped `body`, recorded under `endpoint` (as
+/// [`chat_request`]).
+pub(crate) async fn completions_request(
+    s: &Arc<AppState>,
+    tenant: &Tenant,
+    headers: &HeaderMap,
+    body: &[u8],
+    endpoint: &str,
+) -> ApiResult<Response> {
+    ready(s)?;
+    let req = request::parse_completion(body, n_vocab_of(s))?;
+    let (m, ad) = model_and_adapter(s, tenant, &req.params).await?;
     let rec = Recorder::new(
-        &s,
+        s,
         m,
         ad.as_deref(),
-        "/v1/completions",
-        &headers,
-        &tenant,
-        &body,
+        endpoint,
+        headers,
+        tenant,
+        body,
         &req.params,
     )?;
     let p = &req.params;
@@ -1553,7 +1580,7 @@ async fn completions(
         }
     }
     let n_jobs = jobs.len();
-    let run = submit(&s, m, &tenant.0, jobs)?;
+    let run = submit(s, m, &tenant.0, jobs)?;
     let id = new_id("cmpl");
     let created = crate::unix_now();
     if p.stream {
