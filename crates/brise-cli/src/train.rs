@@ -399,6 +399,14 @@ fn run_one(
             out.summary.last_loss.unwrap_or(f64::NAN),
         );
     }
+    for r in &out.retries {
+        eprintln!(
+            "learning rate {:.2e}: every epoch raised the general perplexity above the gate's bound ({} steps, {}); trained again at half the rate",
+            r.learning_rate,
+            r.steps,
+            r.early_stopping.reason.as_deref().unwrap_or("")
+        );
+    }
     if let Some(es) = &out.early_stopping {
         let per_epoch: Vec<String> = es
             .epoch_ppl

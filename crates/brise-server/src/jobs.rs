@@ -1629,6 +1629,14 @@ async fn train_job(state: &Arc<AppState>, l: &Ledger, job: &Job) -> Result<Train
     let tokens = writer.await.unwrap_or(0);
     let learned = res.map_err(|e| format!("the training task failed: {e}"))??;
     let mut summary = learned.outcome.report.summary.clone();
+    if let Some(first) = learned.outcome.retries.first() {
+        summary.push_str(&format!(
+            " (trained {} more time(s) at half the learning rate, from {:.2e} to {:.2e}: every epoch had raised the general perplexity above the gate's bound)",
+            learned.outcome.retries.len(),
+            first.learning_rate,
+            learned.outcome.config.learning_rate
+        ));
+    }
     if let Some(es) = &learned.outcome.early_stopping
         && let Some(kept) = es.kept_epoch
     {

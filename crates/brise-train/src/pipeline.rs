@@ -54,7 +54,24 @@ pub struct RunOutcome {
     pub feedback_ids: Vec<String>,
     /// The held-out loss after each epoch but the last, when early stopping is on.
     pub early_stopping: Option<EarlyStopping>,
+    /// Runs started again at a lower learning rate because every epoch of the run
+    /// before left the perplexity bound (an automatic learning rate only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retries: Vec<Retry>,
 }
+
+/// A run given up for a lower learning rate.
+#[derive(Clone, Debug, Serialize)]
+pub struct Retry {
+    pub learning_rate: f64,
+    pub steps: u64,
+    pub early_stopping: EarlyStopping,
+}
+
+/// How many times a run whose every epoch forgot too much starts again at half the
+/// learning rate. Twice: 3e-4 → 1.5e-4 → 7.5e-5, a quarter, covers the 135M to 1.5B
+/// models brise ships; more would mostly spend time on a rule the data cannot meet.
+const LR_RETRIES: usize = 2;
 
 /// What early stopping saw: the held-out loss (mean NLL per token of the preferred
 /// answers, the gate's `nll`) after each epoch but the last, and the general text's
@@ -88,6 +105,8 @@ struct Rule {
     patience: usize,
     best: Option<(usize, f64)>,
     since_best: usize,
+    /// An epoch left the perplexity bound.
+    left_bound: bool,
     log: EarlyStopping,
 }
 
@@ -97,6 +116,7 @@ impl Rule {
             patience,
             best: None,
             since_best: 0,
+            left_bound: false,
             log: EarlyStopping {
                 patience,
                 ppl_limit,
@@ -112,7 +132,14 @@ impl Rule {
         self.log.ppl_limit.is_none_or(|l| p <= l)
     }
 
+    /// Whether every epoch measured was above the bound: nothing this run trained
+    /// can pass the gate.
+    fn forgot_at_once(&self) -> bool {
+        self.left_bound && self.best.is_none()
+    }
+
     fn out_of_bound(&mut self, epoch: usize) {
+        self.left_bound = true;
         let ppl = self.log.epoch_ppl.last().map_or(f64::NAN, |p| p.1);
         self.log.reason = Some(format!(
             "after epoch {} the general text's perplexity was {ppl:.3}, above the gate's bound of {:.3}",
@@ -217,6 +244,14 @@ impl<'a> Stopper<'a> {
         }
         st.rule.log.ppl_limit = reference.map(|r| r * (1.0 + gate.ppl_max_increase));
         Ok(Some(st))
+    }
+
+    /// A fresh start for another run on the same data, keeping the bound; the log of
+    /// the run so far.
+    fn restart(&mut self) -> EarlyStopping {
+        let fresh = Rule::new(self.rule.patience, self.rule.log.ppl_limit);
+        self.best = None;
+        std::mem::replace(&mut self.rule, fresh).log
     }
 
     fn ppl(
@@ -325,36 +360,8 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         ));
     }
     let items: Vec<_> = train_ex.iter().map(|e| e.item.clone()).collect();
+    let lr_auto = train.auto.iter().any(|a| a == "learning_rate");
     train.fit_to_data(items.len());
-    let mut tr = match &spec.checkpoint {
-        Some((dir, _)) if dir.join("trainer_state.json").exists() => {
-            let tr = Trainer::resume(spec.model, dir, spec.threads)?;
-            if tr.cfg != train {
-                let (a, b) = (
-                    serde_json::to_value(&tr.cfg).expect("plain data"),
-                    serde_json::to_value(&train).expect("plain data"),
-                );
-                let differ: Vec<String> = a
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-                    .map(|(k, v)| format!("{k} {v} (now {})", b[k.as_str()]))
-                    .collect();
-                return Err(format!(
-                    "{}: the checkpoint was made with another configuration: {}; use the same options, or another --checkpoint directory",
-                    dir.display(),
-                    differ.join(", ")
-                ));
-            }
-            tr
-        }
-        _ => {
-            let adapter = init_adapter(spec.model, &train)?;
-            Trainer::new(spec.model, train.clone(), adapter, spec.threads)?
-        }
-    };
-    tr.checkpoint = spec.checkpoint.clone();
     let mut scorer = Scorer::new(spec.model, spec.threads);
     let mut stopper = Stopper::new(
         &mut scorer,
@@ -363,40 +370,87 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         &spec.gate,
         spec.current.map(|c| c.1),
     )?;
-    let mut last_epoch = 0;
-    let summary = tr.train_with(
-        &items,
-        &mut |r| {
-            on_step(r);
-            !spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
-        },
-        &mut |epoch, adapter| {
-            last_epoch = epoch + 1;
-            match stopper.as_mut() {
-                Some(st) => st.epoch(&mut scorer, epoch, adapter),
-                None => Ok(EpochAction::Continue),
-            }
-        },
-    )?;
     let cancelled = || spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-    if summary.stopped || cancelled() {
-        return Err("cancelled".into());
-    }
-    let mut candidate = tr.adapter;
-    // The hook runs after every epoch but the last: the last is the one after it.
-    let last = if summary.stopped_early {
-        last_epoch.saturating_sub(1)
-    } else {
-        last_epoch
-    };
-    let early_stopping = match stopper {
-        Some(mut st) => {
-            if let Some(best) = st.finish(&mut scorer, summary.stopped_early, last, &candidate)? {
-                candidate = best;
+    let mut retries = Vec::new();
+    let (summary, candidate, early_stopping) = loop {
+        let mut tr = match &spec.checkpoint {
+            Some((dir, _)) if dir.join("trainer_state.json").exists() => {
+                let tr = Trainer::resume(spec.model, dir, spec.threads)?;
+                if tr.cfg != train {
+                    let (a, b) = (
+                        serde_json::to_value(&tr.cfg).expect("plain data"),
+                        serde_json::to_value(&train).expect("plain data"),
+                    );
+                    let differ: Vec<String> = a
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                        .map(|(k, v)| format!("{k} {v} (now {})", b[k.as_str()]))
+                        .collect();
+                    return Err(format!(
+                        "{}: the checkpoint was made with another configuration: {}; use the same options, or another --checkpoint directory",
+                        dir.display(),
+                        differ.join(", ")
+                    ));
+                }
+                tr
             }
-            Some(st.rule.log)
+            _ => {
+                let adapter = init_adapter(spec.model, &train)?;
+                Trainer::new(spec.model, train.clone(), adapter, spec.threads)?
+            }
+        };
+        tr.checkpoint = spec.checkpoint.clone();
+        let mut last_epoch = 0;
+        let summary = tr.train_with(
+            &items,
+            &mut |r| {
+                on_step(r);
+                !spec.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+            },
+            &mut |epoch, adapter| {
+                last_epoch = epoch + 1;
+                match stopper.as_mut() {
+                    Some(st) => st.epoch(&mut scorer, epoch, adapter),
+                    None => Ok(EpochAction::Continue),
+                }
+            },
+        )?;
+        if summary.stopped || cancelled() {
+            return Err("cancelled".into());
         }
-        None => None,
+        let mut candidate = tr.adapter;
+        // The hook runs after every epoch but the last: the last is the one after it.
+        let last = if summary.stopped_early {
+            last_epoch.saturating_sub(1)
+        } else {
+            last_epoch
+        };
+        let Some(st) = stopper.as_mut() else {
+            break (summary, candidate, None);
+        };
+        if let Some(best) = st.finish(&mut scorer, summary.stopped_early, last, &candidate)? {
+            candidate = best;
+        }
+        // Every epoch forgot too much: the step was too large for this model (larger
+        // models move further per step), so start again at half the rate. Not when
+        // the user chose the rate, nor across checkpoints (their configuration is fixed).
+        if st.rule.forgot_at_once()
+            && lr_auto
+            && spec.checkpoint.is_none()
+            && retries.len() < LR_RETRIES
+        {
+            retries.push(Retry {
+                learning_rate: train.learning_rate,
+                steps: summary.steps,
+                early_stopping: st.restart(),
+            });
+            train.learning_rate /= 2.0;
+            continue;
+        }
+        let log = st.restart();
+        break (summary, candidate, Some(log));
     };
     let (cur_name, cur_ad) = match spec.current {
         Some((n, a)) => (n, Some(a)),
@@ -442,6 +496,7 @@ pub fn run(spec: RunSpec, on_step: &mut dyn FnMut(&StepReport)) -> Result<RunOut
         record_ids,
         feedback_ids,
         early_stopping,
+        retries,
     };
     write(&spec.out_dir.join("eval.json"), &out.report.to_json())?;
     write(&spec.out_dir.join("eval.md"), &out.report.to_markdown())?;
@@ -631,8 +686,21 @@ mod tests {
     #[test]
     fn the_first_epoch_out_of_bound_is_kept_for_want_of_another() {
         let mut r = Rule::new(2, Some(10.0));
+        assert!(!r.forgot_at_once());
         assert_eq!(r.after_epoch(0, Some(11.0), None).0, EpochAction::Stop);
         assert_eq!(r.at_end(true, 0, None), None);
         assert!(r.log.reason.is_some());
+        // Nothing within the bound: the run asks for a lower learning rate.
+        assert!(r.forgot_at_once());
+        // One epoch within, then out: the within one is kept, no retry.
+        let mut r = Rule::new(2, Some(10.0));
+        r.after_epoch(0, Some(9.0), Some(1.0));
+        r.after_epoch(1, Some(11.0), None);
+        assert_eq!(r.at_end(true, 1, None), Some(0));
+        assert!(!r.forgot_at_once());
+        // A single epoch, out of bound at the end: a retry too.
+        let mut r = Rule::new(2, Some(10.0));
+        assert_eq!(r.at_end(false, 0, Some(10.5)), None);
+        assert!(r.forgot_at_once());
     }
 }

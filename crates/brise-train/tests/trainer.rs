@@ -252,20 +252,34 @@ fn run_pipeline(
     ppl_max_increase: f64,
     epochs: usize,
 ) -> brise_train::pipeline::RunOutcome {
+    run_pipeline_with(items, held, patience, ppl_max_increase, epochs, &[])
+}
+
+/// [`run_pipeline`] with the fields `auto` fitted to the data.
+fn run_pipeline_with(
+    items: Vec<Item>,
+    held: Vec<Item>,
+    patience: usize,
+    ppl_max_increase: f64,
+    epochs: usize,
+    auto: &[&str],
+) -> brise_train::pipeline::RunOutcome {
     let m = model();
     let data = dataset(items);
     let val = dataset(held);
     let out_dir = std::env::temp_dir().join(format!(
-        "brise-early-stop-{}-{patience}-{}-{ppl_max_increase}-{}-{epochs}",
+        "brise-early-stop-{}-{patience}-{}-{ppl_max_increase}-{}-{epochs}-{}",
         std::process::id(),
         val.examples.len(),
-        data.examples.len()
+        data.examples.len(),
+        auto.join("+")
     ));
     let train = TrainConfig {
         batch_size: 1,
         epochs,
         max_steps: None,
         early_stopping_patience: patience,
+        auto: auto.iter().map(|a| a.to_string()).collect(),
         ..cfg(Method::Sft)
     };
     let out = brise_train::pipeline::run(
