@@ -2,9 +2,11 @@
 //
 //   cargo run --release -p brise-kernels --example mmbench -- TYPE n k threads [copies] [m] [--fast]
 //
-// ITERS=n: calls timed (the best call's rate is the one least disturbed by other load). `--fast`: the kernels' fast f32 path (training's), for steps of m ≥ FAST_MIN_STEP rows.
+// ITERS=n: calls timed (the best call's rate is the one least disturbed by other load).
+// `--fast`: the f32 path (`matmul_f32`, which `Kernels::with_fast` takes for steps of
+// at least FAST_MIN_STEP rows), at any m, to find where it overtakes the exact kernels.
 use brise_kernels::GgmlType;
-use brise_kernels::matmul::{MatmulScratch, RowStep, WeightRef, matmul};
+use brise_kernels::matmul::{MatmulScratch, RowStep, WeightRef, matmul, matmul_f32};
 use brise_kernels::pool::ThreadPool;
 use brise_kernels::quant::Kernels;
 use std::time::Instant;
@@ -53,7 +55,7 @@ fn main() {
             )
         })
         .collect();
-    let kern = Kernels::best().with_fast(fast);
+    let kern = Kernels::best();
     // ITERS=n overrides the count (large matrices at large m take minutes otherwise).
     let iters = std::env::var("ITERS")
         .ok()
@@ -72,14 +74,18 @@ fn main() {
             packed: packed[c].as_ref(),
             kpacked: None,
         };
-        matmul(&pool, kern, &w, &x, m, &steps, &mut sc, &mut out);
+        if fast {
+            matmul_f32(&pool, &w, &x, m, &mut sc, &mut out);
+        } else {
+            matmul(&pool, kern, &w, &x, m, &steps, &mut sc, &mut out);
+        }
         best = best.min(t1.elapsed().as_secs_f64());
     }
     let dt = t.elapsed().as_secs_f64();
     let bytes = (n * rb * iters) as f64;
     println!(
         "{ty} {n}x{k} m={m} threads={threads} fast={}: {:.1} us/call, {:.2} GB/s of weights, {:.1} GMAC/s (best call {:.1})",
-        kern.fast(),
+        fast,
         dt / iters as f64 * 1e6,
         bytes / dt / 1e9,
         (n * k * m * iters) as f64 / dt / 1e9,
