@@ -41,13 +41,13 @@ fn loss(
     pool: &ThreadPool,
     ad: &LoraAdapter,
     tape: Option<&mut Tape>,
+    seqs: &[Vec<u32>],
 ) -> (f64, Vec<f32>) {
     let cfg = &model.cfg;
-    let seqs = seqs();
     let mut caches: Vec<KvCache> = seqs.iter().map(|_| KvCache::new(cfg, 64)).collect();
     let mut batch: Vec<SeqBatch> = caches
         .iter_mut()
-        .zip(&seqs)
+        .zip(seqs)
         .map(|(c, s)| SeqBatch {
             cache: c,
             tokens: &s[..s.len() - 1],
@@ -94,16 +94,31 @@ fn moved(ad: &LoraAdapter, p: Proj, b: bool, dir: &[Vec<f32>], eps: f64) -> Lora
 
 #[test]
 fn lora_gradients_match_finite_differences() {
-    let model = Model::load(
-        &fixture("tiny-mistral/tiny-mistral-f16.gguf"),
-        Kernels::best(),
-    )
-    .unwrap();
+    check_gradients(Kernels::best(), &seqs());
+}
+
+/// The same with the fast f32 forward training runs (`Kernels::with_fast`), on
+/// sequences long enough for its products to take the f32 path.
+#[test]
+fn lora_gradients_match_finite_differences_with_the_fast_forward() {
+    let long: Vec<Vec<u32>> = seqs()
+        .iter()
+        .map(|s| s.iter().chain(&s[1..]).copied().collect())
+        .collect();
+    assert!(
+        long.iter()
+            .all(|s| s.len() > brise_kernels::matmul::FAST_MIN_STEP)
+    );
+    check_gradients(Kernels::best().with_fast(true), &long);
+}
+
+fn check_gradients(kern: Kernels, seqs: &[Vec<u32>]) {
+    let model = Model::load(&fixture("tiny-mistral/tiny-mistral-f16.gguf"), kern).unwrap();
     let cfg = &model.cfg;
     let ad = LoraAdapter::load(&fixture("lora/tiny-mistral-r4"), cfg).unwrap();
     let pool = ThreadPool::new(2);
     let mut tape = Tape::new();
-    let (l0, dl) = loss(&model, &pool, &ad, Some(&mut tape));
+    let (l0, dl) = loss(&model, &pool, &ad, Some(&mut tape), seqs);
     let mut grads = LoraGrads::zeros_like(&ad, cfg.n_layer);
     let mut bs = BackwardState::default();
     model
@@ -111,7 +126,7 @@ fn lora_gradients_match_finite_differences() {
         .backward(&pool, &tape, &dl, &ad, &mut grads, &mut bs);
 
     // The taped forward computes the same loss as the plain one.
-    let (l_plain, _) = loss(&model, &pool, &ad, None);
+    let (l_plain, _) = loss(&model, &pool, &ad, None, seqs);
     assert_eq!(l0, l_plain);
 
     for p in ad.targets().to_vec() {
@@ -138,8 +153,20 @@ fn lora_gradients_match_finite_differences() {
             // Large enough that the change in the loss is far above the roundings' noise,
             // small enough that curvature stays under the tolerance (measured: ≤ 3.5%).
             let eps = 1e-1;
-            let (lp, _) = loss(&model, &pool, &moved(&ad, p, b, &dir, eps / norm), None);
-            let (lm, _) = loss(&model, &pool, &moved(&ad, p, b, &dir, -eps / norm), None);
+            let (lp, _) = loss(
+                &model,
+                &pool,
+                &moved(&ad, p, b, &dir, eps / norm),
+                None,
+                seqs,
+            );
+            let (lm, _) = loss(
+                &model,
+                &pool,
+                &moved(&ad, p, b, &dir, -eps / norm),
+                None,
+                seqs,
+            );
             let fd = (lp - lm) / (2.0 * eps);
             let err = (fd - norm).abs() / norm;
             eprintln!(

@@ -332,6 +332,12 @@ pub struct Trainer<'m> {
     truncated: usize,
     /// Save a checkpoint into this directory every this many steps (and at the end).
     pub checkpoint: Option<(std::path::PathBuf, u64)>,
+    /// Run the forward's matrix products in f32 ([`Kernels::with_fast`]) rather than in
+    /// llama.cpp's arithmetic, which training does not need (on by default). Losses are
+    /// then not bit-equal to the inference forward's (the gate's scorer keeps that one).
+    ///
+    /// [`Kernels::with_fast`]: brise_kernels::quant::Kernels::with_fast
+    pub fast_forward: bool,
 }
 
 impl<'m> Trainer<'m> {
@@ -368,6 +374,7 @@ impl<'m> Trainer<'m> {
             grads_clear: true,
             truncated: 0,
             checkpoint: None,
+            fast_forward: true,
         })
     }
 
@@ -462,7 +469,8 @@ impl<'m> Trainer<'m> {
                 lora,
             })
             .collect();
-        let fwd = self.model.forward();
+        let mut fwd = self.model.forward();
+        fwd.kern = fwd.kern.with_fast(self.fast_forward);
         let taped = coefs.is_some();
         fwd.run_taped(
             &self.pool,

@@ -396,3 +396,45 @@ fn early_stopping_stops_when_the_general_perplexity_leaves_the_gates_bound() {
     assert_eq!(wide.summary.steps, 24);
     assert!(wide.early_stopping.unwrap().reason.is_none());
 }
+
+/// Sequences long enough for the fast f32 forward (`Trainer::fast_forward`, on by
+/// default): its losses and gradients are the exact forward's up to rounding, and SFT
+/// still lowers the loss.
+#[test]
+fn the_fast_forward_trains_like_the_exact_one() {
+    let m = model();
+    let long = |p: &[u32], c: &[u32]| {
+        let c: Vec<u32> = c.iter().chain(c).chain(c).chain(c).copied().collect();
+        seq(p, &c)
+    };
+    let items = vec![
+        Item::Sft(long(&[1, 1183, 2339, 1073], &[16958, 2052, 1713, 8696, 2])),
+        Item::Sft(long(&[1, 6233, 29493], &[9198, 29493, 15102, 2])),
+    ];
+    let refs: Vec<&Item> = items.iter().collect();
+    let c = cfg(Method::Sft);
+    let run = |fast: bool| {
+        let mut tr = Trainer::new(&m, c.clone(), init_adapter(&m, &c).unwrap(), 2).unwrap();
+        assert!(tr.fast_forward, "on by default");
+        tr.fast_forward = fast;
+        // One step so B is not zero, then the loss and gradients there.
+        tr.step(&refs, 12).unwrap();
+        let (l, _, _) = tr.loss_and_grads(&refs).unwrap();
+        (l, flat_grads(&tr), tr)
+    };
+    let (lf, gf, mut tr) = run(true);
+    let (le, ge, _) = run(false);
+    assert!(lf != le, "the fast path was not taken: equal bits");
+    assert!((lf - le).abs() < 1e-3 * le.abs(), "loss {lf} vs {le}");
+    let norm = ge.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let diff = gf
+        .iter()
+        .zip(&ge)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(diff < 1e-2 * norm, "gradients differ by {diff} of {norm}");
+    tr.train(&items, &mut |_| true).unwrap();
+    let (l1, _, _) = tr.loss_and_grads(&refs).unwrap();
+    assert!(l1 < 0.6 * lf, "SFT loss {lf} -> {l1}");
+}

@@ -40,6 +40,117 @@ pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
 ///
 /// Panics if the lengths disagree; callers validate shapes when a file is opened.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX2 and F16C are present (checked).
+        return unsafe { dequantize_row_avx2(ty, src, out) };
+    }
+    dequantize_row_body(ty, src, out)
+}
+
+/// [`dequantize_row`] compiled for AVX2, which vectorizes its loops: the same IEEE
+/// operations (Rust never fuses a multiply and an add), so the same bits, several
+/// times faster (the f32 forward dequantizes every weight of every product).
+///
+/// # Safety
+///
+/// The CPU has AVX2 and F16C; the body is safe code.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dequantize_row_avx2(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let whole = out.len().is_multiple_of(bs) && src.len() == out.len() / bs * ts;
+    match ty {
+        // The K-quants of Q4_K_M models, whose nibble loops the compiler leaves scalar.
+        GgmlType::Q4K | GgmlType::Q6K if whole => {
+            for (b, y) in src.chunks_exact(ts).zip(out.chunks_exact_mut(bs)) {
+                // SAFETY: AVX2 is present (this function's contract); one whole block.
+                unsafe {
+                    if ty == GgmlType::Q4K {
+                        q4k_block_avx2(b, y)
+                    } else {
+                        q6k_block_avx2(b, y)
+                    }
+                }
+            }
+        }
+        _ => dequantize_row_body(ty, src, out),
+    }
+}
+
+/// One Q4_K block, as [`dequantize_block`] computes it (`d·sc` and `dmin·m` rounded,
+/// then a multiply and a subtract: the same bits), 8 values a step.
+///
+/// # Safety
+///
+/// The CPU has AVX2; `b` holds a block (144 bytes) and `y` 256 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn q4k_block_avx2(b: &[u8], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(b.len() >= 144 && y.len() >= QK_K);
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let (sc, mn) = k4_scales_mins(&b[4..16]);
+    let (qs, yp) = (b[16..144].as_ptr(), y.as_mut_ptr());
+    let low = _mm_set1_epi8(0x0f);
+    for j in 0..8 {
+        let dj = _mm256_set1_ps(d * sc[j] as f32);
+        let mj = _mm256_set1_ps(dmin * mn[j] as f32);
+        let (c, shift) = (j / 2, _mm_cvtsi32_si128(4 * (j as i32 % 2)));
+        for l in (0..32).step_by(8) {
+            // SAFETY: bytes c·32 + l.. + 8 ≤ 128 of qs and values j·32 + l.. + 8 ≤ 256
+            // of y (asserted above).
+            unsafe {
+                let q = _mm_loadl_epi64(qs.add(c * 32 + l) as *const __m128i);
+                let q = _mm_and_si128(_mm_srl_epi16(q, shift), low);
+                let qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+                let v = _mm256_sub_ps(_mm256_mul_ps(dj, qf), mj);
+                _mm256_storeu_ps(yp.add(j * 32 + l), v);
+            }
+        }
+    }
+}
+
+/// One Q6_K block, as [`dequantize_block`] computes it (`d·scale` rounded, then times
+/// the quant: the same bits), 8 values a step.
+///
+/// # Safety
+///
+/// The CPU has AVX2; `b` holds a block (210 bytes) and `y` 256 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn q6k_block_avx2(b: &[u8], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(b.len() >= 210 && y.len() >= QK_K);
+    let scales = &b[192..208];
+    let d = f16_at(b, 208);
+    let (ql, qh, yp) = (b.as_ptr(), b[128..].as_ptr(), y.as_mut_ptr());
+    let (low, two, bias) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(0x03), _mm_set1_epi8(32));
+    for h in 0..2 {
+        for s in 0..4 {
+            let lo_shift = _mm_cvtsi32_si128(4 * (s as i32 / 2));
+            let hi_shift = _mm_cvtsi32_si128(2 * s as i32);
+            for l in (0..32).step_by(8) {
+                let dl = _mm256_set1_ps(d * (scales[h * 8 + s * 2 + l / 16] as i8) as f32);
+                // SAFETY: bytes h·64 + 32·(s % 2) + l.. + 8 ≤ 128 of ql, h·32 + l.. + 8 ≤ 64
+                // of qh (at 128..192), values h·128 + 32·s + l.. + 8 ≤ 256 of y.
+                unsafe {
+                    let lo = _mm_loadl_epi64(ql.add(h * 64 + 32 * (s % 2) + l) as *const __m128i);
+                    let lo = _mm_and_si128(_mm_srl_epi16(lo, lo_shift), low);
+                    let hi = _mm_loadl_epi64(qh.add(h * 32 + l) as *const __m128i);
+                    let hi = _mm_and_si128(_mm_srl_epi16(hi, hi_shift), two);
+                    let q = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16::<4>(hi)), bias);
+                    let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                    _mm256_storeu_ps(yp.add(h * 128 + 32 * s + l), _mm256_mul_ps(dl, qf));
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn dequantize_row_body(ty: GgmlType, src: &[u8], out: &mut [f32]) {
     let n = out.len();
     let bs = ty.block_size();
     assert!(
@@ -76,6 +187,7 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
     match ty {
         GgmlType::Q4_0 => {
@@ -194,16 +306,20 @@ fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             let qh = &b[128..192];
             let scales = &b[192..208];
             let d = f16_at(b, 208);
-            for (e, v) in y.iter_mut().enumerate().take(QK_K) {
-                let h = e / 128;
-                let r = e % 128;
-                let (s2, l64) = (r / 64, r % 64);
-                let lo = (ql[h * 64 + l64] >> (4 * s2)) & 0x0f;
-                let (s4, l32) = (r / 32, r % 32);
-                let hi = (qh[h * 32 + l32] >> (2 * s4)) & 0x03;
-                let q = ((lo | (hi << 4)) as i8).wrapping_sub(32);
-                let dl = d * (scales[e / 16] as i8) as f32;
-                *v = dl * q as f32;
+            // Per half of 128: element 32·s + l takes ql's low (s even) or high nibble
+            // at l (s < 2) or 32 + l, and bits 2s..2s+2 of qh at l.
+            for h in 0..2 {
+                let (ql, qh, y) = (&ql[h * 64..], &qh[h * 32..], &mut y[h * 128..]);
+                for s in 0..4 {
+                    let lo = &ql[32 * (s % 2)..32 * (s % 2) + 32];
+                    for l in 0..32 {
+                        let lo = (lo[l] >> (4 * (s / 2))) & 0x0f;
+                        let hi = (qh[l] >> (2 * s)) & 0x03;
+                        let q = ((lo | (hi << 4)) as i8).wrapping_sub(32);
+                        let dl = d * (scales[h * 8 + s * 2 + l / 16] as i8) as f32;
+                        y[32 * s + l] = dl * q as f32;
+                    }
+                }
             }
         }
         GgmlType::Q8K => {
@@ -213,5 +329,42 @@ fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("handled per element"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 build of the dequantization gives the portable build's bits (random
+    /// bytes: NaN and infinite scales included, compared as bits).
+    #[test]
+    fn avx2_build_gives_the_same_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            let mut s = 0x9e37_79b9_7f4a_7c15u64;
+            for ty in GgmlType::ALL {
+                let k = 512;
+                let Some(rb) = ty.row_bytes(k) else { continue };
+                let src: Vec<u8> = (0..rb)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        s as u8
+                    })
+                    .collect();
+                let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+                dequantize_row_body(ty, &src, &mut a);
+                // SAFETY: AVX2 and F16C checked above.
+                unsafe { dequantize_row_avx2(ty, &src, &mut b) };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&a) == bits(&b), "{ty}");
+            }
+            return;
+        }
+        crate::skipped("no AVX2+F16C: the AVX2 build of the dequantization was not tested");
     }
 }

@@ -18,21 +18,39 @@ use crate::ggml_type::GgmlType;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels {
     isa: Isa,
+    /// Matrix products of long steps in f32 instead of llama.cpp's arithmetic (see
+    /// [`crate::matmul::FAST_MIN_STEP`]): for training, which does not need its bits.
+    fast: bool,
 }
 
 impl Kernels {
     /// Kernels for `isa`, or `None` if this CPU lacks it.
     pub fn new(isa: Isa) -> Option<Kernels> {
-        (isa <= Isa::detect()).then_some(Kernels { isa })
+        (isa <= Isa::detect()).then_some(Kernels { isa, fast: false })
     }
 
     /// The best kernels this CPU runs.
     pub fn best() -> Kernels {
-        Kernels { isa: Isa::detect() }
+        Kernels {
+            isa: Isa::detect(),
+            fast: false,
+        }
     }
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// These kernels with the fast f32 matrix products on or off (off by default, so
+    /// inference keeps llama.cpp's bits). Only below [`Isa::Avx512Vnni`] do they change
+    /// anything: there the packed int8 products are already fast.
+    pub fn with_fast(self, fast: bool) -> Kernels {
+        Kernels { fast, ..self }
+    }
+
+    /// Whether matrix products of long steps take the f32 path.
+    pub fn fast(&self) -> bool {
+        self.fast && self.isa < Isa::Avx512Vnni
     }
 
     /// One output element exactly as llama.cpp computes it on `path` (see
