@@ -68,6 +68,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .merge(crate::console::api())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_declared_oversize,
+        ))
         // Ollama's API (`/api/…`): its own errors' shape, the same auth (ollama.rs).
         .merge(crate::ollama::router(state.clone()))
         .route("/health", get(health))
@@ -115,6 +119,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .with_state(state)
+}
+
+/// Bodies of up to this many times `--max-body` are read and dropped before their 413.
+const DRAIN_FACTOR: u64 = 4;
+
+/// A request whose declared length is over `--max-body` gets its 413 here, before any
+/// handler, after reading and dropping what the client sends (up to [`DRAIN_FACTOR`]
+/// times the limit, for at most 10 s). A server that answers and closes with unread
+/// bytes in its receive buffer makes the kernel reset the connection, and a client still
+/// sending then loses the 413 to "server disconnected" (seen with 9 MB uploads over an
+/// 8 MB limit). Bodies without a declared length keep the extractors' limit.
+async fn refuse_declared_oversize(State(s): St, req: Request, next: Next) -> Response {
+    let limit = s.cfg.max_body_bytes as u64;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let Some(n) = declared.filter(|n| *n > limit) else {
+        return next.run(req).await;
+    };
+    if n <= limit.saturating_mul(DRAIN_FACTOR) {
+        use futures_util::StreamExt;
+        let mut body = req.into_body().into_data_stream();
+        let drain = async { while let Some(Ok(_)) = body.next().await {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
+    }
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        format!("the request body ({n} bytes) is larger than the server's limit (--max-body {limit} bytes)"),
+    )
+    .into_response()
 }
 
 /// AI Act Art. 50: generated content is marked as such, machine-readably.
