@@ -67,6 +67,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Runs `f` on `tenant`'s bucket of `buckets` (full when new), refilled at `cap` a
+/// minute as of `now`.
+fn with_bucket<R>(
+    buckets: &Mutex<HashMap<String, Bucket>>,
+    tenant: &str,
+    cap: f64,
+    now: Instant,
+    f: impl FnOnce(&mut Bucket) -> R,
+) -> R {
+    let mut g = lock(buckets);
+    let b = g.entry(tenant.to_string()).or_insert(Bucket {
+        tokens: cap,
+        last: now,
+    });
+    b.refill(cap, now);
+    f(b)
+}
+
 impl RateLimiter {
     pub fn new(per_minute: u32, tokens_per_minute: u32) -> RateLimiter {
         RateLimiter {
@@ -84,33 +102,26 @@ impl RateLimiter {
     pub fn check(&self, tenant: &str, now: Instant) -> Result<(), Refused> {
         if self.tokens_per_minute > 0 {
             let cap = self.tokens_per_minute as f64;
-            let mut g = lock(&self.tokens);
-            let b = g.entry(tenant.to_string()).or_insert(Bucket {
-                tokens: cap,
-                last: now,
+            // Until the bucket is back above zero (at least a millisecond's worth).
+            let wait = with_bucket(&self.tokens, tenant, cap, now, |b| {
+                (b.tokens <= 0.0).then(|| Duration::from_secs_f64((-b.tokens) * 60.0 / cap + 1e-3))
             });
-            b.refill(cap, now);
-            if b.tokens <= 0.0 {
-                // Until the bucket is back above zero (at least a millisecond's worth).
-                let wait = Duration::from_secs_f64((-b.tokens) * 60.0 / cap + 1e-3);
-                drop(g);
+            if let Some(wait) = wait {
                 return Err(self.refuse(tenant, Limit::Tokens, wait));
             }
         }
         if self.per_minute > 0 {
             let cap = self.per_minute as f64;
-            let mut g = lock(&self.requests);
-            let b = g.entry(tenant.to_string()).or_insert(Bucket {
-                tokens: cap,
-                last: now,
+            let wait = with_bucket(&self.requests, tenant, cap, now, |b| {
+                if b.tokens < 1.0 {
+                    return Some(Duration::from_secs_f64((1.0 - b.tokens) * 60.0 / cap));
+                }
+                b.tokens -= 1.0;
+                None
             });
-            b.refill(cap, now);
-            if b.tokens < 1.0 {
-                let wait = Duration::from_secs_f64((1.0 - b.tokens) * 60.0 / cap);
-                drop(g);
+            if let Some(wait) = wait {
                 return Err(self.refuse(tenant, Limit::Requests, wait));
             }
-            b.tokens -= 1.0;
         }
         Ok(())
     }
@@ -121,13 +132,7 @@ impl RateLimiter {
             return;
         }
         let cap = self.tokens_per_minute as f64;
-        let mut g = lock(&self.tokens);
-        let b = g.entry(tenant.to_string()).or_insert(Bucket {
-            tokens: cap,
-            last: now,
-        });
-        b.refill(cap, now);
-        b.tokens -= n as f64;
+        with_bucket(&self.tokens, tenant, cap, now, |b| b.tokens -= n as f64);
     }
 
     fn refuse(&self, tenant: &str, limit: Limit, wait: Duration) -> Refused {
